@@ -1,0 +1,111 @@
+//! Bill: the tenant's billing plugin authorizes a request before the upstream call and prices it
+//! after. The plugin only computes amounts; record moves the money.
+//!
+//! In: the [`RequestContext`] (and, for `charge`, the final usage). Out: a hold amount, or a
+//! [`BillingError`] (`insufficient_quota` denials); after the call a [`Priced`] result, which is
+//! never an error: a pricing failure leaves the record unpriced for reconciliation. Next: record.
+
+use crate::flow::RequestContext;
+use crate::gateway::Gateway;
+use crate::plugin::PluginError;
+use crate::plugin::billing::{AuthorizeRequest, BillingDenial, CallOutcome, ChargeRequest, Price};
+use crate::plugin::translator::Usage;
+use crate::store::StoreError;
+
+/// Why a request may not go ahead.
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    /// The balance does not cover the request (429 `insufficient_quota`).
+    #[error("{0}")]
+    InsufficientBalance(String),
+    /// A budget rule refuses the request (429 `insufficient_quota`).
+    #[error("{0}")]
+    BudgetExceeded(String),
+    /// The billing plugin has no price for the model (404 `model_not_found`).
+    #[error("{0}")]
+    UnpricedModel(String),
+    /// The billing plugin failed.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// The balance could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The result of pricing a finished call.
+#[derive(Debug, Default)]
+pub struct Priced {
+    /// The price, or `None` when the billing plugin could not price the call.
+    pub price: Option<Price>,
+    /// Why it could not, for the record.
+    pub failure: Option<String>,
+}
+
+/// Asks the billing plugin whether the request may go ahead; returns the amount to hold, in picos.
+pub async fn authorize(gateway: &Gateway, context: &RequestContext) -> Result<u64, BillingError> {
+    let balance = gateway.store.balance_picos(&context.caller.tenant)?;
+    let request = AuthorizeRequest {
+        request_id: context.request_id.clone(),
+        tenant: context.caller.tenant.clone(),
+        key_id: context.caller.key_id.clone(),
+        operation: context.request.operation,
+        model: context.request.model.clone(),
+        estimated_usage: Usage {
+            input_tokens: context.request.estimated_input_tokens,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+            output_tokens: context.request.max_output_tokens.unwrap_or(0),
+            reasoning_tokens: 0,
+            estimated: true,
+        },
+        balance_picos: i64::try_from(balance).unwrap_or(if balance < 0 {
+            i64::MIN
+        } else {
+            i64::MAX
+        }),
+    };
+    // TODO(#7): reserve the hold against the balance so concurrent requests cannot overdraw it.
+    match gateway.billing.authorize(&request).await? {
+        Ok(hold) => Ok(hold.amount_picos),
+        Err(BillingDenial::InsufficientBalance(message)) => {
+            Err(BillingError::InsufficientBalance(message))
+        }
+        Err(BillingDenial::BudgetExceeded(message)) => Err(BillingError::BudgetExceeded(message)),
+        Err(BillingDenial::UnpricedModel(message)) => Err(BillingError::UnpricedModel(message)),
+    }
+}
+
+/// Prices a finished call. Never fails the request: the usage is recorded either way.
+pub async fn charge(
+    gateway: &Gateway,
+    context: &RequestContext,
+    usage: &Usage,
+    outcome: CallOutcome,
+) -> Priced {
+    let request = ChargeRequest {
+        request_id: context.request_id.clone(),
+        tenant: context.caller.tenant.clone(),
+        key_id: context.caller.key_id.clone(),
+        operation: context.request.operation,
+        model_asked: context.request.model.clone(),
+        model_served: context.served_model.clone().unwrap_or_default(),
+        channel: context.served_channel.clone().unwrap_or_default(),
+        usage: *usage,
+        latency_ms: context.elapsed_ms(),
+        outcome,
+    };
+    match gateway.billing.charge(&request).await {
+        Ok(Ok(price)) => Priced {
+            price: Some(price),
+            failure: None,
+        },
+        Ok(Err(error)) => Priced {
+            price: None,
+            failure: Some(format!("{error:?}")),
+        },
+        Err(error) => Priced {
+            price: None,
+            failure: Some(error.to_string()),
+        },
+    }
+}

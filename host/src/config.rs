@@ -1,0 +1,271 @@
+//! The TOML configuration (DESIGN.md §7). Names marked fixed there — `server.listen`, `server.data_dir`,
+//! `[[channels]]` with `name`, `protocol`, `base_url`, `api_key_env`, `priority`, `models` — are a
+//! stable interface: operators' scripts rely on them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The configuration used when `serve` gets no `--config`: the offline demo (a simulated channel
+/// plus real providers that come alive when their key variables are set).
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../examples/demo.toml");
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener and storage.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Plugin engine settings.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// Which plugin plays each role, with its configuration.
+    #[serde(default)]
+    pub bindings: BindingsConfig,
+    /// Upstream channels.
+    #[serde(default)]
+    pub channels: Vec<ChannelConfig>,
+    /// What to create on an empty data directory.
+    #[serde(default)]
+    pub bootstrap: Option<BootstrapConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on (fixed name). Port 0 picks a free port; the log says which.
+    pub listen: SocketAddr,
+    /// Where sled and the compiled-plugin cache live (fixed name).
+    pub data_dir: PathBuf,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest upstream answer read whole (non-stream and error answers), in bytes.
+    pub max_upstream_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            max_body_bytes: 8 << 20,
+            max_upstream_body_bytes: 32 << 20,
+        }
+    }
+}
+
+/// `[plugins]`: the engine-wide sandbox settings and the defaults of every binding.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Plugin instances alive at once (concurrent calls plus open streams).
+    pub max_instances: u32,
+    /// Largest memory any plugin may be given, in MiB (reserved per pool slot).
+    pub max_memory_mib: usize,
+    /// Default per-call deadline, in milliseconds.
+    pub deadline_ms: u64,
+    /// Default memory cap per instance, in MiB.
+    pub memory_mib: usize,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            max_instances: 1000,
+            max_memory_mib: 256,
+            deadline_ms: 250,
+            memory_mib: 64,
+        }
+    }
+}
+
+/// `[bindings]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BindingsConfig {
+    /// The router every tenant uses.
+    pub router: BindingConfig,
+    /// The billing plugin every tenant uses.
+    pub billing: BindingConfig,
+    /// Translators by protocol name; a protocol without an entry uses the shipped plugin of that name.
+    pub translators: BTreeMap<String, BindingConfig>,
+}
+
+impl Default for BindingsConfig {
+    fn default() -> Self {
+        Self {
+            router: BindingConfig::shipped("failover"),
+            billing: BindingConfig::shipped("price-table"),
+            translators: BTreeMap::new(),
+        }
+    }
+}
+
+/// One binding: a plugin, its configuration and its limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingConfig {
+    /// A shipped plugin's name (`failover`, `openai`, `price-table`) or a path to a `.wasm` component.
+    pub plugin: String,
+    /// The plugin's configuration, handed to it as JSON.
+    #[serde(default = "empty_table")]
+    pub config: toml::Value,
+    /// Per-call deadline, in milliseconds (default: `plugins.deadline_ms`).
+    pub deadline_ms: Option<u64>,
+    /// Memory cap, in MiB (default: `plugins.memory_mib`).
+    pub memory_mib: Option<usize>,
+}
+
+fn empty_table() -> toml::Value {
+    toml::Value::Table(toml::Table::new())
+}
+
+impl BindingConfig {
+    fn shipped(name: &str) -> Self {
+        Self {
+            plugin: name.to_owned(),
+            config: empty_table(),
+            deadline_ms: None,
+            memory_mib: None,
+        }
+    }
+
+    /// The plugin's configuration as JSON text.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".to_owned())
+    }
+
+    /// Where the component comes from: a file when the name ends in `.wasm`, else a shipped plugin.
+    pub fn file(&self, config_dir: &Path) -> Option<PathBuf> {
+        self.plugin
+            .ends_with(".wasm")
+            .then(|| config_dir.join(&self.plugin))
+    }
+}
+
+/// `[[channels]]`: one upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Unique channel name (fixed).
+    pub name: String,
+    /// The protocol, i.e. the translator that speaks to it (fixed).
+    pub protocol: String,
+    /// Base URL the translator's paths are appended to (fixed).
+    pub base_url: String,
+    /// Names of environment variables holding the key pool (fixed); never the secret itself.
+    /// A channel that lists variables but finds none set is inactive. An empty list means the
+    /// upstream needs no key.
+    #[serde(default)]
+    pub api_key_env: Vec<String>,
+    /// Lower is tried first by the failover router (fixed).
+    #[serde(default)]
+    pub priority: u32,
+    /// Weight for weighted routers.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Public model name → upstream model name (fixed).
+    #[serde(default)]
+    pub models: BTreeMap<String, String>,
+    /// Protocol options handed to the translator as JSON (e.g. an API version).
+    #[serde(default = "empty_table")]
+    pub options: toml::Value,
+    /// Label shown in logs and `/v1/models` owners, e.g. to mark a simulated upstream.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Timeout to establish the connection, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Timeout until the upstream's response headers (and, for streams, first event), in ms.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// Longest gap between two stream events, in milliseconds.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Timeout for a whole non-stream call, in milliseconds.
+    #[serde(default = "default_total_timeout_ms")]
+    pub total_timeout_ms: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_first_byte_timeout_ms() -> u64 {
+    60_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    60_000
+}
+fn default_total_timeout_ms() -> u64 {
+    600_000
+}
+
+/// `[bootstrap]`: on a data directory with no tenant, create this tenant, credit it and print a key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapConfig {
+    /// Tenant name.
+    pub tenant: String,
+    /// Opening balance in micro-units.
+    #[serde(default)]
+    pub balance_micros: u64,
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("invalid configuration in {origin}")]
+    Parse {
+        /// The file, or `embedded default`.
+        origin: String,
+        /// The parser's message.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// Two channels share a name.
+    #[error("two channels are named `{0}`")]
+    DuplicateChannel(String),
+}
+
+impl Config {
+    /// Reads a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            origin: origin.to_owned(),
+            source,
+        })?;
+        let mut names = std::collections::BTreeSet::new();
+        for channel in &config.channels {
+            if !names.insert(channel.name.as_str()) {
+                return Err(ConfigError::DuplicateChannel(channel.name.clone()));
+            }
+        }
+        Ok(config)
+    }
+}

@@ -1,0 +1,516 @@
+//! `ApiError`: every layer's error, and the one mapping from error to HTTP status and OpenAI error
+//! `type`/`code` (DESIGN.md §6). Rendering has no side effects: the error travels in the response
+//! extensions and the trace layer logs it once.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::bill::BillingError;
+use crate::plugin::translator::FailureClass;
+use crate::plugin::{PluginError, Role};
+use crate::request::InvalidBody;
+use crate::route::RouteError;
+use crate::store::StoreError;
+use crate::translate::TranslateError;
+use crate::upstream::UpstreamError;
+
+/// Any error a client request can end with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Missing or bad key.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Malformed body.
+    #[error(transparent)]
+    InvalidBody(#[from] InvalidBody),
+    /// The body is larger than the server accepts.
+    #[error("The request body is larger than this gateway accepts.")]
+    BodyTooLarge,
+    /// No route.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// Billing refused or failed.
+    #[error(transparent)]
+    Billing(#[from] BillingError),
+    /// Translation failed.
+    #[error(transparent)]
+    Translate(#[from] TranslateError),
+    /// The last upstream attempt failed.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// A plugin failed.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The plan held no attempt.
+    #[error("no upstream attempt could be made")]
+    NoAttempt,
+    /// No such endpoint.
+    #[error("Invalid URL ({method} {path})")]
+    UnknownPath {
+        /// Method asked.
+        method: String,
+        /// Path asked.
+        path: String,
+    },
+}
+
+/// The rendered facts of an error: status and OpenAI's error object.
+#[derive(Debug, PartialEq, Eq)]
+struct Rendered {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<String>,
+    message: String,
+    param: Option<String>,
+    retry_after_ms: Option<u64>,
+}
+
+fn rendered(
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<&str>,
+    message: String,
+) -> Rendered {
+    Rendered {
+        status,
+        kind,
+        code: code.map(str::to_owned),
+        message,
+        param: None,
+        retry_after_ms: None,
+    }
+}
+
+fn plugin_rendered(error: &PluginError) -> Rendered {
+    let message = match (error.culprit(), error) {
+        (Some((plugin, role)), PluginError::Deadline { after, .. }) => {
+            format!(
+                "The {role} plugin {plugin} did not answer within {} ms.",
+                after.as_millis()
+            )
+        }
+        (Some((plugin, role)), PluginError::MemoryCap { .. }) => {
+            format!("The {role} plugin {plugin} exceeded its memory limit.")
+        }
+        (Some((plugin, role)), PluginError::Contract { detail, .. }) => {
+            format!("The {role} plugin {plugin} returned an invalid result: {detail}.")
+        }
+        (Some((plugin, role)), _) => format!("The {role} plugin {plugin} failed."),
+        (None, PluginError::Unbound { role, what }) => {
+            format!("No {role} plugin is bound for {what}.")
+        }
+        (None, _) => "The plugin engine failed.".to_owned(),
+    };
+    rendered(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        Some("plugin_failed"),
+        message,
+    )
+}
+
+fn upstream_rendered(error: &UpstreamError) -> Rendered {
+    let class = error.class();
+    match error {
+        UpstreamError::Failure { failure, .. } => match failure.class {
+            FailureClass::InvalidRequest => Rendered {
+                status: StatusCode::from_u16(failure.status)
+                    .ok()
+                    .filter(|status| status.is_client_error())
+                    .unwrap_or(StatusCode::BAD_REQUEST),
+                kind: "invalid_request_error",
+                code: failure.code.clone(),
+                message: failure.message.clone(),
+                param: failure.param.clone(),
+                retry_after_ms: None,
+            },
+            FailureClass::RateLimited => Rendered {
+                retry_after_ms: failure.retry_after_ms,
+                ..rendered(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    Some("rate_limit_exceeded"),
+                    "Every upstream for this model is rate limited; retry later.".to_owned(),
+                )
+            },
+            FailureClass::Overloaded => rendered(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("upstream_overloaded"),
+                "Every upstream for this model is overloaded; retry later.".to_owned(),
+            ),
+            _ => rendered(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                Some(&format!("upstream_{class}")),
+                format!("The upstream failed ({class}): {}", failure.message),
+            ),
+        },
+        UpstreamError::Timeout { .. } => rendered(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_error",
+            Some("upstream_timeout"),
+            "The upstream did not answer in time.".to_owned(),
+        ),
+        _ => rendered(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            Some(&format!("upstream_{class}")),
+            format!("The upstream failed ({class})."),
+        ),
+    }
+}
+
+impl ApiError {
+    /// The one mapping from error to status and OpenAI error object.
+    fn render(&self) -> Rendered {
+        match self {
+            ApiError::Auth(AuthError::Store(_)) | ApiError::Store(_) => rendered(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                Some("storage_failed"),
+                "The gateway's storage failed.".to_owned(),
+            ),
+            ApiError::Auth(error) => rendered(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                error.to_string(),
+            ),
+            ApiError::InvalidBody(body) => Rendered {
+                param: body.param.clone(),
+                ..rendered(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    None,
+                    body.message.clone(),
+                )
+            },
+            ApiError::BodyTooLarge => rendered(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("request_too_large"),
+                self.to_string(),
+            ),
+            ApiError::Route(RouteError::NoRoute(message))
+            | ApiError::Billing(BillingError::UnpricedModel(message)) => rendered(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                message.clone(),
+            ),
+            ApiError::Route(RouteError::Refused(message)) => rendered(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                Some("route_refused"),
+                message.clone(),
+            ),
+            ApiError::Route(RouteError::Plugin(error))
+            | ApiError::Billing(BillingError::Plugin(error))
+            | ApiError::Translate(TranslateError::Plugin(error))
+            | ApiError::Plugin(error) => plugin_rendered(error),
+            ApiError::Billing(BillingError::InsufficientBalance(message))
+            | ApiError::Billing(BillingError::BudgetExceeded(message)) => rendered(
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                Some("insufficient_quota"),
+                message.clone(),
+            ),
+            ApiError::Billing(BillingError::Store(_)) => {
+                ApiError::Store(StoreError::Backend(String::new())).render()
+            }
+            ApiError::Translate(TranslateError::InvalidRequest { message, param }) => Rendered {
+                param: param.clone(),
+                ..rendered(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    None,
+                    message.clone(),
+                )
+            },
+            ApiError::Translate(TranslateError::Upstream(error)) | ApiError::Upstream(error) => {
+                upstream_rendered(error)
+            }
+            ApiError::NoAttempt => rendered(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("no_upstream"),
+                self.to_string(),
+            ),
+            ApiError::UnknownPath { .. } => rendered(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("unknown_url"),
+                self.to_string(),
+            ),
+        }
+    }
+
+    /// The HTTP status this error is answered with.
+    pub fn status_code(&self) -> u16 {
+        self.render().status.as_u16()
+    }
+
+    /// A short class for usage records: the error code, or its type.
+    pub fn class(&self) -> &'static str {
+        match self {
+            ApiError::Auth(AuthError::Store(_))
+            | ApiError::Store(_)
+            | ApiError::Billing(BillingError::Store(_)) => "storage",
+            ApiError::Auth(_) => "invalid_api_key",
+            ApiError::InvalidBody(_)
+            | ApiError::Translate(TranslateError::InvalidRequest { .. }) => "invalid_request",
+            ApiError::BodyTooLarge => "request_too_large",
+            ApiError::Route(RouteError::NoRoute(_))
+            | ApiError::Billing(BillingError::UnpricedModel(_)) => "model_not_found",
+            ApiError::Route(RouteError::Refused(_)) => "route_refused",
+            ApiError::Route(RouteError::Plugin(error))
+            | ApiError::Billing(BillingError::Plugin(error))
+            | ApiError::Translate(TranslateError::Plugin(error))
+            | ApiError::Plugin(error) => match error.culprit().map(|(_, role)| role) {
+                Some(Role::Router) => "plugin_router",
+                Some(Role::Translator) => "plugin_translator",
+                Some(Role::Billing) => "plugin_billing",
+                None => "plugin",
+            },
+            ApiError::Billing(_) => "insufficient_quota",
+            ApiError::Translate(TranslateError::Upstream(error)) | ApiError::Upstream(error) => {
+                error.class()
+            }
+            ApiError::NoAttempt => "no_upstream",
+            ApiError::UnknownPath { .. } => "unknown_url",
+        }
+    }
+
+    fn body(rendered: &Rendered) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": rendered.message,
+                "type": rendered.kind,
+                "param": rendered.param,
+                "code": rendered.code,
+            }
+        })
+    }
+
+    /// The error as one SSE event, for a stream that already started (its status cannot change).
+    pub fn sse_frame(&self) -> Bytes {
+        crate::sse::data_frame(&Self::body(&self.render()).to_string())
+    }
+}
+
+/// The error's description, kept in the response extensions for the trace layer to log once.
+#[derive(Debug, Clone)]
+pub struct LoggedError(pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let rendered = self.render();
+        let mut response = (rendered.status, axum::Json(Self::body(&rendered))).into_response();
+        if let Some(retry_after_ms) = rendered.retry_after_ms {
+            let seconds = retry_after_ms.div_ceil(1000).max(1);
+            if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        let mut described = self.to_string();
+        let mut source = std::error::Error::source(&self);
+        while let Some(cause) = source {
+            described.push_str(": ");
+            described.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        response.extensions_mut().insert(LoggedError(described));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::plugin::PluginRef;
+    use crate::plugin::translator::UpstreamFailure;
+
+    fn plugin() -> PluginRef {
+        PluginRef {
+            name: "failover".into(),
+            sha256: "0123456789abcdef".into(),
+        }
+    }
+
+    fn failure(class: FailureClass, status: u16) -> ApiError {
+        ApiError::Upstream(UpstreamError::Failure {
+            channel: "c".into(),
+            failure: UpstreamFailure {
+                class,
+                status,
+                message: "upstream says no".into(),
+                code: Some("some_code".into()),
+                param: Some("messages".into()),
+                retry_after_ms: Some(1500),
+            },
+        })
+    }
+
+    #[test]
+    fn every_variant_maps_to_its_status_and_code() {
+        let table: Vec<(ApiError, u16, &str, Option<&str>)> = vec![
+            (
+                AuthError::Missing.into(),
+                401,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            (
+                AuthError::Invalid.into(),
+                401,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            (
+                InvalidBody {
+                    message: "bad".into(),
+                    param: None,
+                }
+                .into(),
+                400,
+                "invalid_request_error",
+                None,
+            ),
+            (
+                ApiError::BodyTooLarge,
+                413,
+                "invalid_request_error",
+                Some("request_too_large"),
+            ),
+            (
+                RouteError::NoRoute("m".into()).into(),
+                404,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            (
+                RouteError::Refused("no".into()).into(),
+                403,
+                "permission_error",
+                Some("route_refused"),
+            ),
+            (
+                BillingError::InsufficientBalance("poor".into()).into(),
+                429,
+                "insufficient_quota",
+                Some("insufficient_quota"),
+            ),
+            (
+                BillingError::UnpricedModel("m".into()).into(),
+                404,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            (
+                PluginError::Deadline {
+                    plugin: plugin(),
+                    role: Role::Router,
+                    export: "plan",
+                    after: Duration::from_millis(5),
+                }
+                .into(),
+                500,
+                "server_error",
+                Some("plugin_failed"),
+            ),
+            (
+                failure(FailureClass::InvalidRequest, 422),
+                422,
+                "invalid_request_error",
+                Some("some_code"),
+            ),
+            (
+                failure(FailureClass::RateLimited, 429),
+                429,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            (
+                failure(FailureClass::Overloaded, 529),
+                503,
+                "server_error",
+                Some("upstream_overloaded"),
+            ),
+            (
+                failure(FailureClass::Server, 500),
+                502,
+                "upstream_error",
+                Some("upstream_server"),
+            ),
+            (
+                failure(FailureClass::Authentication, 401),
+                502,
+                "upstream_error",
+                Some("upstream_authentication"),
+            ),
+            (
+                UpstreamError::Timeout {
+                    channel: "c".into(),
+                    phase: crate::upstream::TimeoutPhase::FirstByte,
+                }
+                .into(),
+                504,
+                "upstream_error",
+                Some("upstream_timeout"),
+            ),
+            (
+                StoreError::Backend("x".into()).into(),
+                500,
+                "server_error",
+                Some("storage_failed"),
+            ),
+            (
+                ApiError::UnknownPath {
+                    method: "GET".into(),
+                    path: "/x".into(),
+                },
+                404,
+                "invalid_request_error",
+                Some("unknown_url"),
+            ),
+        ];
+        for (error, status, kind, code) in table {
+            let rendered = error.render();
+            assert_eq!(rendered.status.as_u16(), status, "{error:?}");
+            assert_eq!(rendered.kind, kind, "{error:?}");
+            assert_eq!(rendered.code.as_deref(), code, "{error:?}");
+        }
+    }
+
+    #[test]
+    fn plugin_errors_name_plugin_and_role_but_not_internals() {
+        let error = ApiError::Plugin(PluginError::Trap {
+            plugin: plugin(),
+            role: Role::Billing,
+            export: "charge",
+            trap: "wasm unreachable".into(),
+            output: "panicked at secret.rs".into(),
+        });
+        let message = error.render().message;
+        assert!(
+            message.contains("billing") && message.contains("failover@0123456789ab"),
+            "{message}"
+        );
+        assert!(!message.contains("secret.rs"), "{message}");
+    }
+
+    #[test]
+    fn rate_limits_carry_retry_after() {
+        let response = failure(FailureClass::RateLimited, 429).into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+}

@@ -1,0 +1,205 @@
+//! The gateway's long-lived parts, built once at start-up from the configuration: the store, the
+//! plugin bindings, the live channels with their HTTP clients and keys.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{BindingConfig, ChannelConfig, Config};
+use crate::plugin::{Binding, Limits, PluginError, PluginRuntime, Role, RuntimeSettings, shipped};
+use crate::store::{SledStore, Store, StoreError};
+
+/// An upstream channel as the gateway runs it.
+pub struct Channel {
+    /// Its configuration.
+    pub config: ChannelConfig,
+    /// The protocol options as JSON text, handed to the translator.
+    pub options_json: String,
+    /// The key pool, resolved from the environment at start-up. Never logged or returned.
+    pub keys: Vec<String>,
+    /// The HTTP client, with this channel's connect timeout.
+    pub http: reqwest::Client,
+}
+
+impl Channel {
+    /// A channel listing key variables of which none is set has no way to authenticate: it is
+    /// kept out of routing until they are set (and the gateway restarted).
+    pub fn is_active(&self) -> bool {
+        self.config.api_key_env.is_empty() || !self.keys.is_empty()
+    }
+}
+
+/// Everything a request needs, shared by all requests.
+pub struct Gateway {
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// The router binding.
+    pub router: Binding,
+    /// The billing binding.
+    pub billing: Binding,
+    /// Translator bindings by protocol name.
+    pub translators: HashMap<String, Binding>,
+    /// Channels in configuration order.
+    pub channels: Vec<Channel>,
+    /// Request body cap, in bytes.
+    pub max_body_bytes: usize,
+    /// Cap on upstream answers read whole, in bytes.
+    pub max_upstream_body_bytes: usize,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A plugin could not be loaded or bound.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    /// A plugin file could not be read.
+    #[error("cannot read plugin file {path}")]
+    PluginFile {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A binding names a shipped plugin that does not exist.
+    #[error("no shipped {role} plugin is named `{name}`")]
+    UnknownPlugin {
+        /// The role.
+        role: Role,
+        /// The name.
+        name: String,
+    },
+    /// An HTTP client could not be built.
+    #[error("cannot build the HTTP client of channel `{channel}`")]
+    HttpClient {
+        /// The channel.
+        channel: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl Gateway {
+    /// Builds the gateway: opens the store, compiles and binds the plugins, resolves channel keys.
+    pub async fn start(config: &Config, config_dir: &Path) -> Result<Arc<Self>, StartError> {
+        std::fs::create_dir_all(&config.server.data_dir).map_err(|source| {
+            StartError::Store(StoreError::Backend(format!(
+                "cannot create {}: {source}",
+                config.server.data_dir.display()
+            )))
+        })?;
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.server.data_dir)?);
+        let runtime = PluginRuntime::new(&RuntimeSettings {
+            max_instances: config.plugins.max_instances,
+            max_memory_bytes: config.plugins.max_memory_mib << 20,
+            cache_dir: config.server.data_dir.join("plugin-cache"),
+        })?;
+        let bind = |role: Role, binding: BindingConfig| {
+            let runtime = runtime.clone();
+            let defaults = &config.plugins;
+            async move {
+                let (name, bytes) = plugin_bytes(role, &binding, config_dir)?;
+                let compiled = runtime.load(&name, role, &bytes)?;
+                let limits = Limits {
+                    deadline: Duration::from_millis(
+                        binding.deadline_ms.unwrap_or(defaults.deadline_ms),
+                    ),
+                    memory_bytes: binding.memory_mib.unwrap_or(defaults.memory_mib) << 20,
+                };
+                Ok::<_, StartError>(
+                    Binding::new(runtime, compiled, binding.config_json(), limits).await?,
+                )
+            }
+        };
+        let router = bind(Role::Router, config.bindings.router.clone()).await?;
+        let billing = bind(Role::Billing, config.bindings.billing.clone()).await?;
+        let mut translators = HashMap::new();
+        let protocols: std::collections::BTreeSet<&str> = config
+            .channels
+            .iter()
+            .map(|channel| channel.protocol.as_str())
+            .chain(config.bindings.translators.keys().map(String::as_str))
+            .collect();
+        for protocol in protocols {
+            let binding = config
+                .bindings
+                .translators
+                .get(protocol)
+                .cloned()
+                .unwrap_or_else(|| BindingConfig {
+                    plugin: protocol.to_owned(),
+                    config: toml::Value::Table(toml::Table::new()),
+                    deadline_ms: None,
+                    memory_mib: None,
+                });
+            translators.insert(protocol.to_owned(), bind(Role::Translator, binding).await?);
+        }
+        let channels = config
+            .channels
+            .iter()
+            .map(live_channel)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(Self {
+            store,
+            router,
+            billing,
+            translators,
+            channels,
+            max_body_bytes: config.server.max_body_bytes,
+            max_upstream_body_bytes: config.server.max_upstream_body_bytes,
+        }))
+    }
+}
+
+fn plugin_bytes(
+    role: Role,
+    binding: &BindingConfig,
+    config_dir: &Path,
+) -> Result<(String, Vec<u8>), StartError> {
+    if let Some(path) = binding.file(config_dir) {
+        let bytes = std::fs::read(&path).map_err(|source| StartError::PluginFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let name = path.file_stem().map_or_else(
+            || binding.plugin.clone(),
+            |stem| stem.to_string_lossy().into_owned(),
+        );
+        return Ok((name, bytes));
+    }
+    let shipped =
+        shipped::find(role, &binding.plugin).ok_or_else(|| StartError::UnknownPlugin {
+            role,
+            name: binding.plugin.clone(),
+        })?;
+    Ok((shipped.name.to_owned(), shipped.bytes.to_vec()))
+}
+
+fn live_channel(config: &ChannelConfig) -> Result<Channel, StartError> {
+    let keys = config
+        .api_key_env
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .filter(|key| !key.is_empty())
+        .collect();
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+        .map_err(|source| StartError::HttpClient {
+            channel: config.name.clone(),
+            source,
+        })?;
+    Ok(Channel {
+        options_json: serde_json::to_string(&config.options).unwrap_or_else(|_| "{}".to_owned()),
+        config: config.clone(),
+        keys,
+        http,
+    })
+}

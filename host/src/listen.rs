@@ -1,0 +1,239 @@
+//! Listen: the HTTP surface. The axum router, the request id, the body cap, the request span, and
+//! the handlers that turn HTTP into a [`RequestContext`] and a [`Delivery`] back into HTTP.
+//!
+//! In: HTTP requests. Out: OpenAI-shaped responses, or an [`ApiError`] rendered by `error.rs`.
+//! Next: auth, then `flow::run`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+use crate::auth::{self, Caller};
+use crate::error::{ApiError, LoggedError};
+use crate::flow::{self, Delivery, RequestContext};
+use crate::gateway::Gateway;
+use crate::plugin::router::Operation;
+use crate::request::{self, InvalidBody};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Client headers with this prefix become router tags (`x-tollgate-tier: batch` → `tier=batch`).
+const TAG_PREFIX: &str = "x-tollgate-";
+
+/// The gateway's HTTP application.
+pub fn app(gateway: Arc<Gateway>) -> Router {
+    let max_body = gateway.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ready" }))
+        .fallback(unknown_path)
+        .with_state(gateway)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    let request_id = request
+                        .headers()
+                        .get(REQUEST_ID)
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!(
+                        "request",
+                        request_id,
+                        method = %request.method(),
+                        path = request.uri().path(),
+                        tenant = tracing::field::Empty,
+                        model = tracing::field::Empty,
+                    )
+                })
+                .on_request(())
+                .on_response(|response: &Response, latency: Duration, _span: &Span| {
+                    let status = response.status().as_u16();
+                    let latency_ms = latency.as_millis() as u64;
+                    match response.extensions().get::<LoggedError>() {
+                        Some(LoggedError(error)) if status >= 500 => {
+                            tracing::error!(status, latency_ms, error, "request failed");
+                        }
+                        Some(LoggedError(error)) => {
+                            tracing::info!(status, latency_ms, error, "request refused");
+                        }
+                        None => tracing::info!(status, latency_ms, "request answered"),
+                    }
+                })
+                .on_failure(()),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// A request body read under the body cap; parsed only after authentication, so a bad key is
+/// answered 401 whatever the body holds.
+pub struct OpenAiBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for OpenAiBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(request, state)
+            .await
+            .map(OpenAiBody)
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::BodyTooLarge
+                } else {
+                    ApiError::InvalidBody(InvalidBody {
+                        message: format!("The request body could not be read: {rejection}"),
+                        param: None,
+                    })
+                }
+            })
+    }
+}
+
+impl OpenAiBody {
+    /// The body as JSON text and value; a 400 naming the parse error otherwise.
+    fn parse(self) -> Result<(String, Value), ApiError> {
+        let value: Value = serde_json::from_slice(&self.0).map_err(|error| InvalidBody {
+            message: format!(
+                "We could not parse the JSON body of your request ({error}). The OpenAI API \
+                 expects a JSON payload."
+            ),
+            param: None,
+        })?;
+        let text = String::from_utf8(self.0.to_vec()).map_err(|_| InvalidBody {
+            message: "The request body is not UTF-8.".to_owned(),
+            param: None,
+        })?;
+        Ok((text, value))
+    }
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|value| value.to_str().ok())
+}
+
+fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let caller = auth::authenticate(
+        gateway.store.as_ref(),
+        header_str(headers, "authorization"),
+        header_str(headers, "x-api-key"),
+    )?;
+    Span::current().record("tenant", caller.tenant.as_str());
+    Ok(caller)
+}
+
+fn tags(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let tag = name.as_str().strip_prefix(TAG_PREFIX)?;
+            Some((tag.to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect()
+}
+
+async fn chat_completions(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: OpenAiBody,
+) -> Result<Response, ApiError> {
+    serve(gateway, headers, body, Operation::Chat).await
+}
+
+async fn embeddings(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: OpenAiBody,
+) -> Result<Response, ApiError> {
+    serve(gateway, headers, body, Operation::Embeddings).await
+}
+
+async fn serve(
+    gateway: Arc<Gateway>,
+    headers: HeaderMap,
+    body: OpenAiBody,
+    operation: Operation,
+) -> Result<Response, ApiError> {
+    let received_at = Instant::now();
+    let caller = authenticate(&gateway, &headers)?;
+    let (text, value) = body.parse()?;
+    let client_request = request::read(operation, text, &value)?;
+    Span::current().record("model", client_request.model.as_str());
+    let request_id = header_str(&headers, REQUEST_ID.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let context = RequestContext::new(
+        request_id,
+        received_at,
+        caller,
+        client_request,
+        tags(&headers),
+    );
+    Ok(match flow::run(gateway, context).await? {
+        Delivery::Json(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Delivery::Stream(receiver) => {
+            let frames = futures::stream::unfold(receiver, |mut receiver| async move {
+                let frame = receiver.recv().await?;
+                Some((Ok::<_, Infallible>(frame), receiver))
+            });
+            (
+                [
+                    (
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/event-stream"),
+                    ),
+                    (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+                ],
+                Body::from_stream(frames),
+            )
+                .into_response()
+        }
+    })
+}
+
+/// `GET /v1/models`: the public models of the active channels.
+async fn models(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authenticate(&gateway, &headers)?;
+    // TODO(#7): filter by the key's model allow-list.
+    let names: std::collections::BTreeSet<&str> = gateway
+        .channels
+        .iter()
+        .filter(|channel| channel.is_active())
+        .flat_map(|channel| channel.config.models.keys().map(String::as_str))
+        .collect();
+    let data: Vec<Value> = names
+        .into_iter()
+        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "tollgate"}))
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+async fn unknown_path(method: Method, uri: Uri) -> ApiError {
+    ApiError::UnknownPath {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}

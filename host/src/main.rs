@@ -1,0 +1,231 @@
+//! `tollgate`: the gateway binary. `serve` runs it; the other subcommands administer its data
+//! directory. The only place `anyhow` is used.
+
+mod auth;
+mod bill;
+mod config;
+mod console;
+mod error;
+mod flow;
+mod gateway;
+mod listen;
+mod plugin;
+mod record;
+mod request;
+mod route;
+mod sse;
+mod store;
+mod stream;
+mod translate;
+mod upstream;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::store::{SledStore, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "LLM API gateway programmable with WebAssembly"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the gateway.
+    Serve {
+        /// Configuration file; without it the embedded demo configuration is used.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Manages tenants.
+    Tenant {
+        #[command(subcommand)]
+        action: TenantAction,
+    },
+    /// Manages API keys.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+#[derive(clap::Args)]
+struct DataDirArgs {
+    /// Configuration file whose `server.data_dir` to use.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (wins over `--config`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TenantAction {
+    /// Creates a tenant.
+    Create {
+        /// Tenant name.
+        name: String,
+        #[command(flatten)]
+        data: DataDirArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Creates an API key; the secret is printed once, as the last line.
+    Create {
+        /// The tenant the key belongs to.
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        data: DataDirArgs,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(serve(config.as_deref()))
+        }
+        Command::Tenant {
+            action: TenantAction::Create { name, data },
+        } => {
+            let store = open_store(&data)?;
+            let tenant = store.create_tenant(&name, now_unix_ms())?;
+            console::line(&format!("created tenant {}", tenant.name));
+            Ok(())
+        }
+        Command::Key {
+            action: KeyAction::Create { tenant, data },
+        } => {
+            let store = open_store(&data)?;
+            let (key, secret) = auth::issue_key(&store, &tenant, now_unix_ms())?;
+            store.flush()?;
+            console::line(&format!("created key {} for tenant {}", key.id, key.tenant));
+            console::line(&secret);
+            Ok(())
+        }
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(path) => Config::from_file(path)?,
+        None => Config::parse(
+            config::EMBEDDED_DEFAULT,
+            "the embedded default configuration",
+        )?,
+    })
+}
+
+fn open_store(args: &DataDirArgs) -> anyhow::Result<SledStore> {
+    let data_dir = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => load_config(args.config.as_deref())?.server.data_dir,
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    Ok(SledStore::open(&data_dir)?)
+}
+
+async fn serve(config_path: Option<&Path>) -> anyhow::Result<()> {
+    let config = load_config(config_path)?;
+    let config_dir = config_path
+        .and_then(Path::parent)
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let gateway = gateway::Gateway::start(&config, &config_dir).await?;
+    bootstrap(&config, gateway.store.as_ref())?;
+    for channel in &gateway.channels {
+        let label = channel.config.label.as_deref().unwrap_or("");
+        if channel.is_active() {
+            tracing::info!(channel = %channel.config.name, label, "channel active");
+        } else {
+            tracing::info!(
+                channel = %channel.config.name,
+                needs = ?channel.config.api_key_env,
+                "channel inactive: none of its key variables is set"
+            );
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    let address = listener.local_addr()?;
+    console::line(&format!("tollgate listening on http://{address}"));
+    let store = gateway.store.clone();
+    axum::serve(listener, listen::app(gateway))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")?;
+    store.flush()?;
+    Ok(())
+}
+
+/// On a data directory without tenants, creates the configured demo tenant with its balance and
+/// prints one key, so a newcomer can call the gateway at once.
+fn bootstrap(config: &Config, store: &dyn Store) -> anyhow::Result<()> {
+    let Some(bootstrap) = &config.bootstrap else {
+        return Ok(());
+    };
+    if !store.tenants()?.is_empty() {
+        return Ok(());
+    }
+    store.create_tenant(&bootstrap.tenant, now_unix_ms())?;
+    store.credit_picos(
+        &bootstrap.tenant,
+        i128::from(bootstrap.balance_micros) * 1_000_000,
+    )?;
+    let (key, secret) = auth::issue_key(store, &bootstrap.tenant, now_unix_ms())?;
+    store.flush()?;
+    console::line(&format!(
+        "created tenant {} with key {} (the secret is shown once):",
+        bootstrap.tenant, key.id
+    ));
+    console::line(&secret);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => return interrupt.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

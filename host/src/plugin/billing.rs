@@ -1,0 +1,72 @@
+//! Bindings of `world billing-plugin` and the typed calls the bill stage makes.
+
+use super::{Binding, Exports, PluginError, Role, sandbox};
+
+wasmtime::component::bindgen!({
+    world: "billing-plugin",
+    path: "../wit",
+    exports: { default: async },
+    with: {
+        "tollgate:plugin/host": super::router::tollgate::plugin::host,
+        "tollgate:plugin/types": super::router::tollgate::plugin::types,
+    },
+});
+
+pub use exports::tollgate::plugin::billing::{
+    AuthorizeRequest, BillingDenial, BillingError, CallOutcome, ChargeRequest, Hold, Price,
+};
+
+impl Binding {
+    /// Asks the billing plugin whether the request may go ahead and what to hold.
+    pub async fn authorize(
+        &self,
+        request: &AuthorizeRequest,
+    ) -> Result<Result<Hold, BillingDenial>, PluginError> {
+        let Exports::Billing(pre) = &self.compiled.exports else {
+            return Err(self.wrong_role(Role::Billing));
+        };
+        let mut store = self.store();
+        sandbox::bounded(&mut store, "authorize", async |store| {
+            let plugin = pre.instantiate_async(&mut *store).await?;
+            plugin
+                .tollgate_plugin_billing()
+                .call_authorize(&mut *store, request)
+                .await
+        })
+        .await
+    }
+
+    /// Asks the billing plugin to price a finished call.
+    pub async fn charge(
+        &self,
+        request: &ChargeRequest,
+    ) -> Result<Result<Price, BillingError>, PluginError> {
+        let Exports::Billing(pre) = &self.compiled.exports else {
+            return Err(self.wrong_role(Role::Billing));
+        };
+        let mut store = self.store();
+        sandbox::bounded(&mut store, "charge", async |store| {
+            let plugin = pre.instantiate_async(&mut *store).await?;
+            plugin
+                .tollgate_plugin_billing()
+                .call_charge(&mut *store, request)
+                .await
+        })
+        .await
+    }
+
+    pub(super) async fn billing_validate_config(&self) -> Result<Result<(), String>, PluginError> {
+        let Exports::Billing(pre) = &self.compiled.exports else {
+            return Err(self.wrong_role(Role::Billing));
+        };
+        let mut store = self.store();
+        sandbox::bounded(&mut store, "validate-config", async |store| {
+            let plugin = pre.instantiate_async(&mut *store).await?;
+            plugin
+                .tollgate_plugin_billing()
+                .call_validate_config(&mut *store, &self.config)
+                .await
+        })
+        .await
+    }
+}

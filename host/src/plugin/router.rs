@@ -1,0 +1,54 @@
+//! Bindings of `world router-plugin` and the typed call the route stage makes.
+//!
+//! The `host` and `types` interfaces are generated here once and shared by the other role bindings.
+
+use super::{Binding, Exports, PluginError, Role, sandbox};
+
+wasmtime::component::bindgen!({
+    world: "router-plugin",
+    path: "../wit",
+    exports: { default: async },
+});
+
+pub use exports::tollgate::plugin::router::{
+    Attempt, Channel, ChannelModel, Circuit, RequestFacts, RouteError,
+};
+pub use tollgate::plugin::types::Operation;
+
+impl Binding {
+    /// Asks the router for the plan of one request. The outer error is the plugin's failure; the
+    /// inner one the router's own refusal.
+    pub async fn plan(
+        &self,
+        facts: &RequestFacts,
+        channels: &[Channel],
+    ) -> Result<Result<Vec<Attempt>, RouteError>, PluginError> {
+        let Exports::Router(pre) = &self.compiled.exports else {
+            return Err(self.wrong_role(Role::Router));
+        };
+        let mut store = self.store();
+        sandbox::bounded(&mut store, "plan", async |store| {
+            let plugin = pre.instantiate_async(&mut *store).await?;
+            plugin
+                .tollgate_plugin_router()
+                .call_plan(&mut *store, facts, channels)
+                .await
+        })
+        .await
+    }
+
+    pub(super) async fn router_validate_config(&self) -> Result<Result<(), String>, PluginError> {
+        let Exports::Router(pre) = &self.compiled.exports else {
+            return Err(self.wrong_role(Role::Router));
+        };
+        let mut store = self.store();
+        sandbox::bounded(&mut store, "validate-config", async |store| {
+            let plugin = pre.instantiate_async(&mut *store).await?;
+            plugin
+                .tollgate_plugin_router()
+                .call_validate_config(&mut *store, &self.config)
+                .await
+        })
+        .await
+    }
+}

@@ -1,0 +1,256 @@
+//! What a plugin runs inside: its store state, the host imports it may call, the WASI surface it is
+//! given (empty), its memory cap and its deadline.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::random::{WasiRandom, WasiRandomCtx};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::router::tollgate::plugin::{host, types};
+use super::{PluginError, PluginRef, Role};
+
+/// Limits of one binding. Every call runs under them.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Wall-clock budget of one call (one `push` for streams).
+    pub deadline: Duration,
+    /// Linear memory a plugin instance may grow to, in bytes.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_millis(250),
+            memory_bytes: 64 << 20,
+        }
+    }
+}
+
+/// How much of a plugin's stdout/stderr is kept for the log (a panic message fits).
+const CAPTURED_OUTPUT_BYTES: usize = 4096;
+
+/// A store's data: one plugin call's (or one stream's) whole world.
+pub struct PluginState {
+    pub(super) plugin: PluginRef,
+    pub(super) role: Role,
+    config: Arc<str>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    random: WasiRandomCtx,
+    output: MemoryOutputPipe,
+    memory_cap: usize,
+    memory_cap_hit: bool,
+    pub(super) call_budget: Duration,
+    call_deadline: Instant,
+}
+
+impl PluginState {
+    /// What the plugin wrote to stdout/stderr (a Rust panic writes its message there).
+    fn captured_output(&self) -> String {
+        String::from_utf8_lossy(&self.output.contents())
+            .trim()
+            .to_owned()
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime_wasi_io::IoView for PluginState {
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+}
+
+impl ResourceLimiter for PluginState {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            // Recorded because the guest sees a failed grow and usually aborts, which would
+            // otherwise look like any other trap.
+            self.memory_cap_hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+impl host::Host for PluginState {
+    fn log(&mut self, level: host::LogLevel, message: String) {
+        let plugin = self.plugin.to_string();
+        let role = self.role.to_string();
+        match level {
+            host::LogLevel::Trace => tracing::trace!(plugin, role, message, "plugin log"),
+            host::LogLevel::Debug => tracing::debug!(plugin, role, message, "plugin log"),
+            host::LogLevel::Info => tracing::info!(plugin, role, message, "plugin log"),
+            host::LogLevel::Warn => tracing::warn!(plugin, role, message, "plugin log"),
+            host::LogLevel::Error => tracing::error!(plugin, role, message, "plugin log"),
+        }
+    }
+
+    fn now_unix_ms(&mut self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    fn config(&mut self) -> String {
+        self.config.to_string()
+    }
+}
+
+impl types::Host for PluginState {}
+
+/// The one linker every plugin is instantiated with: the `host` interface, and of WASI only what a
+/// plain Rust `wasm32-wasip2` guest imports anyway (io streams, cli stdio/environment/exit, random),
+/// backed by nothing: empty environment, closed stdin, stdout/stderr captured for the log. No clocks,
+/// filesystem or sockets are linked, so a component importing them fails to load, naming the import.
+pub(super) fn linker(engine: &Engine) -> Result<Linker<PluginState>, PluginError> {
+    use wasmtime_wasi::p2::bindings::{cli, random};
+    let mut linker = Linker::new(engine);
+    let engine_error = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
+    host::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |state| state)
+        .map_err(engine_error)?;
+    wasmtime_wasi_io::add_to_linker_async(&mut linker).map_err(engine_error)?;
+    let l = &mut linker;
+    (|| -> wasmtime::Result<()> {
+        cli::exit::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
+        cli::environment::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
+        cli::stdin::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
+        cli::stdout::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
+        cli::stderr::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
+        cli::terminal_input::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
+        cli::terminal_output::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
+        cli::terminal_stdin::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
+        cli::terminal_stdout::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
+        cli::terminal_stderr::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
+        random::random::add_to_linker::<PluginState, WasiRandom>(l, |s| &mut s.random)?;
+        random::insecure::add_to_linker::<PluginState, WasiRandom>(l, |s| &mut s.random)?;
+        random::insecure_seed::add_to_linker::<PluginState, WasiRandom>(l, |s| &mut s.random)?;
+        Ok(())
+    })()
+    .map_err(engine_error)?;
+    Ok(linker)
+}
+
+/// A fresh store for one call or one stream.
+pub(super) fn store(
+    engine: &Engine,
+    plugin: PluginRef,
+    role: Role,
+    config: Arc<str>,
+    limits: &Limits,
+) -> Store<PluginState> {
+    let output = MemoryOutputPipe::new(CAPTURED_OUTPUT_BYTES);
+    let wasi = WasiCtx::builder()
+        .stdout(output.clone())
+        .stderr(output.clone())
+        .build();
+    let state = PluginState {
+        plugin,
+        role,
+        config,
+        wasi,
+        table: ResourceTable::new(),
+        random: WasiRandomCtx::default(),
+        output,
+        memory_cap: limits.memory_bytes,
+        memory_cap_hit: false,
+        call_budget: limits.deadline,
+        call_deadline: Instant::now() + limits.deadline,
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| state);
+    // Checked at every epoch tick: past the deadline the call traps with `Trap::Interrupt`;
+    // before it, the guest yields so a busy plugin never holds a tokio worker for long.
+    store.epoch_deadline_callback(|context| {
+        if Instant::now() >= context.data().call_deadline {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    store.set_epoch_deadline(1);
+    store
+}
+
+/// Starts the clock for the next call on this store. Streams call it before every `push`, since the
+/// deadline is per call, not per stream.
+pub(super) fn arm(store: &mut Store<PluginState>) {
+    let budget = store.data().call_budget;
+    store.data_mut().call_deadline = Instant::now() + budget;
+    store.set_epoch_deadline(1);
+}
+
+/// Backstop beyond the epoch deadline: a call that neither returns nor traps by then (a host-side
+/// wait) is abandoned with its store.
+const HOST_TIMEOUT_SLACK: Duration = Duration::from_millis(100);
+
+/// Runs one export call under the store's deadline and maps whatever goes wrong to a [`PluginError`].
+pub(super) async fn bounded<R>(
+    store: &mut Store<PluginState>,
+    export: &'static str,
+    call: impl AsyncFnOnce(&mut Store<PluginState>) -> wasmtime::Result<R>,
+) -> Result<R, PluginError> {
+    arm(store);
+    let budget = store.data().call_budget;
+    let outcome = tokio::time::timeout(budget + HOST_TIMEOUT_SLACK, call(store)).await;
+    let state = store.data();
+    let deadline = || PluginError::Deadline {
+        plugin: state.plugin.clone(),
+        role: state.role,
+        export,
+        after: budget,
+    };
+    let error = match outcome {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(error)) => error,
+        Err(_elapsed) => return Err(deadline()),
+    };
+    if state.memory_cap_hit {
+        return Err(PluginError::MemoryCap {
+            plugin: state.plugin.clone(),
+            role: state.role,
+            export,
+            cap_bytes: state.memory_cap,
+        });
+    }
+    if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return Err(deadline());
+    }
+    Err(PluginError::Trap {
+        plugin: state.plugin.clone(),
+        role: state.role,
+        export,
+        trap: error
+            .downcast_ref::<Trap>()
+            .map_or_else(|| format!("{error:#}"), Trap::to_string),
+        output: state.captured_output(),
+    })
+}

@@ -1,0 +1,88 @@
+//! Record: writes the request's one usage record and debits its cost, atomically, through the store.
+//!
+//! In: the finished [`RequestContext`] with its usage and price. Out: nothing, or a [`RecordError`]
+//! (logged: the client already has its answer). Nothing of the prompt or completion is recorded.
+
+use crate::bill::Priced;
+use crate::flow::RequestContext;
+use crate::plugin::translator::Usage;
+use crate::store::{RecordedLineItem, RecordedUsage, Store, StoreError, UsageRecord};
+
+/// Why a record could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The store refused the write.
+    #[error("the usage record of request {request_id} could not be written")]
+    Store {
+        /// The request.
+        request_id: String,
+        /// The cause.
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// Builds the usage record of a finished request.
+pub fn usage_record(
+    context: &RequestContext,
+    usage: &Usage,
+    priced: &Priced,
+    status: u16,
+    error_class: Option<&str>,
+) -> UsageRecord {
+    UsageRecord {
+        unix_ms: context.received_unix_ms,
+        request_id: context.request_id.clone(),
+        tenant: context.caller.tenant.clone(),
+        key_id: context.caller.key_id.clone(),
+        operation: match context.request.operation {
+            crate::plugin::router::Operation::Chat => "chat",
+            crate::plugin::router::Operation::Embeddings => "embeddings",
+        }
+        .to_owned(),
+        model_asked: context.request.model.clone(),
+        model_served: context.served_model.clone().unwrap_or_default(),
+        channel: context.served_channel.clone().unwrap_or_default(),
+        stream: context.request.stream,
+        attempts: context.attempts.clone(),
+        usage: RecordedUsage {
+            input_tokens: usage.input_tokens,
+            cache_read_tokens: usage.cache_read_tokens,
+            cache_write_tokens: usage.cache_write_tokens,
+            output_tokens: usage.output_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
+            estimated: usage.estimated,
+        },
+        cost_picos: priced.price.as_ref().map(|price| price.amount_picos),
+        line_items: priced
+            .price
+            .as_ref()
+            .map(|price| {
+                price
+                    .line_items
+                    .iter()
+                    .map(|item| RecordedLineItem {
+                        kind: item.kind.clone(),
+                        tokens: item.tokens,
+                        price_per_million_micros: item.price_per_million_micros,
+                        amount_picos: item.amount_picos,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        latency_ms: context.elapsed_ms(),
+        status,
+        error_class: error_class.map(str::to_owned),
+        plugins: context.plugins.clone(),
+    }
+}
+
+/// Appends the record and debits its cost in one atomic store write.
+pub fn commit(store: &dyn Store, record: &UsageRecord) -> Result<(), RecordError> {
+    store
+        .commit_usage(record)
+        .map_err(|source| RecordError::Store {
+            request_id: record.request_id.clone(),
+            source,
+        })
+}

@@ -1,0 +1,110 @@
+//! Route: asks the router plugin which channels to try, in which order.
+//!
+//! In: the [`RequestContext`] (caller and request facts) and the active channels.
+//! Out: a [`Plan`] — the failover chain — or a [`RouteError`]. Next: bill (authorize), then translate.
+
+use crate::flow::RequestContext;
+use crate::gateway::Gateway;
+use crate::plugin::PluginError;
+use crate::plugin::router::{self as wit, Channel, ChannelModel, Circuit, RequestFacts};
+
+/// One step of the plan.
+#[derive(Debug, Clone)]
+pub struct PlannedAttempt {
+    /// Index into `Gateway::channels`.
+    pub channel: usize,
+    /// The upstream model name to send.
+    pub upstream_model: String,
+}
+
+/// The attempts in the order the host runs them.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// The failover chain.
+    pub attempts: Vec<PlannedAttempt>,
+}
+
+/// Why there is no plan.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// No channel serves the model (404 `model_not_found`).
+    #[error("{0}")]
+    NoRoute(String),
+    /// The router's policy refuses the request (403).
+    #[error("{0}")]
+    Refused(String),
+    /// The router plugin failed.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+}
+
+/// Asks the router for the plan and checks it names only active channels.
+pub async fn plan(gateway: &Gateway, context: &RequestContext) -> Result<Plan, RouteError> {
+    let facts = RequestFacts {
+        request_id: context.request_id.clone(),
+        tenant: context.caller.tenant.clone(),
+        key_id: context.caller.key_id.clone(),
+        operation: context.request.operation,
+        model: context.request.model.clone(),
+        stream: context.request.stream,
+        estimated_input_tokens: context.request.estimated_input_tokens,
+        max_output_tokens: context.request.max_output_tokens,
+        tags: context.tags.clone(),
+    };
+    let candidates: Vec<Channel> = gateway
+        .channels
+        .iter()
+        .filter(|channel| channel.is_active())
+        .map(|channel| Channel {
+            name: channel.config.name.clone(),
+            protocol: channel.config.protocol.clone(),
+            models: channel
+                .config
+                .models
+                .iter()
+                .map(|(public, upstream)| ChannelModel {
+                    public_name: public.clone(),
+                    upstream_name: upstream.clone(),
+                    price_per_million_input_micros: None,
+                    price_per_million_output_micros: None,
+                })
+                .collect(),
+            priority: channel.config.priority,
+            weight: channel.config.weight,
+            circuit: Circuit::Closed,
+            latency_ewma_ms: None,
+            error_rate_permille: 0,
+            in_flight: 0,
+        })
+        .collect();
+    let attempts = match gateway.router.plan(&facts, &candidates).await? {
+        Ok(attempts) => attempts,
+        Err(wit::RouteError::NoRoute(message)) => return Err(RouteError::NoRoute(message)),
+        Err(wit::RouteError::Refused(message)) => return Err(RouteError::Refused(message)),
+    };
+    if attempts.is_empty() {
+        return Err(RouteError::NoRoute(format!(
+            "The model `{}` does not exist or you do not have access to it.",
+            context.request.model
+        )));
+    }
+    let attempts = attempts
+        .into_iter()
+        .map(|attempt| {
+            let channel = gateway
+                .channels
+                .iter()
+                .position(|channel| channel.config.name == attempt.channel && channel.is_active())
+                .ok_or_else(|| PluginError::Contract {
+                    plugin: gateway.router.plugin().clone(),
+                    role: crate::plugin::Role::Router,
+                    detail: format!("planned unknown or inactive channel `{}`", attempt.channel),
+                })?;
+            Ok(PlannedAttempt {
+                channel,
+                upstream_model: attempt.upstream_model,
+            })
+        })
+        .collect::<Result<Vec<_>, PluginError>>()?;
+    Ok(Plan { attempts })
+}

@@ -1,0 +1,170 @@
+//! Framing of event streams: splitting an upstream body into events (SSE or NDJSON, as the
+//! translator declared) and writing OpenAI chunks to the client as SSE.
+
+use bytes::Bytes;
+
+use crate::plugin::translator::{StreamEvent, StreamFraming};
+
+/// Splits a byte stream into events as bytes arrive; holds back only an incomplete line.
+pub struct EventFramer {
+    framing: StreamFraming,
+    line: Vec<u8>,
+    event: Option<String>,
+    data: String,
+    has_data: bool,
+}
+
+impl EventFramer {
+    /// A framer for the given framing.
+    pub fn new(framing: StreamFraming) -> Self {
+        Self {
+            framing,
+            line: Vec::new(),
+            event: None,
+            data: String::new(),
+            has_data: false,
+        }
+    }
+
+    /// Takes the next bytes of the body; returns the events they complete.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<StreamEvent> {
+        let mut events = Vec::new();
+        let mut rest = bytes;
+        while let Some(end) = rest.iter().position(|&byte| byte == b'\n') {
+            self.line.extend_from_slice(&rest[..end]);
+            rest = &rest[end + 1..];
+            let mut line = std::mem::take(&mut self.line);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            if let Some(event) = self.line_done(&line) {
+                events.push(event);
+            }
+        }
+        self.line.extend_from_slice(rest);
+        events
+    }
+
+    /// The body ended: an event still being assembled (no final blank line) is complete now.
+    pub fn finish(&mut self) -> Option<StreamEvent> {
+        let line = std::mem::take(&mut self.line);
+        let from_line = if line.is_empty() {
+            None
+        } else {
+            self.line_done(&line)
+        };
+        from_line.or_else(|| self.dispatch())
+    }
+
+    fn line_done(&mut self, line: &[u8]) -> Option<StreamEvent> {
+        let line = String::from_utf8_lossy(line);
+        match self.framing {
+            StreamFraming::Ndjson => {
+                let trimmed = line.trim();
+                (!trimmed.is_empty()).then(|| StreamEvent {
+                    event: None,
+                    data: trimmed.to_owned(),
+                })
+            }
+            StreamFraming::Sse => {
+                if line.is_empty() {
+                    return self.dispatch();
+                }
+                if line.starts_with(':') {
+                    return None;
+                }
+                let (field, value) = match line.split_once(':') {
+                    Some((field, value)) => (field, value.strip_prefix(' ').unwrap_or(value)),
+                    None => (line.as_ref(), ""),
+                };
+                match field {
+                    "event" => self.event = Some(value.to_owned()),
+                    "data" => {
+                        if self.has_data {
+                            self.data.push('\n');
+                        }
+                        self.data.push_str(value);
+                        self.has_data = true;
+                    }
+                    _ => {}
+                }
+                None
+            }
+        }
+    }
+
+    fn dispatch(&mut self) -> Option<StreamEvent> {
+        let event = self.event.take();
+        if !self.has_data {
+            return None;
+        }
+        self.has_data = false;
+        Some(StreamEvent {
+            event,
+            data: std::mem::take(&mut self.data),
+        })
+    }
+}
+
+/// One SSE frame carrying `payload` as its data.
+pub fn data_frame(payload: &str) -> Bytes {
+    let mut frame = String::with_capacity(payload.len() + 8);
+    frame.push_str("data: ");
+    frame.push_str(payload);
+    frame.push_str("\n\n");
+    Bytes::from(frame)
+}
+
+/// The frame that ends an OpenAI stream.
+pub const DONE_FRAME: &str = "data: [DONE]\n\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sse() -> EventFramer {
+        EventFramer::new(StreamFraming::Sse)
+    }
+
+    #[test]
+    fn events_split_across_chunks_are_reassembled() {
+        let mut framer = sse();
+        assert!(framer.push(b"event: message_start\nda").is_empty());
+        let events = framer.push(b"ta: {\"a\":1}\r\n\r\ndata: [DONE]\n\n");
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].event.as_deref(), Some("message_start"));
+        assert_eq!(events[0].data, "{\"a\":1}");
+        assert_eq!(events[1].event, None);
+        assert_eq!(events[1].data, "[DONE]");
+    }
+
+    #[test]
+    fn comments_are_skipped_and_data_lines_joined() {
+        let mut framer = sse();
+        let events = framer.push(b": keep-alive\n\ndata: a\ndata:b\n\n");
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].data, "a\nb");
+    }
+
+    #[test]
+    fn an_unterminated_last_event_is_delivered_at_the_end() {
+        let mut framer = sse();
+        assert!(framer.push(b"data: tail").is_empty());
+        assert_eq!(
+            framer.finish().map(|event| event.data).as_deref(),
+            Some("tail")
+        );
+        assert!(framer.finish().is_none());
+    }
+
+    #[test]
+    fn ndjson_is_one_event_per_line() {
+        let mut framer = EventFramer::new(StreamFraming::Ndjson);
+        let events = framer.push(b"{\"a\":1}\n\n{\"b\":2}\n{\"c\"");
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            framer.finish().map(|event| event.data).as_deref(),
+            Some("{\"c\"")
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! Durable state behind one trait: tenants, API keys (by SHA-256 of the secret), balances and the
+//! usage ledger. sled is the default backend; a PostgreSQL backend will implement the same trait, so
+//! no sled type leaves this module. Knows nothing about HTTP.
+
+mod sled;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::sled::SledStore;
+
+/// A customer of the gateway: owns keys, a balance and usage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tenant {
+    /// Unique, operator-chosen name.
+    pub name: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// A disabled tenant's keys are refused.
+    pub disabled: bool,
+}
+
+/// An API key's metadata. The secret itself is never stored: only its SHA-256, as the lookup key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiKey {
+    /// Public id, safe to log and show (`key_…`).
+    pub id: String,
+    /// Owning tenant's name.
+    pub tenant: String,
+    /// The first characters of the secret, so an operator can tell keys apart.
+    pub prefix: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// A revoked key is refused.
+    pub revoked: bool,
+}
+
+/// Normalized token usage as recorded (see `types.usage` in the WIT for the subset rules).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecordedUsage {
+    /// Every prompt token, cached or not.
+    pub input_tokens: u64,
+    /// Prompt tokens read from cache (subset of input).
+    pub cache_read_tokens: u64,
+    /// Prompt tokens written to cache (subset of input).
+    pub cache_write_tokens: u64,
+    /// Every generated token, reasoning included.
+    pub output_tokens: u64,
+    /// Reasoning tokens (subset of output).
+    pub reasoning_tokens: u64,
+    /// Counted by the host because the upstream reported nothing.
+    pub estimated: bool,
+}
+
+/// One priced part of a charge, as the billing plugin returned it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecordedLineItem {
+    /// What was priced (`input`, `output`, …).
+    pub kind: String,
+    /// Tokens priced.
+    pub tokens: u64,
+    /// Price in micro-units per million tokens.
+    pub price_per_million_micros: u64,
+    /// `tokens * price`, in picos (10^-12 currency units).
+    pub amount_picos: u64,
+}
+
+/// One upstream attempt of a request, for the trace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RecordedAttempt {
+    /// Channel tried.
+    pub channel: String,
+    /// Upstream model name sent.
+    pub upstream_model: String,
+    /// Upstream HTTP status, if an answer came.
+    pub status: Option<u16>,
+    /// Failure class when the attempt failed (`rate_limited`, `server`, `timeout`, …).
+    pub error_class: Option<String>,
+    /// Time the attempt took, in milliseconds.
+    pub latency_ms: u64,
+}
+
+/// The ledger record of one request: who, what was asked, what answered, what it cost.
+/// Never holds prompt or completion text.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// When the request arrived, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// The request id.
+    pub request_id: String,
+    /// Tenant name.
+    pub tenant: String,
+    /// API key id.
+    pub key_id: String,
+    /// `chat` or `embeddings`.
+    pub operation: String,
+    /// Public model name asked for.
+    pub model_asked: String,
+    /// Model name the upstream reported (empty when none answered).
+    pub model_served: String,
+    /// Channel that answered (empty when none did).
+    pub channel: String,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Every attempt in order.
+    pub attempts: Vec<RecordedAttempt>,
+    /// Normalized usage.
+    pub usage: RecordedUsage,
+    /// Amount debited, in picos; `None` when the call could not be priced (reconcile reports it).
+    pub cost_picos: Option<u64>,
+    /// The billing plugin's line items.
+    pub line_items: Vec<RecordedLineItem>,
+    /// Time from arrival to the last byte sent, in milliseconds.
+    pub latency_ms: u64,
+    /// HTTP status the client got.
+    pub status: u16,
+    /// Error class when the request failed, or `stream_cut` when a stream ended early.
+    pub error_class: Option<String>,
+    /// Router, translator and billing plugins that ran (`name@sha`).
+    pub plugins: Vec<String>,
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process (normally a running gateway) holds the data directory.
+    #[error("the data directory {path} is in use by another process (is a gateway running on it?)")]
+    Locked {
+        /// The data directory.
+        path: String,
+    },
+    /// A name that must be unique is taken.
+    #[error("{what} `{name}` already exists")]
+    Exists {
+        /// The kind of thing (`tenant`).
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A referenced item does not exist.
+    #[error("{what} `{name}` does not exist")]
+    Missing {
+        /// The kind of thing.
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// The backend failed.
+    #[error("store backend: {0}")]
+    Backend(String),
+    /// A stored value could not be decoded.
+    #[error("corrupt stored value in {keyspace}: {reason}")]
+    Corrupt {
+        /// Where.
+        keyspace: &'static str,
+        /// What the decoder said.
+        reason: String,
+    },
+}
+
+/// The gateway's durable state. Implementations must make `commit_usage` atomic: the ledger record
+/// and the balance debit land together or not at all.
+pub trait Store: Send + Sync {
+    /// Creates a tenant with a zero balance.
+    fn create_tenant(&self, name: &str, now_unix_ms: u64) -> Result<Tenant, StoreError>;
+    /// A tenant by name.
+    fn tenant(&self, name: &str) -> Result<Option<Tenant>, StoreError>;
+    /// Every tenant, by name.
+    fn tenants(&self) -> Result<Vec<Tenant>, StoreError>;
+    /// Stores a key under the SHA-256 of its secret. The tenant must exist.
+    fn insert_key(&self, secret_sha256: &[u8; 32], key: &ApiKey) -> Result<(), StoreError>;
+    /// The key whose secret hashes to this value.
+    fn key_by_secret_sha256(&self, secret_sha256: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
+    /// A tenant's balance in picos (10^-12 currency units); negative when overdrawn.
+    fn balance_picos(&self, tenant: &str) -> Result<i128, StoreError>;
+    /// Adds to a tenant's balance.
+    fn credit_picos(&self, tenant: &str, picos: i128) -> Result<i128, StoreError>;
+    /// Appends the record to the ledger and debits its cost from the tenant's balance, atomically.
+    fn commit_usage(&self, record: &UsageRecord) -> Result<(), StoreError>;
+    /// Ledger records in time order.
+    fn usage(&self) -> Result<Vec<UsageRecord>, StoreError>;
+    /// Flushes to disk (sled also flushes in the background every 500 ms).
+    fn flush(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,195 @@
+//! The sled backend. Keyspaces are sled trees; values are JSON; balances are i128 big-endian.
+
+use std::path::Path;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use super::{ApiKey, Store, StoreError, Tenant, UsageRecord};
+
+/// The default store: an embedded sled database in the data directory.
+pub struct SledStore {
+    db: sled::Db,
+    tenants: sled::Tree,
+    keys: sled::Tree,
+    balances: sled::Tree,
+    ledger: sled::Tree,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database under `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join("sled");
+        let db = sled::Config::new()
+            .path(&path)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|error| match error {
+                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    StoreError::Locked {
+                        path: data_dir.display().to_string(),
+                    }
+                }
+                other => StoreError::Backend(other.to_string()),
+            })?;
+        let tree = |name: &str| db.open_tree(name).map_err(backend);
+        Ok(Self {
+            tenants: tree("tenants")?,
+            keys: tree("api_keys")?,
+            balances: tree("balances")?,
+            ledger: tree("ledger")?,
+            db,
+        })
+    }
+}
+
+fn backend(error: sled::Error) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    keyspace: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
+        keyspace,
+        reason: error.to_string(),
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|error| StoreError::Backend(error.to_string()))
+}
+
+fn decode_balance(bytes: Option<sled::IVec>) -> Result<i128, StoreError> {
+    let Some(bytes) = bytes else { return Ok(0) };
+    let raw: [u8; 16] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+        keyspace: "balances",
+        reason: format!("{} bytes, expected 16", bytes.len()),
+    })?;
+    Ok(i128::from_be_bytes(raw))
+}
+
+/// Ledger keys sort by time: arrival millis (big-endian) then the request id, unique per request.
+fn ledger_key(record: &UsageRecord) -> Vec<u8> {
+    let mut key = record.unix_ms.to_be_bytes().to_vec();
+    key.extend_from_slice(record.request_id.as_bytes());
+    key
+}
+
+impl Store for SledStore {
+    fn create_tenant(&self, name: &str, now_unix_ms: u64) -> Result<Tenant, StoreError> {
+        let tenant = Tenant {
+            name: name.to_owned(),
+            created_unix_ms: now_unix_ms,
+            disabled: false,
+        };
+        let swapped = self
+            .tenants
+            .compare_and_swap(name, None::<&[u8]>, Some(encode(&tenant)?))
+            .map_err(backend)?;
+        if swapped.is_err() {
+            return Err(StoreError::Exists {
+                what: "tenant",
+                name: name.to_owned(),
+            });
+        }
+        Ok(tenant)
+    }
+
+    fn tenant(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
+        self.tenants
+            .get(name)
+            .map_err(backend)?
+            .map(|bytes| decode("tenants", &bytes))
+            .transpose()
+    }
+
+    fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        self.tenants
+            .iter()
+            .values()
+            .map(|bytes| decode("tenants", &bytes.map_err(backend)?))
+            .collect()
+    }
+
+    fn insert_key(&self, secret_sha256: &[u8; 32], key: &ApiKey) -> Result<(), StoreError> {
+        if self.tenant(&key.tenant)?.is_none() {
+            return Err(StoreError::Missing {
+                what: "tenant",
+                name: key.tenant.clone(),
+            });
+        }
+        self.keys
+            .insert(secret_sha256, encode(key)?)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn key_by_secret_sha256(&self, secret_sha256: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
+        self.keys
+            .get(secret_sha256)
+            .map_err(backend)?
+            .map(|bytes| decode("api_keys", &bytes))
+            .transpose()
+    }
+
+    fn balance_picos(&self, tenant: &str) -> Result<i128, StoreError> {
+        decode_balance(self.balances.get(tenant).map_err(backend)?)
+    }
+
+    fn credit_picos(&self, tenant: &str, picos: i128) -> Result<i128, StoreError> {
+        let mut corrupt = None;
+        let updated = self
+            .balances
+            .update_and_fetch(tenant, |old| {
+                let current = match decode_balance(old.map(sled::IVec::from)) {
+                    Ok(current) => current,
+                    Err(error) => {
+                        corrupt = Some(error);
+                        return old.map(<[u8]>::to_vec);
+                    }
+                };
+                Some(current.saturating_add(picos).to_be_bytes().to_vec())
+            })
+            .map_err(backend)?;
+        if let Some(error) = corrupt {
+            return Err(error);
+        }
+        decode_balance(updated)
+    }
+
+    fn commit_usage(&self, record: &UsageRecord) -> Result<(), StoreError> {
+        let value = encode(record)?;
+        let key = ledger_key(record);
+        let cost = i128::from(record.cost_picos.unwrap_or(0));
+        (&self.ledger, &self.balances)
+            .transaction(|(ledger, balances)| {
+                ledger.insert(key.as_slice(), value.as_slice())?;
+                if cost != 0 {
+                    let current = decode_balance(balances.get(record.tenant.as_bytes())?)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    balances.insert(
+                        record.tenant.as_bytes(),
+                        (current - cost).to_be_bytes().to_vec(),
+                    )?;
+                }
+                Ok(())
+            })
+            .map_err(|error: TransactionError<StoreError>| match error {
+                TransactionError::Abort(error) => error,
+                TransactionError::Storage(error) => backend(error),
+            })
+    }
+
+    fn usage(&self) -> Result<Vec<UsageRecord>, StoreError> {
+        self.ledger
+            .iter()
+            .values()
+            .map(|bytes| decode("ledger", &bytes.map_err(backend)?))
+            .collect()
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(backend).map(drop)
+    }
+}

@@ -1,0 +1,170 @@
+//! Translate: the channel's translator plugin turns the client's OpenAI body into the upstream's
+//! request, and the upstream's whole answer back into OpenAI's shape.
+//!
+//! In: the [`RequestContext`], one planned attempt. Out: an `UpstreamRequest` / an OpenAI body with
+//! normalized usage, or a [`TranslateError`]. Next: upstream (for requests), bill (for answers).
+//! Streams are translated by the stream stage, with the same plugin.
+
+use crate::flow::RequestContext;
+use crate::gateway::{Channel, Gateway};
+use crate::plugin::router::Operation;
+use crate::plugin::translator::{
+    self as wit, AttemptContext, RequestKind, UpstreamRequest, UpstreamResponse, Usage,
+};
+use crate::plugin::{Binding, PluginError, Role};
+use crate::route::PlannedAttempt;
+use crate::upstream::UpstreamError;
+
+/// A translated whole answer.
+#[derive(Debug)]
+pub struct Answer {
+    /// OpenAI-shaped JSON text.
+    pub body: String,
+    /// Normalized usage.
+    pub usage: Usage,
+    /// The model the upstream reported.
+    pub served_model: Option<String>,
+}
+
+/// Why a translation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TranslateError {
+    /// The client's request cannot be expressed for this upstream (400, not retried).
+    #[error("{message}")]
+    InvalidRequest {
+        /// The translator's message.
+        message: String,
+        /// The offending field.
+        param: Option<String>,
+    },
+    /// The upstream's answer was a failure, or unreadable: the attempt failed.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The translator plugin failed.
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+}
+
+/// The translator bound to a channel's protocol.
+pub fn translator<'g>(gateway: &'g Gateway, channel: &Channel) -> Result<&'g Binding, PluginError> {
+    gateway
+        .translators
+        .get(&channel.config.protocol)
+        .ok_or_else(|| PluginError::Unbound {
+            role: Role::Translator,
+            what: format!("protocol `{}`", channel.config.protocol),
+        })
+}
+
+/// The facts every translator call of one attempt receives.
+pub fn attempt_context(
+    context: &RequestContext,
+    channel: &Channel,
+    attempt: &PlannedAttempt,
+) -> AttemptContext {
+    AttemptContext {
+        request_id: context.request_id.clone(),
+        operation: context.request.operation,
+        public_model: context.request.model.clone(),
+        upstream_model: attempt.upstream_model.clone(),
+        channel: channel.config.name.clone(),
+        channel_options: channel.options_json.clone(),
+        stream: context.request.stream,
+        include_usage: context.request.include_usage,
+        created_unix_s: context.received_unix_ms / 1000,
+    }
+}
+
+/// Maps the translator's own error for an attempt on `channel`.
+pub fn plugin_error(channel: &Channel, error: wit::TranslateError) -> TranslateError {
+    plugin_error_named(&channel.config.name, error)
+}
+
+/// [`plugin_error`] for a channel known by name.
+pub fn plugin_error_named(channel: &str, error: wit::TranslateError) -> TranslateError {
+    let channel = channel.to_owned();
+    match error {
+        wit::TranslateError::InvalidRequest(invalid) => TranslateError::InvalidRequest {
+            message: invalid.message,
+            param: invalid.param,
+        },
+        wit::TranslateError::Upstream(failure) => {
+            TranslateError::Upstream(UpstreamError::Failure { channel, failure })
+        }
+        wit::TranslateError::MalformedResponse(reason) => {
+            TranslateError::Upstream(UpstreamError::Malformed { channel, reason })
+        }
+        wit::TranslateError::Unsupported(reason) => {
+            TranslateError::Upstream(UpstreamError::Unsupported { channel, reason })
+        }
+    }
+}
+
+/// Builds the upstream request of one attempt.
+pub async fn request(
+    translator: &Binding,
+    channel: &Channel,
+    attempt: &AttemptContext,
+    body: &str,
+) -> Result<UpstreamRequest, TranslateError> {
+    let kind = match attempt.operation {
+        Operation::Chat => RequestKind::Chat,
+        Operation::Embeddings => RequestKind::Embeddings,
+    };
+    translator
+        .translate_request(kind, attempt, body)
+        .await?
+        .map_err(|error| plugin_error(channel, error))
+}
+
+/// Reads a whole upstream answer: a failure for non-2xx, else the OpenAI-shaped answer.
+pub async fn answer(
+    translator: &Binding,
+    channel: &Channel,
+    attempt: &AttemptContext,
+    response: &UpstreamResponse,
+) -> Result<Answer, TranslateError> {
+    if !(200..300).contains(&response.status) {
+        return Err(failure(translator, channel, attempt, response).await);
+    }
+    match attempt.operation {
+        Operation::Chat => {
+            let answer = translator
+                .translate_chat_response(attempt, response)
+                .await?
+                .map_err(|error| plugin_error(channel, error))?;
+            Ok(Answer {
+                body: answer.body,
+                usage: answer.usage,
+                served_model: answer.served_model,
+            })
+        }
+        Operation::Embeddings => {
+            let answer = translator
+                .translate_embeddings_response(attempt, response)
+                .await?
+                .map_err(|error| plugin_error(channel, error))?;
+            Ok(Answer {
+                body: answer.body,
+                usage: answer.usage,
+                served_model: answer.served_model,
+            })
+        }
+    }
+}
+
+/// Classifies a non-2xx answer with the translator.
+pub async fn failure(
+    translator: &Binding,
+    channel: &Channel,
+    attempt: &AttemptContext,
+    response: &UpstreamResponse,
+) -> TranslateError {
+    match translator.read_failure(attempt, response).await {
+        Ok(failure) => TranslateError::Upstream(UpstreamError::Failure {
+            channel: channel.config.name.clone(),
+            failure,
+        }),
+        Err(error) => TranslateError::Plugin(error),
+    }
+}

@@ -1,0 +1,229 @@
+//! Upstream: sends the translator's request to the channel with the channel's credentials, under the
+//! channel's timeouts.
+//!
+//! In: a channel and an `UpstreamRequest` (no credentials). Out: the upstream's response, or an
+//! [`UpstreamError`] whose [`UpstreamError::is_retryable`] decides failover. Next: translate the
+//! answer (non-stream) or stream it.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::gateway::Channel;
+use crate::plugin::translator::{
+    AuthPlacement, FailureClass, HttpMethod, UpstreamFailure, UpstreamRequest, UpstreamResponse,
+};
+
+/// Which timeout fired.
+#[derive(Debug, Clone, Copy)]
+pub enum TimeoutPhase {
+    /// No response headers (or first stream event) in time.
+    FirstByte,
+    /// A stream went quiet for too long.
+    Idle,
+    /// A non-stream answer took too long as a whole.
+    Total,
+}
+
+/// Why an upstream attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The connection could not be made or broke before an answer.
+    #[error("channel `{channel}`: connection failed")]
+    Connect {
+        /// The channel.
+        channel: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A timeout fired.
+    #[error("channel `{channel}`: timed out ({phase:?})")]
+    Timeout {
+        /// The channel.
+        channel: String,
+        /// Which one.
+        phase: TimeoutPhase,
+    },
+    /// The upstream answered with a failure, classified by the translator.
+    #[error("channel `{channel}`: upstream failure {}: {}", .failure.status, .failure.message)]
+    Failure {
+        /// The channel.
+        channel: String,
+        /// The translator's reading of it.
+        failure: UpstreamFailure,
+    },
+    /// The upstream's answer could not be understood.
+    #[error("channel `{channel}`: malformed answer: {reason}")]
+    Malformed {
+        /// The channel.
+        channel: String,
+        /// What the translator or reader said.
+        reason: String,
+    },
+    /// The channel's protocol does not offer the operation.
+    #[error("channel `{channel}`: {reason}")]
+    Unsupported {
+        /// The channel.
+        channel: String,
+        /// The translator's message.
+        reason: String,
+    },
+    /// The upstream's answer ended early or exceeded the size cap.
+    #[error("channel `{channel}`: answer cut: {reason}")]
+    Cut {
+        /// The channel.
+        channel: String,
+        /// What happened.
+        reason: String,
+    },
+}
+
+impl UpstreamError {
+    /// Whether the next attempt of the plan may be tried. Only the client's own mistakes stop the
+    /// chain; everything else is the channel's problem.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, UpstreamError::Failure { failure, .. } if failure.class == FailureClass::InvalidRequest)
+    }
+
+    /// A short class name for records, traces and the client's error code.
+    pub fn class(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "connect",
+            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::Failure { failure, .. } => match failure.class {
+                FailureClass::Authentication => "authentication",
+                FailureClass::RateLimited => "rate_limited",
+                FailureClass::InvalidRequest => "invalid_request",
+                FailureClass::ModelNotFound => "model_not_found",
+                FailureClass::Overloaded => "overloaded",
+                FailureClass::Server => "server",
+            },
+            UpstreamError::Malformed { .. } => "malformed_response",
+            UpstreamError::Unsupported { .. } => "unsupported",
+            UpstreamError::Cut { .. } => "cut",
+        }
+    }
+
+    /// The upstream's HTTP status, if one was received.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            UpstreamError::Failure { failure, .. } if failure.status != 0 => Some(failure.status),
+            _ => None,
+        }
+    }
+}
+
+/// Sends the request and waits for the response headers, within the channel's first-byte timeout.
+pub async fn send(
+    channel: &Channel,
+    request: UpstreamRequest,
+) -> Result<reqwest::Response, UpstreamError> {
+    let name = &channel.config.name;
+    let url = format!(
+        "{}{}",
+        channel.config.base_url.trim_end_matches('/'),
+        request.path
+    );
+    let method = match request.method {
+        HttpMethod::Get => reqwest::Method::GET,
+        HttpMethod::Post => reqwest::Method::POST,
+    };
+    let mut builder = channel
+        .http
+        .request(method, url)
+        .header(http::header::CONTENT_TYPE, "application/json");
+    let auth_header = match &request.auth {
+        AuthPlacement::Header(header) => Some(header.to_ascii_lowercase()),
+        _ => None,
+    };
+    for (header, value) in &request.headers {
+        let lowered = header.to_ascii_lowercase();
+        // A translator never carries credentials; drop anything that looks like it tried.
+        if lowered == "authorization" || Some(&lowered) == auth_header.as_ref() {
+            continue;
+        }
+        builder = builder.header(header, value);
+    }
+    // TODO(#6): spread load across the key pool and honour per-key cooldowns.
+    if let Some(secret) = channel.keys.first() {
+        builder = match &request.auth {
+            AuthPlacement::None => builder,
+            AuthPlacement::Bearer => builder.bearer_auth(secret),
+            AuthPlacement::Header(header) => builder.header(header, secret),
+            AuthPlacement::Query(parameter) => builder.query(&[(parameter, secret)]),
+        };
+    }
+    let first_byte = Duration::from_millis(channel.config.first_byte_timeout_ms);
+    match tokio::time::timeout(first_byte, builder.body(request.body).send()).await {
+        Err(_) => Err(UpstreamError::Timeout {
+            channel: name.clone(),
+            phase: TimeoutPhase::FirstByte,
+        }),
+        Ok(Err(source)) if source.is_timeout() => Err(UpstreamError::Timeout {
+            channel: name.clone(),
+            phase: TimeoutPhase::FirstByte,
+        }),
+        Ok(Err(source)) => Err(UpstreamError::Connect {
+            channel: name.clone(),
+            source,
+        }),
+        Ok(Ok(response)) => Ok(response),
+    }
+}
+
+/// Reads a whole answer (non-stream or error) within the total timeout and the size cap.
+pub async fn read_whole(
+    channel: &Channel,
+    response: reqwest::Response,
+    max_bytes: usize,
+) -> Result<UpstreamResponse, UpstreamError> {
+    let name = &channel.config.name;
+    let status = response.status().as_u16();
+    let headers = response_headers(&response);
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    let read = async {
+        while let Some(chunk) = chunks.next().await {
+            let chunk: Bytes = chunk.map_err(|error| UpstreamError::Cut {
+                channel: name.clone(),
+                reason: error.to_string(),
+            })?;
+            if body.len() + chunk.len() > max_bytes {
+                return Err(UpstreamError::Cut {
+                    channel: name.clone(),
+                    reason: format!("answer larger than {max_bytes} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    let total = Duration::from_millis(channel.config.total_timeout_ms);
+    tokio::time::timeout(total, read)
+        .await
+        .map_err(|_| UpstreamError::Timeout {
+            channel: name.clone(),
+            phase: TimeoutPhase::Total,
+        })??;
+    Ok(UpstreamResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Response headers as lowercase (name, value) pairs, values that are not text dropped.
+pub fn response_headers(response: &reqwest::Response) -> Vec<(String, String)> {
+    response
+        .headers()
+        .iter()
+        .filter_map(|(name, value)| {
+            value
+                .to_str()
+                .ok()
+                .map(|value| (name.as_str().to_owned(), value.to_owned()))
+        })
+        .collect()
+}

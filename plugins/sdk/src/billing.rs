@@ -1,0 +1,53 @@
+//! The billing role: price usage. The host moves the money; a plugin only computes amounts in picos
+//! (10^-12 of the currency unit), so `tokens * price-per-million-micros` is exact.
+
+pub use crate::types::{Operation, Usage};
+pub use crate::wit::billing::exports::tollgate::plugin::billing::{
+    AuthorizeRequest, BillingDenial, BillingError, CallOutcome, ChargeRequest, Hold, LineItem,
+    Price,
+};
+
+/// A billing plugin. Implement it on a unit struct and export it with [`export_billing!`](crate::export_billing).
+pub trait Billing {
+    /// Checks the configuration JSON before the operator's binding takes effect. Accepts anything by default.
+    fn validate_config(config: &str) -> Result<(), String> {
+        let _ = config;
+        Ok(())
+    }
+
+    /// Decides before the upstream call whether the request may go ahead, and how much to hold.
+    fn authorize(request: AuthorizeRequest) -> Result<Hold, BillingDenial>;
+
+    /// Prices the call after it ended.
+    fn charge(request: ChargeRequest) -> Result<Price, BillingError>;
+}
+
+/// Exports a [`Billing`] implementation as the plugin's billing world.
+#[macro_export]
+macro_rules! export_billing {
+    ($billing:ty) => {
+        #[doc(hidden)]
+        struct TollgateBillingExport;
+
+
+        impl $crate::wit::billing::exports::tollgate::plugin::billing::Guest for TollgateBillingExport {
+            fn validate_config(config: String) -> Result<(), String> {
+                <$billing as $crate::billing::Billing>::validate_config(&config)
+            }
+
+            fn authorize(
+                request: $crate::billing::AuthorizeRequest,
+            ) -> Result<$crate::billing::Hold, $crate::billing::BillingDenial> {
+                <$billing as $crate::billing::Billing>::authorize(request)
+            }
+
+            fn charge(
+                request: $crate::billing::ChargeRequest,
+            ) -> Result<$crate::billing::Price, $crate::billing::BillingError> {
+                <$billing as $crate::billing::Billing>::charge(request)
+            }
+        }
+
+        $crate::wit::billing::export_billing_world!(TollgateBillingExport with_types_in $crate::wit::billing);
+    };
+}

@@ -1,0 +1,153 @@
+//! The translator role: speak one upstream protocol.
+
+pub use crate::types::{FailureClass, Header, InvalidRequest, Operation, UpstreamFailure, Usage};
+pub use crate::wit::translator::exports::tollgate::plugin::translator::{
+    AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, HttpMethod, StreamEnd,
+    StreamEvent, StreamFraming, TranslateError, UpstreamRequest, UpstreamResponse,
+};
+
+/// A translator plugin. Implement it on a unit struct and export it with
+/// [`export_translator!`](crate::export_translator). Every function must be pure over its inputs: the
+/// host calls them again for each attempt of a request.
+pub trait Translator {
+    /// Translates one streamed answer; see [`StreamTranslate`].
+    type Stream: StreamTranslate;
+
+    /// Checks the configuration JSON before the operator's binding takes effect. Accepts anything by default.
+    fn validate_config(config: &str) -> Result<(), String> {
+        let _ = config;
+        Ok(())
+    }
+
+    /// Builds the upstream request for an OpenAI chat-completions body.
+    fn chat_request(
+        context: AttemptContext,
+        body: String,
+    ) -> Result<UpstreamRequest, TranslateError>;
+
+    /// Reads a 2xx non-stream chat answer into OpenAI's shape.
+    fn chat_response(
+        context: AttemptContext,
+        response: UpstreamResponse,
+    ) -> Result<ChatResponse, TranslateError>;
+
+    /// Builds the upstream request for an OpenAI embeddings body.
+    fn embeddings_request(
+        context: AttemptContext,
+        body: String,
+    ) -> Result<UpstreamRequest, TranslateError> {
+        let _ = (context, body);
+        Err(TranslateError::Unsupported(
+            "this protocol has no embeddings".to_owned(),
+        ))
+    }
+
+    /// Reads a 2xx embeddings answer into OpenAI's shape.
+    fn embeddings_response(
+        context: AttemptContext,
+        response: UpstreamResponse,
+    ) -> Result<EmbeddingsResponse, TranslateError> {
+        let _ = (context, response);
+        Err(TranslateError::Unsupported(
+            "this protocol has no embeddings".to_owned(),
+        ))
+    }
+
+    /// Classifies a non-2xx upstream answer.
+    fn read_failure(context: AttemptContext, response: UpstreamResponse) -> UpstreamFailure;
+}
+
+/// The state of one streamed answer. The host calls `new`, then `push` per upstream event, then
+/// `finish` once.
+pub trait StreamTranslate: 'static {
+    /// Starts a stream for one attempt.
+    fn new(context: AttemptContext) -> Self;
+    /// Takes one upstream event; returns the OpenAI chunk payloads to send now.
+    fn push(&mut self, event: StreamEvent) -> Result<Vec<String>, TranslateError>;
+    /// Ends the stream with trailing chunks, usage and the served model.
+    fn finish(&mut self) -> Result<StreamEnd, TranslateError>;
+}
+
+/// Exports a [`Translator`] implementation as the plugin's translator world.
+#[macro_export]
+macro_rules! export_translator {
+    ($translator:ty) => {
+        #[doc(hidden)]
+        struct TollgateTranslatorExport;
+
+        #[doc(hidden)]
+        struct TollgateStreamExport(
+            ::core::cell::RefCell<<$translator as $crate::translator::Translator>::Stream>,
+        );
+
+
+        impl $crate::wit::translator::exports::tollgate::plugin::translator::GuestStreamTranslator
+            for TollgateStreamExport
+        {
+
+            fn new(context: $crate::translator::AttemptContext) -> Self {
+                Self(::core::cell::RefCell::new(
+                    <<$translator as $crate::translator::Translator>::Stream as $crate::translator::StreamTranslate>::new(context),
+                ))
+            }
+
+            fn push(
+                &self,
+                event: $crate::translator::StreamEvent,
+            ) -> Result<Vec<String>, $crate::translator::TranslateError> {
+                $crate::translator::StreamTranslate::push(&mut *self.0.borrow_mut(), event)
+            }
+
+            fn finish(&self) -> Result<$crate::translator::StreamEnd, $crate::translator::TranslateError> {
+                $crate::translator::StreamTranslate::finish(&mut *self.0.borrow_mut())
+            }
+        }
+
+        impl $crate::wit::translator::exports::tollgate::plugin::translator::Guest
+            for TollgateTranslatorExport
+        {
+            type StreamTranslator = TollgateStreamExport;
+
+            fn validate_config(config: String) -> Result<(), String> {
+                <$translator as $crate::translator::Translator>::validate_config(&config)
+            }
+
+            fn translate_chat_request(
+                context: $crate::translator::AttemptContext,
+                body: String,
+            ) -> Result<$crate::translator::UpstreamRequest, $crate::translator::TranslateError> {
+                <$translator as $crate::translator::Translator>::chat_request(context, body)
+            }
+
+            fn translate_chat_response(
+                context: $crate::translator::AttemptContext,
+                response: $crate::translator::UpstreamResponse,
+            ) -> Result<$crate::translator::ChatResponse, $crate::translator::TranslateError> {
+                <$translator as $crate::translator::Translator>::chat_response(context, response)
+            }
+
+            fn translate_embeddings_request(
+                context: $crate::translator::AttemptContext,
+                body: String,
+            ) -> Result<$crate::translator::UpstreamRequest, $crate::translator::TranslateError> {
+                <$translator as $crate::translator::Translator>::embeddings_request(context, body)
+            }
+
+            fn translate_embeddings_response(
+                context: $crate::translator::AttemptContext,
+                response: $crate::translator::UpstreamResponse,
+            ) -> Result<$crate::translator::EmbeddingsResponse, $crate::translator::TranslateError> {
+                <$translator as $crate::translator::Translator>::embeddings_response(context, response)
+            }
+
+            fn read_failure(
+                context: $crate::translator::AttemptContext,
+                response: $crate::translator::UpstreamResponse,
+            ) -> $crate::translator::UpstreamFailure {
+                <$translator as $crate::translator::Translator>::read_failure(context, response)
+            }
+        }
+
+        $crate::wit::translator::export_translator_world!(TollgateTranslatorExport with_types_in $crate::wit::translator);
+    };
+}

@@ -1,0 +1,418 @@
+//! Translator `openai`: speaks the OpenAI chat-completions and embeddings API, which most upstreams
+//! (OpenAI, Azure-style proxies, vLLM, llama.cpp, OpenRouter …) accept. Bodies pass through untouched
+//! but for the model name and, on streams, a request for usage so the host can bill what was streamed.
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::{Map, Value};
+use tollgate_plugin_sdk::export_translator;
+use tollgate_plugin_sdk::translator::{
+    AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, FailureClass, HttpMethod,
+    InvalidRequest, StreamEnd, StreamEvent, StreamFraming, StreamTranslate, TranslateError,
+    Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse, Usage,
+};
+
+/// Channel options an operator may attach to an OpenAI channel.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ChannelOptions {
+    /// Sent as `openai-organization`.
+    organization: Option<String>,
+    /// Sent as `openai-project`.
+    project: Option<String>,
+}
+
+/// OpenAI's `usage` object (chat and embeddings); unknown fields ignored.
+#[derive(Debug, Default, Deserialize)]
+struct OpenAiUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<OpenAiPromptDetails>,
+    #[serde(default)]
+    completion_tokens_details: Option<OpenAiCompletionDetails>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct OpenAiPromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct OpenAiCompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+impl OpenAiUsage {
+    /// OpenAI already counts cached tokens inside `prompt_tokens` and reasoning inside
+    /// `completion_tokens`, which is the normalized rule; clamp so a buggy upstream cannot break it.
+    fn normalize(&self) -> Usage {
+        let cached = self
+            .prompt_tokens_details
+            .as_ref()
+            .and_then(|details| details.cached_tokens)
+            .unwrap_or(0);
+        let reasoning = self
+            .completion_tokens_details
+            .as_ref()
+            .and_then(|details| details.reasoning_tokens)
+            .unwrap_or(0);
+        Usage {
+            input_tokens: self.prompt_tokens,
+            cache_read_tokens: cached.min(self.prompt_tokens),
+            cache_write_tokens: 0,
+            output_tokens: self.completion_tokens,
+            reasoning_tokens: reasoning.min(self.completion_tokens),
+            estimated: false,
+        }
+    }
+}
+
+/// The parts of a chat answer or chunk the translator reads; everything else passes through.
+#[derive(Debug, Deserialize)]
+struct OpenAiAnswer {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    usage: Option<OpenAiUsage>,
+    #[serde(default)]
+    choices: Vec<IgnoredAny>,
+    #[serde(default)]
+    error: Option<OpenAiError>,
+}
+
+/// OpenAI's error object.
+#[derive(Debug, Default, Deserialize)]
+struct OpenAiError {
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    code: Option<Value>,
+    #[serde(default)]
+    param: Option<String>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OpenAiErrorBody {
+    error: OpenAiError,
+}
+
+struct OpenAi;
+
+impl Translator for OpenAi {
+    type Stream = OpenAiStream;
+
+    fn chat_request(
+        context: AttemptContext,
+        body: String,
+    ) -> Result<UpstreamRequest, TranslateError> {
+        let mut request = parse_object(&body)?;
+        request.insert(
+            "model".to_owned(),
+            Value::String(context.upstream_model.clone()),
+        );
+        if context.stream {
+            // Always ask for usage: the host bills streams from it. The usage chunk is withheld
+            // from clients that did not ask for it (see `OpenAiStream::push`).
+            let options = request
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(options) = options {
+                options.insert("include_usage".to_owned(), Value::Bool(true));
+            }
+        }
+        upstream_request(&context, "/chat/completions", &request)
+    }
+
+    fn chat_response(
+        _context: AttemptContext,
+        response: UpstreamResponse,
+    ) -> Result<ChatResponse, TranslateError> {
+        let answer: OpenAiAnswer = serde_json::from_slice(&response.body)
+            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+        let body = String::from_utf8(response.body)
+            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+        Ok(ChatResponse {
+            body,
+            usage: answer.usage.unwrap_or_default().normalize(),
+            served_model: answer.model,
+        })
+    }
+
+    fn embeddings_request(
+        context: AttemptContext,
+        body: String,
+    ) -> Result<UpstreamRequest, TranslateError> {
+        let mut request = parse_object(&body)?;
+        request.insert(
+            "model".to_owned(),
+            Value::String(context.upstream_model.clone()),
+        );
+        upstream_request(&context, "/embeddings", &request)
+    }
+
+    fn embeddings_response(
+        _context: AttemptContext,
+        response: UpstreamResponse,
+    ) -> Result<EmbeddingsResponse, TranslateError> {
+        let answer: OpenAiAnswer = serde_json::from_slice(&response.body)
+            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+        let body = String::from_utf8(response.body)
+            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+        Ok(EmbeddingsResponse {
+            body,
+            usage: answer.usage.unwrap_or_default().normalize(),
+            served_model: answer.model,
+        })
+    }
+
+    fn read_failure(_context: AttemptContext, response: UpstreamResponse) -> UpstreamFailure {
+        let error = serde_json::from_slice::<OpenAiErrorBody>(&response.body)
+            .map(|body| body.error)
+            .unwrap_or_default();
+        let retry_after_ms =
+            response
+                .headers
+                .iter()
+                .find_map(|(name, value)| match name.as_str() {
+                    "retry-after-ms" => value.trim().parse::<u64>().ok(),
+                    "retry-after" => value
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                        .map(|seconds| (seconds * 1000.0) as u64),
+                    _ => None,
+                });
+        failure(response.status, error, retry_after_ms)
+    }
+}
+
+export_translator!(OpenAi);
+
+fn parse_object(body: &str) -> Result<Map<String, Value>, TranslateError> {
+    match serde_json::from_str(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err(TranslateError::InvalidRequest(InvalidRequest {
+            message: "the request body must be a JSON object".to_owned(),
+            param: None,
+        })),
+    }
+}
+
+fn upstream_request(
+    context: &AttemptContext,
+    path: &str,
+    body: &Map<String, Value>,
+) -> Result<UpstreamRequest, TranslateError> {
+    let options: ChannelOptions =
+        serde_json::from_str(&context.channel_options).unwrap_or_default();
+    let mut headers = Vec::new();
+    if let Some(organization) = options.organization {
+        headers.push(("openai-organization".to_owned(), organization));
+    }
+    if let Some(project) = options.project {
+        headers.push(("openai-project".to_owned(), project));
+    }
+    let body = serde_json::to_vec(body)
+        .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+    Ok(UpstreamRequest {
+        method: HttpMethod::Post,
+        path: path.to_owned(),
+        headers,
+        body,
+        auth: AuthPlacement::Bearer,
+        framing: context.stream.then_some(StreamFraming::Sse),
+    })
+}
+
+/// Maps an OpenAI error (from a status or a stream's error event) onto a failure class.
+fn failure(status: u16, error: OpenAiError, retry_after_ms: Option<u64>) -> UpstreamFailure {
+    let code = match &error.code {
+        Some(Value::String(code)) => Some(code.clone()),
+        Some(Value::Number(code)) => Some(code.to_string()),
+        _ => None,
+    };
+    let class = match status {
+        401 | 403 => FailureClass::Authentication,
+        429 => FailureClass::RateLimited,
+        404 if code.as_deref() == Some("model_not_found") => FailureClass::ModelNotFound,
+        400..=499 => FailureClass::InvalidRequest,
+        503 | 529 => FailureClass::Overloaded,
+        0 if error.kind.as_deref() == Some("invalid_request_error") => FailureClass::InvalidRequest,
+        _ => FailureClass::Server,
+    };
+    UpstreamFailure {
+        class,
+        status,
+        message: error
+            .message
+            .unwrap_or_else(|| format!("upstream answered HTTP {status}")),
+        code,
+        param: error.param,
+        retry_after_ms,
+    }
+}
+
+/// One streamed answer: chunks pass through verbatim; usage and model are noted on the way.
+struct OpenAiStream {
+    include_usage: bool,
+    usage: Option<Usage>,
+    served_model: Option<String>,
+}
+
+impl StreamTranslate for OpenAiStream {
+    fn new(context: AttemptContext) -> Self {
+        Self {
+            include_usage: context.include_usage,
+            usage: None,
+            served_model: None,
+        }
+    }
+
+    fn push(&mut self, event: StreamEvent) -> Result<Vec<String>, TranslateError> {
+        if event.data == "[DONE]" {
+            return Ok(Vec::new());
+        }
+        let chunk: OpenAiAnswer = serde_json::from_str(&event.data)
+            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+        if let Some(error) = chunk.error {
+            return Err(TranslateError::Upstream(failure(0, error, None)));
+        }
+        if self.served_model.is_none() {
+            self.served_model = chunk.model;
+        }
+        if let Some(usage) = chunk.usage {
+            self.usage = Some(usage.normalize());
+            // The usage-only chunk (no choices) exists because we asked for it; pass it on only to
+            // clients that asked too.
+            if chunk.choices.is_empty() && !self.include_usage {
+                return Ok(Vec::new());
+            }
+        }
+        Ok(vec![event.data])
+    }
+
+    fn finish(&mut self) -> Result<StreamEnd, TranslateError> {
+        Ok(StreamEnd {
+            chunks: Vec::new(),
+            usage: self.usage.take(),
+            served_model: self.served_model.take(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_plugin_sdk::translator::Operation;
+
+    fn context(stream: bool, include_usage: bool) -> AttemptContext {
+        AttemptContext {
+            request_id: "r".into(),
+            operation: Operation::Chat,
+            public_model: "m".into(),
+            upstream_model: "up-m".into(),
+            channel: "c".into(),
+            channel_options: r#"{"organization":"org-1"}"#.into(),
+            stream: stream,
+            include_usage,
+            created_unix_s: 0,
+        }
+    }
+
+    #[test]
+    fn request_gets_upstream_model_and_usage_for_streams() {
+        let request = OpenAi::chat_request(
+            context(true, false),
+            r#"{"model":"m","messages":[],"stream":true,"extra":1}"#.into(),
+        )
+        .unwrap();
+        let body: Value = serde_json::from_slice(&request.body).unwrap();
+        assert_eq!(body["model"], "up-m");
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["extra"], 1);
+        assert_eq!(request.path, "/chat/completions");
+        assert!(matches!(request.framing, Some(StreamFraming::Sse)));
+        assert_eq!(
+            request.headers,
+            [("openai-organization".to_owned(), "org-1".to_owned())]
+        );
+    }
+
+    #[test]
+    fn usage_chunk_is_withheld_unless_asked_for() {
+        let usage_chunk = r#"{"id":"x","object":"chat.completion.chunk","model":"up-m-1","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":7,"completion_tokens_details":{"reasoning_tokens":2}}}"#;
+        let event = || StreamEvent {
+            event: None,
+            data: usage_chunk.to_owned(),
+        };
+        let mut hidden = OpenAiStream::new(context(true, false));
+        assert!(hidden.push(event()).unwrap().is_empty());
+        let end = hidden.finish().unwrap();
+        let usage = end.usage.unwrap();
+        assert_eq!(
+            (
+                usage.input_tokens,
+                usage.output_tokens,
+                usage.reasoning_tokens
+            ),
+            (5, 7, 2)
+        );
+        assert_eq!(end.served_model.as_deref(), Some("up-m-1"));
+
+        let mut shown = OpenAiStream::new(context(true, true));
+        assert_eq!(shown.push(event()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn error_event_is_an_upstream_failure() {
+        let mut stream = OpenAiStream::new(context(true, false));
+        let error = stream
+            .push(StreamEvent {
+                event: None,
+                data: r#"{"error":{"message":"boom","type":"server_error"}}"#.into(),
+            })
+            .unwrap_err();
+        assert!(
+            matches!(error, TranslateError::Upstream(failure) if failure.class == FailureClass::Server)
+        );
+    }
+
+    #[test]
+    fn statuses_map_to_classes() {
+        let response = |status: u16, body: &str, headers: Vec<(String, String)>| UpstreamResponse {
+            status,
+            headers,
+            body: body.as_bytes().to_vec(),
+        };
+        let limited = OpenAi::read_failure(
+            context(false, false),
+            response(
+                429,
+                r#"{"error":{"message":"slow down","code":"rate_limit_exceeded"}}"#,
+                vec![("retry-after".into(), "2".into())],
+            ),
+        );
+        assert_eq!(limited.class, FailureClass::RateLimited);
+        assert_eq!(limited.retry_after_ms, Some(2000));
+        assert_eq!(limited.message, "slow down");
+        let missing = OpenAi::read_failure(
+            context(false, false),
+            response(
+                404,
+                r#"{"error":{"message":"no","code":"model_not_found"}}"#,
+                vec![],
+            ),
+        );
+        assert_eq!(missing.class, FailureClass::ModelNotFound);
+        let broken = OpenAi::read_failure(context(false, false), response(502, "<html>", vec![]));
+        assert_eq!(broken.class, FailureClass::Server);
+        assert_eq!(broken.message, "upstream answered HTTP 502");
+    }
+}

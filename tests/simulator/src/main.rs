@@ -1,0 +1,33 @@
+//! `tollgate-simulator`: runs the upstream simulator as a process, for the offline demo and the
+//! benchmark. Faults are queued over HTTP: `POST /_sim/faults` with a fault JSON object,
+//! `POST /_sim/release` to release held streams, `GET /_sim/calls` for the call count.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate-simulator",
+    about = "Simulated LLM upstream (OpenAI wire format)"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8099")]
+    listen: SocketAddr,
+    /// Require `Authorization: Bearer <KEY>`.
+    #[arg(long)]
+    api_key: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let simulator = tollgate_simulator::Simulator::start(args.listen, args.api_key).await?;
+    eprintln!(
+        "tollgate-simulator: SIMULATED OpenAI upstream on {}",
+        simulator.openai_base_url()
+    );
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
