@@ -70,6 +70,9 @@ pub struct PluginsConfig {
     pub deadline_ms: u64,
     /// Default memory cap per instance, in MiB.
     pub memory_mib: usize,
+    /// Where compiled plugins are cached (default: `<data_dir>/plugin-cache`). Artifacts are keyed
+    /// by plugin hash and engine build, so several gateways may share one directory.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for PluginsConfig {
@@ -79,6 +82,7 @@ impl Default for PluginsConfig {
             max_memory_mib: 256,
             deadline_ms: 250,
             memory_mib: 64,
+            cache_dir: None,
         }
     }
 }

@@ -50,6 +50,15 @@ pub enum ApiError {
     /// The plan held no attempt.
     #[error("no upstream attempt could be made")]
     NoAttempt,
+    /// The admin token is missing or wrong (or the admin API is not enabled).
+    #[error("A valid admin token is required (Authorization: Bearer $TOLLGATE_ADMIN_TOKEN).")]
+    AdminUnauthorized,
+    /// No record of that request id.
+    #[error("No request with id `{request_id}` is recorded.")]
+    UnknownRequest {
+        /// The id asked for.
+        request_id: String,
+    },
     /// No such endpoint.
     #[error("Invalid URL ({method} {path})")]
     UnknownPath {
@@ -243,6 +252,18 @@ impl ApiError {
                 Some("no_upstream"),
                 self.to_string(),
             ),
+            ApiError::AdminUnauthorized => rendered(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_admin_token"),
+                self.to_string(),
+            ),
+            ApiError::UnknownRequest { .. } => rendered(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("request_not_found"),
+                self.to_string(),
+            ),
             ApiError::UnknownPath { .. } => rendered(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
@@ -284,6 +305,8 @@ impl ApiError {
                 error.class()
             }
             ApiError::NoAttempt => "no_upstream",
+            ApiError::AdminUnauthorized => "invalid_admin_token",
+            ApiError::UnknownRequest { .. } => "request_not_found",
             ApiError::UnknownPath { .. } => "unknown_url",
         }
     }

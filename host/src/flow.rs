@@ -86,8 +86,8 @@ impl RequestContext {
 
 /// How an attempt answered.
 enum Answered {
-    /// A whole OpenAI-shaped body, already priced and recorded.
-    Whole(String),
+    /// A whole OpenAI-shaped answer; pricing and recording follow.
+    Whole(translate::Answer),
     /// A stream whose first content has arrived; pumping, pricing and recording follow.
     Streaming(stream::OpenStream),
 }
@@ -104,7 +104,12 @@ pub enum Delivery {
 /// before they are returned, so the ledger holds one record per authenticated request.
 pub async fn run(gateway: Arc<Gateway>, mut context: RequestContext) -> Result<Delivery, ApiError> {
     match deliver(&gateway, &mut context).await {
-        Ok(Answered::Whole(body)) => Ok(Delivery::Json(body)),
+        Ok(Answered::Whole(answer)) => {
+            let priced =
+                bill::charge(&gateway, &context, &answer.usage, CallOutcome::Complete).await;
+            finish(&gateway, &context, &answer.usage, &priced, 200, None);
+            Ok(Delivery::Json(answer.body))
+        }
         Ok(Answered::Streaming(open)) => {
             let (sender, receiver) = mpsc::channel(32);
             tokio::spawn(
@@ -208,12 +213,10 @@ async fn try_attempt(
     }
     let whole = upstream::read_whole(channel, response, gateway.max_upstream_body_bytes).await?;
     let answer = translate::answer(translator, channel, &attempt_context, &whole).await?;
-    context.served_model = answer.served_model;
+    context.served_model = answer.served_model.clone();
     context.served_channel = Some(channel.config.name.clone());
     context.plugins.push(translator.plugin().to_string());
-    let priced = bill::charge(gateway, context, &answer.usage, CallOutcome::Complete).await;
-    finish(gateway, context, &answer.usage, &priced, 200, None);
-    Ok(Answered::Whole(answer.body))
+    Ok(Answered::Whole(answer))
 }
 
 /// After a stream: usage (estimated from the prompt if the upstream reported none), price, record.

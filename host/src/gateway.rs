@@ -98,7 +98,11 @@ impl Gateway {
         let runtime = PluginRuntime::new(&RuntimeSettings {
             max_instances: config.plugins.max_instances,
             max_memory_bytes: config.plugins.max_memory_mib << 20,
-            cache_dir: config.server.data_dir.join("plugin-cache"),
+            cache_dir: config
+                .plugins
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| config.server.data_dir.join("plugin-cache")),
         })?;
         let bind = |role: Role, binding: BindingConfig| {
             let runtime = runtime.clone();

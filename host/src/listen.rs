@@ -31,8 +31,9 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const TAG_PREFIX: &str = "x-tollgate-";
 
 /// The gateway's HTTP application.
-pub fn app(gateway: Arc<Gateway>) -> Router {
+pub fn app(gateway: Arc<Gateway>, admin_token: Option<String>) -> Router {
     let max_body = gateway.max_body_bytes;
+    let admin = crate::admin::routes(gateway.clone(), admin_token);
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
@@ -41,6 +42,7 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
         .route("/readyz", get(|| async { "ready" }))
         .fallback(unknown_path)
         .with_state(gateway)
+        .nest("/admin", admin)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(

@@ -1,6 +1,7 @@
 //! `tollgate`: the gateway binary. `serve` runs it; the other subcommands administer its data
 //! directory. The only place `anyhow` is used.
 
+mod admin;
 mod auth;
 mod bill;
 mod config;
@@ -180,7 +181,8 @@ async fn serve(config_path: Option<&Path>) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     console::line(&format!("tollgate listening on http://{address}"));
     let store = gateway.store.clone();
-    axum::serve(listener, listen::app(gateway))
+    let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
+    axum::serve(listener, listen::app(gateway, admin_token))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving")?;

@@ -332,18 +332,6 @@ enum Exports {
     Billing(billing::BillingPluginPre<PluginState>),
 }
 
-impl CompiledPlugin {
-    /// The plugin's name and hash.
-    pub fn plugin(&self) -> &PluginRef {
-        &self.plugin
-    }
-
-    /// The plugin's role.
-    pub fn role(&self) -> Role {
-        self.role
-    }
-}
-
 /// A compiled plugin with the configuration and limits an operator bound it with.
 pub struct Binding {
     compiled: CompiledPlugin,

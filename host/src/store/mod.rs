@@ -178,6 +178,8 @@ pub trait Store: Send + Sync {
     fn commit_usage(&self, record: &UsageRecord) -> Result<(), StoreError>;
     /// Ledger records in time order.
     fn usage(&self) -> Result<Vec<UsageRecord>, StoreError>;
+    /// The ledger record of one request.
+    fn usage_by_request(&self, request_id: &str) -> Result<Option<UsageRecord>, StoreError>;
     /// Flushes to disk (sled also flushes in the background every 500 ms).
     fn flush(&self) -> Result<(), StoreError>;
 }

@@ -13,6 +13,8 @@ pub struct SledStore {
     keys: sled::Tree,
     balances: sled::Tree,
     ledger: sled::Tree,
+    /// Request id → ledger key, for trace look-ups.
+    ledger_by_request: sled::Tree,
 }
 
 impl SledStore {
@@ -24,11 +26,9 @@ impl SledStore {
             .flush_every_ms(Some(500))
             .open()
             .map_err(|error| match error {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                    StoreError::Locked {
-                        path: data_dir.display().to_string(),
-                    }
-                }
+                sled::Error::Io(io) if is_lock_conflict(&io) => StoreError::Locked {
+                    path: data_dir.display().to_string(),
+                },
                 other => StoreError::Backend(other.to_string()),
             })?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
@@ -37,9 +37,21 @@ impl SledStore {
             keys: tree("api_keys")?,
             balances: tree("balances")?,
             ledger: tree("ledger")?,
+            ledger_by_request: tree("ledger_by_request")?,
             db,
         })
     }
+}
+
+/// sled reports a held lock as an I/O error wrapping the `WouldBlock` of `flock`.
+fn is_lock_conflict(error: &std::io::Error) -> bool {
+    let inner_kind = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind);
+    error.kind() == std::io::ErrorKind::WouldBlock
+        || inner_kind == Some(std::io::ErrorKind::WouldBlock)
+        || error.to_string().contains("could not acquire lock")
 }
 
 fn backend(error: sled::Error) -> StoreError {
@@ -162,9 +174,10 @@ impl Store for SledStore {
         let value = encode(record)?;
         let key = ledger_key(record);
         let cost = i128::from(record.cost_picos.unwrap_or(0));
-        (&self.ledger, &self.balances)
-            .transaction(|(ledger, balances)| {
+        (&self.ledger, &self.ledger_by_request, &self.balances)
+            .transaction(|(ledger, by_request, balances)| {
                 ledger.insert(key.as_slice(), value.as_slice())?;
+                by_request.insert(record.request_id.as_bytes(), key.as_slice())?;
                 if cost != 0 {
                     let current = decode_balance(balances.get(record.tenant.as_bytes())?)
                         .map_err(ConflictableTransactionError::Abort)?;
@@ -187,6 +200,17 @@ impl Store for SledStore {
             .values()
             .map(|bytes| decode("ledger", &bytes.map_err(backend)?))
             .collect()
+    }
+
+    fn usage_by_request(&self, request_id: &str) -> Result<Option<UsageRecord>, StoreError> {
+        let Some(key) = self.ledger_by_request.get(request_id).map_err(backend)? else {
+            return Ok(None);
+        };
+        self.ledger
+            .get(key)
+            .map_err(backend)?
+            .map(|bytes| decode("ledger", &bytes))
+            .transpose()
     }
 
     fn flush(&self) -> Result<(), StoreError> {

@@ -416,7 +416,9 @@ fn stream(
             }
             if fault.cut_after_chunks == Some(index) {
                 // An error item makes hyper abort the chunked body: the client sees a broken
-                // connection, not a clean end.
+                // connection, not a clean end. The pause lets the chunks before it leave first,
+                // as they would from a real upstream that dies mid-answer.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 let _ = sender
                     .send(Err(std::io::Error::other("simulated cut")))
                     .await;

@@ -1,0 +1,79 @@
+//! The admin API under `/admin/`, off the hot path: reading the ledger and request traces.
+//! Every call needs `Authorization: Bearer <token>` with the token from `TOLLGATE_ADMIN_TOKEN`;
+//! without that variable the admin API refuses every call.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::gateway::Gateway;
+
+/// Admin state: the gateway and the expected token's digest.
+#[derive(Clone)]
+struct AdminState {
+    gateway: Arc<Gateway>,
+    token_sha256: Option<[u8; 32]>,
+}
+
+/// The admin routes, to be nested under `/admin`.
+pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
+    let state = AdminState {
+        gateway,
+        token_sha256: token
+            .filter(|token| !token.is_empty())
+            .map(|token| Sha256::digest(token.as_bytes()).into()),
+    };
+    Router::new()
+        .route("/usage", get(usage))
+        .route("/requests/{request_id}", get(request_trace))
+        .with_state(state)
+}
+
+/// Compares digests of the presented and expected tokens in constant time.
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = headers
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(|token| -> [u8; 32] { Sha256::digest(token.as_bytes()).into() });
+    let (Some(expected), Some(presented)) = (state.token_sha256, presented) else {
+        return Err(ApiError::AdminUnauthorized);
+    };
+    let difference = expected
+        .iter()
+        .zip(presented.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if difference == 0 {
+        Ok(())
+    } else {
+        Err(ApiError::AdminUnauthorized)
+    }
+}
+
+/// `GET /admin/usage`: every ledger record, in time order.
+async fn usage(State(state): State<AdminState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let records = state.gateway.store.usage()?;
+    Ok(axum::Json(serde_json::json!({ "object": "list", "data": records })).into_response())
+}
+
+/// `GET /admin/requests/{id}`: the usage record and attempts of one request.
+async fn request_trace(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(request_id): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let record = state
+        .gateway
+        .store
+        .usage_by_request(&request_id)?
+        .ok_or(ApiError::UnknownRequest { request_id })?;
+    Ok(axum::Json(record).into_response())
+}

@@ -1,0 +1,518 @@
+//! End-to-end: the real `tollgate` binary with the shipped plugins, against the upstream simulator.
+
+mod harness;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use harness::{
+    Answer, INPUT_PRICE, OUTPUT_PRICE, UPSTREAM_KEY, billing, channel, chat, simulator, start,
+};
+use serde_json::{Value, json};
+use tollgate_simulator::Fault;
+
+/// Reads SSE `data:` payloads from a streaming response until it ends.
+struct SseReader {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl SseReader {
+    fn new(response: reqwest::Response) -> Self {
+        Self {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next data payload, or `None` at the end of the body. Bounded by `wait`.
+    async fn next(&mut self, wait: Duration) -> Option<String> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let frame: String = self.buffer.drain(..end + 2).collect();
+                let data = frame
+                    .trim_end()
+                    .strip_prefix("data: ")
+                    .expect("frames are data lines");
+                return Some(data.to_owned());
+            }
+            let chunk = tokio::time::timeout(wait, self.body.next())
+                .await
+                .expect("the stream makes progress within the wait")?;
+            self.buffer
+                .push_str(std::str::from_utf8(&chunk.expect("body bytes")).expect("utf-8"));
+        }
+    }
+
+    /// Every remaining payload.
+    async fn rest(&mut self) -> Vec<String> {
+        let mut payloads = Vec::new();
+        while let Some(payload) = self.next(Duration::from_secs(20)).await {
+            payloads.push(payload);
+        }
+        payloads
+    }
+}
+
+fn config_with(channels: &str) -> String {
+    format!("{}{channels}", billing(1_000_000))
+}
+
+async fn stream_request(gateway: &harness::Gateway, body: &Value) -> reqwest::Response {
+    gateway
+        .http
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(&gateway.key)
+        .json(body)
+        .send()
+        .await
+        .expect("the gateway answers")
+}
+
+#[tokio::test]
+async fn chat_round_trip_is_recorded_with_exact_cost() {
+    let sim = simulator().await;
+    let gateway = start(&config_with(&channel("primary", &sim, 1)))
+        .await
+        .unwrap();
+    let answer = gateway
+        .post(
+            "/v1/chat/completions",
+            &chat("hello there world"),
+            &[("x-request-id", "req-round-trip")],
+        )
+        .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{} / log: {}",
+        answer.json,
+        gateway.log()
+    );
+    assert_eq!(answer.request_id(), "req-round-trip");
+    assert_eq!(answer.json["object"], "chat.completion");
+    assert_eq!(
+        answer.json["choices"][0]["message"]["content"],
+        "Echo: hello there world"
+    );
+    // The host injected the channel's key and the translator rewrote the model.
+    let seen = sim.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].authorization.as_deref(),
+        Some(format!("Bearer {UPSTREAM_KEY}").as_str())
+    );
+    assert_eq!(seen[0].body["model"], "sim-model");
+    assert_ne!(
+        seen[0].authorization.as_deref(),
+        Some(format!("Bearer {}", gateway.key).as_str())
+    );
+
+    let record = gateway.record("req-round-trip").await;
+    assert_eq!(record["tenant"], "acme");
+    assert_eq!(record["model_asked"], "test-model");
+    assert_eq!(record["model_served"], "sim-model");
+    assert_eq!(record["channel"], "primary");
+    assert_eq!(record["status"], 200);
+    assert_eq!(record["usage"]["input_tokens"], 3);
+    assert_eq!(record["usage"]["output_tokens"], 4);
+    assert_eq!(record["usage"]["estimated"], false);
+    // Money rule: tokens × price per million micros = picos, exactly.
+    assert_eq!(record["cost_picos"], 3 * INPUT_PRICE + 4 * OUTPUT_PRICE);
+    assert!(
+        record["key_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("key_"))
+    );
+    assert_eq!(record["attempts"].as_array().map(Vec::len), Some(1));
+    let text = record.to_string();
+    assert!(
+        !text.contains("hello there"),
+        "no prompt text in the record: {text}"
+    );
+}
+
+#[tokio::test]
+async fn stream_first_chunk_reaches_client_while_upstream_holds_the_rest() {
+    let sim = simulator().await;
+    let gateway = start(&config_with(&channel("primary", &sim, 1)))
+        .await
+        .unwrap();
+    // The simulator sends the role chunk and one content chunk, then waits for `release`.
+    sim.push_fault(Fault {
+        hold_after_chunks: Some(2),
+        ..Fault::default()
+    });
+    let mut body = chat("one two three");
+    body["stream"] = json!(true);
+    let response = stream_request(&gateway, &body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut reader = SseReader::new(response);
+    let first: Value =
+        serde_json::from_str(&reader.next(Duration::from_secs(20)).await.unwrap()).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let second: Value =
+        serde_json::from_str(&reader.next(Duration::from_secs(20)).await.unwrap()).unwrap();
+    assert_eq!(second["choices"][0]["delta"]["content"], "Echo: ");
+    // Nothing more comes while the upstream holds back: the gateway does not buffer.
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            reader.next(Duration::from_secs(1))
+        )
+        .await
+        .is_err(),
+        "no chunk may arrive while the upstream holds the stream"
+    );
+    sim.release();
+    let rest = reader.rest().await;
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = rest[..rest.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "one two three");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty())),
+        "no usage chunk unasked"
+    );
+    // The gateway asked the upstream for usage anyway and recorded it.
+    assert_eq!(sim.seen()[0].body["stream_options"]["include_usage"], true);
+    let record = gateway.record_eventually(&request_id).await;
+    assert_eq!(record["usage"]["input_tokens"], 3);
+    assert_eq!(record["usage"]["output_tokens"], 4);
+    assert_eq!(record["usage"]["estimated"], false);
+    assert_eq!(record["stream"], true);
+    assert_eq!(record["cost_picos"], 3 * INPUT_PRICE + 4 * OUTPUT_PRICE);
+}
+
+#[tokio::test]
+async fn stream_usage_chunk_is_sent_when_asked_for() {
+    let sim = simulator().await;
+    let gateway = start(&config_with(&channel("primary", &sim, 1)))
+        .await
+        .unwrap();
+    let mut body = chat("a b");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let rest = SseReader::new(stream_request(&gateway, &body).await)
+        .rest()
+        .await;
+    let usage_chunk: Value = serde_json::from_str(&rest[rest.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"]["prompt_tokens"], 2);
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 3);
+}
+
+#[tokio::test]
+async fn client_errors_are_openai_shaped() {
+    let sim = simulator().await;
+    let gateway = start(&config_with(&channel("primary", &sim, 1)))
+        .await
+        .unwrap();
+    let url = format!("{}/v1/chat/completions", gateway.url);
+
+    let missing = Answer::read(
+        gateway
+            .http
+            .post(&url)
+            .json(&chat("x"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    missing.assert_error(401, Some("invalid_api_key"));
+    let wrong = Answer::read(
+        gateway
+            .http
+            .post(&url)
+            .bearer_auth("tg-nope")
+            .json(&chat("x"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    wrong.assert_error(401, Some("invalid_api_key"));
+
+    let malformed = Answer::read(
+        gateway
+            .http
+            .post(&url)
+            .bearer_auth(&gateway.key)
+            .body("{\"model\": ")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    malformed.assert_error(400, None);
+    let message = malformed.json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("EOF") || message.contains("parse"),
+        "{message}"
+    );
+
+    let no_messages = gateway
+        .post("/v1/chat/completions", &json!({"model": "test-model"}), &[])
+        .await;
+    no_messages.assert_error(400, None);
+    assert_eq!(no_messages.json["error"]["param"], "messages");
+
+    let unknown_model = gateway
+        .post(
+            "/v1/chat/completions",
+            &json!({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+            &[],
+        )
+        .await;
+    unknown_model.assert_error(404, Some("model_not_found"));
+
+    let unknown_path = gateway.post("/v1/nothing", &json!({}), &[]).await;
+    unknown_path.assert_error(404, Some("unknown_url"));
+    assert!(!unknown_path.request_id().is_empty());
+    // None of these reached the upstream.
+    assert_eq!(sim.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_failing_channel_fails_over_to_the_next() {
+    let broken = simulator().await;
+    let healthy = simulator().await;
+    let channels = format!(
+        "{}{}",
+        channel("broken", &broken, 1),
+        channel("healthy", &healthy, 2)
+    );
+    let gateway = start(&config_with(&channels)).await.unwrap();
+    broken.push_fault(Fault {
+        status: Some(500),
+        ..Fault::default()
+    });
+    let answer = gateway
+        .post("/v1/chat/completions", &chat("still here"), &[])
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert_eq!((broken.calls(), healthy.calls()), (1, 1));
+    let record = gateway.record(&answer.request_id()).await;
+    assert_eq!(record["channel"], "healthy");
+    let attempts = record["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0]["channel"], "broken");
+    assert_eq!(attempts[0]["status"], 500);
+    assert_eq!(attempts[0]["error_class"], "server");
+    assert_eq!(attempts[1]["channel"], "healthy");
+}
+
+#[tokio::test]
+async fn exhausted_routes_report_the_last_upstream_failure_class() {
+    let sim = simulator().await;
+    let gateway = start(&config_with(&channel("only", &sim, 1)))
+        .await
+        .unwrap();
+    sim.push_fault(Fault {
+        status: Some(502),
+        ..Fault::default()
+    });
+    let failed = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    failed.assert_error(502, Some("upstream_server"));
+    let record = gateway.record(&failed.request_id()).await;
+    assert_eq!(record["status"], 502);
+    assert_eq!(record["error_class"], "server");
+
+    sim.push_fault(Fault {
+        status: Some(429),
+        retry_after_s: Some(7),
+        ..Fault::default()
+    });
+    let limited = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    limited.assert_error(429, Some("rate_limit_exceeded"));
+    assert_eq!(limited.headers["retry-after"], "7");
+
+    // The client's own mistakes are not retried and come back as the upstream said them.
+    sim.push_fault(Fault {
+        status: Some(400),
+        ..Fault::default()
+    });
+    let invalid = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    invalid.assert_error(400, None);
+    assert_eq!(invalid.json["error"]["message"], "Simulated client error.");
+}
+
+#[tokio::test]
+async fn an_error_event_before_content_fails_over() {
+    let first = simulator().await;
+    let second = simulator().await;
+    let channels = format!(
+        "{}{}",
+        channel("first", &first, 1),
+        channel("second", &second, 2)
+    );
+    let gateway = start(&config_with(&channels)).await.unwrap();
+    first.push_fault(Fault {
+        error_event: true,
+        ..Fault::default()
+    });
+    let mut body = chat("x y");
+    body["stream"] = json!(true);
+    let response = stream_request(&gateway, &body).await;
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let rest = SseReader::new(response).rest().await;
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"));
+    assert!(
+        rest.iter().all(|payload| !payload.contains("\"error\"")),
+        "{rest:?}"
+    );
+    let record = gateway.record_eventually(&request_id).await;
+    assert_eq!(record["channel"], "second");
+    assert_eq!(record["attempts"].as_array().map(Vec::len), Some(2));
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_way_ends_with_an_error_event_and_is_recorded() {
+    let sim = simulator().await;
+    let gateway = start(&config_with(&channel("only", &sim, 1)))
+        .await
+        .unwrap();
+    sim.push_fault(Fault {
+        cut_after_chunks: Some(3),
+        ..Fault::default()
+    });
+    let mut body = chat("one two three four");
+    body["stream"] = json!(true);
+    let response = stream_request(&gateway, &body).await;
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let rest = SseReader::new(response).rest().await;
+    assert_eq!(rest.len(), 4, "three chunks then one error event: {rest:?}");
+    let error: Value = serde_json::from_str(&rest[3]).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_cut");
+    assert!(rest.iter().all(|payload| payload != "[DONE]"));
+    let record = gateway.record_eventually(&request_id).await;
+    assert_eq!(record["error_class"], "stream_cut");
+    assert_eq!(record["usage"]["estimated"], true);
+    // Only one upstream call: after the first byte there is no failover.
+    assert_eq!(sim.calls(), 1);
+}
+
+#[tokio::test]
+async fn missing_upstream_usage_is_estimated_and_flagged() {
+    let sim = simulator().await;
+    let gateway = start(&config_with(&channel("only", &sim, 1)))
+        .await
+        .unwrap();
+    sim.push_fault(Fault {
+        omit_usage: true,
+        ..Fault::default()
+    });
+    let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(answer.status, 200);
+    let record = gateway.record(&answer.request_id()).await;
+    assert_eq!(record["usage"]["output_tokens"], 0);
+    assert_eq!(
+        record["usage"]["estimated"], false,
+        "the translator reports zero usage, not an estimate"
+    );
+}
+
+#[tokio::test]
+async fn embeddings_and_models() {
+    let sim = simulator().await;
+    let gateway = start(&config_with(&channel("primary", &sim, 1)))
+        .await
+        .unwrap();
+    let floats = gateway
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "test-embedding", "input": ["alpha beta", "gamma"]}),
+            &[],
+        )
+        .await;
+    assert_eq!(floats.status, 200, "{}", floats.json);
+    assert_eq!(floats.json["object"], "list");
+    assert_eq!(floats.json["data"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        floats.json["data"][0]["embedding"].as_array().map(Vec::len),
+        Some(8)
+    );
+    assert_eq!(floats.json["usage"]["prompt_tokens"], 3);
+    let encoded = gateway
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "test-embedding", "input": "alpha", "encoding_format": "base64"}),
+            &[],
+        )
+        .await;
+    assert_eq!(encoded.status, 200);
+    assert!(encoded.json["data"][0]["embedding"].is_string());
+    let record = gateway.record(&encoded.request_id()).await;
+    assert_eq!(record["operation"], "embeddings");
+    assert_eq!(record["cost_picos"], 20_000);
+
+    let models = Answer::read(
+        gateway
+            .http
+            .get(format!("{}/v1/models", gateway.url))
+            .bearer_auth(&gateway.key)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(models.status, 200);
+    let ids: Vec<&str> = models.json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["test-embedding", "test-model"]);
+}
+
+#[tokio::test]
+async fn insufficient_balance_is_refused_before_any_upstream_call() {
+    let sim = simulator().await;
+    let config = format!("{}{}", billing(0), channel("primary", &sim, 1));
+    let gateway = start(&config).await.unwrap();
+    let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    answer.assert_error(429, Some("insufficient_quota"));
+    assert_eq!(sim.calls(), 0);
+}
+
+#[tokio::test]
+async fn cli_says_plainly_when_a_gateway_holds_the_data_dir() {
+    let sim = simulator().await;
+    let gateway = start(&config_with(&channel("primary", &sim, 1)))
+        .await
+        .unwrap();
+    let output = harness::cli(&[
+        "tenant",
+        "create",
+        "other",
+        "--config",
+        gateway.config.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+}

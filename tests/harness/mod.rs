@@ -1,0 +1,278 @@
+//! Test harness: starts the real `tollgate` binary on 127.0.0.1 port 0 with its own data directory,
+//! against an in-process upstream simulator, and kills it on drop.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tollgate_simulator::Simulator;
+
+/// The key the simulator demands and the gateway reads from `TEST_UPSTREAM_KEY`.
+pub const UPSTREAM_KEY: &str = "sk-sim-upstream-secret";
+/// The admin token the gateway is started with.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Prices of `test-model` in the default billing config, micro-units per million tokens.
+pub const INPUT_PRICE: u64 = 150_000;
+pub const OUTPUT_PRICE: u64 = 600_000;
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_tollgate")
+}
+
+/// A wasm test plugin built by `host/build.rs`.
+pub fn test_plugin(file: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guests/wasm32-wasip2/release")
+        .join(file);
+    assert!(
+        path.exists(),
+        "{} is missing: build the guests with `cargo build -p tollgate` (host/build.rs builds them)",
+        path.display()
+    );
+    path
+}
+
+/// Starts a simulator demanding [`UPSTREAM_KEY`].
+pub async fn simulator() -> Simulator {
+    Simulator::start(([127, 0, 0, 1], 0).into(), Some(UPSTREAM_KEY.to_owned()))
+        .await
+        .expect("the simulator binds a loopback port")
+}
+
+/// One channel table for a simulator serving `test-model` (and `test-embedding`).
+pub fn channel(name: &str, simulator: &Simulator, priority: u32) -> String {
+    format!(
+        r#"
+[[channels]]
+name = "{name}"
+protocol = "openai"
+base_url = "{url}"
+api_key_env = ["TEST_UPSTREAM_KEY"]
+priority = {priority}
+first_byte_timeout_ms = 10000
+models = {{ "test-model" = "sim-model", "test-embedding" = "sim-embedding" }}
+"#,
+        url = simulator.openai_base_url()
+    )
+}
+
+/// The billing binding every test uses unless it needs another: prices for the test models and a
+/// credit line, so tenants made by the CLI (balance 0) can call.
+pub fn billing(credit_limit_micros: u64) -> String {
+    format!(
+        r#"
+[bindings.billing]
+plugin = "price-table"
+config = {{ credit_limit_micros = {credit_limit_micros}, models = {{ "test-model" = {{ input = {INPUT_PRICE}, output = {OUTPUT_PRICE} }}, "test-embedding" = {{ input = 20000, output = 0 }} }} }}
+"#
+    )
+}
+
+/// A running gateway.
+pub struct Gateway {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// An API key of tenant `acme`.
+    pub key: String,
+    /// The configuration file.
+    pub config: PathBuf,
+    /// The data directory (deleted on drop).
+    pub data_dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Runs a `tollgate` CLI command to completion.
+pub fn cli(args: &[&str]) -> anyhow::Result<std::process::Output> {
+    std::process::Command::new(binary())
+        .args(args)
+        .output()
+        .context("running the tollgate CLI")
+}
+
+/// Writes the config (listen on port 0, own data dir, shared plugin cache, then `body`), creates
+/// tenant `acme` and a key with the CLI, and starts `tollgate serve`.
+pub async fn start(body: &str) -> anyhow::Result<Gateway> {
+    let data_dir = tempfile::tempdir()?;
+    let cache_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
+    let config = data_dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[plugins]\ncache_dir = \"{}\"\n{body}",
+            data_dir.path().join("data").display(),
+            cache_dir.display()
+        ),
+    )?;
+    let config_arg = config.to_str().context("utf-8 temp path")?;
+    let created = cli(&["tenant", "create", "acme", "--config", config_arg])?;
+    if !created.status.success() {
+        bail!(
+            "tenant create failed: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+    }
+    let key_out = cli(&["key", "create", "--tenant", "acme", "--config", config_arg])?;
+    if !key_out.status.success() {
+        bail!(
+            "key create failed: {}",
+            String::from_utf8_lossy(&key_out.stderr)
+        );
+    }
+    let key = String::from_utf8(key_out.stdout)?
+        .lines()
+        .last()
+        .context("key create prints the secret last")?
+        .to_owned();
+    let stderr = std::fs::File::create(data_dir.path().join("gateway.log"))?;
+    let mut child = Command::new(binary())
+        .args(["serve", "--config", config_arg])
+        .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+        .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let url = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(url) = line.strip_prefix("tollgate listening on ") {
+                return Ok(url.to_owned());
+            }
+        }
+        bail!("the gateway exited before listening")
+    })
+    .await
+    .context("the gateway did not start listening within 120 s")??;
+    // Keep draining stdout so the gateway never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(Gateway {
+        child,
+        url,
+        key,
+        config,
+        data_dir,
+        http: reqwest::Client::new(),
+    })
+}
+
+/// A parsed response.
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub json: Value,
+}
+
+impl Gateway {
+    /// The gateway's log so far, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// POSTs JSON with the tenant key and extra headers.
+    pub async fn post(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Answer {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+            .json(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("the gateway answers");
+        Answer::read(response).await
+    }
+
+    /// The usage record of a request, from the admin API.
+    pub async fn record(&self, request_id: &str) -> Value {
+        let response = self
+            .http
+            .get(format!("{}/admin/requests/{request_id}", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("the admin API answers");
+        let answer = Answer::read(response).await;
+        assert_eq!(
+            answer.status, 200,
+            "record of {request_id}: {}",
+            answer.json
+        );
+        answer.json
+    }
+
+    /// Waits (bounded) until a request's record exists; streams write theirs after the last byte.
+    pub async fn record_eventually(&self, request_id: &str) -> Value {
+        for _ in 0..100 {
+            let response = self
+                .http
+                .get(format!("{}/admin/requests/{request_id}", self.url))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .expect("the admin API answers");
+            if response.status() == 200 {
+                return response.json().await.expect("a record is JSON");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no record for {request_id} within 5 s");
+    }
+}
+
+impl Answer {
+    pub async fn read(response: reqwest::Response) -> Self {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("a readable body");
+        let json = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Answer {
+            status,
+            headers,
+            json,
+        }
+    }
+
+    pub fn request_id(&self) -> String {
+        self.headers
+            .get("x-request-id")
+            .and_then(|value| value.to_str().ok())
+            .expect("every response carries x-request-id")
+            .to_owned()
+    }
+
+    /// Asserts an OpenAI-shaped error with this status and code.
+    pub fn assert_error(&self, status: u16, code: Option<&str>) {
+        assert_eq!(self.status, status, "body: {}", self.json);
+        let error = &self.json["error"];
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "body: {}",
+            self.json
+        );
+        assert!(error["type"].is_string(), "body: {}", self.json);
+        assert_eq!(error["code"].as_str(), code, "body: {}", self.json);
+    }
+}
+
+/// A chat body for `test-model`.
+pub fn chat(text: &str) -> Value {
+    serde_json::json!({"model": "test-model", "messages": [{"role": "user", "content": text}]})
+}
