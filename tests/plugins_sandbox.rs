@@ -15,7 +15,7 @@ async fn hostile_router_is_contained(file: &str, deadline_ms: u64, expected_word
         billing(1_000_000),
         channel("primary", &sim, 1)
     );
-    let gateway = start(&config).await.unwrap();
+    let gateway = start(&config).await.expect("the gateway starts");
     let started = Instant::now();
     let hostile = tokio::time::timeout(
         Duration::from_secs(30),
@@ -28,7 +28,7 @@ async fn hostile_router_is_contained(file: &str, deadline_ms: u64, expected_word
     .await
     .expect("a hostile plugin never hangs the request");
     hostile.assert_error(500, Some("plugin_failed"));
-    let message = hostile.json["error"]["message"].as_str().unwrap();
+    let message = hostile.json["error"]["message"].as_str().expect("a message");
     for word in expected_words {
         assert!(message.contains(word), "`{word}` in {message}");
     }

@@ -372,14 +372,14 @@ mod tests {
     fn failure(class: FailureClass, status: u16) -> ApiError {
         ApiError::Upstream(UpstreamError::Failure {
             channel: "c".into(),
-            failure: UpstreamFailure {
+            failure: Box::new(UpstreamFailure {
                 class,
                 status,
                 message: "upstream says no".into(),
                 code: Some("some_code".into()),
                 param: Some("messages".into()),
                 retry_after_ms: Some(1500),
-            },
+            }),
         })
     }
 

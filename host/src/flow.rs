@@ -89,7 +89,7 @@ enum Answered {
     /// A whole OpenAI-shaped answer; pricing and recording follow.
     Whole(translate::Answer),
     /// A stream whose first content has arrived; pumping, pricing and recording follow.
-    Streaming(stream::OpenStream),
+    Streaming(Box<stream::OpenStream>),
 }
 
 /// What the client gets on success.
@@ -114,7 +114,7 @@ pub async fn run(gateway: Arc<Gateway>, mut context: RequestContext) -> Result<D
             let (sender, receiver) = mpsc::channel(32);
             tokio::spawn(
                 async move {
-                    let outcome = stream::pump(open, sender).await;
+                    let outcome = stream::pump(*open, sender).await;
                     settle_stream(&gateway, context, outcome).await;
                 }
                 .in_current_span(),
@@ -209,7 +209,7 @@ async fn try_attempt(
         .await?;
         context.served_channel = Some(channel.config.name.clone());
         context.plugins.push(translator.plugin().to_string());
-        return Ok(Answered::Streaming(open));
+        return Ok(Answered::Streaming(Box::new(open)));
     }
     let whole = upstream::read_whole(channel, response, gateway.max_upstream_body_bytes).await?;
     let answer = translate::answer(translator, channel, &attempt_context, &whole).await?;

@@ -89,7 +89,10 @@ pub fn plugin_error_named(channel: &str, error: wit::TranslateError) -> Translat
             param: invalid.param,
         },
         wit::TranslateError::Upstream(failure) => {
-            TranslateError::Upstream(UpstreamError::Failure { channel, failure })
+            TranslateError::Upstream(UpstreamError::Failure {
+                channel,
+                failure: Box::new(failure),
+            })
         }
         wit::TranslateError::MalformedResponse(reason) => {
             TranslateError::Upstream(UpstreamError::Malformed { channel, reason })
@@ -163,7 +166,7 @@ pub async fn failure(
     match translator.read_failure(attempt, response).await {
         Ok(failure) => TranslateError::Upstream(UpstreamError::Failure {
             channel: channel.config.name.clone(),
-            failure,
+            failure: Box::new(failure),
         }),
         Err(error) => TranslateError::Plugin(error),
     }

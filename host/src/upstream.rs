@@ -51,8 +51,8 @@ pub enum UpstreamError {
     Failure {
         /// The channel.
         channel: String,
-        /// The translator's reading of it.
-        failure: UpstreamFailure,
+        /// The translator's reading of it (boxed: it is large and rare).
+        failure: Box<UpstreamFailure>,
     },
     /// The upstream's answer could not be understood.
     #[error("channel `{channel}`: malformed answer: {reason}")]

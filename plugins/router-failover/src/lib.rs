@@ -14,7 +14,8 @@ struct FailoverConfig {
     max_attempts: usize,
 }
 
-struct Failover;
+/// The router; `pub` so a native build (unit tests) sees it used.
+pub struct Failover;
 
 impl Router for Failover {
     fn validate_config(config: &str) -> Result<(), String> {

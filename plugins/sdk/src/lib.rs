@@ -6,7 +6,7 @@
 //! ```ignore
 //! use tollgate_plugin_sdk::router::*;
 //!
-//! struct CheapestFirst;
+//! pub struct CheapestFirst; // `pub`: a native build (for unit tests) then sees it used
 //!
 //! impl Router for CheapestFirst {
 //!     fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {

@@ -103,7 +103,8 @@ struct OpenAiErrorBody {
     error: OpenAiError,
 }
 
-struct OpenAi;
+/// The translator; `pub` so a native build (unit tests) sees it used.
+pub struct OpenAi;
 
 impl Translator for OpenAi {
     type Stream = OpenAiStream;
@@ -260,7 +261,7 @@ fn failure(status: u16, error: OpenAiError, retry_after_ms: Option<u64>) -> Upst
 }
 
 /// One streamed answer: chunks pass through verbatim; usage and model are noted on the way.
-struct OpenAiStream {
+pub struct OpenAiStream {
     include_usage: bool,
     usage: Option<Usage>,
     served_model: Option<String>,
@@ -320,7 +321,7 @@ mod tests {
             upstream_model: "up-m".into(),
             channel: "c".into(),
             channel_options: r#"{"organization":"org-1"}"#.into(),
-            stream: stream,
+            stream,
             include_usage,
             created_unix_s: 0,
         }

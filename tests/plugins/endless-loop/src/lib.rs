@@ -5,7 +5,8 @@
 use tollgate_plugin_sdk::export_router;
 use tollgate_plugin_sdk::router::{Attempt, Channel, RequestFacts, RouteError, Router};
 
-struct EndlessLoop;
+/// The hostile router.
+pub struct EndlessLoop;
 
 impl Router for EndlessLoop {
     fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {

@@ -5,7 +5,8 @@
 use tollgate_plugin_sdk::export_router;
 use tollgate_plugin_sdk::router::{Attempt, Channel, RequestFacts, RouteError, Router};
 
-struct Trap;
+/// The hostile router.
+pub struct Trap;
 
 impl Router for Trap {
     fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what building and testing Tollgate needs and a fresh machine may lack:
+# the wasm32-wasip2 Rust target (plugins) and the official `openai` Python SDK (end-to-end test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    echo "setup: adding the wasm32-wasip2 target" >&2
+    rustup target add wasm32-wasip2
+fi
+
+if [[ "${1:-}" == "--with-test-deps" ]]; then
+    if ! python3 -c "import openai" 2>/dev/null; then
+        echo "setup: installing the openai Python SDK" >&2
+        python3 -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+    fi
+fi
