@@ -28,7 +28,9 @@ async fn hostile_router_is_contained(file: &str, deadline_ms: u64, expected_word
     .await
     .expect("a hostile plugin never hangs the request");
     hostile.assert_error(500, Some("plugin_failed"));
-    let message = hostile.json["error"]["message"].as_str().expect("a message");
+    let message = hostile.json["error"]["message"]
+        .as_str()
+        .expect("a message");
     for word in expected_words {
         assert!(message.contains(word), "`{word}` in {message}");
     }

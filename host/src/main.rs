@@ -1,32 +1,14 @@
 //! `tollgate`: the gateway binary. `serve` runs it; the other subcommands administer its data
 //! directory. The only place `anyhow` is used.
 
-mod admin;
-mod auth;
-mod bill;
-mod config;
-mod console;
-mod error;
-mod flow;
-mod gateway;
-mod listen;
-mod plugin;
-mod record;
-mod request;
-mod route;
-mod sse;
-mod store;
-mod stream;
-mod translate;
-mod upstream;
-
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
-use crate::store::{SledStore, Store};
+use tollgate::config::{self, Config};
+use tollgate::store::{SledStore, Store};
+use tollgate::{auth, console, gateway, listen};
 
 #[derive(Parser)]
 #[command(

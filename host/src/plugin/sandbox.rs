@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
 use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::cli::{WasiCli, WasiCliView};
@@ -220,7 +221,15 @@ pub(super) async fn bounded<R>(
 ) -> Result<R, PluginError> {
     arm(store);
     let budget = store.data().call_budget;
-    let outcome = tokio::time::timeout(budget + HOST_TIMEOUT_SLACK, call(store)).await;
+    let span = tracing::debug_span!(
+        "plugin.call",
+        role = %store.data().role,
+        plugin = %store.data().plugin,
+        export
+    );
+    let outcome = tokio::time::timeout(budget + HOST_TIMEOUT_SLACK, call(store))
+        .instrument(span)
+        .await;
     let state = store.data();
     let deadline = || PluginError::Deadline {
         plugin: state.plugin.clone(),
