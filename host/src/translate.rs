@@ -9,22 +9,14 @@ use crate::flow::RequestContext;
 use crate::gateway::{Channel, Gateway};
 use crate::plugin::router::Operation;
 use crate::plugin::translator::{
-    self as wit, AttemptContext, RequestKind, UpstreamRequest, UpstreamResponse, Usage,
+    self as wit, AttemptContext, RequestKind, UpstreamRequest, UpstreamResponse,
 };
 use crate::plugin::{Binding, PluginError, Role};
 use crate::route::PlannedAttempt;
 use crate::upstream::UpstreamError;
 
 /// A translated whole answer.
-#[derive(Debug)]
-pub struct Answer {
-    /// OpenAI-shaped JSON text.
-    pub body: String,
-    /// Normalized usage.
-    pub usage: Usage,
-    /// The model the upstream reported.
-    pub served_model: Option<String>,
-}
+pub use crate::plugin::translator::TranslatedAnswer as Answer;
 
 /// Why a translation failed.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +95,13 @@ pub fn plugin_error_named(channel: &str, error: wit::TranslateError) -> Translat
     }
 }
 
+fn request_kind(operation: Operation) -> RequestKind {
+    match operation {
+        Operation::Chat => RequestKind::Chat,
+        Operation::Embeddings => RequestKind::Embeddings,
+    }
+}
+
 /// Builds the upstream request of one attempt.
 pub async fn request(
     translator: &Binding,
@@ -110,12 +109,8 @@ pub async fn request(
     attempt: &AttemptContext,
     body: &str,
 ) -> Result<UpstreamRequest, TranslateError> {
-    let kind = match attempt.operation {
-        Operation::Chat => RequestKind::Chat,
-        Operation::Embeddings => RequestKind::Embeddings,
-    };
     translator
-        .translate_request(kind, attempt, body)
+        .translate_request(request_kind(attempt.operation), attempt, body)
         .await?
         .map_err(|error| plugin_error(channel, error))
 }
@@ -130,30 +125,10 @@ pub async fn answer(
     if !(200..300).contains(&response.status) {
         return Err(failure(translator, channel, attempt, response).await);
     }
-    match attempt.operation {
-        Operation::Chat => {
-            let answer = translator
-                .translate_chat_response(attempt, response)
-                .await?
-                .map_err(|error| plugin_error(channel, error))?;
-            Ok(Answer {
-                body: answer.body,
-                usage: answer.usage,
-                served_model: answer.served_model,
-            })
-        }
-        Operation::Embeddings => {
-            let answer = translator
-                .translate_embeddings_response(attempt, response)
-                .await?
-                .map_err(|error| plugin_error(channel, error))?;
-            Ok(Answer {
-                body: answer.body,
-                usage: answer.usage,
-                served_model: answer.served_model,
-            })
-        }
-    }
+    translator
+        .translate_response(request_kind(attempt.operation), attempt, response)
+        .await?
+        .map_err(|error| plugin_error(channel, error))
 }
 
 /// Classifies a non-2xx answer with the translator.

@@ -18,9 +18,20 @@ wasmtime::component::bindgen!({
 
 pub use super::router::tollgate::plugin::types::{FailureClass, UpstreamFailure, Usage};
 pub use exports::tollgate::plugin::translator::{
-    AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, HttpMethod, StreamEnd,
-    StreamEvent, StreamFraming, TranslateError, UpstreamRequest, UpstreamResponse,
+    AttemptContext, AuthPlacement, HttpMethod, StreamEnd, StreamEvent, StreamFraming,
+    TranslateError, UpstreamRequest, UpstreamResponse,
 };
+
+/// A whole answer in OpenAI's shape, chat or embeddings alike.
+#[derive(Debug)]
+pub struct TranslatedAnswer {
+    /// OpenAI-shaped JSON text.
+    pub body: String,
+    /// Normalized usage.
+    pub usage: Usage,
+    /// The model the upstream reported.
+    pub served_model: Option<String>,
+}
 
 /// Which translation a one-shot call performs.
 #[derive(Debug, Clone, Copy)]
@@ -71,38 +82,40 @@ impl Binding {
         .await
     }
 
-    /// Reads a 2xx non-stream chat answer.
-    pub async fn translate_chat_response(
+    /// Reads a 2xx whole answer (chat or embeddings) into OpenAI's shape.
+    pub async fn translate_response(
         &self,
+        kind: RequestKind,
         context: &AttemptContext,
         response: &UpstreamResponse,
-    ) -> Result<Result<ChatResponse, TranslateError>, PluginError> {
+    ) -> Result<Result<TranslatedAnswer, TranslateError>, PluginError> {
         let pre = self.translator_pre()?;
         let mut store = self.store();
-        sandbox::bounded(&mut store, "translate-chat-response", async |store| {
+        let export = match kind {
+            RequestKind::Chat => "translate-chat-response",
+            RequestKind::Embeddings => "translate-embeddings-response",
+        };
+        sandbox::bounded(&mut store, export, async |store| {
             let plugin = pre.instantiate_async(&mut *store).await?;
-            plugin
-                .tollgate_plugin_translator()
-                .call_translate_chat_response(&mut *store, context, response)
-                .await
-        })
-        .await
-    }
-
-    /// Reads a 2xx embeddings answer.
-    pub async fn translate_embeddings_response(
-        &self,
-        context: &AttemptContext,
-        response: &UpstreamResponse,
-    ) -> Result<Result<EmbeddingsResponse, TranslateError>, PluginError> {
-        let pre = self.translator_pre()?;
-        let mut store = self.store();
-        sandbox::bounded(&mut store, "translate-embeddings-response", async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
-            plugin
-                .tollgate_plugin_translator()
-                .call_translate_embeddings_response(&mut *store, context, response)
-                .await
+            let translator = plugin.tollgate_plugin_translator();
+            Ok(match kind {
+                RequestKind::Chat => translator
+                    .call_translate_chat_response(&mut *store, context, response)
+                    .await?
+                    .map(|answer| TranslatedAnswer {
+                        body: answer.body,
+                        usage: answer.usage,
+                        served_model: answer.served_model,
+                    }),
+                RequestKind::Embeddings => translator
+                    .call_translate_embeddings_response(&mut *store, context, response)
+                    .await?
+                    .map(|answer| TranslatedAnswer {
+                        body: answer.body,
+                        usage: answer.usage,
+                        served_model: answer.served_model,
+                    }),
+            })
         })
         .await
     }

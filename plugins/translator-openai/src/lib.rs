@@ -135,14 +135,11 @@ impl Translator for OpenAi {
         _context: AttemptContext,
         response: UpstreamResponse,
     ) -> Result<ChatResponse, TranslateError> {
-        let answer: OpenAiAnswer = serde_json::from_slice(&response.body)
-            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
-        let body = String::from_utf8(response.body)
-            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+        let (body, usage, served_model) = read_answer(response)?;
         Ok(ChatResponse {
             body,
-            usage: answer.usage.unwrap_or_default().normalize(),
-            served_model: answer.model,
+            usage,
+            served_model,
         })
     }
 
@@ -162,14 +159,11 @@ impl Translator for OpenAi {
         _context: AttemptContext,
         response: UpstreamResponse,
     ) -> Result<EmbeddingsResponse, TranslateError> {
-        let answer: OpenAiAnswer = serde_json::from_slice(&response.body)
-            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
-        let body = String::from_utf8(response.body)
-            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+        let (body, usage, served_model) = read_answer(response)?;
         Ok(EmbeddingsResponse {
             body,
-            usage: answer.usage.unwrap_or_default().normalize(),
-            served_model: answer.model,
+            usage,
+            served_model,
         })
     }
 
@@ -195,6 +189,21 @@ impl Translator for OpenAi {
 }
 
 export_translator!(OpenAi);
+
+/// A 2xx answer passes through verbatim; only its usage and model are read.
+fn read_answer(
+    response: UpstreamResponse,
+) -> Result<(String, Usage, Option<String>), TranslateError> {
+    let answer: OpenAiAnswer = serde_json::from_slice(&response.body)
+        .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+    let body = String::from_utf8(response.body)
+        .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+    Ok((
+        body,
+        answer.usage.unwrap_or_default().normalize(),
+        answer.model,
+    ))
+}
 
 fn parse_object(body: &str) -> Result<Map<String, Value>, TranslateError> {
     match serde_json::from_str(body) {
