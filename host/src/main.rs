@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 
 use tollgate::config::{self, Config};
@@ -164,6 +165,12 @@ async fn serve(config_path: Option<&Path>) -> anyhow::Result<()> {
     console::line(&format!("tollgate listening on http://{address}"));
     let store = gateway.store.clone();
     let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
+    // Small SSE frames must leave at once: Nagle's algorithm would hold them for the peer's ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::warn!(%error, "could not set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, listen::app(gateway, admin_token))
         .with_graceful_shutdown(shutdown_signal())
         .await

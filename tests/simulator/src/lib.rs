@@ -81,6 +81,10 @@ impl Simulator {
         });
         let listener = tokio::net::TcpListener::bind(address).await?;
         let address = listener.local_addr()?;
+        // Stream frames leave at once, as a real upstream's do (no Nagle delay).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let app = router(shared.clone());
         tokio::spawn(async move {
             // The simulator lives as long as its runtime; a serve error ends it quietly.
