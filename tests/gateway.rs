@@ -332,15 +332,6 @@ async fn exhausted_routes_report_the_last_upstream_failure_class() {
     assert_eq!(record["status"], 502);
     assert_eq!(record["error_class"], "server");
 
-    sim.push_fault(Fault {
-        status: Some(429),
-        retry_after_s: Some(7),
-        ..Fault::default()
-    });
-    let limited = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
-    limited.assert_error(429, Some("rate_limit_exceeded"));
-    assert_eq!(limited.headers["retry-after"], "7");
-
     // The client's own mistakes are not retried and come back as the upstream said them.
     sim.push_fault(Fault {
         status: Some(400),
@@ -349,6 +340,21 @@ async fn exhausted_routes_report_the_last_upstream_failure_class() {
     let invalid = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
     invalid.assert_error(400, None);
     assert_eq!(invalid.json["error"]["message"], "Simulated client error.");
+
+    sim.push_fault(Fault {
+        status: Some(429),
+        retry_after_s: Some(7),
+        ..Fault::default()
+    });
+    let limited = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    limited.assert_error(429, Some("rate_limit_exceeded"));
+    assert_eq!(limited.headers["retry-after"], "7");
+    // The only key now rests: the next request is not sent upstream and says when to come back.
+    let calls = sim.calls();
+    let resting = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    resting.assert_error(429, Some("rate_limit_exceeded"));
+    assert!(resting.headers.contains_key("retry-after"));
+    assert_eq!(sim.calls(), calls);
 }
 
 #[tokio::test]

@@ -80,6 +80,7 @@ fn benchmarks(criterion: &mut Criterion) {
             weight: 1,
             circuit: Circuit::Closed,
             latency_ewma_ms: None,
+            ttfb_ewma_ms: None,
             error_rate_permille: 0,
             in_flight: 0,
         })

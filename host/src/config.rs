@@ -31,6 +31,9 @@ pub struct Config {
     /// What to create on an empty data directory.
     #[serde(default)]
     pub bootstrap: Option<BootstrapConfig>,
+    /// Circuit-breaker settings of every channel.
+    #[serde(default)]
+    pub health: crate::health::HealthConfig,
 }
 
 /// `[server]`.
@@ -45,6 +48,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Largest upstream answer read whole (non-stream and error answers), in bytes.
     pub max_upstream_body_bytes: usize,
+    /// No new upstream attempt (retry or failover) starts later than this after the request
+    /// arrived, in milliseconds.
+    pub failover_budget_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +60,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data"),
             max_body_bytes: 8 << 20,
             max_upstream_body_bytes: 32 << 20,
+            failover_budget_ms: 60_000,
         }
     }
 }
@@ -193,6 +200,13 @@ pub struct ChannelConfig {
     /// Timeout for a whole non-stream call, in milliseconds.
     #[serde(default = "default_total_timeout_ms")]
     pub total_timeout_ms: u64,
+    /// Retries on this channel after a failure of its own (connection, timeout, 5xx, overload)
+    /// before the next channel of the plan, with exponential backoff and jitter.
+    #[serde(default)]
+    pub retries: u32,
+    /// First retry's backoff, in milliseconds; doubled on each further retry.
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
 }
 
 fn one() -> u32 {
@@ -209,6 +223,9 @@ fn default_idle_timeout_ms() -> u64 {
 }
 fn default_total_timeout_ms() -> u64 {
     600_000
+}
+fn default_retry_backoff_ms() -> u64 {
+    100
 }
 
 /// `[bootstrap]`: on a data directory with no tenant, create this tenant, credit it and print a key.

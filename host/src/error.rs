@@ -161,6 +161,24 @@ fn upstream_rendered(error: &UpstreamError) -> Rendered {
                 format!("The upstream failed ({class}): {}", failure.message),
             ),
         },
+        UpstreamError::NoUsableKey {
+            retry_after: Some(rest),
+            ..
+        } => Rendered {
+            retry_after_ms: Some(rest.as_millis() as u64),
+            ..rendered(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+                "Every upstream key for this model is rate limited; retry later.".to_owned(),
+            )
+        },
+        UpstreamError::CircuitOpen { .. } | UpstreamError::NoUsableKey { .. } => rendered(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            Some(&format!("upstream_{class}")),
+            "No upstream for this model is available right now; retry later.".to_owned(),
+        ),
         UpstreamError::Timeout { .. } => rendered(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_error",

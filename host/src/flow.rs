@@ -8,7 +8,7 @@
 //! ```
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -18,15 +18,16 @@ use crate::auth::Caller;
 use crate::bill::{self, Priced};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
+use crate::health::Admission;
 use crate::plugin::billing::CallOutcome;
-use crate::plugin::translator::Usage;
+use crate::plugin::translator::{FailureClass, Usage};
 use crate::record;
 use crate::request::ClientRequest;
 use crate::route::{self, PlannedAttempt};
 use crate::store::RecordedAttempt;
 use crate::stream;
 use crate::translate::{self, TranslateError};
-use crate::upstream;
+use crate::upstream::{self, UpstreamError};
 
 /// Everything one request accumulates on its way through the stages. Made once, in [`RequestContext::new`].
 pub struct RequestContext {
@@ -48,6 +49,8 @@ pub struct RequestContext {
     pub served_model: Option<String>,
     /// The channel that answered.
     pub served_channel: Option<String>,
+    /// The upstream model name the answering attempt asked for (to spot a swapped model).
+    pub routed_model: Option<String>,
     /// Plugins that ran (`name@sha`), for the record.
     pub plugins: Vec<String>,
 }
@@ -74,6 +77,7 @@ impl RequestContext {
             attempts: Vec::new(),
             served_model: None,
             served_channel: None,
+            routed_model: None,
             plugins: Vec::new(),
         }
     }
@@ -84,12 +88,20 @@ impl RequestContext {
     }
 }
 
-/// How an attempt answered.
-enum Answered {
+/// What an attempt produced.
+enum Reply {
     /// A whole OpenAI-shaped answer; pricing and recording follow.
     Whole(translate::Answer),
     /// A stream whose first content has arrived; pumping, pricing and recording follow.
     Streaming(Box<stream::OpenStream>),
+}
+
+/// A successful attempt with its health bookkeeping, which ends when the answer does.
+struct Answered {
+    reply: Reply,
+    admission: Admission,
+    started: Instant,
+    ttfb: Duration,
 }
 
 /// What the client gets on success.
@@ -100,46 +112,89 @@ pub enum Delivery {
     Stream(mpsc::Receiver<Bytes>),
 }
 
+/// Which route answered, for the `x-tollgate-*` response headers.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The channel that answered.
+    pub channel: String,
+    /// The model the upstream reported (whole answers), else the upstream model asked for.
+    pub model: String,
+    /// Attempts made, the answering one included.
+    pub attempts: usize,
+}
+
 /// Runs a chat-completions or embeddings request through every stage. Failures are recorded
 /// before they are returned, so the ledger holds one record per authenticated request.
-pub async fn run(gateway: Arc<Gateway>, mut context: RequestContext) -> Result<Delivery, ApiError> {
-    match deliver(&gateway, &mut context).await {
-        Ok(Answered::Whole(answer)) => {
-            let priced =
-                bill::charge(&gateway, &context, &answer.usage, CallOutcome::Complete).await;
-            finish(&gateway, &context, &answer.usage, &priced, 200, None);
-            Ok(Delivery::Json(answer.body))
-        }
-        Ok(Answered::Streaming(open)) => {
-            let (sender, receiver) = mpsc::channel(32);
-            tokio::spawn(
-                async move {
-                    let outcome = stream::pump(*open, sender).await;
-                    settle_stream(&gateway, context, outcome).await;
-                }
-                .in_current_span(),
-            );
-            Ok(Delivery::Stream(receiver))
-        }
+pub async fn run(
+    gateway: Arc<Gateway>,
+    mut context: RequestContext,
+) -> Result<(Delivery, Served), ApiError> {
+    let answered = match deliver(&gateway, &mut context).await {
+        Ok(answered) => answered,
         Err(error) => {
-            let usage = Usage {
-                input_tokens: 0,
-                cache_read_tokens: 0,
-                cache_write_tokens: 0,
-                output_tokens: 0,
-                reasoning_tokens: 0,
-                estimated: false,
-            };
+            let usage = zero_usage();
+            let status = error.status_code();
             finish(
                 &gateway,
                 &context,
                 &usage,
                 &Priced::default(),
-                error.status_code(),
+                status,
                 Some(error.class()),
             );
-            Err(error)
+            return Err(error);
         }
+    };
+    let served = Served {
+        channel: context.served_channel.clone().unwrap_or_default(),
+        model: context
+            .served_model
+            .clone()
+            .or_else(|| context.routed_model.clone())
+            .unwrap_or_default(),
+        attempts: context.attempts.len(),
+    };
+    let Answered {
+        reply,
+        admission,
+        started,
+        ttfb,
+    } = answered;
+    match reply {
+        Reply::Whole(answer) => {
+            admission.succeeded(started.elapsed(), ttfb);
+            let priced =
+                bill::charge(&gateway, &context, &answer.usage, CallOutcome::Complete).await;
+            finish(&gateway, &context, &answer.usage, &priced, 200, None);
+            Ok((Delivery::Json(answer.body), served))
+        }
+        Reply::Streaming(open) => {
+            let (sender, receiver) = mpsc::channel(32);
+            tokio::spawn(
+                async move {
+                    let outcome = stream::pump(*open, sender).await;
+                    match (outcome.cut, outcome.client_gone) {
+                        (Some(_), _) => admission.failed(Instant::now()),
+                        (None, true) => admission.neutral(),
+                        (None, false) => admission.succeeded(started.elapsed(), ttfb),
+                    }
+                    settle_stream(&gateway, context, outcome).await;
+                }
+                .in_current_span(),
+            );
+            Ok((Delivery::Stream(receiver), served))
+        }
+    }
+}
+
+fn zero_usage() -> Usage {
+    Usage {
+        input_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        output_tokens: 0,
+        reasoning_tokens: 0,
+        estimated: false,
     }
 }
 
@@ -148,55 +203,189 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
     let plan = route::plan(gateway, context).await?;
     context.plugins.push(gateway.billing.plugin().to_string());
     bill::authorize(gateway, context).await?;
+    let deadline = context.received_at + gateway.failover_budget;
     let mut last_error = None;
-    for (number, attempt) in plan.attempts.iter().enumerate() {
-        let channel = &gateway.channels[attempt.channel];
-        let span = tracing::info_span!("upstream.attempt", channel = %channel.config.name, attempt = number + 1);
-        let started = Instant::now();
-        let result = try_attempt(gateway, context, attempt)
+    for attempt in &plan.attempts {
+        // Failover only before the first byte: an attempt fails only before it sent any.
+        match attempt_channel(gateway, context, attempt, deadline).await {
+            ChannelOutcome::Answered(answered) => return Ok(*answered),
+            ChannelOutcome::Failed(error) => last_error = Some(error),
+            ChannelOutcome::Fatal(error) => return Err(error),
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    Err(last_error.map_or(ApiError::NoAttempt, ApiError::from))
+}
+
+/// How one planned channel ended.
+enum ChannelOutcome {
+    /// It answered.
+    Answered(Box<Answered>),
+    /// It failed in a way the next channel may fix.
+    Failed(UpstreamError),
+    /// The request fails whatever channel is tried (the client's mistake, a plugin failure).
+    Fatal(ApiError),
+}
+
+/// Tries one channel of the plan: each of its usable keys in turn while the upstream refuses or
+/// rate-limits a key, and up to `retries` more times (with backoff) on failures of its own.
+async fn attempt_channel(
+    gateway: &Gateway,
+    context: &mut RequestContext,
+    attempt: &PlannedAttempt,
+    deadline: Instant,
+) -> ChannelOutcome {
+    let channel = &gateway.channels[attempt.channel];
+    let mut tried_keys = Vec::new();
+    let mut retries = 0;
+    let mut last_error = None;
+    loop {
+        let now = Instant::now();
+        let Some(admission) = channel.health.admit(now) else {
+            context
+                .attempts
+                .push(skipped(channel, attempt, "circuit_open"));
+            return ChannelOutcome::Failed(last_error.unwrap_or(UpstreamError::CircuitOpen {
+                channel: channel.config.name.clone(),
+            }));
+        };
+        let key = match channel.pick_key(&context.caller.tenant, now, &tried_keys) {
+            Ok(key) => key,
+            Err(back_at) => {
+                admission.neutral();
+                context
+                    .attempts
+                    .push(skipped(channel, attempt, "no_usable_key"));
+                return ChannelOutcome::Failed(last_error.unwrap_or(UpstreamError::NoUsableKey {
+                    channel: channel.config.name.clone(),
+                    retry_after: back_at.map(|at| at.saturating_duration_since(now)),
+                }));
+            }
+        };
+        let span = tracing::info_span!(
+            "upstream.attempt",
+            channel = %channel.config.name,
+            attempt = context.attempts.len() + 1
+        );
+        let result = try_attempt(gateway, context, attempt, key)
             .instrument(span)
             .await;
-        let (status, error_class) = match &result {
-            Ok(_) => (Some(200), None),
+        let latency_ms = now.elapsed().as_millis() as u64;
+        let key_id = key.map(|index| channel.keys[index].id.clone());
+        let (status, error_class, ttfb_ms) = match &result {
+            Ok((_, ttfb)) => (Some(200), None, Some(ttfb.as_millis() as u64)),
             Err(TranslateError::Upstream(error)) => {
-                (error.status(), Some(error.class().to_owned()))
+                (error.status(), Some(error.class().to_owned()), None)
             }
-            Err(_) => (None, Some("plugin".to_owned())),
+            Err(_) => (None, Some("plugin".to_owned()), None),
         };
         context.attempts.push(RecordedAttempt {
             channel: channel.config.name.clone(),
+            key: key_id,
             upstream_model: attempt.upstream_model.clone(),
             status,
             error_class,
-            latency_ms: started.elapsed().as_millis() as u64,
+            latency_ms,
+            ttfb_ms,
         });
-        match result {
-            Ok(answered) => return Ok(answered),
-            // Failover only before the first byte: `try_attempt` returns an error only then.
-            Err(TranslateError::Upstream(error)) if error.is_retryable() => {
-                tracing::info!(channel = %channel.config.name, class = error.class(), "attempt failed; trying the next");
-                last_error = Some(error);
+        let error = match result {
+            Ok((reply, ttfb)) => {
+                return ChannelOutcome::Answered(Box::new(Answered {
+                    reply,
+                    admission,
+                    started: now,
+                    ttfb,
+                }));
             }
-            Err(error) => return Err(error.into()),
+            Err(TranslateError::Upstream(error)) => error,
+            Err(error) => {
+                admission.neutral();
+                return ChannelOutcome::Fatal(error.into());
+            }
+        };
+        tracing::info!(channel = %channel.config.name, class = error.class(), "upstream attempt failed");
+        match (error.failure_class(), key) {
+            (Some(FailureClass::InvalidRequest), _) => {
+                admission.neutral();
+                return ChannelOutcome::Fatal(error.into());
+            }
+            (Some(FailureClass::Authentication), Some(key)) => {
+                // Never this key again: the next key of the pool, or the next channel.
+                admission.neutral();
+                channel.keys[key].disable(format!("the upstream refused it: {error}"));
+                tried_keys.push(key);
+            }
+            (Some(FailureClass::RateLimited), Some(key)) => {
+                admission.neutral();
+                let rest = error.retry_after().unwrap_or(Duration::from_secs(1));
+                channel.keys[key].cool_down(Instant::now() + rest);
+                tried_keys.push(key);
+            }
+            _ if matches!(error, UpstreamError::Unsupported { .. }) => {
+                admission.neutral();
+                return ChannelOutcome::Failed(error);
+            }
+            _ => {
+                admission.failed(Instant::now());
+                let backoff = retry_backoff(channel.config.retry_backoff_ms, retries);
+                if retries >= channel.config.retries || Instant::now() + backoff >= deadline {
+                    return ChannelOutcome::Failed(error);
+                }
+                retries += 1;
+                tokio::time::sleep(backoff).await;
+            }
         }
+        if Instant::now() >= deadline {
+            return ChannelOutcome::Failed(error);
+        }
+        last_error = Some(error);
     }
-    Err(last_error.map_or_else(|| ApiError::NoAttempt, ApiError::from))
+}
+
+/// Exponential backoff with full jitter: a random wait up to `base * 2^retry`, capped at 10 s.
+fn retry_backoff(base_ms: u64, retry: u32) -> Duration {
+    let ceiling = base_ms.saturating_mul(1 << retry.min(16)).min(10_000);
+    Duration::from_millis(rand::random_range(ceiling / 2..=ceiling.max(1)))
+}
+
+/// The trace entry of a channel passed over without a call.
+fn skipped(
+    channel: &crate::gateway::Channel,
+    attempt: &PlannedAttempt,
+    class: &str,
+) -> RecordedAttempt {
+    RecordedAttempt {
+        channel: channel.config.name.clone(),
+        key: None,
+        upstream_model: attempt.upstream_model.clone(),
+        status: None,
+        error_class: Some(class.to_owned()),
+        latency_ms: 0,
+        ttfb_ms: None,
+    }
 }
 
 /// One attempt: translate, call, and deliver (whole answer, or a stream whose first content came).
+/// Returns the reply and its time to first byte (first content for streams, the answer's headers
+/// otherwise).
 async fn try_attempt(
     gateway: &Gateway,
     context: &mut RequestContext,
     attempt: &PlannedAttempt,
-) -> Result<Answered, TranslateError> {
+    key: Option<usize>,
+) -> Result<(Reply, Duration), TranslateError> {
+    let started = Instant::now();
     let channel = &gateway.channels[attempt.channel];
     let translator = translate::translator(gateway, channel)?;
     let attempt_context = translate::attempt_context(context, channel, attempt);
     let upstream_request =
         translate::request(translator, channel, &attempt_context, &context.request.body).await?;
     let framing = upstream_request.framing;
-    let response = upstream::send(channel, upstream_request).await?;
-    if let (true, Some(framing)) = (context.request.stream, framing) {
+    let key = key.map(|index| &channel.keys[index]);
+    let response = upstream::send(channel, key, upstream_request).await?;
+    let reply = if let (true, Some(framing)) = (context.request.stream, framing) {
         let max_error_bytes = gateway.max_upstream_body_bytes;
         let open = stream::open(
             translator,
@@ -207,16 +396,19 @@ async fn try_attempt(
             max_error_bytes,
         )
         .await?;
-        context.served_channel = Some(channel.config.name.clone());
-        context.plugins.push(translator.plugin().to_string());
-        return Ok(Answered::Streaming(Box::new(open)));
-    }
-    let whole = upstream::read_whole(channel, response, gateway.max_upstream_body_bytes).await?;
-    let answer = translate::answer(translator, channel, &attempt_context, &whole).await?;
-    context.served_model = answer.served_model.clone();
+        (Reply::Streaming(Box::new(open)), started.elapsed())
+    } else {
+        let ttfb = started.elapsed();
+        let whole =
+            upstream::read_whole(channel, response, gateway.max_upstream_body_bytes).await?;
+        let answer = translate::answer(translator, channel, &attempt_context, &whole).await?;
+        context.served_model = answer.served_model.clone();
+        (Reply::Whole(answer), ttfb)
+    };
     context.served_channel = Some(channel.config.name.clone());
+    context.routed_model = Some(attempt.upstream_model.clone());
     context.plugins.push(translator.plugin().to_string());
-    Ok(Answered::Whole(answer))
+    Ok(reply)
 }
 
 /// After a stream: usage (estimated from the prompt if the upstream reported none), price, record.
@@ -228,11 +420,8 @@ async fn settle_stream(
     context.served_model = outcome.served_model;
     let usage = outcome.usage.unwrap_or(Usage {
         input_tokens: context.request.estimated_input_tokens,
-        cache_read_tokens: 0,
-        cache_write_tokens: 0,
-        output_tokens: 0,
-        reasoning_tokens: 0,
         estimated: true,
+        ..zero_usage()
     });
     let (call_outcome, class) = match (outcome.cut, outcome.client_gone) {
         (Some(_), _) => (CallOutcome::Cut, Some("stream_cut")),

@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::config::{BindingConfig, ChannelConfig, Config};
+use crate::health::{ChannelHealth, HealthConfig};
 use crate::plugin::{Binding, Limits, PluginError, PluginRuntime, Role, RuntimeSettings, shipped};
 use crate::store::{SledStore, Store, StoreError};
 
@@ -16,10 +17,91 @@ pub struct Channel {
     pub config: ChannelConfig,
     /// The protocol options as JSON text, handed to the translator.
     pub options_json: String,
-    /// The key pool, resolved from the environment at start-up. Never logged or returned.
-    pub keys: Vec<String>,
+    /// The key pool, resolved from the environment at start-up.
+    pub keys: Vec<UpstreamKey>,
     /// The HTTP client, with this channel's connect timeout.
     pub http: reqwest::Client,
+    /// Live health and circuit breaker.
+    pub health: Arc<ChannelHealth>,
+}
+
+/// One upstream key of a channel's pool. The secret is never logged or returned; the key is known
+/// by the name of the environment variable it came from.
+pub struct UpstreamKey {
+    /// The environment variable's name: safe to show in traces and admin answers.
+    pub id: String,
+    secret: String,
+    state: Mutex<KeyState>,
+}
+
+#[derive(Default)]
+struct KeyState {
+    disabled: Option<String>,
+    cooling_until: Option<Instant>,
+}
+
+impl UpstreamKey {
+    /// The secret, for the upstream request only.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, KeyState> {
+        // Each update is a single assignment: a panicked holder cannot leave it half-written.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Neither disabled nor cooling down.
+    pub fn usable(&self, now: Instant) -> bool {
+        let state = self.state();
+        state.disabled.is_none() && state.cooling_until.is_none_or(|until| now >= until)
+    }
+
+    /// Takes the key out of the pool for good (until restart): the upstream refused it.
+    pub fn disable(&self, reason: String) {
+        tracing::warn!(key = %self.id, reason, "upstream key disabled");
+        self.state().disabled = Some(reason);
+    }
+
+    /// Rests the key until `until` (a 429 on this key).
+    pub fn cool_down(&self, until: Instant) {
+        self.state().cooling_until = Some(until);
+    }
+}
+
+impl Channel {
+    /// Picks the key for a tenant: the same one every time while it stays usable, so the
+    /// provider's prompt cache keeps working; otherwise the next usable key not yet tried.
+    /// `Ok(None)` means the channel needs no key; `Err` that every key is out, with the moment the
+    /// first cooling key comes back, if any does.
+    pub fn pick_key(
+        &self,
+        tenant: &str,
+        now: Instant,
+        tried: &[usize],
+    ) -> Result<Option<usize>, Option<Instant>> {
+        if self.keys.is_empty() {
+            return Ok(None);
+        }
+        let start = tenant.bytes().fold(0usize, |hash, byte| {
+            hash.wrapping_mul(31).wrapping_add(usize::from(byte))
+        });
+        (0..self.keys.len())
+            .map(|offset| (start + offset) % self.keys.len())
+            .find(|index| !tried.contains(index) && self.keys[*index].usable(now))
+            .map(Some)
+            .ok_or_else(|| {
+                self.keys
+                    .iter()
+                    .filter_map(|key| {
+                        let state = key.state();
+                        state.disabled.is_none().then_some(state.cooling_until?)
+                    })
+                    .min()
+            })
+    }
 }
 
 impl Channel {
@@ -46,6 +128,8 @@ pub struct Gateway {
     pub max_body_bytes: usize,
     /// Cap on upstream answers read whole, in bytes.
     pub max_upstream_body_bytes: usize,
+    /// No new attempt starts later than this after a request arrived.
+    pub failover_budget: Duration,
 }
 
 /// Why the gateway could not start.
@@ -147,7 +231,7 @@ impl Gateway {
         let channels = config
             .channels
             .iter()
-            .map(live_channel)
+            .map(|channel| live_channel(channel, &config.health))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Arc::new(Self {
             store,
@@ -157,6 +241,7 @@ impl Gateway {
             channels,
             max_body_bytes: config.server.max_body_bytes,
             max_upstream_body_bytes: config.server.max_upstream_body_bytes,
+            failover_budget: Duration::from_millis(config.server.failover_budget_ms),
         }))
     }
 }
@@ -185,12 +270,20 @@ fn plugin_bytes(
     Ok((shipped.name.to_owned(), shipped.bytes.to_vec()))
 }
 
-fn live_channel(config: &ChannelConfig) -> Result<Channel, StartError> {
+fn live_channel(config: &ChannelConfig, health: &HealthConfig) -> Result<Channel, StartError> {
     let keys = config
         .api_key_env
         .iter()
-        .filter_map(|name| std::env::var(name).ok())
-        .filter(|key| !key.is_empty())
+        .filter_map(|name| {
+            let secret = std::env::var(name)
+                .ok()
+                .filter(|secret| !secret.is_empty())?;
+            Some(UpstreamKey {
+                id: name.clone(),
+                secret,
+                state: Mutex::new(KeyState::default()),
+            })
+        })
         .collect();
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
@@ -205,5 +298,6 @@ fn live_channel(config: &ChannelConfig) -> Result<Channel, StartError> {
         config: config.clone(),
         keys,
         http,
+        health: ChannelHealth::new(health.clone()),
     })
 }

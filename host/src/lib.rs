@@ -13,6 +13,7 @@ pub mod console;
 pub mod error;
 pub mod flow;
 pub mod gateway;
+pub mod health;
 pub mod listen;
 pub mod plugin;
 pub mod record;

@@ -184,7 +184,8 @@ async fn serve(
         client_request,
         tags(&headers),
     );
-    Ok(match flow::run(gateway, context).await? {
+    let (delivery, served) = flow::run(gateway, context).await?;
+    let mut response = match delivery {
         Delivery::Json(body) => (
             [(
                 header::CONTENT_TYPE,
@@ -210,7 +211,18 @@ async fn serve(
             )
                 .into_response()
         }
-    })
+    };
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-tollgate-channel", served.channel),
+        ("x-tollgate-model", served.model),
+        ("x-tollgate-attempts", served.attempts.to_string()),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
+    Ok(response)
 }
 
 /// `GET /v1/models`: the public models of the active channels.

@@ -43,6 +43,7 @@ pub fn usage_record(
         model_asked: context.request.model.clone(),
         model_served: context.served_model.clone().unwrap_or_default(),
         channel: context.served_channel.clone().unwrap_or_default(),
+        model_mismatch: model_mismatch(context),
         stream: context.request.stream,
         attempts: context.attempts.clone(),
         usage: RecordedUsage {
@@ -74,6 +75,16 @@ pub fn usage_record(
         status,
         error_class: error_class.map(str::to_owned),
         plugins: context.plugins.clone(),
+    }
+}
+
+/// Whether the upstream answered with another model than the route asked for. Providers answer
+/// with a dated version of the asked name (`gpt-4o-mini` → `gpt-4o-mini-2024-07-18`), so a served
+/// name that starts with the asked one is no mismatch.
+fn model_mismatch(context: &RequestContext) -> bool {
+    match (&context.routed_model, &context.served_model) {
+        (Some(asked), Some(served)) => !served.starts_with(asked.as_str()),
+        _ => false,
     }
 }
 

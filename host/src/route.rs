@@ -6,7 +6,7 @@
 use crate::flow::RequestContext;
 use crate::gateway::Gateway;
 use crate::plugin::PluginError;
-use crate::plugin::router::{self as wit, Channel, ChannelModel, Circuit, RequestFacts};
+use crate::plugin::router::{self as wit, Channel, ChannelModel, RequestFacts};
 
 /// One step of the plan.
 #[derive(Debug, Clone)]
@@ -51,30 +51,35 @@ pub async fn plan(gateway: &Gateway, context: &RequestContext) -> Result<Plan, R
         max_output_tokens: context.request.max_output_tokens,
         tags: context.tags.clone(),
     };
+    let now = std::time::Instant::now();
     let candidates: Vec<Channel> = gateway
         .channels
         .iter()
         .filter(|channel| channel.is_active())
-        .map(|channel| Channel {
-            name: channel.config.name.clone(),
-            protocol: channel.config.protocol.clone(),
-            models: channel
-                .config
-                .models
-                .iter()
-                .map(|(public, upstream)| ChannelModel {
-                    public_name: public.clone(),
-                    upstream_name: upstream.clone(),
-                    price_per_million_input_micros: None,
-                    price_per_million_output_micros: None,
-                })
-                .collect(),
-            priority: channel.config.priority,
-            weight: channel.config.weight,
-            circuit: Circuit::Closed,
-            latency_ewma_ms: None,
-            error_rate_permille: 0,
-            in_flight: 0,
+        .map(|channel| {
+            let health = channel.health.snapshot(now);
+            Channel {
+                name: channel.config.name.clone(),
+                protocol: channel.config.protocol.clone(),
+                models: channel
+                    .config
+                    .models
+                    .iter()
+                    .map(|(public, upstream)| ChannelModel {
+                        public_name: public.clone(),
+                        upstream_name: upstream.clone(),
+                        price_per_million_input_micros: None,
+                        price_per_million_output_micros: None,
+                    })
+                    .collect(),
+                priority: channel.config.priority,
+                weight: channel.config.weight,
+                circuit: health.circuit,
+                latency_ewma_ms: health.latency_ewma_ms,
+                ttfb_ewma_ms: health.ttfb_ewma_ms,
+                error_rate_permille: health.error_rate_permille,
+                in_flight: health.in_flight,
+            }
         })
         .collect();
     let attempts = match gateway.router.plan(&facts, &candidates).await? {

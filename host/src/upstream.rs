@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use crate::gateway::Channel;
+use crate::gateway::{Channel, UpstreamKey};
 use crate::plugin::translator::{
     AuthPlacement, FailureClass, HttpMethod, UpstreamFailure, UpstreamRequest, UpstreamResponse,
 };
@@ -70,6 +70,20 @@ pub enum UpstreamError {
         /// The translator's message.
         reason: String,
     },
+    /// The channel's circuit is open: it was not called.
+    #[error("channel `{channel}`: circuit open")]
+    CircuitOpen {
+        /// The channel.
+        channel: String,
+    },
+    /// Every key of the channel's pool is disabled or cooling down: it was not called.
+    #[error("channel `{channel}`: no usable key")]
+    NoUsableKey {
+        /// The channel.
+        channel: String,
+        /// When the first rate-limited key comes back, if any will.
+        retry_after: Option<Duration>,
+    },
     /// The upstream's answer ended early or exceeded the size cap.
     #[error("channel `{channel}`: answer cut: {reason}")]
     Cut {
@@ -103,6 +117,27 @@ impl UpstreamError {
             UpstreamError::Malformed { .. } => "malformed_response",
             UpstreamError::Unsupported { .. } => "unsupported",
             UpstreamError::Cut { .. } => "cut",
+            UpstreamError::CircuitOpen { .. } => "circuit_open",
+            UpstreamError::NoUsableKey { .. } => "no_usable_key",
+        }
+    }
+
+    /// The translator's class, when the upstream answered with a failure.
+    pub fn failure_class(&self) -> Option<FailureClass> {
+        match self {
+            UpstreamError::Failure { failure, .. } => Some(failure.class),
+            _ => None,
+        }
+    }
+
+    /// How long the upstream asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Failure { failure, .. } => {
+                failure.retry_after_ms.map(Duration::from_millis)
+            }
+            UpstreamError::NoUsableKey { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 
@@ -118,6 +153,7 @@ impl UpstreamError {
 /// Sends the request and waits for the response headers, within the channel's first-byte timeout.
 pub async fn send(
     channel: &Channel,
+    key: Option<&UpstreamKey>,
     request: UpstreamRequest,
 ) -> Result<reqwest::Response, UpstreamError> {
     let name = &channel.config.name;
@@ -146,8 +182,7 @@ pub async fn send(
         }
         builder = builder.header(header, value);
     }
-    // TODO(#6): spread load across the key pool and honour per-key cooldowns.
-    if let Some(secret) = channel.keys.first() {
+    if let Some(secret) = key.map(UpstreamKey::secret) {
         builder = match &request.auth {
             AuthPlacement::None => builder,
             AuthPlacement::Bearer => builder.bearer_auth(secret),

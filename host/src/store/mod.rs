@@ -69,6 +69,8 @@ pub struct RecordedLineItem {
 pub struct RecordedAttempt {
     /// Channel tried.
     pub channel: String,
+    /// The upstream key used, by the name of its environment variable (never the secret).
+    pub key: Option<String>,
     /// Upstream model name sent.
     pub upstream_model: String,
     /// Upstream HTTP status, if an answer came.
@@ -77,6 +79,8 @@ pub struct RecordedAttempt {
     pub error_class: Option<String>,
     /// Time the attempt took, in milliseconds.
     pub latency_ms: u64,
+    /// Time to the first byte (first streamed content, or the answer's headers), in milliseconds.
+    pub ttfb_ms: Option<u64>,
 }
 
 /// The ledger record of one request: who, what was asked, what answered, what it cost.
@@ -99,6 +103,8 @@ pub struct UsageRecord {
     pub model_served: String,
     /// Channel that answered (empty when none did).
     pub channel: String,
+    /// The upstream reported a model other than the one the route asked for (a swapped model).
+    pub model_mismatch: bool,
     /// Whether the client asked for a stream.
     pub stream: bool,
     /// Every attempt in order.

@@ -111,6 +111,7 @@ mod tests {
             weight: 1,
             circuit,
             latency_ewma_ms: None,
+            ttfb_ewma_ms: None,
             error_rate_permille: 0,
             in_flight: 0,
         }

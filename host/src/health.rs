@@ -1,0 +1,271 @@
+//! Health: what the gateway knows about each channel right now — latency and time-to-first-byte
+//! averages, recent error rate, calls in flight, and a circuit breaker. Routers receive these
+//! figures; the flow asks [`ChannelHealth::admit`] before each attempt and reports how it went.
+//!
+//! Circuit: closed → open after `failure_threshold` consecutive failures, or when the recent error
+//! rate passes `error_rate_permille` over at least `min_samples` calls; open → half-open once
+//! `cooldown` has passed, when one probe call is let through; the probe's success closes the
+//! circuit, its failure opens it again. Only the channel's own failures count (connection,
+//! timeout, 5xx, overload, rate limit, broken answers), never the client's invalid requests.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::plugin::router::Circuit;
+
+/// Circuit-breaker settings, from the `[health]` config table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive failures that open the circuit.
+    pub failure_threshold: u32,
+    /// Recent error rate, in thousandths, that opens the circuit.
+    pub error_rate_permille: u32,
+    /// Calls needed before the error rate is trusted.
+    pub min_samples: u32,
+    /// How long an open circuit rejects calls before a probe, in milliseconds.
+    pub cooldown_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 3,
+            error_rate_permille: 500,
+            min_samples: 20,
+            cooldown_ms: 5_000,
+        }
+    }
+}
+
+/// Weight of the newest call in the moving averages.
+const EWMA_ALPHA: f64 = 0.2;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum CircuitState {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+#[derive(Debug)]
+struct State {
+    latency_ewma_ms: Option<f64>,
+    ttfb_ewma_ms: Option<f64>,
+    error_ewma: f64,
+    samples: u32,
+    consecutive_failures: u32,
+    circuit: CircuitState,
+}
+
+/// The live health of one channel.
+#[derive(Debug)]
+pub struct ChannelHealth {
+    config: HealthConfig,
+    in_flight: AtomicU32,
+    state: Mutex<State>,
+}
+
+/// The figures a router sees.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthSnapshot {
+    /// Circuit state.
+    pub circuit: Circuit,
+    /// Mean latency of recent calls, in milliseconds.
+    pub latency_ewma_ms: Option<u32>,
+    /// Mean time to first byte of recent calls, in milliseconds.
+    pub ttfb_ewma_ms: Option<u32>,
+    /// Recent error rate, in thousandths.
+    pub error_rate_permille: u32,
+    /// Calls in flight now.
+    pub in_flight: u32,
+}
+
+/// An admitted call: counts as in flight until dropped. Report its end with `succeeded`/`failed`.
+pub struct Admission {
+    health: Arc<ChannelHealth>,
+    probe: bool,
+    finished: bool,
+}
+
+impl ChannelHealth {
+    /// A healthy channel with no history.
+    pub fn new(config: HealthConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            in_flight: AtomicU32::new(0),
+            state: Mutex::new(State {
+                latency_ewma_ms: None,
+                ttfb_ewma_ms: None,
+                error_ewma: 0.0,
+                samples: 0,
+                consecutive_failures: 0,
+                circuit: CircuitState::Closed,
+            }),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every update leaves the state consistent, so a panicked holder cannot corrupt it.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The router's view now.
+    pub fn snapshot(&self, now: Instant) -> HealthSnapshot {
+        let state = self.state();
+        let circuit = match state.circuit {
+            CircuitState::Closed => Circuit::Closed,
+            CircuitState::Open { until } if now < until => Circuit::Open,
+            CircuitState::Open { .. } | CircuitState::HalfOpen { .. } => Circuit::HalfOpen,
+        };
+        HealthSnapshot {
+            circuit,
+            latency_ewma_ms: state.latency_ewma_ms.map(|ms| ms.round() as u32),
+            ttfb_ewma_ms: state.ttfb_ewma_ms.map(|ms| ms.round() as u32),
+            error_rate_permille: (state.error_ewma * 1000.0).round() as u32,
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Lets a call through unless the circuit is open (or half-open with its probe under way).
+    pub fn admit(self: &Arc<Self>, now: Instant) -> Option<Admission> {
+        let mut state = self.state();
+        let probe = match state.circuit {
+            CircuitState::Closed => false,
+            CircuitState::Open { until } if now < until => return None,
+            CircuitState::HalfOpen { probing: true } => return None,
+            CircuitState::Open { .. } | CircuitState::HalfOpen { probing: false } => {
+                state.circuit = CircuitState::HalfOpen { probing: true };
+                true
+            }
+        };
+        drop(state);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(Admission {
+            health: self.clone(),
+            probe,
+            finished: false,
+        })
+    }
+}
+
+impl Admission {
+    /// The call succeeded; `ttfb` is the time to the first byte (stream) or the whole answer.
+    pub fn succeeded(mut self, latency: Duration, ttfb: Duration) {
+        self.finished = true;
+        let mut state = self.health.state();
+        let ewma = |old: Option<f64>, new: f64| {
+            Some(old.map_or(new, |old| old + EWMA_ALPHA * (new - old)))
+        };
+        state.latency_ewma_ms = ewma(state.latency_ewma_ms, latency.as_secs_f64() * 1000.0);
+        state.ttfb_ewma_ms = ewma(state.ttfb_ewma_ms, ttfb.as_secs_f64() * 1000.0);
+        state.error_ewma *= 1.0 - EWMA_ALPHA;
+        state.samples = state.samples.saturating_add(1);
+        state.consecutive_failures = 0;
+        state.circuit = CircuitState::Closed;
+    }
+
+    /// The call failed through the channel's fault.
+    pub fn failed(mut self, now: Instant) {
+        self.finished = true;
+        let config = &self.health.config;
+        let mut state = self.health.state();
+        state.error_ewma += EWMA_ALPHA * (1.0 - state.error_ewma);
+        state.samples = state.samples.saturating_add(1);
+        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+        let too_many = state.consecutive_failures >= config.failure_threshold;
+        let too_often = state.samples >= config.min_samples
+            && state.error_ewma * 1000.0 >= f64::from(config.error_rate_permille);
+        if self.probe || too_many || too_often {
+            state.circuit = CircuitState::Open {
+                until: now + Duration::from_millis(config.cooldown_ms),
+            };
+        }
+    }
+
+    /// The call ended without saying anything about the channel (the client's fault, a plugin's).
+    pub fn neutral(mut self) {
+        self.finished = true;
+        if self.probe {
+            // Let the next call probe instead.
+            self.health.state().circuit = CircuitState::HalfOpen { probing: false };
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.health.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if !self.finished && self.probe {
+            self.health.state().circuit = CircuitState::HalfOpen { probing: false };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> HealthConfig {
+        HealthConfig {
+            failure_threshold: 3,
+            error_rate_permille: 500,
+            min_samples: 20,
+            cooldown_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_recovers_through_a_probe() {
+        let health = ChannelHealth::new(config());
+        let start = Instant::now();
+        for _ in 0..3 {
+            health.admit(start).expect("closed").failed(start);
+        }
+        assert_eq!(health.snapshot(start).circuit, Circuit::Open);
+        assert!(health.admit(start + Duration::from_millis(500)).is_none());
+        let later = start + Duration::from_millis(1_500);
+        assert_eq!(health.snapshot(later).circuit, Circuit::HalfOpen);
+        let probe = health.admit(later).expect("one probe after the cooldown");
+        assert!(health.admit(later).is_none(), "only one probe at a time");
+        probe.succeeded(Duration::from_millis(10), Duration::from_millis(5));
+        assert_eq!(health.snapshot(later).circuit, Circuit::Closed);
+        assert_eq!(health.snapshot(later).in_flight, 0);
+    }
+
+    #[test]
+    fn a_failed_probe_opens_the_circuit_again() {
+        let health = ChannelHealth::new(config());
+        let start = Instant::now();
+        for _ in 0..3 {
+            health.admit(start).expect("closed").failed(start);
+        }
+        let later = start + Duration::from_millis(1_500);
+        health.admit(later).expect("probe").failed(later);
+        assert_eq!(health.snapshot(later).circuit, Circuit::Open);
+    }
+
+    #[test]
+    fn averages_and_in_flight_are_reported() {
+        let health = ChannelHealth::new(config());
+        let now = Instant::now();
+        let first = health.admit(now).expect("closed");
+        assert_eq!(health.snapshot(now).in_flight, 1);
+        first.succeeded(Duration::from_millis(100), Duration::from_millis(40));
+        health
+            .admit(now)
+            .expect("closed")
+            .succeeded(Duration::from_millis(200), Duration::from_millis(40));
+        let snapshot = health.snapshot(now);
+        assert_eq!(snapshot.latency_ewma_ms, Some(120));
+        assert_eq!(snapshot.ttfb_ewma_ms, Some(40));
+        assert_eq!(snapshot.in_flight, 0);
+        health.admit(now).expect("closed").failed(now);
+        assert_eq!(health.snapshot(now).error_rate_permille, 200);
+    }
+}
