@@ -111,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|index| args.get(index + 1))
         .and_then(|value| value.parse().ok())
         .unwrap_or(500);
-    let simulator = Simulator::start(([127, 0, 0, 1], 0).into(), None).await?;
+    let simulator = Simulator::start(([127, 0, 0, 1], 0).into(), Vec::new()).await?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("bench.toml");
     std::fs::write(

@@ -18,6 +18,8 @@ use tollgate_simulator::Simulator;
 
 /// The key the simulator demands and the gateway reads from `TEST_UPSTREAM_KEY`.
 pub const UPSTREAM_KEY: &str = "sk-sim-upstream-secret";
+/// A second accepted upstream key, which the gateway reads from `TEST_UPSTREAM_KEY_2`.
+pub const SECOND_UPSTREAM_KEY: &str = "sk-sim-upstream-second";
 /// The admin token the gateway is started with.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
@@ -44,23 +46,35 @@ pub fn test_plugin(file: &str) -> PathBuf {
 
 /// Starts a simulator demanding [`UPSTREAM_KEY`].
 pub async fn simulator() -> Simulator {
-    Simulator::start(([127, 0, 0, 1], 0).into(), Some(UPSTREAM_KEY.to_owned()))
-        .await
-        .expect("the simulator binds a loopback port")
+    Simulator::start(
+        ([127, 0, 0, 1], 0).into(),
+        vec![UPSTREAM_KEY.to_owned(), SECOND_UPSTREAM_KEY.to_owned()],
+    )
+    .await
+    .expect("the simulator binds a loopback port")
 }
 
 /// One channel table for a simulator serving `test-model` (and `test-embedding`).
 pub fn channel(name: &str, simulator: &Simulator, priority: u32) -> String {
+    channel_with(
+        name,
+        simulator,
+        priority,
+        r#"api_key_env = ["TEST_UPSTREAM_KEY"]"#,
+    )
+}
+
+/// A channel table with extra lines (which must set `api_key_env`).
+pub fn channel_with(name: &str, simulator: &Simulator, priority: u32, extra: &str) -> String {
     format!(
         r#"
 [[channels]]
 name = "{name}"
 protocol = "openai"
 base_url = "{url}"
-api_key_env = ["TEST_UPSTREAM_KEY"]
 priority = {priority}
-first_byte_timeout_ms = 10000
 models = {{ "test-model" = "sim-model", "test-embedding" = "sim-embedding" }}
+{extra}
 "#,
         url = simulator.openai_base_url()
     )
@@ -144,6 +158,7 @@ pub async fn start(body: &str) -> anyhow::Result<Gateway> {
     let mut child = Command::new(binary())
         .args(["serve", "--config", config_arg])
         .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+        .env("TEST_UPSTREAM_KEY_2", SECOND_UPSTREAM_KEY)
         .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
         .stdout(Stdio::piped())
         .stderr(stderr)

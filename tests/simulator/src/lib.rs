@@ -43,6 +43,10 @@ pub struct Fault {
     pub error_event: bool,
     /// Leave `usage` out of the answer (the gateway must estimate).
     pub omit_usage: bool,
+    /// Send the headers, then wait this long before the body (a stall after headers).
+    pub stall_after_headers_ms: Option<u64>,
+    /// Report this model in the answer instead of the one asked for (a swapped model).
+    pub served_model: Option<String>,
 }
 
 /// What the simulator saw of one request.
@@ -61,7 +65,9 @@ struct Shared {
     faults: Mutex<VecDeque<Fault>>,
     seen: Mutex<Vec<SeenRequest>>,
     release: Notify,
-    api_key: Option<String>,
+    api_keys: Vec<String>,
+    /// Applied when the queue is empty; `None`: answer normally.
+    standing_fault: Mutex<Option<Fault>>,
 }
 
 /// A running simulator.
@@ -72,11 +78,11 @@ pub struct Simulator {
 }
 
 impl Simulator {
-    /// Starts a simulator on `address` (port 0 picks a free one). With `api_key`, requests must
-    /// carry `Authorization: Bearer <api_key>` or get OpenAI's 401.
-    pub async fn start(address: SocketAddr, api_key: Option<String>) -> std::io::Result<Self> {
+    /// Starts a simulator on `address` (port 0 picks a free one). With `api_keys`, requests must
+    /// carry `Authorization: Bearer <one of them>` or get OpenAI's 401.
+    pub async fn start(address: SocketAddr, api_keys: Vec<String>) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
-            api_key,
+            api_keys,
             ..Shared::default()
         });
         let listener = tokio::net::TcpListener::bind(address).await?;
@@ -106,6 +112,11 @@ impl Simulator {
     /// Queues a fault for the next request.
     pub fn push_fault(&self, fault: Fault) {
         lock(&self.shared.faults).push_back(fault);
+    }
+
+    /// Applies `fault` to every request while no queued fault is waiting (`None` to stop).
+    pub fn set_standing_fault(&self, fault: Option<Fault>) {
+        *lock(&self.shared.standing_fault) = fault;
     }
 
     /// Releases streams held by `hold_after_chunks`.
@@ -213,8 +224,11 @@ async fn admit(
         authorization: authorization.clone(),
         body: parsed.clone(),
     });
-    if let Some(key) = &shared.api_key
-        && authorization.as_deref() != Some(format!("Bearer {key}").as_str())
+    let presented = authorization
+        .as_deref()
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if !shared.api_keys.is_empty()
+        && !presented.is_some_and(|key| shared.api_keys.iter().any(|known| known == key))
     {
         return Err(error_response(
             StatusCode::UNAUTHORIZED,
@@ -223,7 +237,10 @@ async fn admit(
             "Incorrect API key provided.",
         ));
     }
-    let fault = lock(&shared.faults).pop_front().unwrap_or_default();
+    let queued = lock(&shared.faults).pop_front();
+    let fault = queued
+        .or_else(|| lock(&shared.standing_fault).clone())
+        .unwrap_or_default();
     if let Some(delay) = fault.delay_ms {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
@@ -331,6 +348,7 @@ async fn chat_completions(
         Ok(reply) => reply,
         Err(response) => return response,
     };
+    let model = fault.served_model.clone().unwrap_or(model);
     let id = format!("chatcmpl-sim{:08x}", lock(&shared.seen).len());
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
         let include_usage = request
@@ -368,7 +386,18 @@ async fn chat_completions(
     {
         object.remove("usage");
     }
-    Json(answer).into_response()
+    let Some(stall) = fault.stall_after_headers_ms else {
+        return Json(answer).into_response();
+    };
+    let body = futures::stream::once(async move {
+        tokio::time::sleep(Duration::from_millis(stall)).await;
+        Ok::<_, std::io::Error>(Bytes::from(answer.to_string()))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 #[expect(clippy::too_many_arguments, reason = "one answer's facts, passed once")]
@@ -418,6 +447,9 @@ fn stream(
             frames.push(Bytes::from(format!("data: {usage_chunk}\n\n")));
         }
         frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        if let Some(stall) = fault.stall_after_headers_ms {
+            tokio::time::sleep(Duration::from_millis(stall)).await;
+        }
         for (index, frame) in frames.into_iter().enumerate() {
             if fault.hold_after_chunks == Some(index) {
                 shared.release.notified().await;

@@ -15,9 +15,9 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8099")]
     listen: SocketAddr,
-    /// Require `Authorization: Bearer <KEY>`.
+    /// Require `Authorization: Bearer <KEY>` (repeat for several accepted keys).
     #[arg(long)]
-    api_key: Option<String>,
+    api_key: Vec<String>,
 }
 
 #[tokio::main]

@@ -1,0 +1,322 @@
+//! End-to-end resilience: key pools, retries, timeouts, the circuit breaker, failover under load,
+//! and the trace of every attempt.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{
+    SECOND_UPSTREAM_KEY, UPSTREAM_KEY, billing, channel, channel_with, chat, simulator, start,
+};
+use tollgate_simulator::Fault;
+
+fn fault(status: u16) -> Fault {
+    Fault {
+        status: Some(status),
+        ..Fault::default()
+    }
+}
+
+fn keys_used(sim: &tollgate_simulator::Simulator) -> Vec<String> {
+    sim.seen()
+        .into_iter()
+        .map(|seen| {
+            seen.authorization
+                .unwrap_or_default()
+                .replace("Bearer ", "")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_refused_key_is_disabled_and_a_rate_limited_key_rests() {
+    let sim = simulator().await;
+    let pool = r#"api_key_env = ["TEST_UPSTREAM_KEY", "TEST_UPSTREAM_KEY_2"]"#;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel_with("pool", &sim, 1, pool)
+    ))
+    .await
+    .expect("the gateway starts");
+
+    // The tenant sticks to one key while it works.
+    for _ in 0..3 {
+        assert_eq!(
+            gateway
+                .post("/v1/chat/completions", &chat("x"), &[])
+                .await
+                .status,
+            200
+        );
+    }
+    let used = keys_used(&sim);
+    assert!(
+        used.iter().all(|key| key == &used[0]),
+        "one key while healthy: {used:?}"
+    );
+    let first = used[0].clone();
+    let second = if first == UPSTREAM_KEY {
+        SECOND_UPSTREAM_KEY
+    } else {
+        UPSTREAM_KEY
+    }
+    .to_owned();
+
+    // A 401 disables that key: the same request moves to the other key, and so do later ones.
+    sim.push_fault(fault(401));
+    let moved = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(moved.status, 200, "{}", moved.json);
+    assert_eq!(moved.headers["x-tollgate-attempts"], "2");
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &chat("x"), &[])
+            .await
+            .status,
+        200
+    );
+    let used = keys_used(&sim);
+    assert_eq!(&used[3..], [first.clone(), second.clone(), second.clone()]);
+    let record = gateway.record(&moved.request_id()).await;
+    assert_eq!(record["attempts"][0]["error_class"], "authentication");
+    assert_eq!(
+        record["attempts"][1]["key"],
+        if second == UPSTREAM_KEY {
+            "TEST_UPSTREAM_KEY"
+        } else {
+            "TEST_UPSTREAM_KEY_2"
+        }
+    );
+    assert!(
+        !record.to_string().contains(&second),
+        "the trace never holds a secret"
+    );
+
+    // The remaining key gets a 429 with retry-after: it rests, and with no key left the client
+    // is told when to come back, without another upstream call.
+    sim.push_fault(Fault {
+        status: Some(429),
+        retry_after_s: Some(30),
+        ..Fault::default()
+    });
+    let limited = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    limited.assert_error(429, Some("rate_limit_exceeded"));
+    let calls = sim.calls();
+    let resting = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    resting.assert_error(429, Some("rate_limit_exceeded"));
+    let retry_after: u64 = resting.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (25..=30).contains(&retry_after),
+        "retry-after {retry_after}"
+    );
+    assert_eq!(sim.calls(), calls);
+}
+
+#[tokio::test]
+async fn retries_stay_on_the_channel_then_fail_over() {
+    let flaky = simulator().await;
+    let backup = simulator().await;
+    let channels = format!(
+        "{}{}",
+        channel_with(
+            "flaky",
+            &flaky,
+            1,
+            "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nretries = 1\nretry_backoff_ms = 10"
+        ),
+        channel("backup", &backup, 2)
+    );
+    let gateway = start(&format!("{}{channels}", billing(1_000_000)))
+        .await
+        .expect("the gateway starts");
+    flaky.push_fault(fault(503));
+    let retried = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(retried.status, 200);
+    assert_eq!(retried.headers["x-tollgate-channel"], "flaky");
+    assert_eq!((flaky.calls(), backup.calls()), (2, 0));
+
+    flaky.push_fault(fault(500));
+    flaky.push_fault(fault(502));
+    let failed_over = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(failed_over.status, 200);
+    assert_eq!(failed_over.headers["x-tollgate-channel"], "backup");
+    assert_eq!(failed_over.headers["x-tollgate-attempts"], "3");
+    assert_eq!((flaky.calls(), backup.calls()), (4, 1));
+
+    // A 400 is the client's: never retried, never failed over.
+    flaky.push_fault(fault(400));
+    gateway
+        .post("/v1/chat/completions", &chat("x"), &[])
+        .await
+        .assert_error(400, None);
+    assert_eq!((flaky.calls(), backup.calls()), (5, 1));
+}
+
+#[tokio::test]
+async fn timeouts_fail_over_and_exhaustion_reports_the_class() {
+    let slow = simulator().await;
+    let stalling = simulator().await;
+    let channels = format!(
+        "{}{}",
+        channel_with(
+            "slow",
+            &slow,
+            1,
+            "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nfirst_byte_timeout_ms = 200"
+        ),
+        channel_with(
+            "stalling",
+            &stalling,
+            2,
+            "api_key_env = [\"TEST_UPSTREAM_KEY\"]\ntotal_timeout_ms = 200"
+        )
+    );
+    let gateway = start(&format!("{}{channels}", billing(1_000_000)))
+        .await
+        .expect("the gateway starts");
+    slow.push_fault(Fault {
+        delay_ms: Some(2_000),
+        ..Fault::default()
+    });
+    stalling.push_fault(Fault {
+        stall_after_headers_ms: Some(2_000),
+        ..Fault::default()
+    });
+    let started = Instant::now();
+    let timed_out = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    timed_out.assert_error(504, Some("upstream_timeout"));
+    assert!(
+        started.elapsed() < Duration::from_millis(1_500),
+        "{:?}",
+        started.elapsed()
+    );
+    let record = gateway.record(&timed_out.request_id()).await;
+    let classes: Vec<&str> = record["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["error_class"].as_str())
+        .collect();
+    assert_eq!(classes, ["timeout", "timeout"]);
+
+    slow.push_fault(fault(529));
+    stalling.push_fault(fault(503));
+    gateway
+        .post("/v1/chat/completions", &chat("x"), &[])
+        .await
+        .assert_error(503, Some("upstream_overloaded"));
+}
+
+#[tokio::test]
+async fn the_circuit_opens_and_recovers_through_a_half_open_probe() {
+    let failing = simulator().await;
+    let healthy = simulator().await;
+    let config = format!(
+        "[health]\nfailure_threshold = 2\ncooldown_ms = 400\n{}{}{}",
+        billing(1_000_000),
+        channel("failing", &failing, 1),
+        channel("healthy", &healthy, 2)
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    failing.set_standing_fault(Some(fault(500)));
+    for _ in 0..2 {
+        let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+        assert_eq!(answer.headers["x-tollgate-channel"], "healthy");
+    }
+    assert_eq!(failing.calls(), 2);
+    // Open: the router sees it and puts the failing channel last, so it gets no call.
+    let skipped = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(skipped.status, 200);
+    assert_eq!(skipped.headers["x-tollgate-attempts"], "1");
+    assert_eq!(failing.calls(), 2);
+    // After the cooldown one probe goes through; it succeeds, and the circuit closes.
+    failing.set_standing_fault(None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let probe = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(probe.headers["x-tollgate-channel"], "failing");
+    let after = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(after.headers["x-tollgate-channel"], "failing");
+    assert_eq!(failing.calls(), 4);
+}
+
+#[tokio::test]
+async fn a_channel_failing_under_steady_load_is_isolated_without_client_errors() {
+    let primary = simulator().await;
+    let secondary = simulator().await;
+    let config = format!(
+        "{}{}{}",
+        billing(1_000_000),
+        channel("primary", &primary, 1),
+        channel("secondary", &secondary, 2)
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    let mut failed_at = None;
+    let mut isolated_after = None;
+    for index in 0..200 {
+        if index == 50 {
+            primary.set_standing_fault(Some(fault(500)));
+            failed_at = Some(Instant::now());
+        }
+        let answer = gateway
+            .post("/v1/chat/completions", &chat("steady"), &[])
+            .await;
+        assert_eq!(
+            answer.status, 200,
+            "the client never sees the failure: {}",
+            answer.json
+        );
+        // Isolated: the first answer after the failure that did not try the primary first.
+        if let Some(at) = failed_at
+            && isolated_after.is_none()
+            && answer.headers["x-tollgate-channel"] == "secondary"
+            && answer.headers["x-tollgate-attempts"] == "1"
+        {
+            isolated_after = Some(at.elapsed());
+        }
+        if isolated_after.is_some() && index >= 100 {
+            break;
+        }
+    }
+    let isolated_after = isolated_after.expect("the failing channel is isolated");
+    eprintln!("failing channel isolated {isolated_after:?} after it started failing");
+    assert!(
+        isolated_after < Duration::from_secs(3),
+        "{isolated_after:?}"
+    );
+    assert_eq!(
+        primary.calls(),
+        50 + 3,
+        "after 3 failures (the threshold) no more calls"
+    );
+}
+
+#[tokio::test]
+async fn a_swapped_model_is_flagged() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    let honest = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(honest.headers["x-tollgate-model"], "sim-model");
+    assert_eq!(
+        gateway.record(&honest.request_id()).await["model_mismatch"],
+        false
+    );
+    sim.push_fault(Fault {
+        served_model: Some("cheaper-model".to_owned()),
+        ..Fault::default()
+    });
+    let swapped = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(swapped.headers["x-tollgate-model"], "cheaper-model");
+    let record = gateway.record(&swapped.request_id()).await;
+    assert_eq!(record["model_mismatch"], true);
+    assert_eq!(record["model_served"], "cheaper-model");
+}
