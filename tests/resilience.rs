@@ -320,3 +320,55 @@ async fn a_swapped_model_is_flagged() {
     assert_eq!(record["model_mismatch"], true);
     assert_eq!(record["model_served"], "cheaper-model");
 }
+
+#[tokio::test]
+async fn metrics_count_requests_attempts_tokens_and_circuits() {
+    let broken = simulator().await;
+    let healthy = simulator().await;
+    let config = format!(
+        "{}{}{}",
+        billing(1_000_000),
+        channel("broken", &broken, 1),
+        channel("healthy", &healthy, 2)
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    broken.push_fault(fault(500));
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &chat("a b c"), &[])
+            .await
+            .status,
+        200
+    );
+    let metrics = gateway
+        .http
+        .get(format!("{}/metrics", gateway.url))
+        .send()
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics are text");
+    for line in [
+        r#"tollgate_requests_total{tenant="acme",model="test-model",channel="healthy",status="200"} 1"#,
+        r#"tollgate_upstream_attempts_total{channel="broken",outcome="server"} 1"#,
+        r#"tollgate_upstream_attempts_total{channel="healthy",outcome="ok"} 1"#,
+        r#"tollgate_tokens_total{tenant="acme",model="test-model",kind="input"} 3"#,
+        r#"tollgate_tokens_total{tenant="acme",model="test-model",kind="output"} 4"#,
+        r#"tollgate_circuit_state{channel="broken"} 0"#,
+        r#"tollgate_gateway_overhead_seconds_count 1"#,
+    ] {
+        assert!(metrics.contains(line), "`{line}` missing from:\n{metrics}");
+    }
+    assert!(
+        metrics.contains("tollgate_plugin_call_duration_seconds_count{role=\"router\""),
+        "{metrics}"
+    );
+    let ready = gateway
+        .http
+        .get(format!("{}/readyz", gateway.url))
+        .send()
+        .await
+        .expect("readyz answers");
+    assert_eq!(ready.status(), 200);
+}

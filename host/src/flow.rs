@@ -19,12 +19,15 @@ use crate::bill::{self, Priced};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::health::Admission;
+use crate::metrics::{
+    AttemptLabels, ChannelLabels, Metrics, ModelLabels, RequestLabels, TokenLabels,
+};
 use crate::plugin::billing::CallOutcome;
 use crate::plugin::translator::{FailureClass, Usage};
 use crate::record;
 use crate::request::ClientRequest;
 use crate::route::{self, PlannedAttempt};
-use crate::store::RecordedAttempt;
+use crate::store::{RecordedAttempt, UsageRecord};
 use crate::stream;
 use crate::translate::{self, TranslateError};
 use crate::upstream::{self, UpstreamError};
@@ -51,6 +54,8 @@ pub struct RequestContext {
     pub served_channel: Option<String>,
     /// The upstream model name the answering attempt asked for (to spot a swapped model).
     pub routed_model: Option<String>,
+    /// Time spent waiting on upstreams before the client's first byte, over every attempt.
+    pub upstream_wait: Duration,
     /// Plugins that ran (`name@sha`), for the record.
     pub plugins: Vec<String>,
 }
@@ -78,6 +83,7 @@ impl RequestContext {
             served_model: None,
             served_channel: None,
             routed_model: None,
+            upstream_wait: Duration::ZERO,
             plugins: Vec::new(),
         }
     }
@@ -160,6 +166,13 @@ pub async fn run(
         started,
         ttfb,
     } = answered;
+    gateway.metrics.gateway_overhead.observe(
+        context
+            .received_at
+            .elapsed()
+            .saturating_sub(context.upstream_wait)
+            .as_secs_f64(),
+    );
     match reply {
         Reply::Whole(answer) => {
             admission.succeeded(started.elapsed(), ttfb);
@@ -281,6 +294,24 @@ async fn attempt_channel(
             }
             Err(_) => (None, Some("plugin".to_owned()), None),
         };
+        let outcome = error_class.clone().unwrap_or_else(|| "ok".to_owned());
+        gateway
+            .metrics
+            .attempts
+            .get_or_create(&AttemptLabels {
+                channel: channel.config.name.clone(),
+                outcome,
+            })
+            .inc();
+        if let Ok((_, ttfb)) = &result {
+            gateway
+                .metrics
+                .upstream_ttfb
+                .get_or_create(&ChannelLabels {
+                    channel: channel.config.name.clone(),
+                })
+                .observe(ttfb.as_secs_f64());
+        }
         context.attempts.push(RecordedAttempt {
             channel: channel.config.name.clone(),
             key: key_id,
@@ -384,10 +415,14 @@ async fn try_attempt(
         translate::request(translator, channel, &attempt_context, &context.request.body).await?;
     let framing = upstream_request.framing;
     let key = key.map(|index| &channel.keys[index]);
-    let response = upstream::send(channel, key, upstream_request).await?;
+    let waiting = Instant::now();
+    let sent = upstream::send(channel, key, upstream_request).await;
+    context.upstream_wait += waiting.elapsed();
+    let response = sent?;
     let reply = if let (true, Some(framing)) = (context.request.stream, framing) {
         let max_error_bytes = gateway.max_upstream_body_bytes;
-        let open = stream::open(
+        let waiting = Instant::now();
+        let opened = stream::open(
             translator,
             channel,
             &attempt_context,
@@ -395,7 +430,10 @@ async fn try_attempt(
             response,
             max_error_bytes,
         )
-        .await?;
+        .await;
+        // Includes the translator's pushes before the first chunk: a few µs each.
+        context.upstream_wait += waiting.elapsed();
+        let open = opened?;
         (Reply::Streaming(Box::new(open)), started.elapsed())
     } else {
         let ttfb = started.elapsed();
@@ -448,7 +486,59 @@ fn finish(
         );
     }
     let usage_record = record::usage_record(context, usage, priced, status, class);
+    observe(&gateway.metrics, &usage_record);
     if let Err(error) = record::commit(gateway.store.as_ref(), &usage_record) {
         tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
+    }
+}
+
+/// Counts a finished request in the metrics.
+fn observe(metrics: &Metrics, record: &UsageRecord) {
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            tenant: record.tenant.clone(),
+            model: record.model_asked.clone(),
+            channel: record.channel.clone(),
+            status: record.status,
+        })
+        .inc();
+    let model = ModelLabels {
+        tenant: record.tenant.clone(),
+        model: record.model_asked.clone(),
+    };
+    metrics
+        .request_duration
+        .get_or_create(&model)
+        .observe(record.latency_ms as f64 / 1000.0);
+    if let Some(cost) = record.cost_picos {
+        metrics.cost_picos.get_or_create(&model).inc_by(cost);
+    }
+    let usage = &record.usage;
+    for (kind, tokens) in [
+        ("input", usage.input_tokens),
+        ("cache_read", usage.cache_read_tokens),
+        ("cache_write", usage.cache_write_tokens),
+        ("output", usage.output_tokens),
+        ("reasoning", usage.reasoning_tokens),
+    ] {
+        if tokens > 0 {
+            metrics
+                .tokens
+                .get_or_create(&TokenLabels {
+                    tenant: record.tenant.clone(),
+                    model: record.model_asked.clone(),
+                    kind,
+                })
+                .inc_by(tokens);
+        }
+    }
+    if record.model_mismatch {
+        metrics
+            .model_mismatches
+            .get_or_create(&ChannelLabels {
+                channel: record.channel.clone(),
+            })
+            .inc();
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{BindingConfig, ChannelConfig, Config};
 use crate::health::{ChannelHealth, HealthConfig};
+use crate::metrics::Metrics;
 use crate::plugin::{Binding, Limits, PluginError, PluginRuntime, Role, RuntimeSettings, shipped};
 use crate::store::{SledStore, Store, StoreError};
 
@@ -130,6 +131,8 @@ pub struct Gateway {
     pub max_upstream_body_bytes: usize,
     /// No new attempt starts later than this after a request arrived.
     pub failover_budget: Duration,
+    /// What `/metrics` exposes.
+    pub metrics: Metrics,
 }
 
 /// Why the gateway could not start.
@@ -242,6 +245,7 @@ impl Gateway {
             max_body_bytes: config.server.max_body_bytes,
             max_upstream_body_bytes: config.server.max_upstream_body_bytes,
             failover_budget: Duration::from_millis(config.server.failover_budget_ms),
+            metrics: Metrics::new(runtime.metrics()),
         }))
     }
 }

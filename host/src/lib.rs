@@ -15,6 +15,7 @@ pub mod flow;
 pub mod gateway;
 pub mod health;
 pub mod listen;
+pub mod metrics;
 pub mod plugin;
 pub mod record;
 pub mod request;

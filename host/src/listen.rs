@@ -39,7 +39,8 @@ pub fn app(gateway: Arc<Gateway>, admin_token: Option<String>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ready" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .fallback(unknown_path)
         .with_state(gateway)
         .nest("/admin", admin)
@@ -243,6 +244,29 @@ async fn models(
         .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "tollgate"}))
         .collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// `GET /readyz`: the store answers and the plugins are loaded (they are, once serving starts).
+async fn ready(State(gateway): State<Arc<Gateway>>) -> Result<&'static str, ApiError> {
+    gateway.store.check()?;
+    Ok("ready")
+}
+
+/// `GET /metrics`: Prometheus/OpenMetrics text.
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    let now = Instant::now();
+    for channel in &gateway.channels {
+        let circuit = channel.health.snapshot(now).circuit;
+        gateway.metrics.set_circuit(&channel.config.name, circuit);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        gateway.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn unknown_path(method: Method, uri: Uri) -> ApiError {

@@ -176,6 +176,47 @@ pub struct RuntimeSettings {
     pub cache_dir: PathBuf,
 }
 
+/// Labels of plugin call figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct PluginLabels {
+    /// `router`, `translator` or `billing`.
+    pub role: String,
+    /// `name@sha`.
+    pub plugin: String,
+    /// The export called.
+    pub export: String,
+}
+
+/// Plugin call durations and failures, registered by the gateway's metrics.
+#[derive(Clone)]
+pub struct PluginMetrics {
+    /// Call durations, instantiation included, seconds.
+    pub calls: prometheus_client::metrics::family::Family<
+        PluginLabels,
+        prometheus_client::metrics::histogram::Histogram,
+        fn() -> prometheus_client::metrics::histogram::Histogram,
+    >,
+    /// Traps, deadlines, limit hits.
+    pub failures: prometheus_client::metrics::family::Family<
+        PluginLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl PluginMetrics {
+    fn new() -> Self {
+        fn histogram() -> prometheus_client::metrics::histogram::Histogram {
+            prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_005, 2.0, 20),
+            )
+        }
+        Self {
+            calls: prometheus_client::metrics::family::Family::new_with_constructor(histogram),
+            failures: Default::default(),
+        }
+    }
+}
+
 /// The wasmtime engine and linker every plugin runs on.
 pub struct PluginRuntime {
     engine: Engine,
@@ -183,6 +224,7 @@ pub struct PluginRuntime {
     cache_dir: PathBuf,
     /// Part of every cache file name, so an artifact from another engine build is never loaded.
     engine_key: String,
+    metrics: PluginMetrics,
 }
 
 /// How often the epoch advances; a deadline is checked at this granularity.
@@ -226,6 +268,7 @@ impl PluginRuntime {
             linker,
             cache_dir: settings.cache_dir.clone(),
             engine_key,
+            metrics: PluginMetrics::new(),
         }))
     }
 
@@ -316,6 +359,11 @@ impl PluginRuntime {
     pub(crate) fn engine(&self) -> &Engine {
         &self.engine
     }
+
+    /// Plugin call figures, for the gateway's metrics.
+    pub fn metrics(&self) -> &PluginMetrics {
+        &self.metrics
+    }
 }
 
 /// A compiled plugin ready to instantiate: `InstancePre` per role world, so each call pays only for
@@ -381,6 +429,7 @@ impl Binding {
             self.compiled.role,
             self.config.clone(),
             &self.limits,
+            self.runtime.metrics.clone(),
         )
     }
 }

@@ -13,7 +13,7 @@ use wasmtime_wasi::random::{WasiRandom, WasiRandomCtx};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::router::tollgate::plugin::{host, types};
-use super::{PluginError, PluginRef, Role};
+use super::{PluginError, PluginLabels, PluginMetrics, PluginRef, Role};
 
 /// Limits of one binding. Every call runs under them.
 #[derive(Debug, Clone)]
@@ -49,6 +49,7 @@ pub struct PluginState {
     memory_cap_hit: bool,
     pub(super) call_budget: Duration,
     call_deadline: Instant,
+    metrics: PluginMetrics,
 }
 
 impl PluginState {
@@ -167,6 +168,7 @@ pub(super) fn store(
     role: Role,
     config: Arc<str>,
     limits: &Limits,
+    metrics: PluginMetrics,
 ) -> Store<PluginState> {
     let output = MemoryOutputPipe::new(CAPTURED_OUTPUT_BYTES);
     let wasi = WasiCtx::builder()
@@ -185,6 +187,7 @@ pub(super) fn store(
         memory_cap_hit: false,
         call_budget: limits.deadline,
         call_deadline: Instant::now() + limits.deadline,
+        metrics,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| state);
@@ -227,10 +230,24 @@ pub(super) async fn bounded<R>(
         plugin = %store.data().plugin,
         export
     );
+    let started = Instant::now();
     let outcome = tokio::time::timeout(budget + HOST_TIMEOUT_SLACK, call(store))
         .instrument(span)
         .await;
     let state = store.data();
+    let labels = PluginLabels {
+        role: state.role.to_string(),
+        plugin: state.plugin.to_string(),
+        export: export.to_owned(),
+    };
+    state
+        .metrics
+        .calls
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if !matches!(outcome, Ok(Ok(_))) {
+        state.metrics.failures.get_or_create(&labels).inc();
+    }
     let deadline = || PluginError::Deadline {
         plugin: state.plugin.clone(),
         role: state.role,

@@ -186,6 +186,8 @@ pub trait Store: Send + Sync {
     fn usage(&self) -> Result<Vec<UsageRecord>, StoreError>;
     /// The ledger record of one request.
     fn usage_by_request(&self, request_id: &str) -> Result<Option<UsageRecord>, StoreError>;
+    /// Answers when the store is open and readable (for `/readyz`).
+    fn check(&self) -> Result<(), StoreError>;
     /// Flushes to disk (sled also flushes in the background every 500 ms).
     fn flush(&self) -> Result<(), StoreError>;
 }

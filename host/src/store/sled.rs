@@ -213,6 +213,10 @@ impl Store for SledStore {
             .transpose()
     }
 
+    fn check(&self) -> Result<(), StoreError> {
+        self.tenants.first().map_err(backend).map(drop)
+    }
+
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(backend).map(drop)
     }

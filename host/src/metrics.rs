@@ -1,0 +1,193 @@
+//! Metrics: what `/metrics` exposes, in the OpenMetrics text format Prometheus scrapes. The flow
+//! records requests, tokens, cost and attempts as they finish; circuit states are read from the
+//! channels' health at scrape time; plugin call figures come from the plugin runtime.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::plugin::PluginMetrics;
+use crate::plugin::router::Circuit;
+
+/// Labels of a finished request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// Public model asked for.
+    pub model: String,
+    /// Channel that answered (empty when none did).
+    pub channel: String,
+    /// HTTP status the client got.
+    pub status: u16,
+}
+
+/// Labels of per-model figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// Public model asked for.
+    pub model: String,
+}
+
+/// Labels of token counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// Tenant name.
+    pub tenant: String,
+    /// Public model asked for.
+    pub model: String,
+    /// `input`, `cache_read`, `cache_write`, `output` or `reasoning`.
+    pub kind: &'static str,
+}
+
+/// Labels of upstream attempts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// Channel tried.
+    pub channel: String,
+    /// `ok`, or the failure class.
+    pub outcome: String,
+}
+
+/// Labels of per-channel figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabels {
+    /// Channel.
+    pub channel: String,
+}
+
+/// Every metric of the gateway.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by tenant, model, channel, status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time from arrival to the last byte, seconds.
+    pub request_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    /// Time from arrival to the first byte sent to the client, minus the time spent waiting on
+    /// upstreams: what the gateway itself adds, seconds.
+    pub gateway_overhead: Histogram,
+    /// Upstream time to first byte of successful attempts, seconds.
+    pub upstream_ttfb: Family<ChannelLabels, Histogram, fn() -> Histogram>,
+    /// Upstream attempts by channel and outcome.
+    pub attempts: Family<AttemptLabels, Counter>,
+    /// Tokens by tenant, model and kind.
+    pub tokens: Family<TokenLabels, Counter>,
+    /// Cost in picos (10^-12 currency units) by tenant and model.
+    pub cost_picos: Family<ModelLabels, Counter>,
+    /// Answers whose served model differs from the routed one.
+    pub model_mismatches: Family<ChannelLabels, Counter>,
+    /// Circuit state per channel: 0 closed, 1 half-open, 2 open.
+    pub circuit: Family<ChannelLabels, Gauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 20))
+}
+
+impl Metrics {
+    /// Registers every family, the plugin runtime's included.
+    pub fn new(plugins: &PluginMetrics) -> Self {
+        let mut registry = Registry::with_prefix("tollgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests answered", requests.clone());
+        let request_duration =
+            Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "request_duration_seconds",
+            "Arrival to last byte",
+            request_duration.clone(),
+        );
+        let gateway_overhead = latency_histogram();
+        registry.register(
+            "gateway_overhead_seconds",
+            "Time to the client's first byte minus time waiting on upstreams",
+            gateway_overhead.clone(),
+        );
+        let upstream_ttfb =
+            Family::<ChannelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "upstream_ttfb_seconds",
+            "Upstream time to first byte",
+            upstream_ttfb.clone(),
+        );
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts by outcome",
+            attempts.clone(),
+        );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register("tokens", "Tokens by kind", tokens.clone());
+        let cost_picos = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "cost_picos",
+            "Cost charged, in 10^-12 currency units",
+            cost_picos.clone(),
+        );
+        let model_mismatches = Family::<ChannelLabels, Counter>::default();
+        registry.register(
+            "model_mismatches",
+            "Answers reporting another model than the route asked for",
+            model_mismatches.clone(),
+        );
+        let circuit = Family::<ChannelLabels, Gauge>::default();
+        registry.register(
+            "circuit_state",
+            "0 closed, 1 half-open, 2 open",
+            circuit.clone(),
+        );
+        registry.register(
+            "plugin_call_duration_seconds",
+            "Plugin calls, instantiation included",
+            plugins.calls.clone(),
+        );
+        registry.register(
+            "plugin_failures",
+            "Plugin traps, deadlines and limit hits",
+            plugins.failures.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            gateway_overhead,
+            upstream_ttfb,
+            attempts,
+            tokens,
+            cost_picos,
+            model_mismatches,
+            circuit,
+        }
+    }
+
+    /// Sets a channel's circuit gauge.
+    pub fn set_circuit(&self, channel: &str, circuit: Circuit) {
+        let value = match circuit {
+            Circuit::Closed => 0,
+            Circuit::HalfOpen => 1,
+            Circuit::Open => 2,
+        };
+        self.circuit
+            .get_or_create(&ChannelLabels {
+                channel: channel.to_owned(),
+            })
+            .set(value);
+    }
+
+    /// The registry in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
