@@ -14,6 +14,10 @@ const GUESTS: &[&str] = &[
     "tollgate-translator-openai",
     "tollgate-router-failover",
     "tollgate-billing-price-table",
+    "tollgate-router-cost-first",
+    "tollgate-router-latency-first",
+    "tollgate-router-least-busy",
+    "tollgate-router-weighted",
     "tollgate-test-plugin-trap",
     "tollgate-test-plugin-endless-loop",
 ];

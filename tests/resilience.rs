@@ -372,3 +372,37 @@ async fn metrics_count_requests_attempts_tokens_and_circuits() {
         .expect("readyz answers");
     assert_eq!(ready.status(), 200);
 }
+
+#[tokio::test]
+async fn every_shipped_router_routes_and_cost_first_picks_the_cheapest() {
+    for router in [
+        "failover",
+        "cost-first",
+        "latency-first",
+        "least-busy",
+        "weighted",
+    ] {
+        let dear = simulator().await;
+        let cheap = simulator().await;
+        let prices = |input: u64| {
+            format!(
+                "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nprices = {{ \"test-model\" = {{ input = {input}, output = {input} }} }}"
+            )
+        };
+        let config = format!(
+            "[bindings.router]\nplugin = \"{router}\"\n{}{}{}",
+            billing(1_000_000),
+            channel_with("dear", &dear, 1, &prices(5_000_000)),
+            channel_with("cheap", &cheap, 2, &prices(100_000)),
+        );
+        let gateway = start(&config).await.expect("the gateway starts");
+        let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+        assert_eq!(answer.status, 200, "{router}: {}", answer.json);
+        if router == "cost-first" {
+            assert_eq!(answer.headers["x-tollgate-channel"], "cheap");
+        }
+        if router == "failover" {
+            assert_eq!(answer.headers["x-tollgate-channel"], "dear");
+        }
+    }
+}

@@ -182,6 +182,9 @@ pub struct ChannelConfig {
     /// Public model name → upstream model name (fixed).
     #[serde(default)]
     pub models: BTreeMap<String, String>,
+    /// This channel's prices by public model name, for cost-aware routers (billing has its own).
+    #[serde(default)]
+    pub prices: BTreeMap<String, ChannelPrice>,
     /// Protocol options handed to the translator as JSON (e.g. an API version).
     #[serde(default = "empty_table")]
     pub options: toml::Value,
@@ -207,6 +210,16 @@ pub struct ChannelConfig {
     /// First retry's backoff, in milliseconds; doubled on each further retry.
     #[serde(default = "default_retry_backoff_ms")]
     pub retry_backoff_ms: u64,
+}
+
+/// What a channel charges for a model, in micro-units per million tokens.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelPrice {
+    /// Per million prompt tokens.
+    pub input: u64,
+    /// Per million generated tokens.
+    pub output: u64,
 }
 
 fn one() -> u32 {

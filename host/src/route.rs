@@ -65,11 +65,14 @@ pub async fn plan(gateway: &Gateway, context: &RequestContext) -> Result<Plan, R
                     .config
                     .models
                     .iter()
-                    .map(|(public, upstream)| ChannelModel {
-                        public_name: public.clone(),
-                        upstream_name: upstream.clone(),
-                        price_per_million_input_micros: None,
-                        price_per_million_output_micros: None,
+                    .map(|(public, upstream)| {
+                        let price = channel.config.prices.get(public);
+                        ChannelModel {
+                            public_name: public.clone(),
+                            upstream_name: upstream.clone(),
+                            price_per_million_input_micros: price.map(|price| price.input),
+                            price_per_million_output_micros: price.map(|price| price.output),
+                        }
                     })
                     .collect(),
                 priority: channel.config.priority,

@@ -32,6 +32,38 @@ pub const SHIPPED: &[ShippedPlugin] = &[
         )),
     },
     ShippedPlugin {
+        name: "cost-first",
+        role: Role::Router,
+        bytes: include_bytes!(concat!(
+            env!("TOLLGATE_GUEST_DIR"),
+            "/tollgate_router_cost_first.wasm"
+        )),
+    },
+    ShippedPlugin {
+        name: "latency-first",
+        role: Role::Router,
+        bytes: include_bytes!(concat!(
+            env!("TOLLGATE_GUEST_DIR"),
+            "/tollgate_router_latency_first.wasm"
+        )),
+    },
+    ShippedPlugin {
+        name: "least-busy",
+        role: Role::Router,
+        bytes: include_bytes!(concat!(
+            env!("TOLLGATE_GUEST_DIR"),
+            "/tollgate_router_least_busy.wasm"
+        )),
+    },
+    ShippedPlugin {
+        name: "weighted",
+        role: Role::Router,
+        bytes: include_bytes!(concat!(
+            env!("TOLLGATE_GUEST_DIR"),
+            "/tollgate_router_weighted.wasm"
+        )),
+    },
+    ShippedPlugin {
         name: "price-table",
         role: Role::Billing,
         bytes: include_bytes!(concat!(

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use tollgate_plugin_sdk::export_router;
 use tollgate_plugin_sdk::host::parse_config;
-use tollgate_plugin_sdk::router::{Attempt, Channel, Circuit, RequestFacts, RouteError, Router};
+use tollgate_plugin_sdk::router::{Attempt, Channel, RequestFacts, RouteError, Router, plan_by};
 
 /// The plugin's configuration.
 #[derive(Debug, Default, Deserialize)]
@@ -31,54 +31,23 @@ impl Router for Failover {
 
 export_router!(Failover);
 
-/// Orders the channels serving `facts.model`: open circuits last, then by priority, then by name so
-/// the order is stable.
+/// Orders the channels serving `facts.model` by priority, open circuits last.
 fn plan(
     facts: &RequestFacts,
     channels: Vec<Channel>,
     config: &FailoverConfig,
 ) -> Result<Vec<Attempt>, RouteError> {
-    let mut serving: Vec<(bool, u32, String, String)> = channels
-        .into_iter()
-        .filter_map(|channel| {
-            let model = channel
-                .models
-                .iter()
-                .find(|model| model.public_name == facts.model)?;
-            Some((
-                channel.circuit == Circuit::Open,
-                channel.priority,
-                channel.name.clone(),
-                model.upstream_name.clone(),
-            ))
-        })
-        .collect();
-    if serving.is_empty() {
-        return Err(RouteError::NoRoute(format!(
-            "no channel serves the model `{}`",
-            facts.model
-        )));
+    let mut attempts = plan_by(facts, channels, |_| ())?;
+    if config.max_attempts > 0 {
+        attempts.truncate(config.max_attempts);
     }
-    serving.sort();
-    let limit = if config.max_attempts == 0 {
-        serving.len()
-    } else {
-        config.max_attempts
-    };
-    Ok(serving
-        .into_iter()
-        .take(limit)
-        .map(|(_, _, channel, upstream_model)| Attempt {
-            channel,
-            upstream_model,
-        })
-        .collect())
+    Ok(attempts)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tollgate_plugin_sdk::router::{ChannelModel, Operation};
+    use tollgate_plugin_sdk::router::{ChannelModel, Circuit, Operation};
 
     fn facts(model: &str) -> RequestFacts {
         RequestFacts {
