@@ -406,3 +406,65 @@ async fn every_shipped_router_routes_and_cost_first_picks_the_cheapest() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_model_whose_routes_all_fail_degrades_to_its_fallback() {
+    let main = simulator().await;
+    let spare = simulator().await;
+    let config = format!(
+        r#"
+[models."test-model"]
+fallback = "spare-model"
+{}{}
+[[channels]]
+name = "spare"
+protocol = "openai"
+base_url = "{}"
+api_key_env = ["TEST_UPSTREAM_KEY"]
+models = {{ "spare-model" = "sim-spare" }}
+"#,
+        billing(1_000_000).replace("\"test-embedding\"", "\"spare-model\""),
+        channel("main", &main, 1),
+        spare.openai_base_url()
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    let normal = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert!(!normal.headers.contains_key("x-tollgate-degraded"));
+    main.set_standing_fault(Some(fault(500)));
+    let degraded = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(degraded.status, 200, "{}", degraded.json);
+    assert_eq!(degraded.headers["x-tollgate-degraded"], "spare-model");
+    assert_eq!(degraded.headers["x-tollgate-channel"], "spare");
+    let record = gateway.record(&degraded.request_id()).await;
+    assert_eq!(record["model_asked"], "test-model");
+    assert_eq!(record["degraded_to"], "spare-model");
+    assert_eq!(record["model_served"], "sim-spare");
+    assert_eq!(spare.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_connection_fails_over() {
+    let healthy = simulator().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let closed_url = format!("http://{}/v1", closed.local_addr().expect("an address"));
+    drop(closed);
+    let config = format!(
+        r#"{}
+[[channels]]
+name = "gone"
+protocol = "openai"
+base_url = "{closed_url}"
+api_key_env = ["TEST_UPSTREAM_KEY"]
+priority = 1
+models = {{ "test-model" = "sim-model" }}
+{}"#,
+        billing(1_000_000),
+        channel("healthy", &healthy, 2)
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    let record = gateway.record(&answer.request_id()).await;
+    assert_eq!(record["attempts"][0]["error_class"], "connect");
+    assert_eq!(record["channel"], "healthy");
+}

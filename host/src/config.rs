@@ -34,6 +34,18 @@ pub struct Config {
     /// Circuit-breaker settings of every channel.
     #[serde(default)]
     pub health: crate::health::HealthConfig,
+    /// Settings per public model.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+}
+
+/// `[models."<public name>"]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Served instead when every route to this model fails (degradation). The record marks it and
+    /// the response carries `x-tollgate-degraded`.
+    pub fallback: Option<String>,
 }
 
 /// `[server]`.

@@ -56,6 +56,9 @@ pub struct RequestContext {
     pub routed_model: Option<String>,
     /// Time spent waiting on upstreams before the client's first byte, over every attempt.
     pub upstream_wait: Duration,
+    /// The model the client asked for, when every route to it failed and its fallback served
+    /// instead (`request.model` then names the fallback).
+    pub degraded_from: Option<String>,
     /// Plugins that ran (`name@sha`), for the record.
     pub plugins: Vec<String>,
 }
@@ -84,6 +87,7 @@ impl RequestContext {
             served_channel: None,
             routed_model: None,
             upstream_wait: Duration::ZERO,
+            degraded_from: None,
             plugins: Vec::new(),
         }
     }
@@ -127,6 +131,8 @@ pub struct Served {
     pub model: String,
     /// Attempts made, the answering one included.
     pub attempts: usize,
+    /// The fallback model that served, when the asked one was down.
+    pub degraded_to: Option<String>,
 }
 
 /// Runs a chat-completions or embeddings request through every stage. Failures are recorded
@@ -159,6 +165,10 @@ pub async fn run(
             .or_else(|| context.routed_model.clone())
             .unwrap_or_default(),
         attempts: context.attempts.len(),
+        degraded_to: context
+            .degraded_from
+            .as_ref()
+            .map(|_| context.request.model.clone()),
     };
     let Answered {
         reply,
@@ -217,19 +227,54 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
     context.plugins.push(gateway.billing.plugin().to_string());
     bill::authorize(gateway, context).await?;
     let deadline = context.received_at + gateway.failover_budget;
+    let last_error = match run_plan(gateway, context, &plan, deadline).await {
+        Ok(answered) => return Ok(answered),
+        Err(ChannelOutcome::Fatal(error)) => return Err(error),
+        Err(ChannelOutcome::Failed(error)) => Some(error),
+        Err(ChannelOutcome::Answered(_)) => None,
+    };
+    // Degradation: every channel of the asked model failed; its configured fallback may serve.
+    let fallback = gateway.fallbacks.get(&context.request.model).cloned();
+    if let Some(fallback) = fallback
+        && Instant::now() < deadline
+    {
+        tracing::warn!(model = %context.request.model, %fallback, "every route failed; degrading");
+        context.degraded_from = Some(std::mem::replace(&mut context.request.model, fallback));
+        let plan = route::plan(gateway, context).await?;
+        match run_plan(gateway, context, &plan, deadline).await {
+            Ok(answered) => return Ok(answered),
+            Err(ChannelOutcome::Fatal(error)) => return Err(error),
+            Err(ChannelOutcome::Failed(error)) => return Err(error.into()),
+            Err(ChannelOutcome::Answered(_)) => {}
+        }
+    }
+    Err(last_error.map_or(ApiError::NoAttempt, ApiError::from))
+}
+
+/// Runs a plan's attempts in order until one answers. `Err(Failed)` carries the last retryable
+/// failure; `Err(Answered)` never occurs and stands for an empty plan.
+async fn run_plan(
+    gateway: &Gateway,
+    context: &mut RequestContext,
+    plan: &route::Plan,
+    deadline: Instant,
+) -> Result<Answered, ChannelOutcome> {
     let mut last_error = None;
     for attempt in &plan.attempts {
         // Failover only before the first byte: an attempt fails only before it sent any.
         match attempt_channel(gateway, context, attempt, deadline).await {
             ChannelOutcome::Answered(answered) => return Ok(*answered),
             ChannelOutcome::Failed(error) => last_error = Some(error),
-            ChannelOutcome::Fatal(error) => return Err(error),
+            fatal @ ChannelOutcome::Fatal(_) => return Err(fatal),
         }
         if Instant::now() >= deadline {
             break;
         }
     }
-    Err(last_error.map_or(ApiError::NoAttempt, ApiError::from))
+    Err(last_error.map_or(
+        ChannelOutcome::Fatal(ApiError::NoAttempt),
+        ChannelOutcome::Failed,
+    ))
 }
 
 /// How one planned channel ended.

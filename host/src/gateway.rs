@@ -133,6 +133,8 @@ pub struct Gateway {
     pub failover_budget: Duration,
     /// What `/metrics` exposes.
     pub metrics: Metrics,
+    /// Public model → the model to serve instead when every route to it fails.
+    pub fallbacks: HashMap<String, String>,
 }
 
 /// Why the gateway could not start.
@@ -246,6 +248,11 @@ impl Gateway {
             max_upstream_body_bytes: config.server.max_upstream_body_bytes,
             failover_budget: Duration::from_millis(config.server.failover_budget_ms),
             metrics: Metrics::new(runtime.metrics()),
+            fallbacks: config
+                .models
+                .iter()
+                .filter_map(|(model, settings)| Some((model.clone(), settings.fallback.clone()?)))
+                .collect(),
         }))
     }
 }

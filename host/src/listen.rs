@@ -214,6 +214,11 @@ async fn serve(
         }
     };
     let headers = response.headers_mut();
+    if let Some(fallback) = served.degraded_to.as_deref()
+        && let Ok(value) = HeaderValue::from_str(fallback)
+    {
+        headers.insert("x-tollgate-degraded", value);
+    }
     for (name, value) in [
         ("x-tollgate-channel", served.channel),
         ("x-tollgate-model", served.model),

@@ -40,7 +40,14 @@ pub fn usage_record(
             crate::plugin::router::Operation::Embeddings => "embeddings",
         }
         .to_owned(),
-        model_asked: context.request.model.clone(),
+        model_asked: context
+            .degraded_from
+            .clone()
+            .unwrap_or_else(|| context.request.model.clone()),
+        degraded_to: context
+            .degraded_from
+            .as_ref()
+            .map(|_| context.request.model.clone()),
         model_served: context.served_model.clone().unwrap_or_default(),
         channel: context.served_channel.clone().unwrap_or_default(),
         model_mismatch: model_mismatch(context),

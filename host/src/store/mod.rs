@@ -99,6 +99,8 @@ pub struct UsageRecord {
     pub operation: String,
     /// Public model name asked for.
     pub model_asked: String,
+    /// The fallback model that served because every route to the asked one failed.
+    pub degraded_to: Option<String>,
     /// Model name the upstream reported (empty when none answered).
     pub model_served: String,
     /// Channel that answered (empty when none did).
