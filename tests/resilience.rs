@@ -468,3 +468,40 @@ models = {{ "test-model" = "sim-model" }}
     assert_eq!(record["attempts"][0]["error_class"], "connect");
     assert_eq!(record["channel"], "healthy");
 }
+
+#[tokio::test]
+async fn a_failing_model_opens_its_own_circuit_not_the_channels() {
+    let mixed = simulator().await;
+    let backup = simulator().await;
+    let config = format!(
+        "[health]\nfailure_threshold = 2\ncooldown_ms = 60000\n{}{}{}",
+        billing(1_000_000),
+        channel("mixed", &mixed, 1),
+        channel("backup", &backup, 2)
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    mixed.set_standing_fault(Some(Fault {
+        status: Some(500),
+        only_model: Some("sim-model".to_owned()),
+        ..Fault::default()
+    }));
+    for _ in 0..2 {
+        let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+        assert_eq!(answer.headers["x-tollgate-channel"], "backup");
+        assert_eq!(answer.headers["x-tollgate-attempts"], "2");
+    }
+    // The chat model's circuit on `mixed` is open: chat goes straight to the backup ...
+    let chat_now = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(chat_now.headers["x-tollgate-attempts"], "1");
+    assert_eq!(chat_now.headers["x-tollgate-channel"], "backup");
+    // ... while the channel keeps serving its other model.
+    let embedding = gateway
+        .post(
+            "/v1/embeddings",
+            &serde_json::json!({"model": "test-embedding", "input": "x"}),
+            &[],
+        )
+        .await;
+    assert_eq!(embedding.status, 200, "{}", embedding.json);
+    assert_eq!(embedding.headers["x-tollgate-channel"], "mixed");
+}

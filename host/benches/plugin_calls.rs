@@ -75,6 +75,7 @@ fn benchmarks(criterion: &mut Criterion) {
                 upstream_name: "m".into(),
                 price_per_million_input_micros: None,
                 price_per_million_output_micros: None,
+                circuit: Circuit::Closed,
             }],
             priority: index,
             weight: 1,

@@ -18,7 +18,7 @@ use crate::auth::Caller;
 use crate::bill::{self, Priced};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
-use crate::health::Admission;
+use crate::health::{Admission, ChannelHealth};
 use crate::metrics::{
     AttemptLabels, ChannelLabels, Metrics, ModelLabels, RequestLabels, TokenLabels,
 };
@@ -197,7 +197,7 @@ pub async fn run(
                 async move {
                     let outcome = stream::pump(*open, sender).await;
                     match (outcome.cut, outcome.client_gone) {
-                        (Some(_), _) => admission.failed(Instant::now()),
+                        (Some(_), _) => admission.failed(Instant::now(), true),
                         (None, true) => admission.neutral(),
                         (None, false) => admission.succeeded(started.elapsed(), ttfb),
                     }
@@ -301,7 +301,12 @@ async fn attempt_channel(
     let mut last_error = None;
     loop {
         let now = Instant::now();
-        let Some(admission) = channel.health.admit(now) else {
+        let model_health = channel.model_health.get(&context.request.model);
+        let admitted = match model_health {
+            Some(model_health) => ChannelHealth::admit_all(&[&channel.health, model_health], now),
+            None => channel.health.admit(now),
+        };
+        let Some(admission) = admitted else {
             context
                 .attempts
                 .push(skipped(channel, attempt, "circuit_open"));
@@ -404,7 +409,7 @@ async fn attempt_channel(
                 return ChannelOutcome::Failed(error);
             }
             _ => {
-                admission.failed(Instant::now());
+                admission.failed(Instant::now(), error.upstream_answered());
                 let backoff = retry_backoff(channel.config.retry_backoff_ms, retries);
                 if retries >= channel.config.retries || Instant::now() + backoff >= deadline {
                     return ChannelOutcome::Failed(error);

@@ -22,8 +22,10 @@ pub struct Channel {
     pub keys: Vec<UpstreamKey>,
     /// The HTTP client, with this channel's connect timeout.
     pub http: reqwest::Client,
-    /// Live health and circuit breaker.
+    /// Live health and circuit breaker of the whole channel.
     pub health: Arc<ChannelHealth>,
+    /// Live health and circuit breaker per public model it serves.
+    pub model_health: HashMap<String, Arc<ChannelHealth>>,
 }
 
 /// One upstream key of a channel's pool. The secret is never logged or returned; the key is known
@@ -310,5 +312,10 @@ fn live_channel(config: &ChannelConfig, health: &HealthConfig) -> Result<Channel
         keys,
         http,
         health: ChannelHealth::new(health.clone()),
+        model_health: config
+            .models
+            .keys()
+            .map(|model| (model.clone(), ChannelHealth::new(health.clone())))
+            .collect(),
     })
 }

@@ -84,8 +84,13 @@ pub struct HealthSnapshot {
     pub in_flight: u32,
 }
 
-/// An admitted call: counts as in flight until dropped. Report its end with `succeeded`/`failed`.
+/// An admitted call: counts as in flight until dropped. Report its end with `succeeded`,
+/// `failed` or `neutral`. One admission may cover several healths (a channel and its model).
 pub struct Admission {
+    parts: Vec<Part>,
+}
+
+struct Part {
     health: Arc<ChannelHealth>,
     probe: bool,
     finished: bool,
@@ -132,6 +137,16 @@ impl ChannelHealth {
         }
     }
 
+    /// Lets a call through only if every one of `healths` admits it (see [`ChannelHealth::admit`]).
+    pub fn admit_all(healths: &[&Arc<Self>], now: Instant) -> Option<Admission> {
+        let mut parts = Vec::with_capacity(healths.len());
+        for health in healths {
+            // A refusal drops the parts admitted so far, which releases their probes.
+            parts.extend(health.admit(now)?.parts);
+        }
+        Some(Admission { parts })
+    }
+
     /// Lets a call through unless the circuit is open (or half-open with its probe under way).
     pub fn admit(self: &Arc<Self>, now: Instant) -> Option<Admission> {
         let mut state = self.state();
@@ -147,9 +162,11 @@ impl ChannelHealth {
         drop(state);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Some(Admission {
-            health: self.clone(),
-            probe,
-            finished: false,
+            parts: vec![Part {
+                health: self.clone(),
+                probe,
+                finished: false,
+            }],
         })
     }
 }
@@ -157,8 +174,45 @@ impl ChannelHealth {
 impl Admission {
     /// The call succeeded; `ttfb` is the time to the first byte (stream) or the whole answer.
     pub fn succeeded(mut self, latency: Duration, ttfb: Duration) {
-        self.finished = true;
-        let mut state = self.health.state();
+        for part in &mut self.parts {
+            part.finished = true;
+            part.health.record_success(latency, ttfb);
+        }
+    }
+
+    /// The call failed through the upstream's fault. When the upstream `answered` (with an error
+    /// status or a broken answer) it is reachable, so only the most specific health — the last one
+    /// given to [`ChannelHealth::admit_all`], the model's — counts the failure; a connection
+    /// failure or timeout counts against every part.
+    pub fn failed(mut self, now: Instant, answered: bool) {
+        let last = self.parts.len().saturating_sub(1);
+        for (index, part) in self.parts.iter_mut().enumerate() {
+            part.finished = true;
+            if answered && index != last {
+                if part.probe {
+                    part.health.state().circuit = CircuitState::HalfOpen { probing: false };
+                }
+                continue;
+            }
+            part.health.record_failure(part.probe, now);
+        }
+    }
+
+    /// The call ended without saying anything about the channel (the client's fault, a plugin's).
+    pub fn neutral(mut self) {
+        for part in &mut self.parts {
+            part.finished = true;
+            if part.probe {
+                // Let the next call probe instead.
+                part.health.state().circuit = CircuitState::HalfOpen { probing: false };
+            }
+        }
+    }
+}
+
+impl ChannelHealth {
+    fn record_success(&self, latency: Duration, ttfb: Duration) {
+        let mut state = self.state();
         let ewma = |old: Option<f64>, new: f64| {
             Some(old.map_or(new, |old| old + EWMA_ALPHA * (new - old)))
         };
@@ -170,35 +224,24 @@ impl Admission {
         state.circuit = CircuitState::Closed;
     }
 
-    /// The call failed through the channel's fault.
-    pub fn failed(mut self, now: Instant) {
-        self.finished = true;
-        let config = &self.health.config;
-        let mut state = self.health.state();
+    fn record_failure(&self, probe: bool, now: Instant) {
+        let config = &self.config;
+        let mut state = self.state();
         state.error_ewma += EWMA_ALPHA * (1.0 - state.error_ewma);
         state.samples = state.samples.saturating_add(1);
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         let too_many = state.consecutive_failures >= config.failure_threshold;
         let too_often = state.samples >= config.min_samples
             && state.error_ewma * 1000.0 >= f64::from(config.error_rate_permille);
-        if self.probe || too_many || too_often {
+        if probe || too_many || too_often {
             state.circuit = CircuitState::Open {
                 until: now + Duration::from_millis(config.cooldown_ms),
             };
         }
     }
-
-    /// The call ended without saying anything about the channel (the client's fault, a plugin's).
-    pub fn neutral(mut self) {
-        self.finished = true;
-        if self.probe {
-            // Let the next call probe instead.
-            self.health.state().circuit = CircuitState::HalfOpen { probing: false };
-        }
-    }
 }
 
-impl Drop for Admission {
+impl Drop for Part {
     fn drop(&mut self) {
         self.health.in_flight.fetch_sub(1, Ordering::Relaxed);
         if !self.finished && self.probe {
@@ -225,7 +268,7 @@ mod tests {
         let health = ChannelHealth::new(config());
         let start = Instant::now();
         for _ in 0..3 {
-            health.admit(start).expect("closed").failed(start);
+            health.admit(start).expect("closed").failed(start, false);
         }
         assert_eq!(health.snapshot(start).circuit, Circuit::Open);
         assert!(health.admit(start + Duration::from_millis(500)).is_none());
@@ -243,11 +286,42 @@ mod tests {
         let health = ChannelHealth::new(config());
         let start = Instant::now();
         for _ in 0..3 {
-            health.admit(start).expect("closed").failed(start);
+            health.admit(start).expect("closed").failed(start, false);
         }
         let later = start + Duration::from_millis(1_500);
-        health.admit(later).expect("probe").failed(later);
+        health.admit(later).expect("probe").failed(later, false);
         assert_eq!(health.snapshot(later).circuit, Circuit::Open);
+    }
+
+    #[test]
+    fn a_joint_admission_needs_every_part_and_reports_to_all() {
+        let channel = ChannelHealth::new(config());
+        let model = ChannelHealth::new(config());
+        let now = Instant::now();
+        for _ in 0..3 {
+            ChannelHealth::admit_all(&[&channel, &model], now)
+                .expect("both closed")
+                .failed(now, true);
+        }
+        assert_eq!(model.snapshot(now).circuit, Circuit::Open);
+        assert_eq!(
+            channel.snapshot(now).circuit,
+            Circuit::Closed,
+            "answered failures are the model's"
+        );
+        for _ in 0..3 {
+            ChannelHealth::admit_all(&[&channel], now)
+                .expect("closed")
+                .failed(now, false);
+        }
+        assert_eq!(channel.snapshot(now).circuit, Circuit::Open);
+        let other_model = ChannelHealth::new(config());
+        assert!(ChannelHealth::admit_all(&[&other_model, &channel], now).is_none());
+        assert_eq!(
+            other_model.snapshot(now).in_flight,
+            0,
+            "a refused admission holds nothing"
+        );
     }
 
     #[test]
@@ -265,7 +339,7 @@ mod tests {
         assert_eq!(snapshot.latency_ewma_ms, Some(120));
         assert_eq!(snapshot.ttfb_ewma_ms, Some(40));
         assert_eq!(snapshot.in_flight, 0);
-        health.admit(now).expect("closed").failed(now);
+        health.admit(now).expect("closed").failed(now, false);
         assert_eq!(health.snapshot(now).error_rate_permille, 200);
     }
 }

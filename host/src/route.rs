@@ -6,7 +6,7 @@
 use crate::flow::RequestContext;
 use crate::gateway::Gateway;
 use crate::plugin::PluginError;
-use crate::plugin::router::{self as wit, Channel, ChannelModel, RequestFacts};
+use crate::plugin::router::{self as wit, Channel, ChannelModel, Circuit, RequestFacts};
 
 /// One step of the plan.
 #[derive(Debug, Clone)]
@@ -67,11 +67,16 @@ pub async fn plan(gateway: &Gateway, context: &RequestContext) -> Result<Plan, R
                     .iter()
                     .map(|(public, upstream)| {
                         let price = channel.config.prices.get(public);
+                        let circuit = channel
+                            .model_health
+                            .get(public)
+                            .map_or(Circuit::Closed, |health| health.snapshot(now).circuit);
                         ChannelModel {
                             public_name: public.clone(),
                             upstream_name: upstream.clone(),
                             price_per_million_input_micros: price.map(|price| price.input),
                             price_per_million_output_micros: price.map(|price| price.output),
+                            circuit,
                         }
                     })
                     .collect(),

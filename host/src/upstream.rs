@@ -122,6 +122,17 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the upstream was reached and answered (badly): then the failure is the model's,
+    /// not the whole channel's.
+    pub fn upstream_answered(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Failure { .. }
+                | UpstreamError::Malformed { .. }
+                | UpstreamError::Cut { .. }
+        )
+    }
+
     /// The translator's class, when the upstream answered with a failure.
     pub fn failure_class(&self) -> Option<FailureClass> {
         match self {

@@ -74,6 +74,7 @@ mod tests {
                     upstream_name: (*upstream).into(),
                     price_per_million_input_micros: None,
                     price_per_million_output_micros: None,
+                    circuit: Circuit::Closed,
                 })
                 .collect(),
             priority,

@@ -23,10 +23,10 @@ impl Candidate {
         }
     }
 
-    /// Whether the host's circuit breaker has this channel open (failing; skip it while others
-    /// remain).
+    /// Whether the host's circuit breaker has this channel, or this model on it, open (failing;
+    /// try it only after the others).
     pub fn is_open(&self) -> bool {
-        self.channel.circuit == Circuit::Open
+        self.channel.circuit == Circuit::Open || self.model.circuit == Circuit::Open
     }
 }
 
@@ -146,6 +146,7 @@ pub mod testing {
                 upstream_name: format!("upstream-{model}"),
                 price_per_million_input_micros: None,
                 price_per_million_output_micros: None,
+                circuit: Circuit::Closed,
             }],
             priority: 1,
             weight: 1,

@@ -47,6 +47,8 @@ pub struct Fault {
     pub stall_after_headers_ms: Option<u64>,
     /// Report this model in the answer instead of the one asked for (a swapped model).
     pub served_model: Option<String>,
+    /// A standing fault applies only to requests for this model (queued faults ignore it).
+    pub only_model: Option<String>,
 }
 
 /// What the simulator saw of one request.
@@ -237,10 +239,20 @@ async fn admit(
             "Incorrect API key provided.",
         ));
     }
-    let queued = lock(&shared.faults).pop_front();
-    let fault = queued
-        .or_else(|| lock(&shared.standing_fault).clone())
+    let requested_model = parsed
+        .get("model")
+        .and_then(Value::as_str)
         .unwrap_or_default();
+    let queued = lock(&shared.faults).pop_front();
+    let standing = || {
+        lock(&shared.standing_fault).clone().filter(|fault| {
+            fault
+                .only_model
+                .as_deref()
+                .is_none_or(|model| model == requested_model)
+        })
+    };
+    let fault = queued.or_else(standing).unwrap_or_default();
     if let Some(delay) = fault.delay_ms {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
