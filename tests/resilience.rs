@@ -505,3 +505,70 @@ async fn a_failing_model_opens_its_own_circuit_not_the_channels() {
     assert_eq!(embedding.status, 200, "{}", embedding.json);
     assert_eq!(embedding.headers["x-tollgate-channel"], "mixed");
 }
+
+#[tokio::test]
+async fn spans_are_exported_over_otlp_when_configured() {
+    use std::sync::{Arc, Mutex};
+    let received: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let sink = received.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let kind = headers
+                        .get("content-type")
+                        .and_then(|value| value.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    sink.lock()
+                        .expect("not poisoned")
+                        .push((kind, body.to_vec()));
+                    axum::http::StatusCode::OK
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let endpoint = format!(
+        "http://{}/v1/traces",
+        listener.local_addr().expect("an address")
+    );
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let sim = simulator().await;
+    let config = format!(
+        "[telemetry]\notlp_endpoint = \"{endpoint}\"\nexport_interval_ms = 100\n{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &chat("x"), &[])
+            .await
+            .status,
+        200
+    );
+    let mut exported = false;
+    for _ in 0..100 {
+        let batches = received.lock().expect("not poisoned").clone();
+        if batches.iter().any(|(kind, body)| {
+            kind == "application/x-protobuf"
+                && body
+                    .windows(b"upstream.attempt".len())
+                    .any(|w| w == b"upstream.attempt")
+        }) {
+            exported = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        exported,
+        "an upstream.attempt span reaches the collector within 10 s"
+    );
+}

@@ -37,6 +37,31 @@ pub struct Config {
     /// Settings per public model.
     #[serde(default)]
     pub models: BTreeMap<String, ModelConfig>,
+    /// Trace export.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`: OpenTelemetry trace export, off unless an endpoint is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP (protobuf) traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// How often batched spans are sent, in milliseconds.
+    pub export_interval_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "tollgate".to_owned(),
+            export_interval_ms: 5_000,
+        }
+    }
 }
 
 /// `[models."<public name>"]`.

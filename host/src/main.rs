@@ -75,26 +75,80 @@ enum KeyAction {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+/// Logs to stderr (level from `RUST_LOG`, default `info`), and, when the configuration names an
+/// OTLP endpoint, exports the spans there too. Returns the provider to flush at exit.
+fn init_tracing(
+    telemetry: Option<&config::TelemetryConfig>,
+) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let Some((telemetry, endpoint)) =
+        telemetry.and_then(|telemetry| Some((telemetry, telemetry.otlp_endpoint.as_deref()?)))
+    else {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(logs)
+            .init();
+        return Ok(None);
+    };
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(endpoint)
+        .with_timeout(std::time::Duration::from_secs(5))
+        .build()
+        .context("building the OTLP exporter")?;
+    let batch = opentelemetry_sdk::trace::BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            opentelemetry_sdk::trace::BatchConfigBuilder::default()
+                .with_scheduled_delay(std::time::Duration::from_millis(
+                    telemetry.export_interval_ms,
+                ))
+                .build(),
         )
-        .with_writer(std::io::stderr)
+        .build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_span_processor(batch)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(telemetry.service_name.clone())
+                .build(),
+        )
+        .build();
+    let tracer = provider.tracer("tollgate");
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(tracing_opentelemetry::layer().with_tracer(tracer))
         .init();
+    Ok(Some(provider))
+}
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config } => {
+            let loaded = load_config(config.as_deref())?;
+            let provider = init_tracing(Some(&loaded.telemetry))?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(serve(config.as_deref()))
+            let served = runtime.block_on(serve(loaded, config.as_deref()));
+            if let Some(provider) = provider {
+                // Sends the spans still batched; a collector that is down must not block exit.
+                let _ = provider.shutdown();
+            }
+            served
         }
         Command::Tenant {
             action: TenantAction::Create { name, data },
         } => {
+            init_tracing(None)?;
             let store = open_store(&data)?;
             let tenant = store.create_tenant(&name, now_unix_ms())?;
             console::line(&format!("created tenant {}", tenant.name));
@@ -103,6 +157,7 @@ fn main() -> anyhow::Result<()> {
         Command::Key {
             action: KeyAction::Create { tenant, data },
         } => {
+            init_tracing(None)?;
             let store = open_store(&data)?;
             let (key, secret) = auth::issue_key(&store, &tenant, now_unix_ms())?;
             store.flush()?;
@@ -139,8 +194,7 @@ fn open_store(args: &DataDirArgs) -> anyhow::Result<SledStore> {
     Ok(SledStore::open(&data_dir)?)
 }
 
-async fn serve(config_path: Option<&Path>) -> anyhow::Result<()> {
-    let config = load_config(config_path)?;
+async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()> {
     let config_dir = config_path
         .and_then(Path::parent)
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
