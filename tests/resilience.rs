@@ -509,7 +509,9 @@ async fn a_failing_model_opens_its_own_circuit_not_the_channels() {
 #[tokio::test]
 async fn spans_are_exported_over_otlp_when_configured() {
     use std::sync::{Arc, Mutex};
-    let received: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    /// (content type, body) of each export the collector received.
+    type Exports = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    let received: Exports = Arc::default();
     let sink = received.clone();
     let collector = axum::Router::new().route(
         "/v1/traces",
