@@ -104,6 +104,26 @@ async fn a_refused_key_is_disabled_and_a_rate_limited_key_rests() {
     let calls = sim.calls();
     let resting = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
     resting.assert_error(429, Some("rate_limit_exceeded"));
+    // The operator sees why each key is out, by variable name, never by secret.
+    let channels = gateway
+        .http
+        .get(format!("{}/admin/channels", gateway.url))
+        .bearer_auth(harness::ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("the admin API answers")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        channels.contains("disabled: the upstream refused it"),
+        "{channels}"
+    );
+    assert!(channels.contains("cooling for"), "{channels}");
+    assert!(
+        !channels.contains(UPSTREAM_KEY) && !channels.contains(SECOND_UPSTREAM_KEY),
+        "{channels}"
+    );
     let retry_after: u64 = resting.headers["retry-after"]
         .to_str()
         .unwrap()
@@ -573,4 +593,46 @@ async fn spans_are_exported_over_otlp_when_configured() {
         exported,
         "an upstream.attempt span reaches the collector within 10 s"
     );
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_quiet_is_cut_at_the_idle_timeout() {
+    let sim = simulator().await;
+    let config = format!(
+        "{}{}",
+        billing(1_000_000),
+        channel_with(
+            "quiet",
+            &sim,
+            1,
+            "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nidle_timeout_ms = 300"
+        )
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    sim.push_fault(Fault {
+        hold_after_chunks: Some(2),
+        ..Fault::default()
+    });
+    let mut body = chat("one two three");
+    body["stream"] = serde_json::json!(true);
+    let started = Instant::now();
+    let text = gateway
+        .http
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(&gateway.key)
+        .json(&body)
+        .send()
+        .await
+        .expect("the gateway answers")
+        .text()
+        .await
+        .expect("the stream ends");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(text.contains("\"code\":\"upstream_timeout\""), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    sim.release();
 }

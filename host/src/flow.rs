@@ -344,15 +344,16 @@ async fn attempt_channel(
             }
             Err(_) => (None, Some("plugin".to_owned()), None),
         };
-        let outcome = error_class.clone().unwrap_or_else(|| "ok".to_owned());
+        let labels = AttemptLabels {
+            channel: channel.config.name.clone(),
+            outcome: error_class.clone().unwrap_or_else(|| "ok".to_owned()),
+        };
+        gateway.metrics.attempts.get_or_create(&labels).inc();
         gateway
             .metrics
-            .attempts
-            .get_or_create(&AttemptLabels {
-                channel: channel.config.name.clone(),
-                outcome,
-            })
-            .inc();
+            .upstream_latency
+            .get_or_create(&labels)
+            .observe(latency_ms as f64 / 1000.0);
         if let Ok((_, ttfb)) = &result {
             gateway
                 .metrics

@@ -68,6 +68,18 @@ impl UpstreamKey {
         self.state().disabled = Some(reason);
     }
 
+    /// Why the key is out of the pool, if it is: `disabled: <reason>` or `cooling`.
+    pub fn status(&self, now: Instant) -> Option<String> {
+        let state = self.state();
+        if let Some(reason) = &state.disabled {
+            return Some(format!("disabled: {reason}"));
+        }
+        state
+            .cooling_until
+            .filter(|until| now < *until)
+            .map(|until| format!("cooling for {} ms", (until - now).as_millis()))
+    }
+
     /// Rests the key until `until` (a 429 on this key).
     pub fn cool_down(&self, until: Instant) {
         self.state().cooling_until = Some(until);

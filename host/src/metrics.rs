@@ -75,6 +75,9 @@ pub struct Metrics {
     pub upstream_ttfb: Family<ChannelLabels, Histogram, fn() -> Histogram>,
     /// Upstream attempts by channel and outcome.
     pub attempts: Family<AttemptLabels, Counter>,
+    /// Duration of every upstream attempt until its answer (or first stream content, or
+    /// failure), seconds.
+    pub upstream_latency: Family<AttemptLabels, Histogram, fn() -> Histogram>,
     /// Tokens by tenant, model and kind.
     pub tokens: Family<TokenLabels, Counter>,
     /// Cost in picos (10^-12 currency units) by tenant and model.
@@ -125,6 +128,15 @@ impl Metrics {
             "Upstream attempts by outcome",
             attempts.clone(),
         );
+        let upstream_latency =
+            Family::<AttemptLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "upstream_latency_seconds",
+            "Upstream attempts until their answer, first stream content or failure",
+            upstream_latency.clone(),
+        );
         let tokens = Family::<TokenLabels, Counter>::default();
         registry.register("tokens", "Tokens by kind", tokens.clone());
         let cost_picos = Family::<ModelLabels, Counter>::default();
@@ -162,6 +174,7 @@ impl Metrics {
             gateway_overhead,
             upstream_ttfb,
             attempts,
+            upstream_latency,
             tokens,
             cost_picos,
             model_mismatches,

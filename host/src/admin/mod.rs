@@ -32,6 +32,7 @@ pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
     Router::new()
         .route("/usage", get(usage))
         .route("/requests/{request_id}", get(request_trace))
+        .route("/channels", get(channels))
         .with_state(state)
 }
 
@@ -76,4 +77,49 @@ async fn request_trace(
         .usage_by_request(&request_id)?
         .ok_or(ApiError::UnknownRequest { request_id })?;
     Ok(axum::Json(record).into_response())
+}
+
+/// `GET /admin/channels`: every channel's health, per model too, and its keys' state (by the
+/// name of their environment variable; never a secret).
+async fn channels(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let now = std::time::Instant::now();
+    let health = |snapshot: crate::health::HealthSnapshot| {
+        serde_json::json!({
+            "circuit": format!("{:?}", snapshot.circuit).to_lowercase(),
+            "latency_ewma_ms": snapshot.latency_ewma_ms,
+            "ttfb_ewma_ms": snapshot.ttfb_ewma_ms,
+            "error_rate_permille": snapshot.error_rate_permille,
+            "in_flight": snapshot.in_flight,
+        })
+    };
+    let channels: Vec<serde_json::Value> = state
+        .gateway
+        .channels
+        .iter()
+        .map(|channel| {
+            let models: serde_json::Map<String, serde_json::Value> = channel
+                .model_health
+                .iter()
+                .map(|(model, model_health)| (model.clone(), health(model_health.snapshot(now))))
+                .collect();
+            let keys: Vec<serde_json::Value> = channel
+                .keys
+                .iter()
+                .map(|key| serde_json::json!({"id": key.id, "problem": key.status(now)}))
+                .collect();
+            serde_json::json!({
+                "name": channel.config.name,
+                "protocol": channel.config.protocol,
+                "active": channel.is_active(),
+                "health": health(channel.health.snapshot(now)),
+                "models": models,
+                "keys": keys,
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "object": "list", "data": channels })).into_response())
 }
