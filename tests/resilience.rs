@@ -186,7 +186,8 @@ async fn timeouts_fail_over_and_exhaustion_reports_the_class() {
             "slow",
             &slow,
             1,
-            "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nfirst_byte_timeout_ms = 200"
+            // The channel default would wait a minute; the model's own override cuts at 200 ms.
+            "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nfirst_byte_timeout_ms = 60000\nmodel_first_byte_timeout_ms = { \"test-model\" = 200 }"
         ),
         channel_with(
             "stalling",

@@ -234,6 +234,9 @@ pub struct ChannelConfig {
     /// Timeout until the upstream's response headers (and, for streams, first event), in ms.
     #[serde(default = "default_first_byte_timeout_ms")]
     pub first_byte_timeout_ms: u64,
+    /// Per public model overrides of `first_byte_timeout_ms` (reasoning models think for minutes).
+    #[serde(default)]
+    pub model_first_byte_timeout_ms: BTreeMap<String, u64>,
     /// Longest gap between two stream events, in milliseconds.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,

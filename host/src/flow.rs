@@ -467,7 +467,8 @@ async fn try_attempt(
     let framing = upstream_request.framing;
     let key = key.map(|index| &channel.keys[index]);
     let waiting = Instant::now();
-    let sent = upstream::send(channel, key, upstream_request).await;
+    let first_byte = channel.first_byte_timeout(&context.request.model);
+    let sent = upstream::send(channel, key, upstream_request, first_byte).await;
     context.upstream_wait += waiting.elapsed();
     let response = sent?;
     let reply = if let (true, Some(framing)) = (context.request.stream, framing) {

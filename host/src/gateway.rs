@@ -87,6 +87,17 @@ impl UpstreamKey {
 }
 
 impl Channel {
+    /// The time-to-first-byte timeout for a public model on this channel.
+    pub fn first_byte_timeout(&self, public_model: &str) -> Duration {
+        Duration::from_millis(
+            self.config
+                .model_first_byte_timeout_ms
+                .get(public_model)
+                .copied()
+                .unwrap_or(self.config.first_byte_timeout_ms),
+        )
+    }
+
     /// Picks the key for a tenant: the same one every time while it stays usable, so the
     /// provider's prompt cache keeps working; otherwise the next usable key not yet tried.
     /// `Ok(None)` means the channel needs no key; `Err` that every key is out, with the moment the

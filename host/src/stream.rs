@@ -120,7 +120,7 @@ pub async fn open(
         ready: VecDeque::new(),
         ended: false,
     };
-    let first_byte = Duration::from_millis(channel.config.first_byte_timeout_ms);
+    let first_byte = channel.first_byte_timeout(&attempt.public_model);
     let mut first_chunks = Vec::new();
     while first_chunks.is_empty() {
         let Some(event) = events.next(first_byte, TimeoutPhase::FirstByte).await? else {

@@ -161,11 +161,12 @@ impl UpstreamError {
     }
 }
 
-/// Sends the request and waits for the response headers, within the channel's first-byte timeout.
+/// Sends the request and waits for the response headers, within `first_byte`.
 pub async fn send(
     channel: &Channel,
     key: Option<&UpstreamKey>,
     request: UpstreamRequest,
+    first_byte: Duration,
 ) -> Result<reqwest::Response, UpstreamError> {
     let name = &channel.config.name;
     let url = format!(
@@ -201,7 +202,6 @@ pub async fn send(
             AuthPlacement::Query(parameter) => builder.query(&[(parameter, secret)]),
         };
     }
-    let first_byte = Duration::from_millis(channel.config.first_byte_timeout_ms);
     match tokio::time::timeout(first_byte, builder.body(request.body).send()).await {
         Err(_) => Err(UpstreamError::Timeout {
             channel: name.clone(),
