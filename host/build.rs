@@ -20,6 +20,7 @@ const GUESTS: &[&str] = &[
     "tollgate-router-weighted",
     "tollgate-test-plugin-trap",
     "tollgate-test-plugin-endless-loop",
+    "tollgate-test-plugin-billing-trap",
 ];
 
 fn main() -> Result<(), String> {

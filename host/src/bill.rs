@@ -30,6 +30,9 @@ pub enum BillingError {
     /// The balance could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The balance kept changing under concurrent requests; the client may retry.
+    #[error("the balance is changing too fast to place a hold; retry")]
+    Contended,
 }
 
 /// The result of pricing a finished call.
@@ -41,9 +44,40 @@ pub struct Priced {
     pub failure: Option<String>,
 }
 
-/// Asks the billing plugin whether the request may go ahead; returns the amount to hold, in picos.
-pub async fn authorize(gateway: &Gateway, context: &RequestContext) -> Result<u64, BillingError> {
-    let balance = gateway.store.balance_picos(&context.caller.tenant)?;
+/// How often authorization is retried when concurrent requests keep changing the balance between
+/// the plugin's decision and the hold.
+const HOLD_ATTEMPTS: usize = 64;
+
+/// Asks the billing plugin whether the request may go ahead and places its hold; returns the
+/// hold's id. The hold is placed only if the available balance is still the one the plugin decided
+/// on, so concurrent requests can never overdraw it together.
+pub async fn authorize(
+    gateway: &Gateway,
+    context: &RequestContext,
+) -> Result<String, BillingError> {
+    let tenant = &context.caller.tenant;
+    let hold_id = uuid::Uuid::new_v4().to_string();
+    for _ in 0..HOLD_ATTEMPTS {
+        let available = gateway.store.available_picos(tenant)?;
+        let amount = decide(gateway, context, available).await?;
+        if gateway
+            .store
+            .place_hold(tenant, &hold_id, amount, available)?
+        {
+            return Ok(hold_id);
+        }
+        tokio::task::yield_now().await;
+    }
+    Err(BillingError::Contended)
+}
+
+/// One authorization decision of the plugin, on the given available balance.
+async fn decide(
+    gateway: &Gateway,
+    context: &RequestContext,
+    available: i128,
+) -> Result<u64, BillingError> {
+    let balance = available;
     let request = AuthorizeRequest {
         request_id: context.request_id.clone(),
         tenant: context.caller.tenant.clone(),
@@ -64,7 +98,6 @@ pub async fn authorize(gateway: &Gateway, context: &RequestContext) -> Result<u6
             i64::MAX
         }),
     };
-    // TODO(#7): reserve the hold against the balance so concurrent requests cannot overdraw it.
     match gateway.billing.authorize(&request).await? {
         Ok(hold) => Ok(hold.amount_picos),
         Err(BillingDenial::InsufficientBalance(message)) => {

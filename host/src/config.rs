@@ -110,7 +110,7 @@ pub struct PluginsConfig {
     pub max_instances: u32,
     /// Largest memory any plugin may be given, in MiB (reserved per pool slot).
     pub max_memory_mib: usize,
-    /// Default per-call deadline, in milliseconds.
+    /// Default per-call deadline: the plugin's own running time, in milliseconds (5 ms granularity).
     pub deadline_ms: u64,
     /// Default memory cap per instance, in MiB.
     pub memory_mib: usize,

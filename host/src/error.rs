@@ -53,6 +53,12 @@ pub enum ApiError {
     /// The admin token is missing or wrong (or the admin API is not enabled).
     #[error("A valid admin token is required (Authorization: Bearer $TOLLGATE_ADMIN_TOKEN).")]
     AdminUnauthorized,
+    /// No such tenant.
+    #[error("No tenant is named `{tenant}`.")]
+    UnknownTenant {
+        /// The name asked for.
+        tenant: String,
+    },
     /// No record of that request id.
     #[error("No request with id `{request_id}` is recorded.")]
     UnknownRequest {
@@ -249,6 +255,15 @@ impl ApiError {
                 Some("insufficient_quota"),
                 message.clone(),
             ),
+            ApiError::Billing(BillingError::Contended) => Rendered {
+                retry_after_ms: Some(1000),
+                ..rendered(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    Some("rate_limit_exceeded"),
+                    self.to_string(),
+                )
+            },
             ApiError::Billing(BillingError::Store(_)) => {
                 ApiError::Store(StoreError::Backend(String::new())).render()
             }
@@ -274,6 +289,12 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 Some("invalid_admin_token"),
+                self.to_string(),
+            ),
+            ApiError::UnknownTenant { .. } => rendered(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("tenant_not_found"),
                 self.to_string(),
             ),
             ApiError::UnknownRequest { .. } => rendered(
@@ -318,12 +339,14 @@ impl ApiError {
                 Some(Role::Billing) => "plugin_billing",
                 None => "plugin",
             },
+            ApiError::Billing(BillingError::Contended) => "billing_contended",
             ApiError::Billing(_) => "insufficient_quota",
             ApiError::Translate(TranslateError::Upstream(error)) | ApiError::Upstream(error) => {
                 error.class()
             }
             ApiError::NoAttempt => "no_upstream",
             ApiError::AdminUnauthorized => "invalid_admin_token",
+            ApiError::UnknownTenant { .. } => "tenant_not_found",
             ApiError::UnknownRequest { .. } => "request_not_found",
             ApiError::UnknownPath { .. } => "unknown_url",
         }
@@ -522,6 +545,52 @@ mod tests {
                 404,
                 "invalid_request_error",
                 Some("unknown_url"),
+            ),
+            (
+                ApiError::AdminUnauthorized,
+                401,
+                "invalid_request_error",
+                Some("invalid_admin_token"),
+            ),
+            (
+                ApiError::UnknownRequest {
+                    request_id: "r".into(),
+                },
+                404,
+                "invalid_request_error",
+                Some("request_not_found"),
+            ),
+            (
+                ApiError::UnknownTenant { tenant: "t".into() },
+                404,
+                "invalid_request_error",
+                Some("tenant_not_found"),
+            ),
+            (
+                BillingError::Contended.into(),
+                429,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            (
+                UpstreamError::NoUsableKey {
+                    channel: "c".into(),
+                    retry_after: None,
+                }
+                .into(),
+                503,
+                "server_error",
+                Some("upstream_no_usable_key"),
+            ),
+            (
+                UpstreamError::NoUsableKey {
+                    channel: "c".into(),
+                    retry_after: Some(Duration::from_secs(3)),
+                }
+                .into(),
+                429,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
             ),
         ];
         for (error, status, kind, code) in table {

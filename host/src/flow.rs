@@ -59,6 +59,8 @@ pub struct RequestContext {
     /// The model the client asked for, when every route to it failed and its fallback served
     /// instead (`request.model` then names the fallback).
     pub degraded_from: Option<String>,
+    /// The id of this request's balance hold, once billing placed one (released by record).
+    pub hold_id: Option<String>,
     /// Plugins that ran (`name@sha`), for the record.
     pub plugins: Vec<String>,
 }
@@ -88,6 +90,7 @@ impl RequestContext {
             routed_model: None,
             upstream_wait: Duration::ZERO,
             degraded_from: None,
+            hold_id: None,
             plugins: Vec::new(),
         }
     }
@@ -225,7 +228,7 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
     context.plugins.push(gateway.router.plugin().to_string());
     let plan = route::plan(gateway, context).await?;
     context.plugins.push(gateway.billing.plugin().to_string());
-    bill::authorize(gateway, context).await?;
+    context.hold_id = Some(bill::authorize(gateway, context).await?);
     let deadline = context.received_at + gateway.failover_budget;
     let last_error = match run_plan(gateway, context, &plan, deadline).await {
         Ok(answered) => return Ok(answered),
@@ -539,7 +542,8 @@ fn finish(
     }
     let usage_record = record::usage_record(context, usage, priced, status, class);
     observe(&gateway.metrics, &usage_record);
-    if let Err(error) = record::commit(gateway.store.as_ref(), &usage_record) {
+    let hold_id = context.hold_id.as_deref();
+    if let Err(error) = record::commit(gateway.store.as_ref(), &usage_record, hold_id) {
         tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
     }
 }

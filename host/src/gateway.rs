@@ -209,6 +209,8 @@ impl Gateway {
             )))
         })?;
         let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.server.data_dir)?);
+        // Holds belong to requests in flight, and none survives a restart.
+        store.clear_holds()?;
         let runtime = PluginRuntime::new(&RuntimeSettings {
             max_instances: config.plugins.max_instances,
             max_memory_bytes: config.plugins.max_memory_mib << 20,

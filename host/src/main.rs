@@ -40,6 +40,61 @@ enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// Manages balances, through a running gateway's admin API.
+    Balance {
+        #[command(subcommand)]
+        action: BalanceAction,
+    },
+    /// Usage and the books, through a running gateway's admin API.
+    Usage {
+        #[command(subcommand)]
+        action: UsageAction,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The gateway's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    admin_url: String,
+    /// The admin token.
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+}
+
+#[derive(Subcommand)]
+enum BalanceAction {
+    /// Credits a tenant (a negative amount corrects a mistake); the reason is recorded.
+    TopUp {
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+        /// Amount in micro-units of currency (1 unit = 1,000,000).
+        #[arg(long, allow_hyphen_values = true)]
+        amount_micros: i64,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Shows a tenant's balance.
+    Get {
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsageAction {
+    /// Checks that every balance equals its top-ups minus its ledger charges; exits 1 if not.
+    Reconcile {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -154,6 +209,41 @@ fn main() -> anyhow::Result<()> {
             console::line(&format!("created tenant {}", tenant.name));
             Ok(())
         }
+        Command::Balance { action } => {
+            init_tracing(None)?;
+            match action {
+                BalanceAction::TopUp {
+                    tenant,
+                    amount_micros,
+                    reason,
+                    admin,
+                } => admin_call(
+                    &admin,
+                    reqwest::Method::POST,
+                    &format!("/tenants/{tenant}/top-ups"),
+                    Some(serde_json::json!({"amount_micros": amount_micros, "reason": reason})),
+                )
+                .map(drop),
+                BalanceAction::Get { tenant, admin } => admin_call(
+                    &admin,
+                    reqwest::Method::GET,
+                    &format!("/tenants/{tenant}/balance"),
+                    None,
+                )
+                .map(drop),
+            }
+        }
+        Command::Usage {
+            action: UsageAction::Reconcile { admin },
+        } => {
+            init_tracing(None)?;
+            let books = admin_call(&admin, reqwest::Method::GET, "/reconcile", None)?;
+            anyhow::ensure!(
+                books["balanced"] == serde_json::Value::Bool(true),
+                "the books do not balance"
+            );
+            Ok(())
+        }
         Command::Key {
             action: KeyAction::Create { tenant, data },
         } => {
@@ -166,6 +256,37 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Calls the admin API and prints its JSON answer; a non-2xx answer is an error.
+fn admin_call(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let url = format!("{}/admin{path}", admin.admin_url.trim_end_matches('/'));
+        let mut request = reqwest::Client::new()
+            .request(method, &url)
+            .bearer_auth(&admin.admin_token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("calling {url}"))?;
+        let status = response.status();
+        let answer: serde_json::Value = response.json().await.context("reading the answer")?;
+        anyhow::ensure!(status.is_success(), "{status}: {answer}");
+        console::line(&serde_json::to_string_pretty(&answer)?);
+        Ok(answer)
+    })
 }
 
 fn now_unix_ms() -> u64 {
@@ -243,10 +364,12 @@ fn bootstrap(config: &Config, store: &dyn Store) -> anyhow::Result<()> {
         return Ok(());
     }
     store.create_tenant(&bootstrap.tenant, now_unix_ms())?;
-    store.credit_picos(
-        &bootstrap.tenant,
-        i128::from(bootstrap.balance_micros) * 1_000_000,
-    )?;
+    store.top_up(&tollgate::store::TopUp {
+        tenant: bootstrap.tenant.clone(),
+        amount_picos: i128::from(bootstrap.balance_micros) * 1_000_000,
+        reason: "bootstrap: opening balance of the demo tenant".to_owned(),
+        unix_ms: now_unix_ms(),
+    })?;
     let (key, secret) = auth::issue_key(store, &bootstrap.tenant, now_unix_ms())?;
     store.flush()?;
     console::line(&format!(

@@ -95,10 +95,14 @@ fn model_mismatch(context: &RequestContext) -> bool {
     }
 }
 
-/// Appends the record and debits its cost in one atomic store write.
-pub fn commit(store: &dyn Store, record: &UsageRecord) -> Result<(), RecordError> {
+/// Appends the record, debits its cost and releases the request's hold in one atomic store write.
+pub fn commit(
+    store: &dyn Store,
+    record: &UsageRecord,
+    hold_id: Option<&str>,
+) -> Result<(), RecordError> {
     store
-        .commit_usage(record)
+        .commit_usage(record, hold_id)
         .map_err(|source| RecordError::Store {
             request_id: record.request_id.clone(),
             source,

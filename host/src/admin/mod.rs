@@ -33,6 +33,9 @@ pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
         .route("/usage", get(usage))
         .route("/requests/{request_id}", get(request_trace))
         .route("/channels", get(channels))
+        .route("/tenants/{tenant}/balance", get(balance))
+        .route("/tenants/{tenant}/top-ups", axum::routing::post(top_up))
+        .route("/reconcile", get(reconcile))
         .with_state(state)
 }
 
@@ -122,4 +125,106 @@ async fn channels(
         })
         .collect();
     Ok(axum::Json(serde_json::json!({ "object": "list", "data": channels })).into_response())
+}
+
+/// Picos per micro-unit: top-ups and balances are shown in micro-units, kept in picos.
+const PICOS_PER_MICRO: i128 = 1_000_000;
+
+/// `GET /admin/tenants/{tenant}/balance`.
+async fn balance(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let store = &state.gateway.store;
+    if store.tenant(&tenant)?.is_none() {
+        return Err(ApiError::UnknownTenant { tenant });
+    }
+    let balance = store.balance_picos(&tenant)?;
+    let available = store.available_picos(&tenant)?;
+    Ok(axum::Json(serde_json::json!({
+        "tenant": tenant,
+        "balance_picos": balance.to_string(),
+        "available_picos": available.to_string(),
+        "balance_micros": balance.div_euclid(PICOS_PER_MICRO).to_string(),
+    }))
+    .into_response())
+}
+
+/// The body of a top-up.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopUpBody {
+    /// Micro-units to credit (negative corrects a mistake).
+    amount_micros: i64,
+    /// Why; recorded with the top-up.
+    reason: String,
+}
+
+/// `POST /admin/tenants/{tenant}/top-ups` with `{"amount_micros": …, "reason": "…"}`.
+async fn top_up(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let body: TopUpBody =
+        serde_json::from_slice(&body).map_err(|error| crate::request::InvalidBody {
+            message: format!("invalid top-up: {error}"),
+            param: None,
+        })?;
+    if body.reason.trim().is_empty() {
+        return Err(crate::request::InvalidBody {
+            message: "a top-up needs a reason".to_owned(),
+            param: Some("reason".to_owned()),
+        }
+        .into());
+    }
+    let store = &state.gateway.store;
+    if store.tenant(&tenant)?.is_none() {
+        return Err(ApiError::UnknownTenant { tenant });
+    }
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64);
+    let balance = store.top_up(&crate::store::TopUp {
+        tenant: tenant.clone(),
+        amount_picos: i128::from(body.amount_micros) * PICOS_PER_MICRO,
+        reason: body.reason,
+        unix_ms,
+    })?;
+    Ok(axum::Json(serde_json::json!({
+        "tenant": tenant,
+        "balance_picos": balance.to_string(),
+    }))
+    .into_response())
+}
+
+/// `GET /admin/reconcile`: every tenant's books; `balanced` is true when no balance differs from
+/// its top-ups minus its charges and no record is unpriced.
+async fn reconcile(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let books = state.gateway.store.reconcile()?;
+    let balanced = books
+        .iter()
+        .all(|book| book.difference_picos == 0 && book.unpriced_records == 0);
+    let tenants: Vec<serde_json::Value> = books
+        .iter()
+        .map(|book| {
+            serde_json::json!({
+                "tenant": book.tenant,
+                "balance_picos": book.balance_picos.to_string(),
+                "top_ups_picos": book.top_ups_picos.to_string(),
+                "charges_picos": book.charges_picos.to_string(),
+                "difference_picos": book.difference_picos.to_string(),
+                "unpriced_records": book.unpriced_records,
+            })
+        })
+        .collect();
+    Ok(axum::Json(serde_json::json!({ "balanced": balanced, "tenants": tenants })).into_response())
 }

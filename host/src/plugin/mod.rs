@@ -227,7 +227,7 @@ pub struct PluginRuntime {
     metrics: PluginMetrics,
 }
 
-/// How often the epoch advances; a deadline is checked at this granularity.
+/// How often the epoch advances; a deadline is counted in these ticks of running time.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 impl PluginRuntime {

@@ -18,7 +18,8 @@ use super::{PluginError, PluginLabels, PluginMetrics, PluginRef, Role};
 /// Limits of one binding. Every call runs under them.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Wall-clock budget of one call (one `push` for streams).
+    /// Running-time budget of one call (one `push` for streams), counted in epoch ticks of the
+    /// plugin actually executing; time spent waiting for a CPU does not count.
     pub deadline: Duration,
     /// Linear memory a plugin instance may grow to, in bytes.
     pub memory_bytes: usize,
@@ -48,7 +49,8 @@ pub struct PluginState {
     memory_cap: usize,
     memory_cap_hit: bool,
     pub(super) call_budget: Duration,
-    call_deadline: Instant,
+    /// Epoch ticks the current call may still run through before it is interrupted.
+    ticks_left: u32,
     metrics: PluginMetrics,
 }
 
@@ -186,35 +188,48 @@ pub(super) fn store(
         memory_cap: limits.memory_bytes,
         memory_cap_hit: false,
         call_budget: limits.deadline,
-        call_deadline: Instant::now() + limits.deadline,
+        ticks_left: budget_ticks(limits.deadline),
         metrics,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| state);
-    // Checked at every epoch tick: past the deadline the call traps with `Trap::Interrupt`;
-    // before it, the guest yields so a busy plugin never holds a tokio worker for long.
-    store.epoch_deadline_callback(|context| {
-        if Instant::now() >= context.data().call_deadline {
-            Ok(UpdateDeadline::Interrupt)
-        } else {
-            Ok(UpdateDeadline::Yield(1))
+    // Called when an epoch tick passes while the guest runs. The deadline counts these ticks, so
+    // it measures the plugin's own running time: a call that waits for a CPU behind a hundred
+    // others (the tick passes while it is parked, but fires once on resume) is not punished for
+    // the gateway's load. Between ticks the guest yields, so a busy plugin never holds a tokio
+    // worker for long.
+    store.epoch_deadline_callback(|mut context| {
+        let state = context.data_mut();
+        if state.ticks_left == 0 {
+            return Ok(UpdateDeadline::Interrupt);
         }
+        state.ticks_left -= 1;
+        Ok(UpdateDeadline::Yield(1))
     });
     store.set_epoch_deadline(1);
     store
 }
 
-/// Starts the clock for the next call on this store. Streams call it before every `push`, since the
+/// The running time a deadline allows, in epoch ticks (at least one).
+fn budget_ticks(deadline: Duration) -> u32 {
+    let ticks = deadline.as_millis() / super::EPOCH_TICK.as_millis().max(1);
+    u32::try_from(ticks).unwrap_or(u32::MAX).max(1)
+}
+
+/// Starts the budget of the next call on this store. Streams call it before every `push`, since the
 /// deadline is per call, not per stream.
 pub(super) fn arm(store: &mut Store<PluginState>) {
     let budget = store.data().call_budget;
-    store.data_mut().call_deadline = Instant::now() + budget;
+    store.data_mut().ticks_left = budget_ticks(budget);
     store.set_epoch_deadline(1);
 }
 
-/// Backstop beyond the epoch deadline: a call that neither returns nor traps by then (a host-side
-/// wait) is abandoned with its store.
-const HOST_TIMEOUT_SLACK: Duration = Duration::from_millis(100);
+/// A wall-clock backstop far beyond the running-time deadline: a call that neither returns nor
+/// traps by then (stuck outside wasm, which no host function of ours can be) is abandoned with its
+/// store. Generous, because under heavy load a call's wall time far exceeds its running time.
+fn host_timeout(budget: Duration) -> Duration {
+    budget * 20 + Duration::from_secs(5)
+}
 
 /// Runs one export call under the store's deadline and maps whatever goes wrong to a [`PluginError`].
 pub(super) async fn bounded<R>(
@@ -231,7 +246,7 @@ pub(super) async fn bounded<R>(
         export
     );
     let started = Instant::now();
-    let outcome = tokio::time::timeout(budget + HOST_TIMEOUT_SLACK, call(store))
+    let outcome = tokio::time::timeout(host_timeout(budget), call(store))
         .instrument(span)
         .await;
     let state = store.data();

@@ -127,6 +127,36 @@ pub struct UsageRecord {
     pub plugins: Vec<String>,
 }
 
+/// A credit to a tenant's balance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TopUp {
+    /// Tenant name.
+    pub tenant: String,
+    /// Amount credited, in picos (negative for a correction).
+    pub amount_picos: i128,
+    /// Why, as the operator said it.
+    pub reason: String,
+    /// When, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+}
+
+/// One tenant's books: the balance must equal top-ups minus ledger charges, to the pico.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reconciliation {
+    /// Tenant name.
+    pub tenant: String,
+    /// The stored balance, in picos.
+    pub balance_picos: i128,
+    /// The sum of its top-ups, in picos.
+    pub top_ups_picos: i128,
+    /// The sum of its ledger charges, in picos.
+    pub charges_picos: i128,
+    /// `balance − (top-ups − charges)`: zero when the books agree.
+    pub difference_picos: i128,
+    /// Ledger records that could not be priced (the billing plugin failed); they need an operator.
+    pub unpriced_records: u64,
+}
+
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -180,10 +210,28 @@ pub trait Store: Send + Sync {
     fn key_by_secret_sha256(&self, secret_sha256: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
     /// A tenant's balance in picos (10^-12 currency units); negative when overdrawn.
     fn balance_picos(&self, tenant: &str) -> Result<i128, StoreError>;
-    /// Adds to a tenant's balance.
-    fn credit_picos(&self, tenant: &str, picos: i128) -> Result<i128, StoreError>;
-    /// Appends the record to the ledger and debits its cost from the tenant's balance, atomically.
-    fn commit_usage(&self, record: &UsageRecord) -> Result<(), StoreError>;
+    /// A tenant's balance minus the holds of its requests in flight, in picos.
+    fn available_picos(&self, tenant: &str) -> Result<i128, StoreError>;
+    /// Adds to a tenant's balance and records the top-up with its reason, atomically. The tenant
+    /// must exist.
+    fn top_up(&self, top_up: &TopUp) -> Result<i128, StoreError>;
+    /// Places a hold of `amount_picos` under `hold_id`, but only if the tenant's available amount is
+    /// still `seen_available` (what the billing plugin decided on). `false`: it changed; decide
+    /// again.
+    fn place_hold(
+        &self,
+        tenant: &str,
+        hold_id: &str,
+        amount_picos: u64,
+        seen_available: i128,
+    ) -> Result<bool, StoreError>;
+    /// Drops every hold: at start-up no request is in flight.
+    fn clear_holds(&self) -> Result<(), StoreError>;
+    /// Appends the record to the ledger, debits its cost from the tenant's balance and releases
+    /// the request's hold (if `hold_id` names one), atomically.
+    fn commit_usage(&self, record: &UsageRecord, hold_id: Option<&str>) -> Result<(), StoreError>;
+    /// Checks every tenant's balance against its top-ups minus its ledger charges.
+    fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError>;
     /// Ledger records in time order.
     fn usage(&self) -> Result<Vec<UsageRecord>, StoreError>;
     /// The ledger record of one request.

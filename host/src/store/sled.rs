@@ -4,7 +4,7 @@ use std::path::Path;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use super::{ApiKey, Store, StoreError, Tenant, UsageRecord};
+use super::{ApiKey, Reconciliation, Store, StoreError, Tenant, TopUp, UsageRecord};
 
 /// The default store: an embedded sled database in the data directory.
 pub struct SledStore {
@@ -15,6 +15,12 @@ pub struct SledStore {
     ledger: sled::Tree,
     /// Request id → ledger key, for trace look-ups.
     ledger_by_request: sled::Tree,
+    /// Tenant → the sum of its holds (i128 big-endian).
+    held: sled::Tree,
+    /// Hold id → tenant and amount, until the request settles.
+    holds: sled::Tree,
+    /// Top-up records, time-ordered.
+    top_ups: sled::Tree,
 }
 
 impl SledStore {
@@ -38,6 +44,9 @@ impl SledStore {
             balances: tree("balances")?,
             ledger: tree("ledger")?,
             ledger_by_request: tree("ledger_by_request")?,
+            held: tree("held")?,
+            holds: tree("holds")?,
+            top_ups: tree("top_ups")?,
             db,
         })
     }
@@ -52,6 +61,13 @@ fn is_lock_conflict(error: &std::io::Error) -> bool {
     error.kind() == std::io::ErrorKind::WouldBlock
         || inner_kind == Some(std::io::ErrorKind::WouldBlock)
         || error.to_string().contains("could not acquire lock")
+}
+
+fn transaction_error(error: TransactionError<StoreError>) -> StoreError {
+    match error {
+        TransactionError::Abort(error) => error,
+        TransactionError::Storage(error) => backend(error),
+    }
 }
 
 fn backend(error: sled::Error) -> StoreError {
@@ -149,33 +165,76 @@ impl Store for SledStore {
         decode_balance(self.balances.get(tenant).map_err(backend)?)
     }
 
-    fn credit_picos(&self, tenant: &str, picos: i128) -> Result<i128, StoreError> {
-        let mut corrupt = None;
-        let updated = self
-            .balances
-            .update_and_fetch(tenant, |old| {
-                let current = match decode_balance(old.map(sled::IVec::from)) {
-                    Ok(current) => current,
-                    Err(error) => {
-                        corrupt = Some(error);
-                        return old.map(<[u8]>::to_vec);
-                    }
-                };
-                Some(current.saturating_add(picos).to_be_bytes().to_vec())
-            })
-            .map_err(backend)?;
-        if let Some(error) = corrupt {
-            return Err(error);
-        }
-        decode_balance(updated)
+    fn available_picos(&self, tenant: &str) -> Result<i128, StoreError> {
+        let balance = self.balance_picos(tenant)?;
+        let held = decode_balance(self.held.get(tenant).map_err(backend)?)?;
+        Ok(balance - held)
     }
 
-    fn commit_usage(&self, record: &UsageRecord) -> Result<(), StoreError> {
+    fn top_up(&self, top_up: &TopUp) -> Result<i128, StoreError> {
+        if self.tenant(&top_up.tenant)?.is_none() {
+            return Err(StoreError::Missing {
+                what: "tenant",
+                name: top_up.tenant.clone(),
+            });
+        }
+        let value = encode(top_up)?;
+        let mut key = top_up.unix_ms.to_be_bytes().to_vec();
+        key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+        (&self.top_ups, &self.balances)
+            .transaction(|(top_ups, balances)| {
+                top_ups.insert(key.as_slice(), value.as_slice())?;
+                let current = decode_balance(balances.get(top_up.tenant.as_bytes())?)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                let updated = current + top_up.amount_picos;
+                balances.insert(top_up.tenant.as_bytes(), updated.to_be_bytes().to_vec())?;
+                Ok(updated)
+            })
+            .map_err(transaction_error)
+    }
+
+    fn place_hold(
+        &self,
+        tenant: &str,
+        hold_id: &str,
+        amount_picos: u64,
+        seen_available: i128,
+    ) -> Result<bool, StoreError> {
+        let hold = encode(&(tenant, amount_picos))?;
+        (&self.balances, &self.held, &self.holds)
+            .transaction(|(balances, held, holds)| {
+                let balance = decode_balance(balances.get(tenant.as_bytes())?)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                let total = decode_balance(held.get(tenant.as_bytes())?)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if balance - total != seen_available {
+                    return Ok(false);
+                }
+                let total = total + i128::from(amount_picos);
+                held.insert(tenant.as_bytes(), total.to_be_bytes().to_vec())?;
+                holds.insert(hold_id.as_bytes(), hold.as_slice())?;
+                Ok(true)
+            })
+            .map_err(transaction_error)
+    }
+
+    fn clear_holds(&self) -> Result<(), StoreError> {
+        self.holds.clear().map_err(backend)?;
+        self.held.clear().map_err(backend)
+    }
+
+    fn commit_usage(&self, record: &UsageRecord, hold_id: Option<&str>) -> Result<(), StoreError> {
         let value = encode(record)?;
         let key = ledger_key(record);
         let cost = i128::from(record.cost_picos.unwrap_or(0));
-        (&self.ledger, &self.ledger_by_request, &self.balances)
-            .transaction(|(ledger, by_request, balances)| {
+        (
+            &self.ledger,
+            &self.ledger_by_request,
+            &self.balances,
+            &self.held,
+            &self.holds,
+        )
+            .transaction(|(ledger, by_request, balances, held, holds)| {
                 ledger.insert(key.as_slice(), value.as_slice())?;
                 by_request.insert(record.request_id.as_bytes(), key.as_slice())?;
                 if cost != 0 {
@@ -186,12 +245,62 @@ impl Store for SledStore {
                         (current - cost).to_be_bytes().to_vec(),
                     )?;
                 }
+                let Some(hold_id) = hold_id else {
+                    return Ok(());
+                };
+                let Some(hold) = holds.remove(hold_id.as_bytes())? else {
+                    return Ok(());
+                };
+                let (tenant, amount): (String, u64) =
+                    decode("holds", &hold).map_err(ConflictableTransactionError::Abort)?;
+                let total = decode_balance(held.get(tenant.as_bytes())?)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                held.insert(
+                    tenant.as_bytes(),
+                    (total - i128::from(amount)).to_be_bytes().to_vec(),
+                )?;
                 Ok(())
             })
-            .map_err(|error: TransactionError<StoreError>| match error {
-                TransactionError::Abort(error) => error,
-                TransactionError::Storage(error) => backend(error),
+            .map_err(transaction_error)
+    }
+
+    fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError> {
+        let mut books: std::collections::BTreeMap<String, Reconciliation> = self
+            .tenants()?
+            .into_iter()
+            .map(|tenant| {
+                let entry = Reconciliation {
+                    tenant: tenant.name.clone(),
+                    balance_picos: 0,
+                    top_ups_picos: 0,
+                    charges_picos: 0,
+                    difference_picos: 0,
+                    unpriced_records: 0,
+                };
+                (tenant.name, entry)
             })
+            .collect();
+        for top_up in self.top_ups.iter().values() {
+            let top_up: TopUp = decode("top_ups", &top_up.map_err(backend)?)?;
+            if let Some(entry) = books.get_mut(&top_up.tenant) {
+                entry.top_ups_picos += top_up.amount_picos;
+            }
+        }
+        for record in self.usage()? {
+            if let Some(entry) = books.get_mut(&record.tenant) {
+                match record.cost_picos {
+                    Some(cost) => entry.charges_picos += i128::from(cost),
+                    None if record.status == 200 => entry.unpriced_records += 1,
+                    None => {}
+                }
+            }
+        }
+        for entry in books.values_mut() {
+            entry.balance_picos = self.balance_picos(&entry.tenant)?;
+            entry.difference_picos =
+                entry.balance_picos - (entry.top_ups_picos - entry.charges_picos);
+        }
+        Ok(books.into_values().collect())
     }
 
     fn usage(&self) -> Result<Vec<UsageRecord>, StoreError> {

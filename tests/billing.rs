@@ -1,0 +1,241 @@
+//! End-to-end billing: holds keep concurrent requests from overdrawing a balance, the books
+//! balance to the pico after concurrent mixed load, and a billing plugin that fails to price still
+//! leaves the usage recorded.
+
+mod harness;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use harness::{ADMIN_TOKEN, channel, chat, simulator, start, test_plugin};
+use serde_json::{Value, json};
+use tollgate_simulator::Fault;
+
+/// Input is free and output costs 1,000,000 micros per million tokens (1 micro per token), so a
+/// hold is exactly `hold_output_tokens` micros.
+fn output_priced_billing(hold_output_tokens: u64) -> String {
+    format!(
+        r#"
+[bindings.billing]
+plugin = "price-table"
+config = {{ hold_output_tokens = {hold_output_tokens}, models = {{ "test-model" = {{ input = 0, output = 1000000 }} }} }}
+"#
+    )
+}
+
+fn cli_admin(gateway: &harness::Gateway, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(harness::binary())
+        .args(args)
+        .args(["--admin-url", &gateway.url])
+        .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .expect("the CLI runs")
+}
+
+fn top_up(gateway: &harness::Gateway, micros: i64) {
+    let output = cli_admin(
+        gateway,
+        &[
+            "balance",
+            "top-up",
+            "--tenant",
+            "acme",
+            "--amount-micros",
+            &micros.to_string(),
+            "--reason",
+            "test credit",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+async fn admin_get(gateway: &harness::Gateway, path: &str) -> Value {
+    gateway
+        .http
+        .get(format!("{}/admin{path}", gateway.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("the admin API answers")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+fn streamed(text: &str) -> Value {
+    let mut body = chat(text);
+    body["stream"] = json!(true);
+    body
+}
+
+#[tokio::test]
+async fn holds_keep_concurrent_requests_from_overdrawing() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        output_priced_billing(100),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    top_up(&gateway, 500); // exactly five holds of 100 micros
+    // Streams stay open (held by the simulator) so their holds stay placed.
+    sim.set_standing_fault(Some(Fault {
+        hold_after_chunks: Some(2),
+        ..Fault::default()
+    }));
+    let requests = (0..12).map(|_| {
+        let http = gateway.http.clone();
+        let url = format!("{}/v1/chat/completions", gateway.url);
+        let key = gateway.key.clone();
+        async move {
+            let response = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&streamed("x"))
+                .send()
+                .await
+                .expect("answers");
+            let status = response.status().as_u16();
+            // Keep reading in the background until the end (accepted streams wait for release).
+            tokio::spawn(async move { response.bytes().await.map(|body| body.len()) });
+            status
+        }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    let accepted = statuses.iter().filter(|status| **status == 200).count();
+    let refused = statuses.iter().filter(|status| **status == 429).count();
+    assert_eq!((accepted, refused), (5, 7), "{statuses:?}");
+    let balance = admin_get(&gateway, "/tenants/acme/balance").await;
+    assert_eq!(balance["available_picos"], "0", "{balance}");
+    sim.set_standing_fault(None);
+    sim.release();
+    // Settled: each stream cost 2 output tokens, i.e. 2 micros; the holds are gone.
+    for _ in 0..100 {
+        let balance = admin_get(&gateway, "/tenants/acme/balance").await;
+        if balance["available_picos"] == "490000000" {
+            assert_eq!(balance["balance_picos"], "490000000");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "holds were not settled: {}",
+        admin_get(&gateway, "/tenants/acme/balance").await
+    );
+}
+
+#[tokio::test]
+async fn the_books_balance_to_the_pico_after_concurrent_mixed_load() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        harness::billing(0),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    top_up(&gateway, 10_000_000);
+    let mut tasks = Vec::new();
+    for index in 0..150 {
+        let http = gateway.http.clone();
+        let url = format!("{}/v1/chat/completions", gateway.url);
+        let key = gateway.key.clone();
+        let text = format!("request {index} {}", "word ".repeat(index % 7));
+        tasks.push(tokio::spawn(async move {
+            let body = if index % 3 == 0 {
+                chat(&text)
+            } else {
+                streamed(&text)
+            };
+            let response = http
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .expect("answers");
+            if response.status() != 200 {
+                panic!(
+                    "{}: {}",
+                    response.status(),
+                    response.text().await.unwrap_or_default()
+                );
+            }
+            if index % 5 == 0 {
+                // This client goes away after the first bytes.
+                let mut stream = response.bytes_stream();
+                let _ = stream.next().await;
+                return;
+            }
+            response.bytes().await.expect("the whole answer");
+        }));
+    }
+    for task in tasks {
+        task.await.expect("no client panicked");
+    }
+    // Every request is recorded (streams after their last byte).
+    let mut records = Vec::new();
+    for _ in 0..100 {
+        records = admin_get(&gateway, "/usage").await["data"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if records.len() == 150 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(records.len(), 150);
+    let charged: i128 = records
+        .iter()
+        .map(|record| i128::from(record["cost_picos"].as_u64().expect("priced")))
+        .sum();
+    let balance = admin_get(&gateway, "/tenants/acme/balance").await;
+    let expected = 10_000_000_i128 * 1_000_000 - charged;
+    assert_eq!(balance["balance_picos"], expected.to_string());
+    assert_eq!(
+        balance["available_picos"],
+        expected.to_string(),
+        "no hold left behind"
+    );
+    let output = cli_admin(&gateway, &["usage", "reconcile"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let books: Value = serde_json::from_slice(&output.stdout).expect("reconcile prints JSON");
+    assert_eq!(books["balanced"], true);
+    assert_eq!(books["tenants"][0]["difference_picos"], "0");
+}
+
+#[tokio::test]
+async fn usage_is_recorded_unpriced_when_the_billing_plugin_traps() {
+    let sim = simulator().await;
+    let config = format!(
+        "[bindings.billing]\nplugin = \"{}\"\n{}",
+        test_plugin("tollgate_test_plugin_billing_trap.wasm").display(),
+        channel("only", &sim, 1)
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    let answer = gateway
+        .post("/v1/chat/completions", &chat("still served"), &[])
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    let record = gateway.record(&answer.request_id()).await;
+    assert_eq!(record["cost_picos"], Value::Null);
+    assert_eq!(record["usage"]["output_tokens"], 3);
+    let books = admin_get(&gateway, "/reconcile").await;
+    assert_eq!(books["balanced"], false);
+    assert_eq!(books["tenants"][0]["unpriced_records"], 1);
+    let output = cli_admin(&gateway, &["usage", "reconcile"]);
+    assert!(
+        !output.status.success(),
+        "reconcile fails while a record is unpriced"
+    );
+}
