@@ -9,13 +9,21 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{ApiKey, Store, StoreError};
 
-/// Who is calling.
+/// Who is calling, with the limits of its key and tenant.
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// Tenant name.
     pub tenant: String,
     /// API key id (not the secret).
     pub key_id: String,
+    /// Public models the key may use; empty: every model.
+    pub allowed_models: Vec<String>,
+    /// The key's requests per minute.
+    pub rpm: Option<u32>,
+    /// The key's tokens per minute.
+    pub tpm: Option<u64>,
+    /// The tenant's cap on requests in flight.
+    pub max_concurrency: Option<u32>,
 }
 
 /// Why a request is not authenticated.
@@ -29,6 +37,9 @@ pub enum AuthError {
     /// The key is unknown, revoked, or its tenant disabled.
     #[error("Incorrect API key provided.")]
     Invalid,
+    /// The key has expired.
+    #[error("The API key has expired.")]
+    Expired,
     /// The key store failed.
     #[error("the key store failed")]
     Store(#[from] StoreError),
@@ -42,6 +53,7 @@ pub fn authenticate(
     store: &dyn Store,
     authorization: Option<&str>,
     x_api_key: Option<&str>,
+    now_unix_ms: u64,
 ) -> Result<Caller, AuthError> {
     let secret = authorization
         .and_then(|value| {
@@ -59,6 +71,12 @@ pub fn authenticate(
     if key.revoked {
         return Err(AuthError::Invalid);
     }
+    if key
+        .expires_unix_ms
+        .is_some_and(|expiry| now_unix_ms >= expiry)
+    {
+        return Err(AuthError::Expired);
+    }
     let tenant = store.tenant(&key.tenant)?.ok_or(AuthError::Invalid)?;
     if tenant.disabled {
         return Err(AuthError::Invalid);
@@ -66,6 +84,10 @@ pub fn authenticate(
     Ok(Caller {
         tenant: key.tenant,
         key_id: key.id,
+        allowed_models: key.allowed_models,
+        rpm: key.rpm,
+        tpm: key.tpm,
+        max_concurrency: tenant.max_concurrency,
     })
 }
 
@@ -74,10 +96,25 @@ pub fn secret_sha256(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// What a new key may do.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyTerms {
+    /// Expiry, milliseconds since the Unix epoch.
+    pub expires_unix_ms: Option<u64>,
+    /// Public models the key may use; empty: every model.
+    pub allowed_models: Vec<String>,
+    /// Requests per minute.
+    pub rpm: Option<u32>,
+    /// Tokens per minute.
+    pub tpm: Option<u64>,
+}
+
 /// Creates a key for a tenant and returns it with its secret, which is shown once and never again.
 pub fn issue_key(
     store: &dyn Store,
     tenant: &str,
+    terms: KeyTerms,
     now_unix_ms: u64,
 ) -> Result<(ApiKey, String), StoreError> {
     let mut rng = rand::rng();
@@ -90,6 +127,10 @@ pub fn issue_key(
         prefix: secret[..SECRET_PREFIX.len() + 6].to_owned(),
         created_unix_ms: now_unix_ms,
         revoked: false,
+        expires_unix_ms: terms.expires_unix_ms,
+        allowed_models: terms.allowed_models,
+        rpm: terms.rpm,
+        tpm: terms.tpm,
     };
     store.insert_key(&secret_sha256(&secret), &key)?;
     Ok((key, secret))

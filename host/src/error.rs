@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::auth::AuthError;
 use crate::bill::BillingError;
+use crate::limit::LimitError;
 use crate::plugin::translator::FailureClass;
 use crate::plugin::{PluginError, Role};
 use crate::request::InvalidBody;
@@ -23,6 +24,9 @@ pub enum ApiError {
     /// Missing or bad key.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// Over a key or tenant limit.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     /// Malformed body.
     #[error(transparent)]
     InvalidBody(#[from] InvalidBody),
@@ -58,6 +62,12 @@ pub enum ApiError {
     UnknownTenant {
         /// The name asked for.
         tenant: String,
+    },
+    /// No such key.
+    #[error("No key has the id `{key_id}`.")]
+    UnknownKey {
+        /// The id asked for.
+        key_id: String,
     },
     /// No record of that request id.
     #[error("No request with id `{request_id}` is recorded.")]
@@ -204,12 +214,39 @@ impl ApiError {
     /// The one mapping from error to status and OpenAI error object.
     fn render(&self) -> Rendered {
         match self {
+            ApiError::Store(StoreError::Exists { .. }) => rendered(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("already_exists"),
+                self.to_string(),
+            ),
+            ApiError::Store(StoreError::Missing { .. }) | ApiError::UnknownKey { .. } => rendered(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("not_found"),
+                self.to_string(),
+            ),
             ApiError::Auth(AuthError::Store(_)) | ApiError::Store(_) => rendered(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 Some("storage_failed"),
                 "The gateway's storage failed.".to_owned(),
             ),
+            ApiError::Limit(LimitError::ModelNotAllowed { .. }) => rendered(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                self.to_string(),
+            ),
+            ApiError::Limit(LimitError::RateLimited { retry_after, .. }) => Rendered {
+                retry_after_ms: Some(retry_after.as_millis() as u64),
+                ..rendered(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    Some("rate_limit_exceeded"),
+                    self.to_string(),
+                )
+            },
             ApiError::Auth(error) => rendered(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
@@ -320,10 +357,14 @@ impl ApiError {
     /// A short class for usage records: the error code, or its type.
     pub fn class(&self) -> &'static str {
         match self {
+            ApiError::Store(StoreError::Exists { .. }) => "already_exists",
+            ApiError::Store(StoreError::Missing { .. }) => "not_found",
             ApiError::Auth(AuthError::Store(_))
             | ApiError::Store(_)
             | ApiError::Billing(BillingError::Store(_)) => "storage",
             ApiError::Auth(_) => "invalid_api_key",
+            ApiError::Limit(LimitError::ModelNotAllowed { .. }) => "model_not_allowed",
+            ApiError::Limit(LimitError::RateLimited { .. }) => "rate_limit_exceeded",
             ApiError::InvalidBody(_)
             | ApiError::Translate(TranslateError::InvalidRequest { .. }) => "invalid_request",
             ApiError::BodyTooLarge => "request_too_large",
@@ -347,6 +388,7 @@ impl ApiError {
             ApiError::NoAttempt => "no_upstream",
             ApiError::AdminUnauthorized => "invalid_admin_token",
             ApiError::UnknownTenant { .. } => "tenant_not_found",
+            ApiError::UnknownKey { .. } => "not_found",
             ApiError::UnknownRequest { .. } => "request_not_found",
             ApiError::UnknownPath { .. } => "unknown_url",
         }

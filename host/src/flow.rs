@@ -19,6 +19,7 @@ use crate::bill::{self, Priced};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::health::{Admission, ChannelHealth};
+use crate::limit::{self, LimitPermit};
 use crate::metrics::{
     AttemptLabels, ChannelLabels, Metrics, ModelLabels, RequestLabels, TokenLabels,
 };
@@ -61,6 +62,8 @@ pub struct RequestContext {
     pub degraded_from: Option<String>,
     /// The id of this request's balance hold, once billing placed one (released by record).
     pub hold_id: Option<String>,
+    /// The request's slot under its key's and tenant's limits, held until it ends.
+    pub permit: Option<LimitPermit>,
     /// Plugins that ran (`name@sha`), for the record.
     pub plugins: Vec<String>,
 }
@@ -74,9 +77,7 @@ impl RequestContext {
         request: ClientRequest,
         tags: Vec<(String, String)>,
     ) -> Self {
-        let received_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as u64);
+        let received_unix_ms = now_unix_ms();
         Self {
             request_id,
             received_at,
@@ -91,6 +92,7 @@ impl RequestContext {
             upstream_wait: Duration::ZERO,
             degraded_from: None,
             hold_id: None,
+            permit: None,
             plugins: Vec::new(),
         }
     }
@@ -99,6 +101,13 @@ impl RequestContext {
     pub fn elapsed_ms(&self) -> u64 {
         self.received_at.elapsed().as_millis() as u64
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 /// What an attempt produced.
@@ -151,7 +160,7 @@ pub async fn run(
             let status = error.status_code();
             finish(
                 &gateway,
-                &context,
+                &mut context,
                 &usage,
                 &Priced::default(),
                 status,
@@ -191,7 +200,7 @@ pub async fn run(
             admission.succeeded(started.elapsed(), ttfb);
             let priced =
                 bill::charge(&gateway, &context, &answer.usage, CallOutcome::Complete).await;
-            finish(&gateway, &context, &answer.usage, &priced, 200, None);
+            finish(&gateway, &mut context, &answer.usage, &priced, 200, None);
             Ok((Delivery::Json(answer.body), served))
         }
         Reply::Streaming(open) => {
@@ -225,6 +234,11 @@ fn zero_usage() -> Usage {
 }
 
 async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answered, ApiError> {
+    context.permit = Some(limit::admit(
+        &gateway.limiter,
+        &context.caller,
+        &context.request,
+    )?);
     context.plugins.push(gateway.router.plugin().to_string());
     let plan = route::plan(gateway, context).await?;
     context.plugins.push(gateway.billing.plugin().to_string());
@@ -522,13 +536,13 @@ async fn settle_stream(
         (None, false) => (CallOutcome::Complete, None),
     };
     let priced = bill::charge(gateway, &context, &usage, call_outcome).await;
-    finish(gateway, &context, &usage, &priced, 200, class);
+    finish(gateway, &mut context, &usage, &priced, 200, class);
 }
 
 /// Writes the request's usage record. A failed write is logged loudly: the answer is already out.
 fn finish(
     gateway: &Gateway,
-    context: &RequestContext,
+    context: &mut RequestContext,
     usage: &Usage,
     priced: &Priced,
     status: u16,
@@ -539,6 +553,9 @@ fn finish(
             failure,
             "the call could not be priced; recorded as unpriced"
         );
+    }
+    if let Some(permit) = context.permit.as_mut() {
+        permit.settle_tokens(usage.input_tokens + usage.output_tokens);
     }
     let usage_record = record::usage_record(context, usage, priced, status, class);
     observe(&gateway.metrics, &usage_record);

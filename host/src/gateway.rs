@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{BindingConfig, ChannelConfig, Config};
 use crate::health::{ChannelHealth, HealthConfig};
+use crate::limit::Limiter;
 use crate::metrics::Metrics;
 use crate::plugin::{Binding, Limits, PluginError, PluginRuntime, Role, RuntimeSettings, shipped};
 use crate::store::{SledStore, Store, StoreError};
@@ -160,6 +161,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Public model → the model to serve instead when every route to it fails.
     pub fallbacks: HashMap<String, String>,
+    /// Per-key and per-tenant limit state.
+    pub limiter: Limiter,
 }
 
 /// Why the gateway could not start.
@@ -280,6 +283,7 @@ impl Gateway {
                 .iter()
                 .filter_map(|(model, settings)| Some((model.clone(), settings.fallback.clone()?)))
                 .collect(),
+            limiter: Limiter::default(),
         }))
     }
 }

@@ -133,6 +133,7 @@ fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, ApiErr
         gateway.store.as_ref(),
         header_str(headers, "authorization"),
         header_str(headers, "x-api-key"),
+        crate::flow::now_unix_ms(),
     )?;
     Span::current().record("tenant", caller.tenant.as_str());
     Ok(caller)

@@ -205,8 +205,8 @@ fn main() -> anyhow::Result<()> {
         } => {
             init_tracing(None)?;
             let store = open_store(&data)?;
-            let tenant = store.create_tenant(&name, now_unix_ms())?;
-            console::line(&format!("created tenant {}", tenant.name));
+            store.create_tenant(&new_tenant(&name))?;
+            console::line(&format!("created tenant {name}"));
             Ok(())
         }
         Command::Balance { action } => {
@@ -249,7 +249,8 @@ fn main() -> anyhow::Result<()> {
         } => {
             init_tracing(None)?;
             let store = open_store(&data)?;
-            let (key, secret) = auth::issue_key(&store, &tenant, now_unix_ms())?;
+            let (key, secret) =
+                auth::issue_key(&store, &tenant, auth::KeyTerms::default(), now_unix_ms())?;
             store.flush()?;
             console::line(&format!("created key {} for tenant {}", key.id, key.tenant));
             console::line(&secret);
@@ -287,6 +288,15 @@ fn admin_call(
         console::line(&serde_json::to_string_pretty(&answer)?);
         Ok(answer)
     })
+}
+
+fn new_tenant(name: &str) -> tollgate::store::Tenant {
+    tollgate::store::Tenant {
+        name: name.to_owned(),
+        created_unix_ms: now_unix_ms(),
+        disabled: false,
+        max_concurrency: None,
+    }
 }
 
 fn now_unix_ms() -> u64 {
@@ -363,14 +373,19 @@ fn bootstrap(config: &Config, store: &dyn Store) -> anyhow::Result<()> {
     if !store.tenants()?.is_empty() {
         return Ok(());
     }
-    store.create_tenant(&bootstrap.tenant, now_unix_ms())?;
+    store.create_tenant(&new_tenant(&bootstrap.tenant))?;
     store.top_up(&tollgate::store::TopUp {
         tenant: bootstrap.tenant.clone(),
         amount_picos: i128::from(bootstrap.balance_micros) * 1_000_000,
         reason: "bootstrap: opening balance of the demo tenant".to_owned(),
         unix_ms: now_unix_ms(),
     })?;
-    let (key, secret) = auth::issue_key(store, &bootstrap.tenant, now_unix_ms())?;
+    let (key, secret) = auth::issue_key(
+        store,
+        &bootstrap.tenant,
+        auth::KeyTerms::default(),
+        now_unix_ms(),
+    )?;
     store.flush()?;
     console::line(&format!(
         "created tenant {} with key {} (the secret is shown once):",

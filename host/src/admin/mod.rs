@@ -33,6 +33,14 @@ pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
         .route("/usage", get(usage))
         .route("/requests/{request_id}", get(request_trace))
         .route("/channels", get(channels))
+        .route("/tenants", get(list_tenants).post(create_tenant))
+        .route("/tenants/{tenant}", get(get_tenant))
+        .route(
+            "/tenants/{tenant}/disable",
+            axum::routing::post(disable_tenant),
+        )
+        .route("/tenants/{tenant}/keys", get(list_keys).post(create_key))
+        .route("/keys/{key_id}/revoke", axum::routing::post(revoke_key))
         .route("/tenants/{tenant}/balance", get(balance))
         .route("/tenants/{tenant}/top-ups", axum::routing::post(top_up))
         .route("/reconcile", get(reconcile))
@@ -227,4 +235,142 @@ async fn reconcile(
         })
         .collect();
     Ok(axum::Json(serde_json::json!({ "balanced": balanced, "tenants": tenants })).into_response())
+}
+
+/// Parses an admin JSON body, answering 400 with the parser's message otherwise.
+fn admin_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|error| {
+        crate::request::InvalidBody {
+            message: format!("invalid JSON body: {error}"),
+            param: None,
+        }
+        .into()
+    })
+}
+
+/// The body of a tenant creation.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenant {
+    /// Unique name.
+    name: String,
+    /// Requests in flight at once, at most.
+    #[serde(default)]
+    max_concurrency: Option<u32>,
+}
+
+/// `POST /admin/tenants` with `{"name": …, "max_concurrency": …}`.
+async fn create_tenant(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let new: NewTenant = admin_body(&body)?;
+    if new.name.trim().is_empty() || new.name.contains('/') {
+        return Err(crate::request::InvalidBody {
+            message: "a tenant name must be non-empty and contain no `/`".to_owned(),
+            param: Some("name".to_owned()),
+        }
+        .into());
+    }
+    let tenant = crate::store::Tenant {
+        name: new.name,
+        created_unix_ms: crate::flow::now_unix_ms(),
+        disabled: false,
+        max_concurrency: new.max_concurrency,
+    };
+    state.gateway.store.create_tenant(&tenant)?;
+    Ok((axum::http::StatusCode::CREATED, axum::Json(tenant)).into_response())
+}
+
+/// `GET /admin/tenants`.
+async fn list_tenants(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let tenants = state.gateway.store.tenants()?;
+    Ok(axum::Json(serde_json::json!({ "object": "list", "data": tenants })).into_response())
+}
+
+/// `GET /admin/tenants/{tenant}`.
+async fn get_tenant(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let found = state
+        .gateway
+        .store
+        .tenant(&tenant)?
+        .ok_or(ApiError::UnknownTenant { tenant })?;
+    Ok(axum::Json(found).into_response())
+}
+
+/// `POST /admin/tenants/{tenant}/disable`: its keys are refused from now on.
+async fn disable_tenant(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    if !state.gateway.store.disable_tenant(&tenant)? {
+        return Err(ApiError::UnknownTenant { tenant });
+    }
+    Ok(axum::Json(serde_json::json!({ "tenant": tenant, "disabled": true })).into_response())
+}
+
+/// `POST /admin/tenants/{tenant}/keys` with the key's terms; answers the secret, once.
+async fn create_key(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let terms: crate::auth::KeyTerms = if body.is_empty() {
+        crate::auth::KeyTerms::default()
+    } else {
+        admin_body(&body)?
+    };
+    let store = state.gateway.store.as_ref();
+    if store.tenant(&tenant)?.is_none() {
+        return Err(ApiError::UnknownTenant { tenant });
+    }
+    let (key, secret) = crate::auth::issue_key(store, &tenant, terms, crate::flow::now_unix_ms())?;
+    Ok((
+        axum::http::StatusCode::CREATED,
+        axum::Json(serde_json::json!({ "key": key, "secret": secret })),
+    )
+        .into_response())
+}
+
+/// `GET /admin/tenants/{tenant}/keys`: metadata and prefixes only, never a secret.
+async fn list_keys(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(tenant): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let store = &state.gateway.store;
+    if store.tenant(&tenant)?.is_none() {
+        return Err(ApiError::UnknownTenant { tenant });
+    }
+    let keys = store.keys_of(&tenant)?;
+    Ok(axum::Json(serde_json::json!({ "object": "list", "data": keys })).into_response())
+}
+
+/// `POST /admin/keys/{key_id}/revoke`.
+async fn revoke_key(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(key_id): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    if !state.gateway.store.revoke_key(&key_id)? {
+        return Err(ApiError::UnknownKey { key_id });
+    }
+    Ok(axum::Json(serde_json::json!({ "key": key_id, "revoked": true })).into_response())
 }

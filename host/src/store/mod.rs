@@ -17,6 +17,9 @@ pub struct Tenant {
     pub created_unix_ms: u64,
     /// A disabled tenant's keys are refused.
     pub disabled: bool,
+    /// Requests of this tenant in flight at once, at most (none: no cap).
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
 }
 
 /// An API key's metadata. The secret itself is never stored: only its SHA-256, as the lookup key.
@@ -32,6 +35,18 @@ pub struct ApiKey {
     pub created_unix_ms: u64,
     /// A revoked key is refused.
     pub revoked: bool,
+    /// After this time (milliseconds since the Unix epoch) the key is refused.
+    #[serde(default)]
+    pub expires_unix_ms: Option<u64>,
+    /// Public models this key may use; empty: every model.
+    #[serde(default)]
+    pub allowed_models: Vec<String>,
+    /// Requests per minute, at most.
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// Tokens (prompt and output) per minute, at most.
+    #[serde(default)]
+    pub tpm: Option<u64>,
 }
 
 /// Normalized token usage as recorded (see `types.usage` in the WIT for the subset rules).
@@ -199,13 +214,21 @@ pub enum StoreError {
 /// and the balance debit land together or not at all.
 pub trait Store: Send + Sync {
     /// Creates a tenant with a zero balance.
-    fn create_tenant(&self, name: &str, now_unix_ms: u64) -> Result<Tenant, StoreError>;
+    fn create_tenant(&self, tenant: &Tenant) -> Result<(), StoreError>;
     /// A tenant by name.
     fn tenant(&self, name: &str) -> Result<Option<Tenant>, StoreError>;
     /// Every tenant, by name.
     fn tenants(&self) -> Result<Vec<Tenant>, StoreError>;
     /// Stores a key under the SHA-256 of its secret. The tenant must exist.
     fn insert_key(&self, secret_sha256: &[u8; 32], key: &ApiKey) -> Result<(), StoreError>;
+    /// A key by its public id.
+    fn key_by_id(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// Every key of a tenant.
+    fn keys_of(&self, tenant: &str) -> Result<Vec<ApiKey>, StoreError>;
+    /// Marks a key revoked; `false` when no key has that id.
+    fn revoke_key(&self, key_id: &str) -> Result<bool, StoreError>;
+    /// Marks a tenant disabled; `false` when no tenant has that name.
+    fn disable_tenant(&self, name: &str) -> Result<bool, StoreError>;
     /// The key whose secret hashes to this value.
     fn key_by_secret_sha256(&self, secret_sha256: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
     /// A tenant's balance in picos (10^-12 currency units); negative when overdrawn.

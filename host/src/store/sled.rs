@@ -11,6 +11,8 @@ pub struct SledStore {
     db: sled::Db,
     tenants: sled::Tree,
     keys: sled::Tree,
+    /// Key id → SHA-256 of its secret.
+    key_ids: sled::Tree,
     balances: sled::Tree,
     ledger: sled::Tree,
     /// Request id → ledger key, for trace look-ups.
@@ -41,6 +43,7 @@ impl SledStore {
         Ok(Self {
             tenants: tree("tenants")?,
             keys: tree("api_keys")?,
+            key_ids: tree("api_key_ids")?,
             balances: tree("balances")?,
             ledger: tree("ledger")?,
             ledger_by_request: tree("ledger_by_request")?,
@@ -105,23 +108,65 @@ fn ledger_key(record: &UsageRecord) -> Vec<u8> {
 }
 
 impl Store for SledStore {
-    fn create_tenant(&self, name: &str, now_unix_ms: u64) -> Result<Tenant, StoreError> {
-        let tenant = Tenant {
-            name: name.to_owned(),
-            created_unix_ms: now_unix_ms,
-            disabled: false,
-        };
+    fn create_tenant(&self, tenant: &Tenant) -> Result<(), StoreError> {
         let swapped = self
             .tenants
-            .compare_and_swap(name, None::<&[u8]>, Some(encode(&tenant)?))
+            .compare_and_swap(tenant.name.as_str(), None::<&[u8]>, Some(encode(tenant)?))
             .map_err(backend)?;
         if swapped.is_err() {
             return Err(StoreError::Exists {
                 what: "tenant",
-                name: name.to_owned(),
+                name: tenant.name.clone(),
             });
         }
-        Ok(tenant)
+        Ok(())
+    }
+
+    fn key_by_id(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError> {
+        let Some(hash) = self.key_ids.get(key_id).map_err(backend)? else {
+            return Ok(None);
+        };
+        self.keys
+            .get(hash)
+            .map_err(backend)?
+            .map(|bytes| decode("api_keys", &bytes))
+            .transpose()
+    }
+
+    fn keys_of(&self, tenant: &str) -> Result<Vec<ApiKey>, StoreError> {
+        let mut keys = Vec::new();
+        for bytes in self.keys.iter().values() {
+            let key: ApiKey = decode("api_keys", &bytes.map_err(backend)?)?;
+            if key.tenant == tenant {
+                keys.push(key);
+            }
+        }
+        keys.sort_by_key(|key| key.created_unix_ms);
+        Ok(keys)
+    }
+
+    fn revoke_key(&self, key_id: &str) -> Result<bool, StoreError> {
+        let Some(hash) = self.key_ids.get(key_id).map_err(backend)? else {
+            return Ok(false);
+        };
+        let Some(bytes) = self.keys.get(&hash).map_err(backend)? else {
+            return Ok(false);
+        };
+        let mut key: ApiKey = decode("api_keys", &bytes)?;
+        key.revoked = true;
+        self.keys.insert(hash, encode(&key)?).map_err(backend)?;
+        Ok(true)
+    }
+
+    fn disable_tenant(&self, name: &str) -> Result<bool, StoreError> {
+        let Some(mut tenant) = self.tenant(name)? else {
+            return Ok(false);
+        };
+        tenant.disabled = true;
+        self.tenants
+            .insert(name, encode(&tenant)?)
+            .map_err(backend)?;
+        Ok(true)
     }
 
     fn tenant(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
@@ -147,10 +192,16 @@ impl Store for SledStore {
                 name: key.tenant.clone(),
             });
         }
-        self.keys
-            .insert(secret_sha256, encode(key)?)
-            .map_err(backend)?;
-        Ok(())
+        (&self.keys, &self.key_ids)
+            .transaction(|(keys, key_ids)| {
+                keys.insert(
+                    secret_sha256.as_slice(),
+                    encode(key).map_err(ConflictableTransactionError::Abort)?,
+                )?;
+                key_ids.insert(key.id.as_bytes(), secret_sha256.as_slice())?;
+                Ok(())
+            })
+            .map_err(transaction_error)
     }
 
     fn key_by_secret_sha256(&self, secret_sha256: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
