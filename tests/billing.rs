@@ -239,3 +239,107 @@ async fn usage_is_recorded_unpriced_when_the_billing_plugin_traps() {
         "reconcile fails while a record is unpriced"
     );
 }
+
+#[tokio::test]
+async fn a_crash_loses_no_record_older_than_the_durability_window() {
+    let sim = simulator().await;
+    let mut gateway = start(&format!(
+        "{}{}",
+        harness::billing(0),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    top_up(&gateway, 10_000_000);
+    let completed = std::sync::Arc::new(std::sync::Mutex::new(
+        Vec::<(String, std::time::Instant)>::new(),
+    ));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for worker in 0..4 {
+        let (http, url, key) = (
+            gateway.http.clone(),
+            format!("{}/v1/chat/completions", gateway.url),
+            gateway.key.clone(),
+        );
+        let (completed, stop) = (completed.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut index = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && index < 2_000 {
+                index += 1;
+                let body = if index % 2 == 0 {
+                    chat("durable")
+                } else {
+                    streamed("durable")
+                };
+                let request_id = format!("crash-{worker}-{index}");
+                let Ok(response) = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("x-request-id", &request_id)
+                    .json(&body)
+                    .send()
+                    .await
+                else {
+                    break;
+                };
+                if response.status() != 200 || response.bytes().await.is_err() {
+                    break;
+                }
+                completed
+                    .lock()
+                    .expect("not poisoned")
+                    .push((request_id, std::time::Instant::now()));
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let killed_at = std::time::Instant::now();
+    gateway
+        .crash_and_restart()
+        .await
+        .expect("the gateway restarts");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for worker in workers {
+        let _ = worker.await;
+    }
+    let records = admin_get(&gateway, "/usage").await["data"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let recorded: std::collections::HashSet<String> = records
+        .iter()
+        .filter_map(|record| record["request_id"].as_str().map(str::to_owned))
+        .collect();
+    let window = Duration::from_secs(1);
+    let must_have: Vec<String> = completed
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .filter(|(_, at)| *at + window <= killed_at)
+        .map(|(id, _)| id.clone())
+        .collect();
+    eprintln!(
+        "crash: {} requests completed, {} more than {window:?} before the kill, {} records after restart",
+        completed.lock().expect("not poisoned").len(),
+        must_have.len(),
+        recorded.len()
+    );
+    assert!(
+        must_have.len() > 20,
+        "enough load before the crash: {}",
+        must_have.len()
+    );
+    let lost: Vec<&String> = must_have
+        .iter()
+        .filter(|id| !recorded.contains(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} records lost: {lost:?}",
+        lost.len(),
+        must_have.len()
+    );
+    let books = admin_get(&gateway, "/reconcile").await;
+    assert_eq!(books["balanced"], true, "{books}");
+}

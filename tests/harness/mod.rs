@@ -154,9 +154,27 @@ pub async fn start(body: &str) -> anyhow::Result<Gateway> {
         .last()
         .context("key create prints the secret last")?
         .to_owned();
-    let stderr = std::fs::File::create(data_dir.path().join("gateway.log"))?;
+    let (child, url) = serve(&config, &data_dir.path().join("gateway.log")).await?;
+    Ok(Gateway {
+        child,
+        url,
+        key,
+        config,
+        data_dir,
+        http: reqwest::Client::new(),
+    })
+}
+
+/// Starts `tollgate serve` on a config and returns it with the URL it listens on.
+async fn serve(config: &Path, log: &Path) -> anyhow::Result<(Child, String)> {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     let mut child = Command::new(binary())
-        .args(["serve", "--config", config_arg])
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
         .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
         .env("TEST_UPSTREAM_KEY_2", SECOND_UPSTREAM_KEY)
         .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
@@ -178,14 +196,19 @@ pub async fn start(body: &str) -> anyhow::Result<Gateway> {
     .context("the gateway did not start listening within 120 s")??;
     // Keep draining stdout so the gateway never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Gateway {
-        child,
-        url,
-        key,
-        config,
-        data_dir,
-        http: reqwest::Client::new(),
-    })
+    Ok((child, url))
+}
+
+impl Gateway {
+    /// Kills the gateway with SIGKILL (no shutdown, no flush) and starts it again on the same data
+    /// directory; `url` changes.
+    pub async fn crash_and_restart(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        let (child, url) = serve(&self.config, &self.data_dir.path().join("gateway.log")).await?;
+        self.child = child;
+        self.url = url;
+        Ok(())
+    }
 }
 
 /// A parsed response.
