@@ -277,3 +277,99 @@ async fn the_tenant_concurrency_cap_holds() {
     }
     panic!("the concurrency slot was not released");
 }
+
+#[tokio::test]
+async fn usage_is_queried_by_filter_and_exported_as_csv() {
+    use reqwest::Method;
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("starts");
+    admin(
+        &gateway,
+        Method::POST,
+        "/tenants",
+        Some(json!({"name": "other, inc"})),
+        ADMIN_TOKEN,
+    )
+    .await;
+    let other = new_key(&gateway, "other, inc", json!({})).await;
+    for _ in 0..3 {
+        assert_eq!(
+            call_with(&gateway, &gateway.key, &chat("a b")).await.status,
+            200
+        );
+    }
+    assert_eq!(
+        call_with(&gateway, &other, &chat("a \"quoted\" b"))
+            .await
+            .status,
+        200
+    );
+    let acme = admin(
+        &gateway,
+        Method::GET,
+        "/usage?tenant=acme",
+        None,
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(acme.json["data"].as_array().map(Vec::len), Some(3));
+    let limited = admin(&gateway, Method::GET, "/usage?limit=2", None, ADMIN_TOKEN).await;
+    assert_eq!(limited.json["data"].as_array().map(Vec::len), Some(2));
+    let future = admin(
+        &gateway,
+        Method::GET,
+        "/usage?from_ms=99999999999999",
+        None,
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(future.json["data"].as_array().map(Vec::len), Some(0));
+    admin(
+        &gateway,
+        Method::GET,
+        "/usage?from_ms=yesterday",
+        None,
+        ADMIN_TOKEN,
+    )
+    .await
+    .assert_error(400, None);
+
+    let csv = gateway
+        .http
+        .get(format!("{}/admin/usage.csv?model=test-model", gateway.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("the export answers");
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let text = csv.text().await.expect("CSV text");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1 + 4, "{text}");
+    assert!(lines[0].starts_with("unix_ms,request_id,tenant,"));
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|line| line.contains(",\"other, inc\","))
+            .count(),
+        1,
+        "{text}"
+    );
+    let columns = lines[0].split(',').count();
+    let cost_column = lines[0]
+        .split(',')
+        .position(|name| name == "cost_picos")
+        .expect("a cost column");
+    let acme_row: Vec<&str> = lines[1].split(',').collect();
+    assert_eq!(acme_row.len(), columns);
+    // Prompt "a b" is 2 tokens, the echo "Echo: a b" 3.
+    assert_eq!(
+        acme_row[cost_column],
+        (2 * harness::INPUT_PRICE + 3 * harness::OUTPUT_PRICE).to_string()
+    );
+}

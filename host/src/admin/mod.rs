@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -13,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::gateway::Gateway;
+use crate::store::UsageRecord;
 
 /// Admin state: the gateway and the expected token's digest.
 #[derive(Clone)]
@@ -31,6 +33,7 @@ pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
     };
     Router::new()
         .route("/usage", get(usage))
+        .route("/usage.csv", get(usage_csv))
         .route("/requests/{request_id}", get(request_trace))
         .route("/channels", get(channels))
         .route("/tenants", get(list_tenants).post(create_tenant))
@@ -68,11 +71,157 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// `GET /admin/usage`: every ledger record, in time order.
-async fn usage(State(state): State<AdminState>, headers: HeaderMap) -> Result<Response, ApiError> {
+/// Filters of a usage query; every one optional. Times are milliseconds since the Unix epoch,
+/// `from_ms` inclusive, `to_ms` exclusive.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    tenant: Option<String>,
+    key: Option<String>,
+    model: Option<String>,
+    channel: Option<String>,
+    from_ms: Option<u64>,
+    to_ms: Option<u64>,
+    /// JSON answers stop after this many records (default 1,000); CSV exports have no cap.
+    limit: Option<usize>,
+}
+
+impl UsageQuery {
+    fn matches(&self, record: &UsageRecord) -> bool {
+        let wanted =
+            |filter: &Option<String>, value: &str| filter.as_deref().is_none_or(|f| f == value);
+        wanted(&self.tenant, &record.tenant)
+            && wanted(&self.key, &record.key_id)
+            && wanted(&self.model, &record.model_asked)
+            && wanted(&self.channel, &record.channel)
+    }
+
+    fn records(&self, store: &dyn crate::store::Store) -> crate::store::UsageRecords {
+        store.usage_between(self.from_ms.unwrap_or(0), self.to_ms.unwrap_or(u64::MAX))
+    }
+}
+
+/// A malformed query string gets an OpenAI-shaped 400 naming the problem.
+fn usage_query(query: Result<Query<UsageQuery>, QueryRejection>) -> Result<UsageQuery, ApiError> {
+    query.map(|Query(query)| query).map_err(|rejection| {
+        crate::request::InvalidBody {
+            message: format!("invalid usage query: {}", rejection.body_text()),
+            param: None,
+        }
+        .into()
+    })
+}
+
+/// `GET /admin/usage?tenant=&key=&model=&channel=&from_ms=&to_ms=&limit=`: ledger records in time
+/// order.
+async fn usage(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    query: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let records = state.gateway.store.usage()?;
+    let query = usage_query(query)?;
+    let mut records = Vec::new();
+    for record in query.records(state.gateway.store.as_ref()) {
+        let record = record?;
+        if query.matches(&record) {
+            records.push(record);
+            if records.len() >= query.limit.unwrap_or(1_000) {
+                break;
+            }
+        }
+    }
     Ok(axum::Json(serde_json::json!({ "object": "list", "data": records })).into_response())
+}
+
+/// The CSV columns of a usage export.
+const CSV_HEADER: &str = "unix_ms,request_id,tenant,key_id,operation,model_asked,model_served,\
+channel,stream,status,error_class,input_tokens,cache_read_tokens,cache_write_tokens,output_tokens,\
+reasoning_tokens,estimated,cost_picos,latency_ms,attempts,degraded_to,model_mismatch\n";
+
+/// A CSV field, quoted when it holds a separator, a quote or a line break.
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_owned()
+    }
+}
+
+fn csv_row(record: &UsageRecord) -> String {
+    let usage = &record.usage;
+    let fields = [
+        record.unix_ms.to_string(),
+        csv_field(&record.request_id),
+        csv_field(&record.tenant),
+        csv_field(&record.key_id),
+        csv_field(&record.operation),
+        csv_field(&record.model_asked),
+        csv_field(&record.model_served),
+        csv_field(&record.channel),
+        record.stream.to_string(),
+        record.status.to_string(),
+        csv_field(record.error_class.as_deref().unwrap_or("")),
+        usage.input_tokens.to_string(),
+        usage.cache_read_tokens.to_string(),
+        usage.cache_write_tokens.to_string(),
+        usage.output_tokens.to_string(),
+        usage.reasoning_tokens.to_string(),
+        usage.estimated.to_string(),
+        record
+            .cost_picos
+            .map(|cost| cost.to_string())
+            .unwrap_or_default(),
+        record.latency_ms.to_string(),
+        record.attempts.len().to_string(),
+        csv_field(record.degraded_to.as_deref().unwrap_or("")),
+        record.model_mismatch.to_string(),
+    ];
+    let mut row = fields.join(",");
+    row.push('\n');
+    row
+}
+
+/// `GET /admin/usage.csv` with the filters of `/admin/usage`: streamed row by row from the store,
+/// never built in memory.
+async fn usage_csv(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    query: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let query = usage_query(query)?;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(16);
+    let store = state.gateway.store.clone();
+    tokio::task::spawn_blocking(move || {
+        if sender
+            .blocking_send(Ok(bytes::Bytes::from_static(CSV_HEADER.as_bytes())))
+            .is_err()
+        {
+            return;
+        }
+        for record in query.records(store.as_ref()) {
+            let chunk = match record {
+                Ok(record) if query.matches(&record) => Ok(bytes::Bytes::from(csv_row(&record))),
+                Ok(_) => continue,
+                // Ends the body with an error: the client sees a broken export, not a short one.
+                Err(error) => Err(std::io::Error::other(error.to_string())),
+            };
+            let failed = chunk.is_err();
+            if sender.blocking_send(chunk).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let rows = futures::stream::unfold(receiver, |mut receiver| async move {
+        let chunk = receiver.recv().await?;
+        Some((chunk, receiver))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        axum::body::Body::from_stream(rows),
+    )
+        .into_response())
 }
 
 /// `GET /admin/requests/{id}`: the usage record and attempts of one request.

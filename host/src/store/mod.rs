@@ -172,6 +172,9 @@ pub struct Reconciliation {
     pub unpriced_records: u64,
 }
 
+/// A lazy sequence of ledger records.
+pub type UsageRecords = Box<dyn Iterator<Item = Result<UsageRecord, StoreError>> + Send>;
+
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -255,8 +258,9 @@ pub trait Store: Send + Sync {
     fn commit_usage(&self, record: &UsageRecord, hold_id: Option<&str>) -> Result<(), StoreError>;
     /// Checks every tenant's balance against its top-ups minus its ledger charges.
     fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError>;
-    /// Ledger records in time order.
-    fn usage(&self) -> Result<Vec<UsageRecord>, StoreError>;
+    /// Ledger records that arrived in `[from_unix_ms, to_unix_ms)`, in time order, read lazily so a
+    /// long export never sits in memory.
+    fn usage_between(&self, from_unix_ms: u64, to_unix_ms: u64) -> UsageRecords;
     /// The ledger record of one request.
     fn usage_by_request(&self, request_id: &str) -> Result<Option<UsageRecord>, StoreError>;
     /// Answers when the store is open and readable (for `/readyz`).

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use super::{ApiKey, Reconciliation, Store, StoreError, Tenant, TopUp, UsageRecord};
+use super::{ApiKey, Reconciliation, Store, StoreError, Tenant, TopUp, UsageRecord, UsageRecords};
 
 /// The default store: an embedded sled database in the data directory.
 pub struct SledStore {
@@ -337,7 +337,8 @@ impl Store for SledStore {
                 entry.top_ups_picos += top_up.amount_picos;
             }
         }
-        for record in self.usage()? {
+        for record in self.usage_between(0, u64::MAX) {
+            let record = record?;
             if let Some(entry) = books.get_mut(&record.tenant) {
                 match record.cost_picos {
                     Some(cost) => entry.charges_picos += i128::from(cost),
@@ -354,12 +355,15 @@ impl Store for SledStore {
         Ok(books.into_values().collect())
     }
 
-    fn usage(&self) -> Result<Vec<UsageRecord>, StoreError> {
-        self.ledger
-            .iter()
-            .values()
-            .map(|bytes| decode("ledger", &bytes.map_err(backend)?))
-            .collect()
+    fn usage_between(&self, from_unix_ms: u64, to_unix_ms: u64) -> UsageRecords {
+        let range = self
+            .ledger
+            .range(from_unix_ms.to_be_bytes()..to_unix_ms.to_be_bytes());
+        Box::new(
+            range
+                .values()
+                .map(|bytes| decode("ledger", &bytes.map_err(backend)?)),
+        )
     }
 
     fn usage_by_request(&self, request_id: &str) -> Result<Option<UsageRecord>, StoreError> {
