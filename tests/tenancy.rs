@@ -373,3 +373,51 @@ async fn usage_is_queried_by_filter_and_exported_as_csv() {
         (2 * harness::INPUT_PRICE + 3 * harness::OUTPUT_PRICE).to_string()
     );
 }
+
+#[tokio::test]
+async fn the_cli_drives_the_admin_api() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("starts");
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(harness::binary())
+            .args(args)
+            .args(["--admin-url", &gateway.url])
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .expect("the CLI runs");
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8")
+    };
+    let tenants: Value = serde_json::from_str(&cli(&["tenant", "list"])).expect("JSON");
+    assert_eq!(tenants["data"][0]["name"], "acme");
+    assert_eq!(
+        call_with(&gateway, &gateway.key, &chat("x")).await.status,
+        200
+    );
+    let export = cli(&["usage", "export", "--tenant", "acme"]);
+    assert_eq!(export.lines().count(), 2, "{export}");
+    let keys: Value =
+        serde_json::from_str(&cli(&["key", "list", "--tenant", "acme"])).expect("JSON");
+    let id = keys["data"][0]["id"].as_str().expect("a key id").to_owned();
+    cli(&["key", "revoke", &id]);
+    call_with(&gateway, &gateway.key, &chat("x"))
+        .await
+        .assert_error(401, Some("invalid_api_key"));
+    let refused = std::process::Command::new(harness::binary())
+        .args(["tenant", "list", "--admin-url", &gateway.url])
+        .env("TOLLGATE_ADMIN_TOKEN", "wrong")
+        .output()
+        .expect("the CLI runs");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+}

@@ -9,3 +9,10 @@ pub fn line(text: &str) {
     println!("{text}");
     let _ = std::io::stdout().flush();
 }
+
+/// Writes bytes to stdout as they are (a streamed export).
+pub fn raw(bytes: &[u8]) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(bytes)?;
+    stdout.flush()
+}

@@ -95,6 +95,81 @@ enum UsageAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Lists usage records matching the filters (JSON).
+    Query {
+        #[command(flatten)]
+        filters: UsageFilters,
+        /// At most this many records.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Writes usage records matching the filters to stdout as CSV, streamed.
+    Export {
+        #[command(flatten)]
+        filters: UsageFilters,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct UsageFilters {
+    /// Tenant name.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Key id.
+    #[arg(long)]
+    key: Option<String>,
+    /// Public model asked for.
+    #[arg(long)]
+    model: Option<String>,
+    /// Channel that answered.
+    #[arg(long)]
+    channel: Option<String>,
+    /// From this time, milliseconds since the Unix epoch (inclusive).
+    #[arg(long)]
+    from_ms: Option<u64>,
+    /// Until this time, milliseconds since the Unix epoch (exclusive).
+    #[arg(long)]
+    to_ms: Option<u64>,
+}
+
+impl UsageFilters {
+    fn query_string(&self, limit: Option<usize>) -> String {
+        let pairs = [
+            ("tenant", self.tenant.clone()),
+            ("key", self.key.clone()),
+            ("model", self.model.clone()),
+            ("channel", self.channel.clone()),
+            ("from_ms", self.from_ms.map(|ms| ms.to_string())),
+            ("to_ms", self.to_ms.map(|ms| ms.to_string())),
+            ("limit", limit.map(|limit| limit.to_string())),
+        ];
+        let encoded: Vec<String> = pairs
+            .into_iter()
+            .filter_map(|(name, value)| Some(format!("{name}={}", percent_encode(&value?))))
+            .collect();
+        if encoded.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", encoded.join("&"))
+        }
+    }
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(byte).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }
 
 #[derive(clap::Args)]
@@ -109,12 +184,31 @@ struct DataDirArgs {
 
 #[derive(Subcommand)]
 enum TenantAction {
-    /// Creates a tenant.
+    /// Creates a tenant (in the data directory; use the admin API while a gateway runs).
     Create {
         /// Tenant name.
         name: String,
         #[command(flatten)]
         data: DataDirArgs,
+    },
+    /// Lists tenants, through the admin API.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Shows one tenant, through the admin API.
+    Get {
+        /// Tenant name.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Disables a tenant: its keys are refused. Through the admin API.
+    Disable {
+        /// Tenant name.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -127,6 +221,21 @@ enum KeyAction {
         tenant: String,
         #[command(flatten)]
         data: DataDirArgs,
+    },
+    /// Lists a tenant's keys (prefixes, never secrets), through the admin API.
+    List {
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revokes a key by id, through the admin API.
+    Revoke {
+        /// Key id (`key_…`).
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -233,6 +342,58 @@ fn main() -> anyhow::Result<()> {
                 .map(drop),
             }
         }
+        Command::Tenant {
+            action: TenantAction::List { admin },
+        } => {
+            init_tracing(None)?;
+            admin_call(&admin, reqwest::Method::GET, "/tenants", None).map(drop)
+        }
+        Command::Tenant {
+            action: TenantAction::Get { name, admin },
+        } => {
+            init_tracing(None)?;
+            let path = format!("/tenants/{}", percent_encode(&name));
+            admin_call(&admin, reqwest::Method::GET, &path, None).map(drop)
+        }
+        Command::Tenant {
+            action: TenantAction::Disable { name, admin },
+        } => {
+            init_tracing(None)?;
+            let path = format!("/tenants/{}/disable", percent_encode(&name));
+            admin_call(&admin, reqwest::Method::POST, &path, None).map(drop)
+        }
+        Command::Key {
+            action: KeyAction::List { tenant, admin },
+        } => {
+            init_tracing(None)?;
+            let path = format!("/tenants/{}/keys", percent_encode(&tenant));
+            admin_call(&admin, reqwest::Method::GET, &path, None).map(drop)
+        }
+        Command::Key {
+            action: KeyAction::Revoke { id, admin },
+        } => {
+            init_tracing(None)?;
+            let path = format!("/keys/{}/revoke", percent_encode(&id));
+            admin_call(&admin, reqwest::Method::POST, &path, None).map(drop)
+        }
+        Command::Usage {
+            action:
+                UsageAction::Query {
+                    filters,
+                    limit,
+                    admin,
+                },
+        } => {
+            init_tracing(None)?;
+            let path = format!("/usage{}", filters.query_string(limit));
+            admin_call(&admin, reqwest::Method::GET, &path, None).map(drop)
+        }
+        Command::Usage {
+            action: UsageAction::Export { filters, admin },
+        } => {
+            init_tracing(None)?;
+            export_csv(&admin, &format!("/usage.csv{}", filters.query_string(None)))
+        }
         Command::Usage {
             action: UsageAction::Reconcile { admin },
         } => {
@@ -297,6 +458,31 @@ fn new_tenant(name: &str) -> tollgate::store::Tenant {
         disabled: false,
         max_concurrency: None,
     }
+}
+
+/// Copies a CSV export to stdout as it arrives.
+fn export_csv(admin: &AdminArgs, path: &str) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let url = format!("{}/admin{path}", admin.admin_url.trim_end_matches('/'));
+        let response = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(&admin.admin_token)
+            .send()
+            .await
+            .with_context(|| format!("calling {url}"))?;
+        let status = response.status();
+        anyhow::ensure!(status.is_success(), "{status}: {}", response.text().await?);
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            console::raw(&chunk.context("the export broke off")?)?;
+        }
+        Ok(())
+    })
 }
 
 fn now_unix_ms() -> u64 {
