@@ -216,6 +216,24 @@ async fn key_terms_are_enforced_before_any_upstream_call() {
         "one request comes back every 30 s: {retry_after}"
     );
 
+    // Each call costs 3 × 0.15 + 4 × 0.6 = 2.85 micros: the third passes the 5-micro daily cap.
+    let capped = new_key(&gateway, "acme", json!({"daily_spend_cap_micros": 5})).await;
+    assert_eq!(
+        call_with(&gateway, &capped, &chat("hello there world"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call_with(&gateway, &capped, &chat("hello there world"))
+            .await
+            .status,
+        200
+    );
+    call_with(&gateway, &capped, &chat("hello there world"))
+        .await
+        .assert_error(429, Some("insufficient_quota"));
+
     let few_tokens = new_key(&gateway, "acme", json!({"tpm": 40})).await;
     let long_prompt = chat(&"many words here ".repeat(20));
     call_with(&gateway, &few_tokens, &long_prompt)
@@ -223,8 +241,8 @@ async fn key_terms_are_enforced_before_any_upstream_call() {
         .assert_error(429, Some("rate_limit_exceeded"));
     assert_eq!(
         sim.calls(),
-        2,
-        "only the two allowed requests reached the upstream"
+        4,
+        "only the four allowed requests reached the upstream"
     );
 }
 

@@ -24,6 +24,8 @@ pub struct Caller {
     pub tpm: Option<u64>,
     /// The tenant's cap on requests in flight.
     pub max_concurrency: Option<u32>,
+    /// The key's spend per UTC day, at most, in micro-units.
+    pub daily_spend_cap_micros: Option<u64>,
 }
 
 /// Why a request is not authenticated.
@@ -88,6 +90,7 @@ pub fn authenticate(
         rpm: key.rpm,
         tpm: key.tpm,
         max_concurrency: tenant.max_concurrency,
+        daily_spend_cap_micros: key.daily_spend_cap_micros,
     })
 }
 
@@ -108,6 +111,8 @@ pub struct KeyTerms {
     pub rpm: Option<u32>,
     /// Tokens per minute.
     pub tpm: Option<u64>,
+    /// Spend per UTC day, at most, in micro-units.
+    pub daily_spend_cap_micros: Option<u64>,
 }
 
 /// Creates a key for a tenant and returns it with its secret, which is shown once and never again.
@@ -131,6 +136,7 @@ pub fn issue_key(
         allowed_models: terms.allowed_models,
         rpm: terms.rpm,
         tpm: terms.tpm,
+        daily_spend_cap_micros: terms.daily_spend_cap_micros,
     };
     store.insert_key(&secret_sha256(&secret), &key)?;
     Ok((key, secret))

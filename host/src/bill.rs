@@ -56,6 +56,19 @@ pub async fn authorize(
     context: &RequestContext,
 ) -> Result<String, BillingError> {
     let tenant = &context.caller.tenant;
+    if let Some(cap_micros) = context.caller.daily_spend_cap_micros {
+        let today = context.received_unix_ms / crate::store::MILLIS_PER_DAY;
+        let spent = gateway
+            .store
+            .key_spend_picos(&context.caller.key_id, today)?;
+        // Checked against what was charged so far: requests in flight may still pass the cap by
+        // their own cost.
+        if spent >= i128::from(cap_micros) * 1_000_000 {
+            return Err(BillingError::BudgetExceeded(
+                "This key reached its daily spend cap; it resets at midnight UTC.".to_owned(),
+            ));
+        }
+    }
     let hold_id = uuid::Uuid::new_v4().to_string();
     for _ in 0..HOLD_ATTEMPTS {
         let available = gateway.store.available_picos(tenant)?;

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 
 pub use self::sled::SledStore;
 
+/// Milliseconds in a UTC day: daily spend caps reset at midnight UTC.
+pub const MILLIS_PER_DAY: u64 = 86_400_000;
+
 /// A customer of the gateway: owns keys, a balance and usage.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Tenant {
@@ -47,6 +50,9 @@ pub struct ApiKey {
     /// Tokens (prompt and output) per minute, at most.
     #[serde(default)]
     pub tpm: Option<u64>,
+    /// Spend per UTC day, at most, in micro-units.
+    #[serde(default)]
+    pub daily_spend_cap_micros: Option<u64>,
 }
 
 /// Normalized token usage as recorded (see `types.usage` in the WIT for the subset rules).
@@ -256,6 +262,8 @@ pub trait Store: Send + Sync {
     /// Appends the record to the ledger, debits its cost from the tenant's balance and releases
     /// the request's hold (if `hold_id` names one), atomically.
     fn commit_usage(&self, record: &UsageRecord, hold_id: Option<&str>) -> Result<(), StoreError>;
+    /// What a key has been charged on a UTC day (days since the Unix epoch), in picos.
+    fn key_spend_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError>;
     /// Checks every tenant's balance against its top-ups minus its ledger charges.
     fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError>;
     /// Ledger records that arrived in `[from_unix_ms, to_unix_ms)`, in time order, read lazily so a

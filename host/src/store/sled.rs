@@ -4,7 +4,10 @@ use std::path::Path;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use super::{ApiKey, Reconciliation, Store, StoreError, Tenant, TopUp, UsageRecord, UsageRecords};
+use super::{
+    ApiKey, MILLIS_PER_DAY, Reconciliation, Store, StoreError, Tenant, TopUp, UsageRecord,
+    UsageRecords,
+};
 
 /// The default store: an embedded sled database in the data directory.
 pub struct SledStore {
@@ -23,6 +26,8 @@ pub struct SledStore {
     holds: sled::Tree,
     /// Top-up records, time-ordered.
     top_ups: sled::Tree,
+    /// (key id, UTC day) → what the key was charged that day (i128 big-endian).
+    key_spend: sled::Tree,
 }
 
 impl SledStore {
@@ -50,6 +55,7 @@ impl SledStore {
             held: tree("held")?,
             holds: tree("holds")?,
             top_ups: tree("top_ups")?,
+            key_spend: tree("key_spend")?,
             db,
         })
     }
@@ -98,6 +104,13 @@ fn decode_balance(bytes: Option<sled::IVec>) -> Result<i128, StoreError> {
         reason: format!("{} bytes, expected 16", bytes.len()),
     })?;
     Ok(i128::from_be_bytes(raw))
+}
+
+fn spend_key(key_id: &str, day: u64) -> Vec<u8> {
+    let mut key = key_id.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&day.to_be_bytes());
+    key
 }
 
 /// Ledger keys sort by time: arrival millis (big-endian) then the request id, unique per request.
@@ -278,14 +291,16 @@ impl Store for SledStore {
         let value = encode(record)?;
         let key = ledger_key(record);
         let cost = i128::from(record.cost_picos.unwrap_or(0));
+        let spend_key = spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY);
         (
             &self.ledger,
             &self.ledger_by_request,
             &self.balances,
             &self.held,
             &self.holds,
+            &self.key_spend,
         )
-            .transaction(|(ledger, by_request, balances, held, holds)| {
+            .transaction(|(ledger, by_request, balances, held, holds, key_spend)| {
                 ledger.insert(key.as_slice(), value.as_slice())?;
                 by_request.insert(record.request_id.as_bytes(), key.as_slice())?;
                 if cost != 0 {
@@ -295,6 +310,10 @@ impl Store for SledStore {
                         record.tenant.as_bytes(),
                         (current - cost).to_be_bytes().to_vec(),
                     )?;
+                    let spent = decode_balance(key_spend.get(spend_key.as_slice())?)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    key_spend
+                        .insert(spend_key.as_slice(), (spent + cost).to_be_bytes().to_vec())?;
                 }
                 let Some(hold_id) = hold_id else {
                     return Ok(());
@@ -313,6 +332,14 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(transaction_error)
+    }
+
+    fn key_spend_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError> {
+        decode_balance(
+            self.key_spend
+                .get(spend_key(key_id, day))
+                .map_err(backend)?,
+        )
     }
 
     fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError> {
