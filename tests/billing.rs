@@ -343,3 +343,47 @@ async fn a_crash_loses_no_record_older_than_the_durability_window() {
     let books = admin_get(&gateway, "/reconcile").await;
     assert_eq!(books["balanced"], true, "{books}");
 }
+
+#[tokio::test]
+async fn pruned_usage_leaves_the_books_balanced() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        harness::billing(0),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    top_up(&gateway, 1_000_000);
+    for _ in 0..3 {
+        assert_eq!(
+            gateway
+                .post("/v1/chat/completions", &chat("x y"), &[])
+                .await
+                .status,
+            200
+        );
+    }
+    let before = admin_get(&gateway, "/tenants/acme/balance").await;
+    let cutoff = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+        + 1_000;
+    let pruned: Value = gateway
+        .http
+        .post(format!("{}/admin/usage/prune", gateway.url))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"before_ms": cutoff}))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(pruned["pruned"], 3);
+    assert_eq!(admin_get(&gateway, "/usage").await["data"], json!([]));
+    assert_eq!(admin_get(&gateway, "/tenants/acme/balance").await, before);
+    let books = admin_get(&gateway, "/reconcile").await;
+    assert_eq!(books["balanced"], true, "{books}");
+}

@@ -88,6 +88,9 @@ pub struct ServerConfig {
     /// No new upstream attempt (retry or failover) starts later than this after the request
     /// arrived, in milliseconds.
     pub failover_budget_ms: u64,
+    /// Usage records older than this many days are removed, hourly (their charges stay in the
+    /// books); none: kept until removed by an operator.
+    pub ledger_retention_days: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +101,7 @@ impl Default for ServerConfig {
             max_body_bytes: 8 << 20,
             max_upstream_body_bytes: 32 << 20,
             failover_budget_ms: 60_000,
+            ledger_retention_days: None,
         }
     }
 }

@@ -535,6 +535,22 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
     let address = listener.local_addr()?;
     console::line(&format!("tollgate listening on http://{address}"));
     let store = gateway.store.clone();
+    if let Some(days) = config.server.ledger_retention_days {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3_600));
+            loop {
+                hourly.tick().await;
+                let cutoff = now_unix_ms().saturating_sub(days * tollgate::store::MILLIS_PER_DAY);
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || store.prune_usage(cutoff)).await {
+                    Ok(Ok(pruned)) => tracing::info!(pruned, days, "ledger retention applied"),
+                    Ok(Err(error)) => tracing::error!(%error, "ledger retention failed"),
+                    Err(error) => tracing::error!(%error, "ledger retention task failed"),
+                }
+            }
+        });
+    }
     let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
     // Small SSE frames must leave at once: Nagle's algorithm would hold them for the peer's ACK.
     let listener = listener.tap_io(|tcp| {

@@ -34,6 +34,7 @@ pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
     Router::new()
         .route("/usage", get(usage))
         .route("/usage.csv", get(usage_csv))
+        .route("/usage/prune", axum::routing::post(prune_usage))
         .route("/requests/{request_id}", get(request_trace))
         .route("/channels", get(channels))
         .route("/tenants", get(list_tenants).post(create_tenant))
@@ -522,4 +523,28 @@ async fn revoke_key(
         return Err(ApiError::UnknownKey { key_id });
     }
     Ok(axum::Json(serde_json::json!({ "key": key_id, "revoked": true })).into_response())
+}
+
+/// The body of a prune.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneBody {
+    /// Records that arrived before this time (milliseconds since the Unix epoch) are removed.
+    before_ms: u64,
+}
+
+/// `POST /admin/usage/prune` with `{"before_ms": …}`: removes old usage records; their charges stay
+/// in the books, so reconcile still balances.
+async fn prune_usage(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let prune: PruneBody = admin_body(&body)?;
+    let store = state.gateway.store.clone();
+    let pruned = tokio::task::spawn_blocking(move || store.prune_usage(prune.before_ms))
+        .await
+        .map_err(|error| ApiError::Store(crate::store::StoreError::Backend(error.to_string())))??;
+    Ok(axum::Json(serde_json::json!({ "pruned": pruned })).into_response())
 }

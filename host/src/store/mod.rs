@@ -264,6 +264,9 @@ pub trait Store: Send + Sync {
     fn commit_usage(&self, record: &UsageRecord, hold_id: Option<&str>) -> Result<(), StoreError>;
     /// What a key has been charged on a UTC day (days since the Unix epoch), in picos.
     fn key_spend_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError>;
+    /// Removes the ledger records that arrived before `before_unix_ms`, folding their charges into
+    /// the tenant's archived total (so reconcile still balances); returns how many went.
+    fn prune_usage(&self, before_unix_ms: u64) -> Result<u64, StoreError>;
     /// Checks every tenant's balance against its top-ups minus its ledger charges.
     fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError>;
     /// Ledger records that arrived in `[from_unix_ms, to_unix_ms)`, in time order, read lazily so a

@@ -28,6 +28,8 @@ pub struct SledStore {
     top_ups: sled::Tree,
     /// (key id, UTC day) → what the key was charged that day (i128 big-endian).
     key_spend: sled::Tree,
+    /// Tenant → charges of pruned ledger records (i128 big-endian), for reconcile.
+    archived_charges: sled::Tree,
 }
 
 impl SledStore {
@@ -56,6 +58,7 @@ impl SledStore {
             holds: tree("holds")?,
             top_ups: tree("top_ups")?,
             key_spend: tree("key_spend")?,
+            archived_charges: tree("archived_charges")?,
             db,
         })
     }
@@ -342,6 +345,38 @@ impl Store for SledStore {
         )
     }
 
+    fn prune_usage(&self, before_unix_ms: u64) -> Result<u64, StoreError> {
+        let mut pruned = 0;
+        for entry in self.ledger.range(..before_unix_ms.to_be_bytes()) {
+            let (key, value) = entry.map_err(backend)?;
+            let record: UsageRecord = decode("ledger", &value)?;
+            let cost = i128::from(record.cost_picos.unwrap_or(0));
+            (
+                &self.ledger,
+                &self.ledger_by_request,
+                &self.archived_charges,
+            )
+                .transaction(|(ledger, by_request, archived)| {
+                    if ledger.remove(&key)?.is_none() {
+                        return Ok(());
+                    }
+                    if by_request.get(record.request_id.as_bytes())?.as_deref() == Some(&key[..]) {
+                        by_request.remove(record.request_id.as_bytes())?;
+                    }
+                    let total = decode_balance(archived.get(record.tenant.as_bytes())?)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    archived.insert(
+                        record.tenant.as_bytes(),
+                        (total + cost).to_be_bytes().to_vec(),
+                    )?;
+                    Ok(())
+                })
+                .map_err(transaction_error)?;
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+
     fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError> {
         let mut books: std::collections::BTreeMap<String, Reconciliation> = self
             .tenants()?
@@ -375,6 +410,8 @@ impl Store for SledStore {
             }
         }
         for entry in books.values_mut() {
+            entry.charges_picos +=
+                decode_balance(self.archived_charges.get(&entry.tenant).map_err(backend)?)?;
             entry.balance_picos = self.balance_picos(&entry.tenant)?;
             entry.difference_picos =
                 entry.balance_picos - (entry.top_ups_picos - entry.charges_picos);
