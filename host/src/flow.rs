@@ -312,7 +312,7 @@ async fn attempt_channel(
     attempt: &PlannedAttempt,
     deadline: Instant,
 ) -> ChannelOutcome {
-    let channel = &gateway.channels[attempt.channel];
+    let channel = attempt.channel.as_ref();
     let mut tried_keys = Vec::new();
     let mut retries = 0;
     let mut last_error = None;
@@ -476,7 +476,7 @@ async fn try_attempt(
     key: Option<usize>,
 ) -> Result<(Reply, Duration), TranslateError> {
     let started = Instant::now();
-    let channel = &gateway.channels[attempt.channel];
+    let channel = attempt.channel.as_ref();
     let translator = translate::translator(gateway, channel)?;
     let attempt_context = translate::attempt_context(context, channel, attempt);
     let upstream_request =

@@ -149,8 +149,9 @@ pub struct Gateway {
     pub billing: Binding,
     /// Translator bindings by protocol name.
     pub translators: HashMap<String, Binding>,
-    /// Channels in configuration order.
-    pub channels: Vec<Channel>,
+    /// Channels: the configuration file's, in order, then those created through the admin API.
+    /// Replaced whole when the API changes one; a request keeps the snapshot it routed with.
+    channels: std::sync::RwLock<Arc<Vec<Arc<Channel>>>>,
     /// Request body cap, in bytes.
     pub max_body_bytes: usize,
     /// Cap on upstream answers read whole, in bytes.
@@ -203,6 +204,14 @@ pub enum StartError {
 }
 
 impl Gateway {
+    /// The channels now: a snapshot that stays valid while the set changes.
+    pub fn channels(&self) -> Arc<Vec<Arc<Channel>>> {
+        self.channels
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Builds the gateway: opens the store, compiles and binds the plugins, resolves channel keys.
     pub async fn start(config: &Config, config_dir: &Path) -> Result<Arc<Self>, StartError> {
         std::fs::create_dir_all(&config.server.data_dir).map_err(|source| {
@@ -266,14 +275,14 @@ impl Gateway {
         let channels = config
             .channels
             .iter()
-            .map(|channel| live_channel(channel, &config.health))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|channel| Ok(Arc::new(live_channel(channel, &config.health)?)))
+            .collect::<Result<Vec<_>, StartError>>()?;
         Ok(Arc::new(Self {
             store,
             router,
             billing,
             translators,
-            channels,
+            channels: std::sync::RwLock::new(Arc::new(channels)),
             max_body_bytes: config.server.max_body_bytes,
             max_upstream_body_bytes: config.server.max_upstream_body_bytes,
             failover_budget: Duration::from_millis(config.server.failover_budget_ms),

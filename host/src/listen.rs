@@ -237,13 +237,15 @@ async fn models(
     State(gateway): State<Arc<Gateway>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authenticate(&gateway, &headers)?;
-    // TODO(#7): filter by the key's model allow-list.
-    let names: std::collections::BTreeSet<&str> = gateway
-        .channels
+    let caller = authenticate(&gateway, &headers)?;
+    let channels = gateway.channels();
+    let names: std::collections::BTreeSet<&str> = channels
         .iter()
         .filter(|channel| channel.is_active())
         .flat_map(|channel| channel.config.models.keys().map(String::as_str))
+        .filter(|model| {
+            caller.allowed_models.is_empty() || caller.allowed_models.iter().any(|m| m == model)
+        })
         .collect();
     let data: Vec<Value> = names
         .into_iter()
@@ -261,7 +263,7 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Result<&'static str, ApiE
 /// `GET /metrics`: Prometheus/OpenMetrics text.
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     let now = Instant::now();
-    for channel in &gateway.channels {
+    for channel in gateway.channels().iter() {
         let circuit = channel.health.snapshot(now).circuit;
         gateway.metrics.set_circuit(&channel.config.name, circuit);
     }

@@ -517,7 +517,7 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let gateway = gateway::Gateway::start(&config, &config_dir).await?;
     bootstrap(&config, gateway.store.as_ref())?;
-    for channel in &gateway.channels {
+    for channel in gateway.channels().iter() {
         let label = channel.config.label.as_deref().unwrap_or("");
         if channel.is_active() {
             tracing::info!(channel = %channel.config.name, label, "channel active");

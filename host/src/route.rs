@@ -4,21 +4,23 @@
 //! Out: a [`Plan`] — the failover chain — or a [`RouteError`]. Next: bill (authorize), then translate.
 
 use crate::flow::RequestContext;
-use crate::gateway::Gateway;
+use std::sync::Arc;
+
+use crate::gateway::{Channel as GatewayChannel, Gateway};
 use crate::plugin::PluginError;
 use crate::plugin::router::{self as wit, Channel, ChannelModel, Circuit, RequestFacts};
 
 /// One step of the plan.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PlannedAttempt {
-    /// Index into `Gateway::channels`.
-    pub channel: usize,
+    /// The channel, from the snapshot the request routed with.
+    pub channel: Arc<GatewayChannel>,
     /// The upstream model name to send.
     pub upstream_model: String,
 }
 
 /// The attempts in the order the host runs them.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Plan {
     /// The failover chain.
     pub attempts: Vec<PlannedAttempt>,
@@ -52,8 +54,8 @@ pub async fn plan(gateway: &Gateway, context: &RequestContext) -> Result<Plan, R
         tags: context.tags.clone(),
     };
     let now = std::time::Instant::now();
-    let candidates: Vec<Channel> = gateway
-        .channels
+    let channels = gateway.channels();
+    let candidates: Vec<Channel> = channels
         .iter()
         .filter(|channel| channel.is_active())
         .map(|channel| {
@@ -104,10 +106,10 @@ pub async fn plan(gateway: &Gateway, context: &RequestContext) -> Result<Plan, R
     let attempts = attempts
         .into_iter()
         .map(|attempt| {
-            let channel = gateway
-                .channels
+            let channel = channels
                 .iter()
-                .position(|channel| channel.config.name == attempt.channel && channel.is_active())
+                .find(|channel| channel.config.name == attempt.channel && channel.is_active())
+                .cloned()
                 .ok_or_else(|| PluginError::Contract {
                     plugin: gateway.router.plugin().clone(),
                     role: crate::plugin::Role::Router,

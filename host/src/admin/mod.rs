@@ -259,7 +259,7 @@ async fn channels(
     };
     let channels: Vec<serde_json::Value> = state
         .gateway
-        .channels
+        .channels()
         .iter()
         .map(|channel| {
             let models: serde_json::Map<String, serde_json::Value> = channel
