@@ -460,12 +460,13 @@ async fn the_openapi_document_matches_the_server() {
     )
     .expect("the spec is JSON");
     let paths = spec["paths"].as_object().expect("paths");
-    assert!(paths.len() >= 13, "{} paths", paths.len());
+    assert!(paths.len() >= 14, "{} paths", paths.len());
     for (path, operations) in paths {
         let concrete = path
             .replace("{tenant}", "acme")
             .replace("{key_id}", "key_missing")
-            .replace("{request_id}", "req_missing");
+            .replace("{request_id}", "req_missing")
+            .replace("{channel}", "only");
         for (method, operation) in operations.as_object().expect("operations") {
             let method: reqwest::Method = method.to_uppercase().parse().expect("an HTTP method");
             let body = operation.get("requestBody").map(|_| json!({}));
@@ -497,4 +498,164 @@ async fn the_openapi_document_matches_the_server() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn channels_are_created_through_the_api_with_sealed_secrets() {
+    use reqwest::Method;
+    const SECRET: &str = "sk-api-channel-secret-7f1e";
+    let config_sim = simulator().await;
+    let api_sim =
+        tollgate_simulator::Simulator::start(([127, 0, 0, 1], 0).into(), vec![SECRET.to_owned()])
+            .await
+            .expect("a simulator");
+    let billing = billing(1_000_000).replace("\"test-embedding\"", "\"api-model\"");
+    let mut gateway = start(&format!("{billing}{}", channel("only", &config_sim, 1)))
+        .await
+        .expect("starts");
+    let body = json!({
+        "name": "api",
+        "protocol": "openai",
+        "base_url": api_sim.openai_base_url(),
+        "models": {"api-model": "sim-api"},
+        "api_keys": [SECRET],
+    });
+    let created = admin(
+        &gateway,
+        Method::POST,
+        "/channels",
+        Some(body.clone()),
+        ADMIN_TOKEN,
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.json);
+    assert!(!created.json.to_string().contains(SECRET));
+    admin(
+        &gateway,
+        Method::POST,
+        "/channels",
+        Some(body.clone()),
+        ADMIN_TOKEN,
+    )
+    .await
+    .assert_error(409, Some("already_exists"));
+    let mut with_env = body.clone();
+    with_env["name"] = json!("env");
+    with_env["api_key_env"] = json!(["X"]);
+    admin(
+        &gateway,
+        Method::POST,
+        "/channels",
+        Some(with_env),
+        ADMIN_TOKEN,
+    )
+    .await
+    .assert_error(400, None);
+    let mut unknown_protocol = body.clone();
+    unknown_protocol["name"] = json!("other");
+    unknown_protocol["protocol"] = json!("carrier-pigeon");
+    admin(
+        &gateway,
+        Method::POST,
+        "/channels",
+        Some(unknown_protocol),
+        ADMIN_TOKEN,
+    )
+    .await
+    .assert_error(400, None);
+
+    let api_model =
+        json!({"model": "api-model", "messages": [{"role": "user", "content": "via api"}]});
+    let answer = gateway.post("/v1/chat/completions", &api_model, &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert_eq!(answer.headers["x-tollgate-channel"], "api");
+    assert_eq!(
+        api_sim.seen()[0].authorization.as_deref(),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+
+    // The secret is nowhere: not in admin answers, not in the log, not in the raw store files.
+    let channels = admin(&gateway, Method::GET, "/channels", None, ADMIN_TOKEN).await;
+    assert!(
+        channels.json.to_string().contains("\"source\":\"api\""),
+        "{}",
+        channels.json
+    );
+    assert!(!channels.json.to_string().contains(SECRET));
+    assert!(!gateway.log().contains(SECRET));
+    let mut files = vec![gateway.data_dir.path().to_path_buf()];
+    while let Some(path) = files.pop() {
+        if path.is_dir() {
+            files.extend(
+                std::fs::read_dir(&path)
+                    .expect("readable")
+                    .map(|entry| entry.expect("an entry").path()),
+            );
+        } else {
+            let bytes = std::fs::read(&path).expect("readable");
+            assert!(
+                !bytes
+                    .windows(SECRET.len())
+                    .any(|window| window == SECRET.as_bytes()),
+                "{} holds the secret",
+                path.display()
+            );
+        }
+    }
+
+    // Config-file channels are the file's; API channels change and go.
+    admin(
+        &gateway,
+        Method::DELETE,
+        "/channels/only",
+        None,
+        ADMIN_TOKEN,
+    )
+    .await
+    .assert_error(409, Some("channel_in_config"));
+    let mut moved = body.clone();
+    moved.as_object_mut().expect("an object").remove("api_keys");
+    moved["models"] = json!({"api-model": "sim-api-v2"});
+    assert_eq!(
+        admin(
+            &gateway,
+            Method::PUT,
+            "/channels/api",
+            Some(moved),
+            ADMIN_TOKEN
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &api_model, &[])
+            .await
+            .headers["x-tollgate-model"],
+        "sim-api-v2"
+    );
+
+    // Sealed keys survive a restart.
+    gateway.crash_and_restart().await.expect("restarts");
+    assert_eq!(
+        gateway
+            .post("/v1/chat/completions", &api_model, &[])
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        admin(&gateway, Method::DELETE, "/channels/api", None, ADMIN_TOKEN)
+            .await
+            .status,
+        200
+    );
+    gateway
+        .post("/v1/chat/completions", &api_model, &[])
+        .await
+        .assert_error(404, Some("model_not_found"));
+    admin(&gateway, Method::DELETE, "/channels/api", None, ADMIN_TOKEN)
+        .await
+        .assert_error(404, Some("channel_not_found"));
 }

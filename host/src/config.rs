@@ -199,8 +199,9 @@ impl BindingConfig {
     }
 }
 
-/// `[[channels]]`: one upstream.
-#[derive(Debug, Clone, Deserialize)]
+/// `[[channels]]`: one upstream. Channels created through the admin API have the same fields (and
+/// their keys sealed in the store instead of `api_key_env`).
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelConfig {
     /// Unique channel name (fixed).
@@ -257,7 +258,7 @@ pub struct ChannelConfig {
 }
 
 /// What a channel charges for a model, in micro-units per million tokens.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelPrice {
     /// Per million prompt tokens.

@@ -63,6 +63,21 @@ pub enum ApiError {
         /// The name asked for.
         tenant: String,
     },
+    /// The admin API may not change a channel of the configuration file.
+    #[error("The channel `{name}` is defined in the configuration file; change it there.")]
+    ConfigChannel {
+        /// The channel.
+        name: String,
+    },
+    /// No API channel has that name.
+    #[error("No channel created through the API is named `{name}`.")]
+    UnknownChannel {
+        /// The name asked for.
+        name: String,
+    },
+    /// The channel set could not be rebuilt after a change.
+    #[error("the channels could not be reloaded")]
+    ChannelReload(#[source] crate::gateway::StartError),
     /// No such key.
     #[error("No key has the id `{key_id}`.")]
     UnknownKey {
@@ -328,6 +343,24 @@ impl ApiError {
                 Some("invalid_admin_token"),
                 self.to_string(),
             ),
+            ApiError::ConfigChannel { .. } => rendered(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("channel_in_config"),
+                self.to_string(),
+            ),
+            ApiError::UnknownChannel { .. } => rendered(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("channel_not_found"),
+                self.to_string(),
+            ),
+            ApiError::ChannelReload(_) => rendered(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                Some("channel_reload_failed"),
+                "The channel was stored but the live channel set could not be rebuilt.".to_owned(),
+            ),
             ApiError::UnknownTenant { .. } => rendered(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
@@ -388,6 +421,9 @@ impl ApiError {
             ApiError::NoAttempt => "no_upstream",
             ApiError::AdminUnauthorized => "invalid_admin_token",
             ApiError::UnknownTenant { .. } => "tenant_not_found",
+            ApiError::ConfigChannel { .. } => "channel_in_config",
+            ApiError::UnknownChannel { .. } => "channel_not_found",
+            ApiError::ChannelReload(_) => "channel_reload_failed",
             ApiError::UnknownKey { .. } => "not_found",
             ApiError::UnknownRequest { .. } => "request_not_found",
             ApiError::UnknownPath { .. } => "unknown_url",

@@ -11,6 +11,8 @@ use crate::health::{ChannelHealth, HealthConfig};
 use crate::limit::Limiter;
 use crate::metrics::Metrics;
 use crate::plugin::{Binding, Limits, PluginError, PluginRuntime, Role, RuntimeSettings, shipped};
+use crate::secrets::{SealError, Sealer};
+use crate::store::StoredChannel;
 use crate::store::{SledStore, Store, StoreError};
 
 /// An upstream channel as the gateway runs it.
@@ -164,6 +166,12 @@ pub struct Gateway {
     pub fallbacks: HashMap<String, String>,
     /// Per-key and per-tenant limit state.
     pub limiter: Limiter,
+    /// Names of the configuration file's channels (the admin API cannot change them).
+    config_channels: Vec<String>,
+    /// Circuit-breaker settings, for channels created later.
+    health: HealthConfig,
+    /// Seals the keys of API channels; `None` without `TOLLGATE_MASTER_KEY`.
+    pub sealer: Option<Sealer>,
 }
 
 /// Why the gateway could not start.
@@ -192,6 +200,15 @@ pub enum StartError {
         /// The name.
         name: String,
     },
+    /// An API channel's keys are sealed but `TOLLGATE_MASTER_KEY` is not set.
+    #[error("channel `{channel}` has sealed keys but TOLLGATE_MASTER_KEY is not set")]
+    NoMasterKey {
+        /// The channel.
+        channel: String,
+    },
+    /// The master key is malformed, or a sealed key cannot be opened with it.
+    #[error(transparent)]
+    Seal(#[from] SealError),
     /// An HTTP client could not be built.
     #[error("cannot build the HTTP client of channel `{channel}`")]
     HttpClient {
@@ -203,7 +220,61 @@ pub enum StartError {
     },
 }
 
+/// A channel created through the admin API: its sealed keys opened under the master key.
+fn api_channel(
+    stored: &StoredChannel,
+    sealer: Option<&Sealer>,
+    health: &HealthConfig,
+) -> Result<Channel, StartError> {
+    let keys = stored
+        .sealed_keys
+        .iter()
+        .enumerate()
+        .map(|(index, sealed)| {
+            let sealer = sealer.ok_or(StartError::NoMasterKey {
+                channel: stored.config.name.clone(),
+            })?;
+            Ok((format!("api-key-{}", index + 1), sealer.open(sealed)?))
+        })
+        .collect::<Result<Vec<_>, StartError>>()?;
+    channel_with_keys(&stored.config, keys, health)
+}
+
 impl Gateway {
+    /// Rebuilds the channel set after the admin API changed the stored channels. Channels whose
+    /// configuration and keys did not change keep their live health and key state.
+    pub fn reload_api_channels(&self) -> Result<(), StartError> {
+        let current = self.channels();
+        let mut next: Vec<Arc<Channel>> = current
+            .iter()
+            .filter(|channel| self.config_channels.contains(&channel.config.name))
+            .cloned()
+            .collect();
+        for stored in self.store.api_channels()? {
+            let fresh = api_channel(&stored, self.sealer.as_ref(), &self.health)?;
+            let unchanged = current.iter().find(|channel| {
+                channel.config == fresh.config
+                    && channel.keys.len() == fresh.keys.len()
+                    && channel
+                        .keys
+                        .iter()
+                        .zip(&fresh.keys)
+                        .all(|(old, new)| old.secret == new.secret)
+            });
+            next.push(unchanged.cloned().unwrap_or_else(|| Arc::new(fresh)));
+        }
+        *self
+            .channels
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
+        Ok(())
+    }
+
+    /// Whether a channel comes from the configuration file (and so is not the admin API's).
+    pub fn is_config_channel(&self, name: &str) -> bool {
+        self.config_channels.iter().any(|known| known == name)
+    }
+
     /// The channels now: a snapshot that stays valid while the set changes.
     pub fn channels(&self) -> Arc<Vec<Arc<Channel>>> {
         self.channels
@@ -257,6 +328,13 @@ impl Gateway {
             .iter()
             .map(|channel| channel.protocol.as_str())
             .chain(config.bindings.translators.keys().map(String::as_str))
+            // Every shipped translator too, so channels created later can use its protocol.
+            .chain(
+                shipped::SHIPPED
+                    .iter()
+                    .filter(|plugin| plugin.role == Role::Translator)
+                    .map(|plugin| plugin.name),
+            )
             .collect();
         for protocol in protocols {
             let binding = config
@@ -272,11 +350,19 @@ impl Gateway {
                 });
             translators.insert(protocol.to_owned(), bind(Role::Translator, binding).await?);
         }
-        let channels = config
+        let sealer = Sealer::from_env()?;
+        let mut channels = config
             .channels
             .iter()
             .map(|channel| Ok(Arc::new(live_channel(channel, &config.health)?)))
             .collect::<Result<Vec<_>, StartError>>()?;
+        for stored in store.api_channels()? {
+            channels.push(Arc::new(api_channel(
+                &stored,
+                sealer.as_ref(),
+                &config.health,
+            )?));
+        }
         Ok(Arc::new(Self {
             store,
             router,
@@ -293,6 +379,13 @@ impl Gateway {
                 .filter_map(|(model, settings)| Some((model.clone(), settings.fallback.clone()?)))
                 .collect(),
             limiter: Limiter::default(),
+            config_channels: config
+                .channels
+                .iter()
+                .map(|channel| channel.name.clone())
+                .collect(),
+            health: config.health.clone(),
+            sealer,
         }))
     }
 }
@@ -321,6 +414,7 @@ fn plugin_bytes(
     Ok((shipped.name.to_owned(), shipped.bytes.to_vec()))
 }
 
+/// A channel of the configuration file: its keys come from the environment variables it names.
 fn live_channel(config: &ChannelConfig, health: &HealthConfig) -> Result<Channel, StartError> {
     let keys = config
         .api_key_env
@@ -329,11 +423,24 @@ fn live_channel(config: &ChannelConfig, health: &HealthConfig) -> Result<Channel
             let secret = std::env::var(name)
                 .ok()
                 .filter(|secret| !secret.is_empty())?;
-            Some(UpstreamKey {
-                id: name.clone(),
-                secret,
-                state: Mutex::new(KeyState::default()),
-            })
+            Some((name.clone(), secret))
+        })
+        .collect();
+    channel_with_keys(config, keys, health)
+}
+
+/// A channel with its key pool given as (id, secret) pairs.
+fn channel_with_keys(
+    config: &ChannelConfig,
+    keys: Vec<(String, String)>,
+    health: &HealthConfig,
+) -> Result<Channel, StartError> {
+    let keys = keys
+        .into_iter()
+        .map(|(id, secret)| UpstreamKey {
+            id,
+            secret,
+            state: Mutex::new(KeyState::default()),
         })
         .collect();
     let http = reqwest::Client::builder()

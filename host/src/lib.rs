@@ -21,6 +21,7 @@ pub mod plugin;
 pub mod record;
 pub mod request;
 pub mod route;
+pub mod secrets;
 pub mod sse;
 pub mod store;
 pub mod stream;

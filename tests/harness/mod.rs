@@ -20,6 +20,8 @@ use tollgate_simulator::Simulator;
 pub const UPSTREAM_KEY: &str = "sk-sim-upstream-secret";
 /// A second accepted upstream key, which the gateway reads from `TEST_UPSTREAM_KEY_2`.
 pub const SECOND_UPSTREAM_KEY: &str = "sk-sim-upstream-second";
+/// The master key that seals API channels' secrets (64 hex digits).
+pub const MASTER_KEY: &str = "8f3c2a1b9d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a";
 /// The admin token the gateway is started with.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
@@ -178,6 +180,7 @@ async fn serve(config: &Path, log: &Path) -> anyhow::Result<(Child, String)> {
         .env("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
         .env("TEST_UPSTREAM_KEY_2", SECOND_UPSTREAM_KEY)
         .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("TOLLGATE_MASTER_KEY", MASTER_KEY)
         .stdout(Stdio::piped())
         .stderr(stderr)
         .kill_on_drop(true)

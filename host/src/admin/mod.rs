@@ -36,7 +36,11 @@ pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
         .route("/usage.csv", get(usage_csv))
         .route("/usage/prune", axum::routing::post(prune_usage))
         .route("/requests/{request_id}", get(request_trace))
-        .route("/channels", get(channels))
+        .route("/channels", get(channels).post(create_channel))
+        .route(
+            "/channels/{channel}",
+            axum::routing::put(update_channel).delete(delete_channel),
+        )
         .route("/tenants", get(list_tenants).post(create_tenant))
         .route("/tenants/{tenant}", get(get_tenant))
         .route(
@@ -272,9 +276,18 @@ async fn channels(
                 .iter()
                 .map(|key| serde_json::json!({"id": key.id, "problem": key.status(now)}))
                 .collect();
+            let source = if state.gateway.is_config_channel(&channel.config.name) {
+                "config"
+            } else {
+                "api"
+            };
             serde_json::json!({
                 "name": channel.config.name,
+                "source": source,
                 "protocol": channel.config.protocol,
+                "base_url": channel.config.base_url,
+                "priority": channel.config.priority,
+                "weight": channel.config.weight,
                 "active": channel.is_active(),
                 "health": health(channel.health.snapshot(now)),
                 "models": models,
@@ -547,4 +560,200 @@ async fn prune_usage(
         .await
         .map_err(|error| ApiError::Store(crate::store::StoreError::Backend(error.to_string())))??;
     Ok(axum::Json(serde_json::json!({ "pruned": pruned })).into_response())
+}
+
+/// A channel body: the fields of a `[[channels]]` table plus `api_keys`, the secrets (sealed
+/// before they are stored, never answered back).
+fn channel_body(
+    body: &[u8],
+) -> Result<(crate::config::ChannelConfig, Option<Vec<String>>), ApiError> {
+    let invalid = |message: String, param: Option<&str>| -> ApiError {
+        crate::request::InvalidBody {
+            message,
+            param: param.map(str::to_owned),
+        }
+        .into()
+    };
+    let mut value: serde_json::Value = admin_body(body)?;
+    let api_keys = match value
+        .as_object_mut()
+        .and_then(|fields| fields.remove("api_keys"))
+    {
+        None => None,
+        Some(keys) => Some(serde_json::from_value::<Vec<String>>(keys).map_err(|_| {
+            invalid(
+                "`api_keys` must be an array of strings".to_owned(),
+                Some("api_keys"),
+            )
+        })?),
+    };
+    let config: crate::config::ChannelConfig = serde_json::from_value(value)
+        .map_err(|error| invalid(format!("invalid channel: {error}"), None))?;
+    if config.name.trim().is_empty() || config.name.contains('/') {
+        return Err(invalid(
+            "a channel name must be non-empty and contain no `/`".to_owned(),
+            Some("name"),
+        ));
+    }
+    if !config.api_key_env.is_empty() {
+        return Err(invalid(
+            "channels created through the API take their secrets in `api_keys`; `api_key_env` is for the configuration file".to_owned(),
+            Some("api_key_env"),
+        ));
+    }
+    if !(config.base_url.starts_with("http://") || config.base_url.starts_with("https://")) {
+        return Err(invalid(
+            "`base_url` must be an http(s) URL".to_owned(),
+            Some("base_url"),
+        ));
+    }
+    Ok((config, api_keys))
+}
+
+/// Seals the keys and stores the channel, then swaps the live channel set.
+fn store_channel(
+    state: &AdminState,
+    config: crate::config::ChannelConfig,
+    sealed_keys: Vec<String>,
+) -> Result<(), ApiError> {
+    let gateway = &state.gateway;
+    if !gateway.translators.contains_key(&config.protocol) {
+        return Err(crate::request::InvalidBody {
+            message: format!(
+                "no translator plugin is bound for the protocol `{}`",
+                config.protocol
+            ),
+            param: Some("protocol".to_owned()),
+        }
+        .into());
+    }
+    gateway
+        .store
+        .put_api_channel(&crate::store::StoredChannel {
+            config,
+            sealed_keys,
+        })?;
+    gateway
+        .reload_api_channels()
+        .map_err(ApiError::ChannelReload)
+}
+
+fn seal_keys(state: &AdminState, keys: &[String]) -> Result<Vec<String>, ApiError> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sealer = state
+        .gateway
+        .sealer
+        .as_ref()
+        .ok_or_else(|| crate::request::InvalidBody {
+            message:
+                "storing upstream keys needs TOLLGATE_MASTER_KEY (64 hex digits) on the gateway"
+                    .to_owned(),
+            param: Some("api_keys".to_owned()),
+        })?;
+    Ok(keys.iter().map(|key| sealer.seal(key)).collect())
+}
+
+fn channel_answer(
+    config: &crate::config::ChannelConfig,
+    keys: usize,
+    status: axum::http::StatusCode,
+) -> Response {
+    let mut shown = serde_json::to_value(config).unwrap_or_default();
+    if let Some(fields) = shown.as_object_mut() {
+        fields.remove("api_key_env");
+        fields.insert(
+            "api_keys".to_owned(),
+            serde_json::json!(format!("{keys} sealed")),
+        );
+    }
+    (status, axum::Json(shown)).into_response()
+}
+
+/// `POST /admin/channels`: creates a channel beside the configuration file's.
+async fn create_channel(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let (config, keys) = channel_body(&body)?;
+    let exists = state
+        .gateway
+        .channels()
+        .iter()
+        .any(|channel| channel.config.name == config.name);
+    if exists {
+        return Err(crate::store::StoreError::Exists {
+            what: "channel",
+            name: config.name,
+        }
+        .into());
+    }
+    let sealed = seal_keys(&state, &keys.unwrap_or_default())?;
+    let count = sealed.len();
+    store_channel(&state, config.clone(), sealed)?;
+    Ok(channel_answer(
+        &config,
+        count,
+        axum::http::StatusCode::CREATED,
+    ))
+}
+
+/// `PUT /admin/channels/{channel}`: replaces an API channel; without `api_keys` its keys stay.
+async fn update_channel(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    if state.gateway.is_config_channel(&name) {
+        return Err(ApiError::ConfigChannel { name });
+    }
+    let (config, keys) = channel_body(&body)?;
+    if config.name != name {
+        return Err(crate::request::InvalidBody {
+            message: format!("the body names `{}`, the path `{name}`", config.name),
+            param: Some("name".to_owned()),
+        }
+        .into());
+    }
+    let Some(stored) = state
+        .gateway
+        .store
+        .api_channels()?
+        .into_iter()
+        .find(|channel| channel.config.name == name)
+    else {
+        return Err(ApiError::UnknownChannel { name });
+    };
+    let sealed = match keys {
+        Some(keys) => seal_keys(&state, &keys)?,
+        None => stored.sealed_keys,
+    };
+    let count = sealed.len();
+    store_channel(&state, config.clone(), sealed)?;
+    Ok(channel_answer(&config, count, axum::http::StatusCode::OK))
+}
+
+/// `DELETE /admin/channels/{channel}`: removes an API channel; requests already routed to it finish.
+async fn delete_channel(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    if state.gateway.is_config_channel(&name) {
+        return Err(ApiError::ConfigChannel { name });
+    }
+    if !state.gateway.store.delete_api_channel(&name)? {
+        return Err(ApiError::UnknownChannel { name });
+    }
+    state
+        .gateway
+        .reload_api_channels()
+        .map_err(ApiError::ChannelReload)?;
+    Ok(axum::Json(serde_json::json!({ "channel": name, "deleted": true })).into_response())
 }

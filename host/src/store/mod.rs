@@ -178,6 +178,15 @@ pub struct Reconciliation {
     pub unpriced_records: u64,
 }
 
+/// A channel created through the admin API, as stored: its configuration and its keys, sealed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredChannel {
+    /// The channel's configuration (`api_key_env` empty).
+    pub config: crate::config::ChannelConfig,
+    /// Its upstream keys, sealed under the master key (see `secrets`).
+    pub sealed_keys: Vec<String>,
+}
+
 /// A lazy sequence of ledger records.
 pub type UsageRecords = Box<dyn Iterator<Item = Result<UsageRecord, StoreError>> + Send>;
 
@@ -267,6 +276,12 @@ pub trait Store: Send + Sync {
     /// Removes the ledger records that arrived before `before_unix_ms`, folding their charges into
     /// the tenant's archived total (so reconcile still balances); returns how many went.
     fn prune_usage(&self, before_unix_ms: u64) -> Result<u64, StoreError>;
+    /// Channels created through the admin API, by name.
+    fn api_channels(&self) -> Result<Vec<StoredChannel>, StoreError>;
+    /// Creates or replaces an API channel.
+    fn put_api_channel(&self, channel: &StoredChannel) -> Result<(), StoreError>;
+    /// Deletes an API channel; `false` when none has that name.
+    fn delete_api_channel(&self, name: &str) -> Result<bool, StoreError>;
     /// Checks every tenant's balance against its top-ups minus its ledger charges.
     fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError>;
     /// Ledger records that arrived in `[from_unix_ms, to_unix_ms)`, in time order, read lazily so a

@@ -5,8 +5,8 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{
-    ApiKey, MILLIS_PER_DAY, Reconciliation, Store, StoreError, Tenant, TopUp, UsageRecord,
-    UsageRecords,
+    ApiKey, MILLIS_PER_DAY, Reconciliation, Store, StoreError, StoredChannel, Tenant, TopUp,
+    UsageRecord, UsageRecords,
 };
 
 /// The default store: an embedded sled database in the data directory.
@@ -30,6 +30,8 @@ pub struct SledStore {
     key_spend: sled::Tree,
     /// Tenant → charges of pruned ledger records (i128 big-endian), for reconcile.
     archived_charges: sled::Tree,
+    /// Channel name → channel created through the admin API (keys sealed).
+    api_channels: sled::Tree,
 }
 
 impl SledStore {
@@ -59,6 +61,7 @@ impl SledStore {
             top_ups: tree("top_ups")?,
             key_spend: tree("key_spend")?,
             archived_charges: tree("archived_charges")?,
+            api_channels: tree("api_channels")?,
             db,
         })
     }
@@ -375,6 +378,25 @@ impl Store for SledStore {
             pruned += 1;
         }
         Ok(pruned)
+    }
+
+    fn api_channels(&self) -> Result<Vec<StoredChannel>, StoreError> {
+        self.api_channels
+            .iter()
+            .values()
+            .map(|bytes| decode("api_channels", &bytes.map_err(backend)?))
+            .collect()
+    }
+
+    fn put_api_channel(&self, channel: &StoredChannel) -> Result<(), StoreError> {
+        self.api_channels
+            .insert(channel.config.name.as_bytes(), encode(channel)?)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn delete_api_channel(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.api_channels.remove(name).map_err(backend)?.is_some())
     }
 
     fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError> {
