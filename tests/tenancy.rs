@@ -417,6 +417,13 @@ async fn the_cli_drives_the_admin_api() {
         String::from_utf8(output.stdout).expect("UTF-8")
     };
     let tenants: Value = serde_json::from_str(&cli(&["tenant", "list"])).expect("JSON");
+    let file = gateway.data_dir.path().join("channel.json");
+    let spec = json!({"name": "cli", "protocol": "openai", "base_url": sim.openai_base_url(), "models": {"cli-model": "sim-cli"}});
+    std::fs::write(&file, spec.to_string()).expect("writable");
+    cli(&["channel", "create", "--file", file.to_str().expect("UTF-8")]);
+    let channels: Value = serde_json::from_str(&cli(&["channel", "list"])).expect("JSON");
+    assert_eq!(channels["data"][1]["name"], "cli");
+    cli(&["channel", "delete", "cli"]);
     assert_eq!(tenants["data"][0]["name"], "acme");
     assert_eq!(
         call_with(&gateway, &gateway.key, &chat("x")).await.status,

@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// Manages channels created through the admin API.
+    Channel {
+        #[command(subcommand)]
+        action: ChannelAction,
+    },
     /// Manages balances, through a running gateway's admin API.
     Balance {
         #[command(subcommand)]
@@ -83,6 +88,40 @@ enum BalanceAction {
         /// Tenant name.
         #[arg(long)]
         tenant: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChannelAction {
+    /// Lists every channel with its health and key state (never a secret).
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Creates a channel from a JSON file: a `[[channels]]` table's fields plus `api_keys`.
+    Create {
+        /// The channel's JSON.
+        #[arg(long)]
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Replaces an API channel from a JSON file (without `api_keys` its keys stay).
+    Update {
+        /// Channel name.
+        name: String,
+        /// The channel's JSON.
+        #[arg(long)]
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Deletes an API channel.
+    Delete {
+        /// Channel name.
+        name: String,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -341,6 +380,38 @@ fn main() -> anyhow::Result<()> {
                 )
                 .map(drop),
             }
+        }
+        Command::Channel { action } => {
+            init_tracing(None)?;
+            let read = |file: &Path| -> anyhow::Result<serde_json::Value> {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+            };
+            match action {
+                ChannelAction::List { admin } => {
+                    admin_call(&admin, reqwest::Method::GET, "/channels", None)
+                }
+                ChannelAction::Create { file, admin } => admin_call(
+                    &admin,
+                    reqwest::Method::POST,
+                    "/channels",
+                    Some(read(&file)?),
+                ),
+                ChannelAction::Update { name, file, admin } => admin_call(
+                    &admin,
+                    reqwest::Method::PUT,
+                    &format!("/channels/{}", percent_encode(&name)),
+                    Some(read(&file)?),
+                ),
+                ChannelAction::Delete { name, admin } => admin_call(
+                    &admin,
+                    reqwest::Method::DELETE,
+                    &format!("/channels/{}", percent_encode(&name)),
+                    None,
+                ),
+            }
+            .map(drop)
         }
         Command::Tenant {
             action: TenantAction::List { admin },
