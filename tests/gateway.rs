@@ -416,6 +416,9 @@ async fn a_stream_cut_mid_way_ends_with_an_error_event_and_is_recorded() {
     let record = gateway.record_eventually(&request_id).await;
     assert_eq!(record["error_class"], "stream_cut");
     assert_eq!(record["usage"]["estimated"], true);
+    // Charged for what was delivered: "Echo: one " is 10 bytes, about 3 tokens.
+    assert_eq!(record["usage"]["output_tokens"], 3);
+    assert!(record["cost_picos"].as_u64().is_some_and(|cost| cost > 0));
     // Only one upstream call: after the first byte there is no failover.
     assert_eq!(sim.calls(), 1);
 }

@@ -525,11 +525,14 @@ async fn settle_stream(
     outcome: stream::StreamOutcome,
 ) {
     context.served_model = outcome.served_model;
-    let usage = outcome.usage.unwrap_or(Usage {
-        input_tokens: context.request.estimated_input_tokens,
+    let mut usage = outcome.usage.unwrap_or(Usage {
         estimated: true,
         ..zero_usage()
     });
+    if usage.estimated && usage.input_tokens == 0 {
+        // The translator counted what it delivered; the prompt is the host's to count.
+        usage.input_tokens = context.request.estimated_input_tokens;
+    }
     let (call_outcome, class) = match (outcome.cut, outcome.client_gone) {
         (Some(_), _) => (CallOutcome::Cut, Some("stream_cut")),
         (None, true) => (CallOutcome::Cut, Some("client_closed")),

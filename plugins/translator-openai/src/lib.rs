@@ -85,6 +85,33 @@ struct OpenAiAnswer {
     error: Option<OpenAiError>,
 }
 
+/// The parts of a stream chunk the translator reads.
+#[derive(Debug, Deserialize)]
+struct OpenAiChunk {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    usage: Option<OpenAiUsage>,
+    #[serde(default)]
+    choices: Vec<OpenAiChunkChoice>,
+    #[serde(default)]
+    error: Option<OpenAiError>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct OpenAiChunkChoice {
+    #[serde(default)]
+    delta: OpenAiDelta,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct OpenAiDelta {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    refusal: Option<String>,
+}
+
 /// OpenAI's error object.
 #[derive(Debug, Default, Deserialize)]
 struct OpenAiError {
@@ -274,6 +301,8 @@ pub struct OpenAiStream {
     include_usage: bool,
     usage: Option<Usage>,
     served_model: Option<String>,
+    /// Bytes of text passed to the client, for an estimate when the upstream reports no usage.
+    delivered_text_bytes: usize,
 }
 
 impl StreamTranslate for OpenAiStream {
@@ -282,6 +311,7 @@ impl StreamTranslate for OpenAiStream {
             include_usage: context.include_usage,
             usage: None,
             served_model: None,
+            delivered_text_bytes: 0,
         }
     }
 
@@ -289,8 +319,16 @@ impl StreamTranslate for OpenAiStream {
         if event.data == "[DONE]" {
             return Ok(Vec::new());
         }
-        let chunk: OpenAiAnswer = serde_json::from_str(&event.data)
+        let chunk: OpenAiChunk = serde_json::from_str(&event.data)
             .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+        self.delivered_text_bytes += chunk
+            .choices
+            .iter()
+            .map(|choice| {
+                choice.delta.content.as_deref().map_or(0, str::len)
+                    + choice.delta.refusal.as_deref().map_or(0, str::len)
+            })
+            .sum::<usize>();
         if let Some(error) = chunk.error {
             return Err(TranslateError::Upstream(failure(0, error, None)));
         }
@@ -309,9 +347,21 @@ impl StreamTranslate for OpenAiStream {
     }
 
     fn finish(&mut self) -> Result<StreamEnd, TranslateError> {
+        // A stream cut before the upstream's usage chunk is charged for what was delivered:
+        // about four bytes of text per token, flagged as an estimate (the host adds the prompt).
+        let usage = self.usage.take().or_else(|| {
+            (self.delivered_text_bytes > 0).then(|| Usage {
+                input_tokens: 0,
+                cache_read_tokens: 0,
+                cache_write_tokens: 0,
+                output_tokens: self.delivered_text_bytes.div_ceil(4) as u64,
+                reasoning_tokens: 0,
+                estimated: true,
+            })
+        });
         Ok(StreamEnd {
             chunks: Vec::new(),
-            usage: self.usage.take(),
+            usage,
             served_model: self.served_model.take(),
         })
     }
