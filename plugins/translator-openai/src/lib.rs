@@ -3,7 +3,6 @@
 //! but for the model name and, on streams, a request for usage so the host can bill what was streamed.
 
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 use serde_json::{Map, Value};
 use tollgate_plugin_sdk::export_translator;
 use tollgate_plugin_sdk::translator::{
@@ -72,17 +71,13 @@ impl OpenAiUsage {
     }
 }
 
-/// The parts of a chat answer or chunk the translator reads; everything else passes through.
+/// The parts of a whole answer the translator reads; everything else passes through.
 #[derive(Debug, Deserialize)]
 struct OpenAiAnswer {
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
     usage: Option<OpenAiUsage>,
-    #[serde(default)]
-    choices: Vec<IgnoredAny>,
-    #[serde(default)]
-    error: Option<OpenAiError>,
 }
 
 /// The parts of a stream chunk the translator reads.
