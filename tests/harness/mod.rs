@@ -122,7 +122,8 @@ pub fn cli(args: &[&str]) -> anyhow::Result<std::process::Output> {
         .context("running the tollgate CLI")
 }
 
-/// Writes the config (listen on port 0, own data dir, shared plugin cache, then `body`), creates
+/// Writes the config (listen on port 0, own data dir, shared plugin cache, then `body`, whose first
+/// lines may still set `[plugins]` keys since that table comes last), creates
 /// tenant `acme` and a key with the CLI, and starts `tollgate serve`.
 pub async fn start(body: &str) -> anyhow::Result<Gateway> {
     let data_dir = tempfile::tempdir()?;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sha2::{Digest, Sha256};
@@ -52,12 +51,22 @@ pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
         .route("/tenants/{tenant}/balance", get(balance))
         .route("/tenants/{tenant}/top-ups", axum::routing::post(top_up))
         .route("/reconcile", get(reconcile))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ))
         .with_state(state)
 }
 
-/// Compares digests of the presented and expected tokens in constant time.
-fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let presented = headers
+/// Lets a request through only with the admin token; compares digests of the presented and
+/// expected tokens in constant time. One layer guards every admin route.
+async fn require_admin(
+    State(state): State<AdminState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let presented = request
+        .headers()
         .get("authorization")
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
@@ -69,11 +78,10 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
         .iter()
         .zip(presented.iter())
         .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if difference == 0 {
-        Ok(())
-    } else {
-        Err(ApiError::AdminUnauthorized)
+    if difference != 0 {
+        return Err(ApiError::AdminUnauthorized);
     }
+    Ok(next.run(request).await)
 }
 
 /// Filters of a usage query; every one optional. Times are milliseconds since the Unix epoch,
@@ -121,10 +129,8 @@ fn usage_query(query: Result<Query<UsageQuery>, QueryRejection>) -> Result<Usage
 /// order.
 async fn usage(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     query: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let query = usage_query(query)?;
     let mut records = Vec::new();
     for record in query.records(state.gateway.store.as_ref()) {
@@ -191,10 +197,8 @@ fn csv_row(record: &UsageRecord) -> String {
 /// never built in memory.
 async fn usage_csv(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     query: Result<Query<UsageQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let query = usage_query(query)?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(16);
     let store = state.gateway.store.clone();
@@ -232,10 +236,8 @@ async fn usage_csv(
 /// `GET /admin/requests/{id}`: the usage record and attempts of one request.
 async fn request_trace(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(request_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let record = state
         .gateway
         .store
@@ -246,11 +248,7 @@ async fn request_trace(
 
 /// `GET /admin/channels`: every channel's health, per model too, and its keys' state (by the
 /// name of their environment variable; never a secret).
-async fn channels(
-    State(state): State<AdminState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+async fn channels(State(state): State<AdminState>) -> Result<Response, ApiError> {
     let now = std::time::Instant::now();
     let health = |snapshot: crate::health::HealthSnapshot| {
         serde_json::json!({
@@ -304,10 +302,8 @@ const PICOS_PER_MICRO: i128 = 1_000_000;
 /// `GET /admin/tenants/{tenant}/balance`.
 async fn balance(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let store = &state.gateway.store;
     if store.tenant(&tenant)?.is_none() {
         return Err(ApiError::UnknownTenant { tenant });
@@ -336,11 +332,9 @@ struct TopUpBody {
 /// `POST /admin/tenants/{tenant}/top-ups` with `{"amount_micros": …, "reason": "…"}`.
 async fn top_up(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let body: TopUpBody =
         serde_json::from_slice(&body).map_err(|error| crate::request::InvalidBody {
             message: format!("invalid top-up: {error}"),
@@ -375,11 +369,7 @@ async fn top_up(
 
 /// `GET /admin/reconcile`: every tenant's books; `balanced` is true when no balance differs from
 /// its top-ups minus its charges and no record is unpriced.
-async fn reconcile(
-    State(state): State<AdminState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+async fn reconcile(State(state): State<AdminState>) -> Result<Response, ApiError> {
     let books = state.gateway.store.reconcile()?;
     let balanced = books
         .iter()
@@ -425,10 +415,8 @@ struct NewTenant {
 /// `POST /admin/tenants` with `{"name": …, "max_concurrency": …}`.
 async fn create_tenant(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let new: NewTenant = admin_body(&body)?;
     if new.name.trim().is_empty() || new.name.contains('/') {
         return Err(crate::request::InvalidBody {
@@ -448,11 +436,7 @@ async fn create_tenant(
 }
 
 /// `GET /admin/tenants`.
-async fn list_tenants(
-    State(state): State<AdminState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+async fn list_tenants(State(state): State<AdminState>) -> Result<Response, ApiError> {
     let tenants = state.gateway.store.tenants()?;
     Ok(axum::Json(serde_json::json!({ "object": "list", "data": tenants })).into_response())
 }
@@ -460,10 +444,8 @@ async fn list_tenants(
 /// `GET /admin/tenants/{tenant}`.
 async fn get_tenant(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let found = state
         .gateway
         .store
@@ -475,10 +457,8 @@ async fn get_tenant(
 /// `POST /admin/tenants/{tenant}/disable`: its keys are refused from now on.
 async fn disable_tenant(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     if !state.gateway.store.disable_tenant(&tenant)? {
         return Err(ApiError::UnknownTenant { tenant });
     }
@@ -488,11 +468,9 @@ async fn disable_tenant(
 /// `POST /admin/tenants/{tenant}/keys` with the key's terms; answers the secret, once.
 async fn create_key(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let terms: crate::auth::KeyTerms = if body.is_empty() {
         crate::auth::KeyTerms::default()
     } else {
@@ -513,10 +491,8 @@ async fn create_key(
 /// `GET /admin/tenants/{tenant}/keys`: metadata and prefixes only, never a secret.
 async fn list_keys(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let store = &state.gateway.store;
     if store.tenant(&tenant)?.is_none() {
         return Err(ApiError::UnknownTenant { tenant });
@@ -528,10 +504,8 @@ async fn list_keys(
 /// `POST /admin/keys/{key_id}/revoke`.
 async fn revoke_key(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(key_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     if !state.gateway.store.revoke_key(&key_id)? {
         return Err(ApiError::UnknownKey { key_id });
     }
@@ -550,10 +524,8 @@ struct PruneBody {
 /// in the books, so reconcile still balances.
 async fn prune_usage(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let prune: PruneBody = admin_body(&body)?;
     let store = state.gateway.store.clone();
     let pruned = tokio::task::spawn_blocking(move || store.prune_usage(prune.before_ms))
@@ -674,10 +646,8 @@ fn channel_answer(
 /// `POST /admin/channels`: creates a channel beside the configuration file's.
 async fn create_channel(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     let (config, keys) = channel_body(&body)?;
     let exists = state
         .gateway
@@ -704,11 +674,9 @@ async fn create_channel(
 /// `PUT /admin/channels/{channel}`: replaces an API channel; without `api_keys` its keys stay.
 async fn update_channel(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     if state.gateway.is_config_channel(&name) {
         return Err(ApiError::ConfigChannel { name });
     }
@@ -741,10 +709,8 @@ async fn update_channel(
 /// `DELETE /admin/channels/{channel}`: removes an API channel; requests already routed to it finish.
 async fn delete_channel(
     State(state): State<AdminState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
     if state.gateway.is_config_channel(&name) {
         return Err(ApiError::ConfigChannel { name });
     }

@@ -1,9 +1,9 @@
 //! A router that never returns when the request carries `x-tollgate-hostile: 1`, and otherwise
-//! routes to the first channel serving the model: the host's deadline must interrupt the loop and
+//! routes like `failover`: the host's deadline must interrupt the loop and
 //! the next request must be served.
 
 use tollgate_plugin_sdk::export_router;
-use tollgate_plugin_sdk::router::{Attempt, Channel, RequestFacts, RouteError, Router};
+use tollgate_plugin_sdk::router::{Attempt, Channel, RequestFacts, RouteError, Router, plan_by};
 
 /// The hostile router.
 pub struct EndlessLoop;
@@ -20,19 +20,7 @@ impl Router for EndlessLoop {
                 spins = std::hint::black_box(spins.wrapping_add(facts.estimated_input_tokens));
             }
         }
-        channels
-            .into_iter()
-            .find_map(|channel| {
-                let model = channel
-                    .models
-                    .iter()
-                    .find(|m| m.public_name == facts.model)?;
-                Some(vec![Attempt {
-                    channel: channel.name.clone(),
-                    upstream_model: model.upstream_name.clone(),
-                }])
-            })
-            .ok_or_else(|| RouteError::NoRoute(format!("no channel serves `{}`", facts.model)))
+        plan_by(&facts, channels, |_| ())
     }
 }
 
