@@ -433,14 +433,17 @@ async fn missing_upstream_usage_is_estimated_and_flagged() {
         omit_usage: true,
         ..Fault::default()
     });
-    let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    let answer = gateway
+        .post("/v1/chat/completions", &chat("hello world"), &[])
+        .await;
     assert_eq!(answer.status, 200);
     let record = gateway.record(&answer.request_id()).await;
-    assert_eq!(record["usage"]["output_tokens"], 0);
-    assert_eq!(
-        record["usage"]["estimated"], false,
-        "the translator reports zero usage, not an estimate"
-    );
+    assert_eq!(record["usage"]["estimated"], true);
+    // Counted with the o200k tokenizer: "hello world" is 2 tokens (4 bytes a token would say 3),
+    // the answer "Echo: hello world" 4.
+    assert_eq!(record["usage"]["input_tokens"], 2);
+    assert_eq!(record["usage"]["output_tokens"], 4);
+    assert_eq!(record["cost_picos"], 2 * INPUT_PRICE + 4 * OUTPUT_PRICE);
 }
 
 #[tokio::test]

@@ -24,12 +24,14 @@ use crate::metrics::{
     AttemptLabels, ChannelLabels, Metrics, ModelLabels, RequestLabels, TokenLabels,
 };
 use crate::plugin::billing::CallOutcome;
+use crate::plugin::router::Operation;
 use crate::plugin::translator::{FailureClass, Usage};
 use crate::record;
 use crate::request::ClientRequest;
 use crate::route::{self, PlannedAttempt};
 use crate::store::{RecordedAttempt, UsageRecord};
 use crate::stream;
+use crate::tokens;
 use crate::translate::{self, TranslateError};
 use crate::upstream::{self, UpstreamError};
 
@@ -196,8 +198,16 @@ pub async fn run(
             .as_secs_f64(),
     );
     match reply {
-        Reply::Whole(answer) => {
+        Reply::Whole(mut answer) => {
             admission.succeeded(started.elapsed(), ttfb);
+            if answer.usage.estimated {
+                // The upstream reported no usage: count both sides with the tokenizer.
+                answer.usage.input_tokens =
+                    tokens::prompt_tokens(context.request.operation, &context.request.body);
+                if context.request.operation == Operation::Chat {
+                    answer.usage.output_tokens = tokens::answer_tokens(&answer.body);
+                }
+            }
             let priced =
                 bill::charge(&gateway, &context, &answer.usage, CallOutcome::Complete).await;
             finish(&gateway, &mut context, &answer.usage, &priced, 200, None);
@@ -531,7 +541,8 @@ async fn settle_stream(
     });
     if usage.estimated && usage.input_tokens == 0 {
         // The translator counted what it delivered; the prompt is the host's to count.
-        usage.input_tokens = context.request.estimated_input_tokens;
+        usage.input_tokens =
+            tokens::prompt_tokens(context.request.operation, &context.request.body);
     }
     let (call_outcome, class) = match (outcome.cut, outcome.client_gone) {
         (Some(_), _) => (CallOutcome::Cut, Some("stream_cut")),

@@ -25,5 +25,6 @@ pub mod secrets;
 pub mod sse;
 pub mod store;
 pub mod stream;
+pub mod tokens;
 pub mod translate;
 pub mod upstream;

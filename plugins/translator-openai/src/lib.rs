@@ -220,11 +220,19 @@ fn read_answer(
         .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
     let body = String::from_utf8(response.body)
         .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
-    Ok((
-        body,
-        answer.usage.unwrap_or_default().normalize(),
-        answer.model,
-    ))
+    // No usage reported: zeros flagged as an estimate, which the host then counts itself.
+    let usage = answer.usage.map_or(
+        Usage {
+            input_tokens: 0,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+            output_tokens: 0,
+            reasoning_tokens: 0,
+            estimated: true,
+        },
+        |usage| usage.normalize(),
+    );
+    Ok((body, usage, answer.model))
 }
 
 fn parse_object(body: &str) -> Result<Map<String, Value>, TranslateError> {
