@@ -416,6 +416,14 @@ async fn the_cli_drives_the_admin_api() {
         );
         String::from_utf8(output.stdout).expect("UTF-8")
     };
+    // The fixed verbs work through the API too, while the gateway holds the data directory.
+    assert_eq!(
+        cli(&["tenant", "create", "gamma"]).trim(),
+        "created tenant gamma"
+    );
+    let created = cli(&["key", "create", "--tenant", "gamma"]);
+    let secret = created.lines().last().expect("the secret is the last line");
+    assert_eq!(call_with(&gateway, secret, &chat("x")).await.status, 200);
     let tenants: Value = serde_json::from_str(&cli(&["tenant", "list"])).expect("JSON");
     let file = gateway.data_dir.path().join("channel.json");
     let spec = json!({"name": "cli", "protocol": "openai", "base_url": sim.openai_base_url(), "models": {"cli-model": "sim-cli"}});

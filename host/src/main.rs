@@ -219,6 +219,25 @@ struct DataDirArgs {
     /// Data directory (wins over `--config`).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Act through a running gateway's admin API instead of the data directory (the token comes
+    /// from `TOLLGATE_ADMIN_TOKEN`).
+    #[arg(long, conflicts_with_all = ["config", "data_dir"])]
+    admin_url: Option<String>,
+}
+
+impl DataDirArgs {
+    /// The admin API to use, when `--admin-url` was given.
+    fn admin(&self) -> anyhow::Result<Option<AdminArgs>> {
+        let Some(admin_url) = self.admin_url.clone() else {
+            return Ok(None);
+        };
+        let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN")
+            .context("--admin-url needs the admin token in TOLLGATE_ADMIN_TOKEN")?;
+        Ok(Some(AdminArgs {
+            admin_url,
+            admin_token,
+        }))
+    }
 }
 
 #[derive(Subcommand)]
@@ -352,6 +371,12 @@ fn main() -> anyhow::Result<()> {
             action: TenantAction::Create { name, data },
         } => {
             init_tracing(None)?;
+            if let Some(admin) = data.admin()? {
+                let body = serde_json::json!({ "name": name });
+                admin_request(&admin, reqwest::Method::POST, "/tenants", Some(body))?;
+                console::line(&format!("created tenant {name}"));
+                return Ok(());
+            }
             let store = open_store(&data)?;
             store.create_tenant(&new_tenant(&name))?;
             console::line(&format!("created tenant {name}"));
@@ -480,6 +505,18 @@ fn main() -> anyhow::Result<()> {
             action: KeyAction::Create { tenant, data },
         } => {
             init_tracing(None)?;
+            if let Some(admin) = data.admin()? {
+                let path = format!("/tenants/{}/keys", percent_encode(&tenant));
+                let created = admin_request(&admin, reqwest::Method::POST, &path, None)?;
+                let id = created["key"]["id"].as_str().unwrap_or_default();
+                console::line(&format!("created key {id} for tenant {tenant}"));
+                console::line(
+                    created["secret"]
+                        .as_str()
+                        .context("the answer holds the secret")?,
+                );
+                return Ok(());
+            }
             let store = open_store(&data)?;
             let (key, secret) =
                 auth::issue_key(&store, &tenant, auth::KeyTerms::default(), now_unix_ms())?;
@@ -493,6 +530,18 @@ fn main() -> anyhow::Result<()> {
 
 /// Calls the admin API and prints its JSON answer; a non-2xx answer is an error.
 fn admin_call(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let answer = admin_request(admin, method, path, body)?;
+    console::line(&serde_json::to_string_pretty(&answer)?);
+    Ok(answer)
+}
+
+/// Calls the admin API and returns its JSON answer; a non-2xx answer is an error.
+fn admin_request(
     admin: &AdminArgs,
     method: reqwest::Method,
     path: &str,
@@ -517,7 +566,6 @@ fn admin_call(
         let status = response.status();
         let answer: serde_json::Value = response.json().await.context("reading the answer")?;
         anyhow::ensure!(status.is_success(), "{status}: {answer}");
-        console::line(&serde_json::to_string_pretty(&answer)?);
         Ok(answer)
     })
 }
