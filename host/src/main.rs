@@ -352,6 +352,10 @@ fn init_tracing(
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // `serve` sets up tracing once its configuration (which may name an OTLP endpoint) is read.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        init_tracing(None)?;
+    }
     match cli.command {
         Command::Serve { config } => {
             let loaded = load_config(config.as_deref())?;
@@ -370,7 +374,6 @@ fn main() -> anyhow::Result<()> {
         Command::Tenant {
             action: TenantAction::Create { name, data },
         } => {
-            init_tracing(None)?;
             if let Some(admin) = data.admin()? {
                 let body = serde_json::json!({ "name": name });
                 admin_request(&admin, reqwest::Method::POST, "/tenants", Some(body))?;
@@ -382,32 +385,28 @@ fn main() -> anyhow::Result<()> {
             console::line(&format!("created tenant {name}"));
             Ok(())
         }
-        Command::Balance { action } => {
-            init_tracing(None)?;
-            match action {
-                BalanceAction::TopUp {
-                    tenant,
-                    amount_micros,
-                    reason,
-                    admin,
-                } => admin_call(
-                    &admin,
-                    reqwest::Method::POST,
-                    &format!("/tenants/{tenant}/top-ups"),
-                    Some(serde_json::json!({"amount_micros": amount_micros, "reason": reason})),
-                )
-                .map(drop),
-                BalanceAction::Get { tenant, admin } => admin_call(
-                    &admin,
-                    reqwest::Method::GET,
-                    &format!("/tenants/{tenant}/balance"),
-                    None,
-                )
-                .map(drop),
-            }
-        }
+        Command::Balance { action } => match action {
+            BalanceAction::TopUp {
+                tenant,
+                amount_micros,
+                reason,
+                admin,
+            } => admin_call(
+                &admin,
+                reqwest::Method::POST,
+                &format!("/tenants/{tenant}/top-ups"),
+                Some(serde_json::json!({"amount_micros": amount_micros, "reason": reason})),
+            )
+            .map(drop),
+            BalanceAction::Get { tenant, admin } => admin_call(
+                &admin,
+                reqwest::Method::GET,
+                &format!("/tenants/{tenant}/balance"),
+                None,
+            )
+            .map(drop),
+        },
         Command::Channel { action } => {
-            init_tracing(None)?;
             let read = |file: &Path| -> anyhow::Result<serde_json::Value> {
                 let text = std::fs::read_to_string(file)
                     .with_context(|| format!("reading {}", file.display()))?;
@@ -440,35 +439,28 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Tenant {
             action: TenantAction::List { admin },
-        } => {
-            init_tracing(None)?;
-            admin_call(&admin, reqwest::Method::GET, "/tenants", None).map(drop)
-        }
+        } => admin_call(&admin, reqwest::Method::GET, "/tenants", None).map(drop),
         Command::Tenant {
             action: TenantAction::Get { name, admin },
         } => {
-            init_tracing(None)?;
             let path = format!("/tenants/{}", percent_encode(&name));
             admin_call(&admin, reqwest::Method::GET, &path, None).map(drop)
         }
         Command::Tenant {
             action: TenantAction::Disable { name, admin },
         } => {
-            init_tracing(None)?;
             let path = format!("/tenants/{}/disable", percent_encode(&name));
             admin_call(&admin, reqwest::Method::POST, &path, None).map(drop)
         }
         Command::Key {
             action: KeyAction::List { tenant, admin },
         } => {
-            init_tracing(None)?;
             let path = format!("/tenants/{}/keys", percent_encode(&tenant));
             admin_call(&admin, reqwest::Method::GET, &path, None).map(drop)
         }
         Command::Key {
             action: KeyAction::Revoke { id, admin },
         } => {
-            init_tracing(None)?;
             let path = format!("/keys/{}/revoke", percent_encode(&id));
             admin_call(&admin, reqwest::Method::POST, &path, None).map(drop)
         }
@@ -480,20 +472,15 @@ fn main() -> anyhow::Result<()> {
                     admin,
                 },
         } => {
-            init_tracing(None)?;
             let path = format!("/usage{}", filters.query_string(limit));
             admin_call(&admin, reqwest::Method::GET, &path, None).map(drop)
         }
         Command::Usage {
             action: UsageAction::Export { filters, admin },
-        } => {
-            init_tracing(None)?;
-            export_csv(&admin, &format!("/usage.csv{}", filters.query_string(None)))
-        }
+        } => export_csv(&admin, &format!("/usage.csv{}", filters.query_string(None))),
         Command::Usage {
             action: UsageAction::Reconcile { admin },
         } => {
-            init_tracing(None)?;
             let books = admin_call(&admin, reqwest::Method::GET, "/reconcile", None)?;
             anyhow::ensure!(
                 books["balanced"] == serde_json::Value::Bool(true),
@@ -504,7 +491,6 @@ fn main() -> anyhow::Result<()> {
         Command::Key {
             action: KeyAction::Create { tenant, data },
         } => {
-            init_tracing(None)?;
             if let Some(admin) = data.admin()? {
                 let path = format!("/tenants/{}/keys", percent_encode(&tenant));
                 let created = admin_request(&admin, reqwest::Method::POST, &path, None)?;
