@@ -12,6 +12,7 @@ use std::process::Command;
 /// Every guest crate, by package name. The shipped ones are embedded by `plugin::shipped`.
 const GUESTS: &[&str] = &[
     "tollgate-translator-openai",
+    "tollgate-translator-anthropic",
     "tollgate-router-failover",
     "tollgate-billing-price-table",
     "tollgate-router-cost-first",

@@ -24,6 +24,14 @@ pub const SHIPPED: &[ShippedPlugin] = &[
         )),
     },
     ShippedPlugin {
+        name: "anthropic",
+        role: Role::Translator,
+        bytes: include_bytes!(concat!(
+            env!("TOLLGATE_GUEST_DIR"),
+            "/tollgate_translator_anthropic.wasm"
+        )),
+    },
+    ShippedPlugin {
         name: "failover",
         role: Role::Router,
         bytes: include_bytes!(concat!(

@@ -1,0 +1,308 @@
+//! An Anthropic Messages event stream → OpenAI `chat.completion.chunk`s.
+//!
+//! Anthropic streams typed blocks (`content_block_start` / `_delta` / `_stop`, indexed across text,
+//! thinking and tool blocks alike); OpenAI streams one delta per chunk with tool calls numbered
+//! among tool calls only. Every chunk carries one id; the role goes in the first chunk; a tool
+//! call's id and name go only in its first delta; the finish reason and usage come at
+//! `message_stop`, with usage from `message_start` updated by the cumulative `message_delta`.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tollgate_plugin_sdk::translator::{
+    AttemptContext, StreamEnd, StreamEvent, StreamTranslate, TranslateError, Usage,
+};
+
+use crate::failure::{ErrorDetail, failure};
+use crate::usage::{AnthropicUsage, finish_reason, openai_usage};
+
+/// One Anthropic stream event, read by its `type`; unknown event types are skipped, as
+/// Anthropic's versioning policy asks of clients.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Event {
+    MessageStart {
+        message: StartedMessage,
+    },
+    ContentBlockStart {
+        index: u64,
+        content_block: StartedBlock,
+    },
+    ContentBlockDelta {
+        index: u64,
+        delta: Delta,
+    },
+    MessageDelta {
+        #[serde(default)]
+        delta: MessageDelta,
+        #[serde(default)]
+        usage: Option<AnthropicUsage>,
+    },
+    MessageStop,
+    Error {
+        #[serde(default)]
+        error: ErrorDetail,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Debug, Deserialize)]
+struct StartedMessage {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    usage: Option<AnthropicUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StartedBlock {
+    Text {
+        #[serde(default)]
+        text: String,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        #[serde(default)]
+        input: Value,
+    },
+    Thinking {
+        #[serde(default)]
+        thinking: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+/// A `content_block_delta`'s payload, named by Anthropic's `type` (`text_delta`, …).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type")]
+enum Delta {
+    #[serde(rename = "text_delta")]
+    Text { text: String },
+    #[serde(rename = "input_json_delta")]
+    InputJson { partial_json: String },
+    #[serde(rename = "thinking_delta")]
+    Thinking { thinking: String },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct MessageDelta {
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+/// The state of one streamed answer.
+pub struct AnthropicStream {
+    include_usage: bool,
+    created: u64,
+    id: String,
+    model: String,
+    served_model: Option<String>,
+    /// Whether the role chunk went out.
+    started: bool,
+    /// Anthropic block index → OpenAI tool-call index, for every tool block so far.
+    tool_blocks: Vec<(u64, usize)>,
+    usage: Option<AnthropicUsage>,
+    stop_reason: Option<String>,
+    stopped: bool,
+    /// Bytes of text passed to the client, for an estimate when the stream is cut before usage.
+    delivered_text_bytes: usize,
+}
+
+impl AnthropicStream {
+    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> String {
+        json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
+        })
+        .to_string()
+    }
+
+    /// A content chunk, preceded by the role chunk if none went out yet.
+    fn emit(&mut self, chunks: &mut Vec<String>, delta: Value) {
+        self.start(chunks);
+        chunks.push(self.chunk(delta, None));
+    }
+
+    fn start(&mut self, chunks: &mut Vec<String>) {
+        if !self.started {
+            self.started = true;
+            chunks.push(self.chunk(json!({ "role": "assistant", "content": "" }), None));
+        }
+    }
+
+    fn tool_index(&self, block: u64) -> Option<usize> {
+        self.tool_blocks
+            .iter()
+            .find_map(|(known, tool)| (*known == block).then_some(*tool))
+    }
+
+    /// The usage so far. Before `message_stop` the stream was cut: the output is at least what was
+    /// delivered (about four bytes a token) and the figures are flagged as an estimate.
+    fn usage(&self) -> Option<Usage> {
+        let reported = self.usage.as_ref().map(AnthropicUsage::normalize);
+        if self.stopped
+            && let Some(reported) = reported
+        {
+            return Some(reported);
+        }
+        let mut usage = reported.unwrap_or(Usage {
+            input_tokens: 0,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+            output_tokens: 0,
+            reasoning_tokens: 0,
+            estimated: true,
+        });
+        usage.output_tokens = usage
+            .output_tokens
+            .max(self.delivered_text_bytes.div_ceil(4) as u64);
+        usage.estimated = true;
+        (usage.input_tokens > 0 || usage.output_tokens > 0).then_some(usage)
+    }
+}
+
+impl StreamTranslate for AnthropicStream {
+    fn new(context: AttemptContext) -> Self {
+        Self {
+            include_usage: context.include_usage,
+            created: context.created_unix_s,
+            id: format!("chatcmpl-{}", context.request_id),
+            model: context.upstream_model,
+            served_model: None,
+            started: false,
+            tool_blocks: Vec::new(),
+            usage: None,
+            stop_reason: None,
+            stopped: false,
+            delivered_text_bytes: 0,
+        }
+    }
+
+    fn push(&mut self, event: StreamEvent) -> Result<Vec<String>, TranslateError> {
+        let event: Event = serde_json::from_str(&event.data)
+            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+        let mut chunks = Vec::new();
+        match event {
+            Event::MessageStart { message } => {
+                if let Some(id) = message.id {
+                    self.id = format!("chatcmpl-{id}");
+                }
+                if let Some(model) = message.model {
+                    self.model.clone_from(&model);
+                    self.served_model = Some(model);
+                }
+                self.usage = message.usage;
+                self.start(&mut chunks);
+            }
+            Event::ContentBlockStart {
+                index,
+                content_block,
+            } => match content_block {
+                StartedBlock::Text { text } if !text.is_empty() => {
+                    self.delivered_text_bytes += text.len();
+                    self.emit(&mut chunks, json!({ "content": text }));
+                }
+                StartedBlock::Thinking { thinking } if !thinking.is_empty() => {
+                    self.emit(&mut chunks, json!({ "reasoning_content": thinking }));
+                }
+                StartedBlock::ToolUse { id, name, input } => {
+                    let tool = self.tool_blocks.len();
+                    self.tool_blocks.push((index, tool));
+                    // The start block's input is `{}` while deltas follow; a non-empty one is whole.
+                    let arguments = match input {
+                        Value::Object(fields) if !fields.is_empty() => {
+                            Value::Object(fields).to_string()
+                        }
+                        _ => String::new(),
+                    };
+                    self.delivered_text_bytes += name.len() + arguments.len();
+                    self.emit(
+                        &mut chunks,
+                        json!({ "tool_calls": [{
+                            "index": tool, "id": id, "type": "function",
+                            "function": { "name": name, "arguments": arguments }
+                        }] }),
+                    );
+                }
+                _ => {}
+            },
+            Event::ContentBlockDelta { index, delta } => match delta {
+                Delta::Text { text } if !text.is_empty() => {
+                    self.delivered_text_bytes += text.len();
+                    self.emit(&mut chunks, json!({ "content": text }));
+                }
+                Delta::InputJson { partial_json } if !partial_json.is_empty() => {
+                    let tool = self.tool_index(index).ok_or_else(|| {
+                        TranslateError::MalformedResponse(format!(
+                            "input_json_delta for block {index}, which is not a tool_use block"
+                        ))
+                    })?;
+                    self.delivered_text_bytes += partial_json.len();
+                    self.emit(
+                        &mut chunks,
+                        json!({ "tool_calls": [{
+                            "index": tool, "function": { "arguments": partial_json }
+                        }] }),
+                    );
+                }
+                Delta::Thinking { thinking } if !thinking.is_empty() => {
+                    self.delivered_text_bytes += thinking.len();
+                    self.emit(&mut chunks, json!({ "reasoning_content": thinking }));
+                }
+                _ => {}
+            },
+            Event::MessageDelta { delta, usage } => {
+                if delta.stop_reason.is_some() {
+                    self.stop_reason = delta.stop_reason;
+                }
+                if let Some(later) = usage {
+                    self.usage
+                        .get_or_insert_with(AnthropicUsage::default)
+                        .update(&later);
+                }
+            }
+            Event::MessageStop => {
+                self.stopped = true;
+                self.start(&mut chunks);
+                let finish =
+                    finish_reason(self.stop_reason.as_deref(), !self.tool_blocks.is_empty());
+                chunks.push(self.chunk(json!({}), Some(finish)));
+                if self.include_usage
+                    && let Some(usage) = self.usage()
+                {
+                    chunks.push(
+                        json!({
+                            "id": self.id, "object": "chat.completion.chunk",
+                            "created": self.created, "model": self.model,
+                            "choices": [], "usage": openai_usage(&usage),
+                        })
+                        .to_string(),
+                    );
+                }
+            }
+            Event::Error { error } => {
+                return Err(TranslateError::Upstream(failure(0, error, None)));
+            }
+            Event::Other => {}
+        }
+        Ok(chunks)
+    }
+
+    fn finish(&mut self) -> Result<StreamEnd, TranslateError> {
+        Ok(StreamEnd {
+            chunks: Vec::new(),
+            usage: self.usage(),
+            served_model: self.served_model.take(),
+        })
+    }
+}
