@@ -4,69 +4,15 @@ mod harness;
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use harness::{
-    Answer, INPUT_PRICE, OUTPUT_PRICE, UPSTREAM_KEY, billing, channel, chat, simulator, start,
+    Answer, INPUT_PRICE, OUTPUT_PRICE, SseReader, UPSTREAM_KEY, billing, channel, chat, simulator,
+    start,
 };
 use serde_json::{Value, json};
 use tollgate_simulator::Fault;
 
-/// Reads SSE `data:` payloads from a streaming response until it ends.
-struct SseReader {
-    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
-    buffer: String,
-}
-
-impl SseReader {
-    fn new(response: reqwest::Response) -> Self {
-        Self {
-            body: Box::pin(response.bytes_stream()),
-            buffer: String::new(),
-        }
-    }
-
-    /// The next data payload, or `None` at the end of the body. Bounded by `wait`.
-    async fn next(&mut self, wait: Duration) -> Option<String> {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let frame: String = self.buffer.drain(..end + 2).collect();
-                let data = frame
-                    .trim_end()
-                    .strip_prefix("data: ")
-                    .expect("frames are data lines");
-                return Some(data.to_owned());
-            }
-            let chunk = tokio::time::timeout(wait, self.body.next())
-                .await
-                .expect("the stream makes progress within the wait")?;
-            self.buffer
-                .push_str(std::str::from_utf8(&chunk.expect("body bytes")).expect("utf-8"));
-        }
-    }
-
-    /// Every remaining payload.
-    async fn rest(&mut self) -> Vec<String> {
-        let mut payloads = Vec::new();
-        while let Some(payload) = self.next(Duration::from_secs(20)).await {
-            payloads.push(payload);
-        }
-        payloads
-    }
-}
-
 fn config_with(channels: &str) -> String {
     format!("{}{channels}", billing(1_000_000))
-}
-
-async fn stream_request(gateway: &harness::Gateway, body: &Value) -> reqwest::Response {
-    gateway
-        .http
-        .post(format!("{}/v1/chat/completions", gateway.url))
-        .bearer_auth(&gateway.key)
-        .json(body)
-        .send()
-        .await
-        .expect("the gateway answers")
 }
 
 #[tokio::test]
@@ -145,7 +91,7 @@ async fn stream_first_chunk_reaches_client_while_upstream_holds_the_rest() {
     });
     let mut body = chat("one two three");
     body["stream"] = json!(true);
-    let response = stream_request(&gateway, &body).await;
+    let response = gateway.post_stream(&body).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let request_id = response.headers()["x-request-id"]
@@ -206,7 +152,7 @@ async fn stream_usage_chunk_is_sent_when_asked_for() {
     let mut body = chat("a b");
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
-    let rest = SseReader::new(stream_request(&gateway, &body).await)
+    let rest = SseReader::new(gateway.post_stream(&body).await)
         .rest()
         .await;
     let usage_chunk: Value = serde_json::from_str(&rest[rest.len() - 2]).unwrap();
@@ -373,7 +319,7 @@ async fn an_error_event_before_content_fails_over() {
     });
     let mut body = chat("x y");
     body["stream"] = json!(true);
-    let response = stream_request(&gateway, &body).await;
+    let response = gateway.post_stream(&body).await;
     assert_eq!(response.status(), 200);
     let request_id = response.headers()["x-request-id"]
         .to_str()
@@ -402,7 +348,7 @@ async fn a_stream_cut_mid_way_ends_with_an_error_event_and_is_recorded() {
     });
     let mut body = chat("one two three four");
     body["stream"] = json!(true);
-    let response = stream_request(&gateway, &body).await;
+    let response = gateway.post_stream(&body).await;
     assert_eq!(response.status(), 200);
     let request_id = response.headers()["x-request-id"]
         .to_str()

@@ -544,6 +544,12 @@ async fn settle_stream(
         usage.input_tokens =
             tokens::prompt_tokens(context.request.operation, &context.request.body);
     }
+    // The record says `stream_cut`; the attempt that carried the stream says why.
+    if let Some(cause) = outcome.cut
+        && let Some(carrier) = context.attempts.last_mut()
+    {
+        carrier.error_class = Some(cause.to_owned());
+    }
     let (call_outcome, class) = match (outcome.cut, outcome.client_gone) {
         (Some(_), _) => (CallOutcome::Cut, Some("stream_cut")),
         (None, true) => (CallOutcome::Cut, Some("client_closed")),

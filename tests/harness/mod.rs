@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -242,6 +243,17 @@ impl Gateway {
         Answer::read(response).await
     }
 
+    /// POSTs a chat body to `/v1/chat/completions` and hands back the response unread, for streams.
+    pub async fn post_stream(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await
+            .expect("the gateway answers")
+    }
+
     /// The usage record of a request, from the admin API.
     pub async fn record(&self, request_id: &str) -> Value {
         let response = self
@@ -317,4 +329,64 @@ impl Answer {
 /// A chat body for `test-model`.
 pub fn chat(text: &str) -> Value {
     serde_json::json!({"model": "test-model", "messages": [{"role": "user", "content": text}]})
+}
+
+/// Reads SSE `data:` payloads from a streaming response until it ends.
+pub struct SseReader {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl SseReader {
+    pub fn new(response: reqwest::Response) -> Self {
+        Self {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next data payload, or `None` at the end of the body. Bounded by `wait`.
+    pub async fn next(&mut self, wait: Duration) -> Option<String> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let frame: String = self.buffer.drain(..end + 2).collect();
+                let data = frame
+                    .trim_end()
+                    .strip_prefix("data: ")
+                    .expect("frames are data lines");
+                return Some(data.to_owned());
+            }
+            let chunk = tokio::time::timeout(wait, self.body.next())
+                .await
+                .expect("the stream makes progress within the wait")?;
+            self.buffer
+                .push_str(std::str::from_utf8(&chunk.expect("body bytes")).expect("utf-8"));
+        }
+    }
+
+    /// Every remaining payload.
+    pub async fn rest(&mut self) -> Vec<String> {
+        let mut payloads = Vec::new();
+        while let Some(payload) = self.next(Duration::from_secs(20)).await {
+            payloads.push(payload);
+        }
+        payloads
+    }
+}
+
+
+/// A channel table for the simulator's Anthropic API serving `test-model` as `claude-sim`.
+pub fn anthropic_channel(name: &str, simulator: &Simulator, priority: u32) -> String {
+    format!(
+        r#"
+[[channels]]
+name = "{name}"
+protocol = "anthropic"
+base_url = "{url}"
+priority = {priority}
+models = {{ "test-model" = "claude-sim" }}
+api_key_env = ["TEST_UPSTREAM_KEY"]
+"#,
+        url = simulator.anthropic_base_url()
+    )
 }
