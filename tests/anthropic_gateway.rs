@@ -104,7 +104,11 @@ async fn plain_chat_with_a_system_prompt_is_translated_and_billed() {
     };
     assert_eq!(header("x-api-key"), Some(UPSTREAM_KEY));
     assert_eq!(header("anthropic-version"), Some("2023-06-01"));
-    assert_eq!(header("authorization"), None, "the secret goes only in x-api-key");
+    assert_eq!(
+        header("authorization"),
+        None,
+        "the secret goes only in x-api-key"
+    );
     assert_eq!(
         seen.body["system"],
         json!([{"type": "text", "text": "Answer briefly."}])
@@ -182,7 +186,12 @@ async fn a_streamed_tool_call_arrives_in_several_argument_deltas() {
     assert_eq!(chunks.last(), Some(&Value::Null), "ends with [DONE]");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let id = &chunks[0]["id"];
-    assert!(chunks.iter().filter(|chunk| !chunk.is_null()).all(|chunk| &chunk["id"] == id));
+    assert!(
+        chunks
+            .iter()
+            .filter(|chunk| !chunk.is_null())
+            .all(|chunk| &chunk["id"] == id)
+    );
     let deltas = tool_call_deltas(&chunks);
     assert!(deltas.len() >= 3, "several deltas: {deltas:?}");
     assert!(deltas.iter().all(|delta| delta["index"] == 0));
@@ -198,7 +207,11 @@ async fn a_streamed_tool_call_arrives_in_several_argument_deltas() {
     );
     assert_eq!(finish_reasons(&chunks), ["tool_calls"]);
     let usage = &chunks[chunks.len() - 2]["usage"];
-    assert!(usage["completion_tokens"].as_u64().is_some_and(|tokens| tokens > 0));
+    assert!(
+        usage["completion_tokens"]
+            .as_u64()
+            .is_some_and(|tokens| tokens > 0)
+    );
     let record = gateway.record_eventually(&request_id).await;
     assert_eq!(record["usage"]["estimated"], false);
     assert_eq!(record["usage"]["output_tokens"], usage["completion_tokens"]);
@@ -248,7 +261,10 @@ async fn text_then_a_tool_call_and_parallel_calls_finish_as_tool_calls() {
         .filter(|delta| delta.get("id").is_some())
         .collect();
     assert_eq!(starts.len(), 2);
-    assert_eq!((&starts[0]["index"], &starts[1]["index"]), (&json!(0), &json!(1)));
+    assert_eq!(
+        (&starts[0]["index"], &starts[1]["index"]),
+        (&json!(0), &json!(1))
+    );
     assert_eq!(starts[1]["function"]["name"], "get_time");
 
     // parallel_tool_calls: false reaches Anthropic as disable_parallel_tool_use.
@@ -343,7 +359,11 @@ async fn image_parts_are_sent_as_sources_and_bad_ones_refused_by_name() {
         refused.json["error"]["param"],
         "messages[0].content[1].image_url.url"
     );
-    assert_eq!(sim.calls(), 1, "a refused request never reaches the upstream");
+    assert_eq!(
+        sim.calls(),
+        1,
+        "a refused request never reaches the upstream"
+    );
 }
 
 #[tokio::test]
@@ -435,7 +455,11 @@ async fn an_error_event_mid_stream_ends_the_client_stream_with_an_error_and_is_r
     assert_eq!(record["error_class"], "stream_cut", "{record}");
     assert_eq!(record["attempts"][0]["error_class"], "overloaded");
     assert_eq!(record["usage"]["estimated"], true);
-    assert!(record["usage"]["output_tokens"].as_u64().is_some_and(|tokens| tokens > 0));
+    assert!(
+        record["usage"]["output_tokens"]
+            .as_u64()
+            .is_some_and(|tokens| tokens > 0)
+    );
 }
 
 #[tokio::test]
@@ -458,4 +482,30 @@ async fn prompt_cache_writes_count_as_input() {
     let record = gateway.record(&answer.request_id()).await;
     assert_eq!(record["usage"]["input_tokens"], 5);
     assert_eq!(record["usage"]["cache_write_tokens"], 4);
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_cleanly_mid_answer_is_reported_as_cut() {
+    let sim = simulator().await;
+    let gateway = gateway_for(&sim).await;
+    // message_start, ping, content_block_start, two text deltas: then the body ends.
+    sim.push_fault(Fault {
+        end_after_chunks: Some(5),
+        ..Fault::default()
+    });
+    let (chunks, request_id) = stream(
+        &gateway,
+        json!({"model": "test-model", "messages": [{"role": "user", "content": "one two three"}]}),
+    )
+    .await;
+    let last = chunks.last().expect("chunks");
+    assert_eq!(last["error"]["code"], "upstream_cut", "{last}");
+    assert!(!chunks.contains(&Value::Null), "no [DONE]");
+    assert!(finish_reasons(&chunks).is_empty());
+    let record = gateway.record_eventually(&request_id).await;
+    assert_eq!(record["error_class"], "stream_cut");
+    assert_eq!(record["usage"]["estimated"], true);
+    // The prompt as Anthropic counted it at message_start, the delivered "Echo: one " estimated.
+    assert_eq!(record["usage"]["input_tokens"], 3);
+    assert_eq!(record["usage"]["output_tokens"], 3);
 }

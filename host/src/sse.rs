@@ -115,6 +115,24 @@ pub fn data_frame(payload: &str) -> Bytes {
     Bytes::from(frame)
 }
 
+/// Whether an OpenAI chunk payload sets a `finish_reason` (a string, not `null`). Every complete
+/// OpenAI stream has one before `[DONE]`; a stream that ends without one was cut, whatever the
+/// upstream's framing said. A byte scan, not a parse: it runs on every chunk.
+pub fn carries_finish_reason(payload: &str) -> bool {
+    const FIELD: &str = "\"finish_reason\"";
+    let mut rest = payload;
+    while let Some(at) = rest.find(FIELD) {
+        rest = &rest[at + FIELD.len()..];
+        let value = rest.trim_start();
+        if let Some(value) = value.strip_prefix(':')
+            && value.trim_start().starts_with('"')
+        {
+            return true;
+        }
+    }
+    false
+}
+
 /// The frame that ends an OpenAI stream.
 pub const DONE_FRAME: &str = "data: [DONE]\n\n";
 
@@ -155,6 +173,20 @@ mod tests {
             Some("tail")
         );
         assert!(framer.finish().is_none());
+    }
+
+    #[test]
+    fn finish_reasons_are_found_in_any_spacing_and_null_is_not_one() {
+        assert!(carries_finish_reason(
+            r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#
+        ));
+        assert!(carries_finish_reason(
+            r#"{"choices": [{"delta": {}, "finish_reason" : "tool_calls"}]}"#
+        ));
+        assert!(!carries_finish_reason(
+            r#"{"choices":[{"delta":{"content":"finish_reason"},"finish_reason":null}]}"#
+        ));
+        assert!(!carries_finish_reason(r#"{"choices":[],"usage":{}}"#));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::plugin::Binding;
 use crate::plugin::translator::{
     AttemptContext, StreamEvent, StreamFraming, StreamSession, TranslateError as WitError, Usage,
 };
-use crate::sse::{DONE_FRAME, EventFramer, data_frame};
+use crate::sse::{DONE_FRAME, EventFramer, carries_finish_reason, data_frame};
 use crate::translate::{self, TranslateError};
 use crate::upstream::{self, TimeoutPhase, UpstreamError};
 
@@ -144,7 +144,9 @@ pub async fn open(
 /// status any more: the client gets one OpenAI-shaped error event and the stream closes.
 pub async fn pump(mut stream: OpenStream, client: mpsc::Sender<Bytes>) -> StreamOutcome {
     let mut outcome = StreamOutcome::default();
+    let mut finished = false;
     for chunk in std::mem::take(&mut stream.first_chunks) {
+        finished |= carries_finish_reason(&chunk);
         if client.send(data_frame(&chunk)).await.is_err() {
             outcome.client_gone = true;
             return finish_quietly(stream, outcome).await;
@@ -166,6 +168,7 @@ pub async fn pump(mut stream: OpenStream, client: mpsc::Sender<Bytes>) -> Stream
             Err(error) => return cut(stream, outcome, &client, ApiError::from(error)).await,
         };
         for chunk in chunks {
+            finished |= carries_finish_reason(&chunk);
             if client.send(data_frame(&chunk)).await.is_err() {
                 outcome.client_gone = true;
                 return finish_quietly(stream, outcome).await;
@@ -177,10 +180,20 @@ pub async fn pump(mut stream: OpenStream, client: mpsc::Sender<Bytes>) -> Stream
             outcome.usage = end.usage;
             outcome.served_model = end.served_model;
             for chunk in end.chunks {
+                finished |= carries_finish_reason(&chunk);
                 if client.send(data_frame(&chunk)).await.is_err() {
                     outcome.client_gone = true;
                     return outcome;
                 }
+            }
+            if !finished {
+                // The upstream closed cleanly but mid-answer: never a silent stop.
+                let error = UpstreamError::Cut {
+                    channel: stream.events.channel.clone(),
+                    reason: "the stream ended before the answer finished".to_owned(),
+                };
+                send_error(&client, &mut outcome, ApiError::from(error)).await;
+                return outcome;
             }
             if client
                 .send(Bytes::from_static(DONE_FRAME.as_bytes()))

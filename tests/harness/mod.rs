@@ -374,7 +374,6 @@ impl SseReader {
     }
 }
 
-
 /// A channel table for the simulator's Anthropic API serving `test-model` as `claude-sim`.
 pub fn anthropic_channel(name: &str, simulator: &Simulator, priority: u32) -> String {
     format!(

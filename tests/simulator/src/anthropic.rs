@@ -79,9 +79,11 @@ pub(crate) fn fault_status_response(status: u16) -> Response {
 
 /// The signature the simulator gives a thinking text, and demands back with it.
 fn signature(thinking: &str) -> String {
-    let hash = thinking.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
+    let hash = thinking
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
     format!("simsig{hash:016x}")
 }
 
@@ -89,7 +91,11 @@ fn signature(thinking: &str) -> String {
 enum Block {
     Thinking(String),
     Text(String),
-    ToolUse { id: String, name: String, input: Value },
+    ToolUse {
+        id: String,
+        name: String,
+        input: Value,
+    },
 }
 
 impl Block {
@@ -180,7 +186,10 @@ fn check(request: &Value, headers: &HeaderMap) -> Result<(), String> {
     }
     check_tools(object)?;
     check_messages(object.get("messages"))?;
-    if let Some(format) = object.get("output_config").and_then(|config| config.get("format")) {
+    if let Some(format) = object
+        .get("output_config")
+        .and_then(|config| config.get("format"))
+    {
         if format.get("type").and_then(Value::as_str) != Some("json_schema")
             || !format.get("schema").is_some_and(Value::is_object)
         {
@@ -206,7 +215,9 @@ fn check_system(system: &Value) -> Result<(), String> {
                     .and_then(Value::as_str)
                     .is_none_or(str::is_empty)
                 {
-                    return Err(format!("system.{index}: text content blocks must be non-empty"));
+                    return Err(format!(
+                        "system.{index}: text content blocks must be non-empty"
+                    ));
                 }
             }
             Ok(())
@@ -217,7 +228,9 @@ fn check_system(system: &Value) -> Result<(), String> {
 
 fn check_tools(request: &Map<String, Value>) -> Result<(), String> {
     if let Some(tools) = request.get("tools") {
-        let tools = tools.as_array().ok_or("tools: Input should be a valid list")?;
+        let tools = tools
+            .as_array()
+            .ok_or("tools: Input should be a valid list")?;
         for (index, tool) in tools.iter().enumerate() {
             if !tool.get("name").is_some_and(Value::is_string) {
                 return Err(format!("tools.{index}.name: Field required"));
@@ -231,7 +244,9 @@ fn check_tools(request: &Map<String, Value>) -> Result<(), String> {
         match choice.get("type").and_then(Value::as_str) {
             Some("auto" | "any" | "none") => {}
             Some("tool") if choice.get("name").is_some_and(Value::is_string) => {}
-            _ => return Err("tool_choice: Input tag does not match auto, any, tool or none".into()),
+            _ => {
+                return Err("tool_choice: Input tag does not match auto, any, tool or none".into());
+            }
         }
     }
     Ok(())
@@ -255,7 +270,11 @@ fn check_messages(messages: Option<&Value>) -> Result<(), String> {
                     "messages.{index}: Unexpected role \"system\". The Messages API accepts a top-level `system` parameter, not \"system\" as an input message role."
                 ));
             }
-            other => return Err(format!("messages.{index}.role: Input should be 'user' or 'assistant', got {other:?}")),
+            other => {
+                return Err(format!(
+                    "messages.{index}.role: Input should be 'user' or 'assistant', got {other:?}"
+                ));
+            }
         }
         if role == previous_role {
             return Err(format!(
@@ -328,7 +347,11 @@ fn check_tool_results(
     if !missing.is_empty() {
         return Err(format!(
             "messages.{index}: `tool_use` ids were found without `tool_result` blocks immediately after: {}. Each `tool_use` block must have a corresponding `tool_result` block in the next message.",
-            missing.iter().map(|id| id.as_str()).collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .map(|id| id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     open_tool_uses.clear();
@@ -342,10 +365,17 @@ fn check_block(role: &str, block: &Value, at: &str) -> Result<(), String> {
         _ => matches!(kind, "text" | "tool_use" | "thinking" | "redacted_thinking"),
     };
     if !allowed {
-        return Err(format!("{at}: a {role} message cannot hold a `{kind}` block"));
+        return Err(format!(
+            "{at}: a {role} message cannot hold a `{kind}` block"
+        ));
     }
     match kind {
-        "text" if block.get("text").and_then(Value::as_str).is_none_or(str::is_empty) => {
+        "text"
+            if block
+                .get("text")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty) =>
+        {
             Err(format!("{at}: text content blocks must be non-empty"))
         }
         "image" => check_image(block, at),
@@ -358,7 +388,8 @@ fn check_block(role: &str, block: &Value, at: &str) -> Result<(), String> {
         }
         "thinking" => {
             let thinking = block.get("thinking").and_then(Value::as_str).unwrap_or("");
-            if block.get("signature").and_then(Value::as_str) == Some(signature(thinking).as_str()) {
+            if block.get("signature").and_then(Value::as_str) == Some(signature(thinking).as_str())
+            {
                 Ok(())
             } else {
                 Err(format!("{at}: Invalid `signature` in `thinking` block"))
@@ -372,7 +403,10 @@ fn check_image(block: &Value, at: &str) -> Result<(), String> {
     let source = block.get("source").unwrap_or(&Value::Null);
     match source.get("type").and_then(Value::as_str) {
         Some("base64") => {
-            let media_type = source.get("media_type").and_then(Value::as_str).unwrap_or("");
+            let media_type = source
+                .get("media_type")
+                .and_then(Value::as_str)
+                .unwrap_or("");
             if !IMAGE_MEDIA_TYPES.contains(&media_type) {
                 return Err(format!(
                     "{at}.source.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
@@ -380,13 +414,19 @@ fn check_image(block: &Value, at: &str) -> Result<(), String> {
             }
             let data = source.get("data").and_then(Value::as_str).unwrap_or("");
             use base64::Engine as _;
-            if data.is_empty() || base64::engine::general_purpose::STANDARD.decode(data).is_err() {
+            if data.is_empty()
+                || base64::engine::general_purpose::STANDARD
+                    .decode(data)
+                    .is_err()
+            {
                 return Err(format!("{at}.source.data: invalid base64 data"));
             }
             Ok(())
         }
         Some("url") if source.get("url").is_some_and(Value::is_string) => Ok(()),
-        _ => Err(format!("{at}.source: Input tag does not match 'base64' or 'url'")),
+        _ => Err(format!(
+            "{at}.source: Input tag does not match 'base64' or 'url'"
+        )),
     }
 }
 
@@ -438,9 +478,15 @@ fn answer(request: &Value, id_seed: usize) -> Answer {
     for message in &messages {
         for block in blocks_of(message.get("content").unwrap_or(&Value::Null)) {
             let counted = match block.get("type").and_then(Value::as_str) {
-                Some("tool_result") => words(&text_of(block.get("content").unwrap_or(&Value::Null))),
-                Some("tool_use") => words(&block.get("input").map(Value::to_string).unwrap_or_default()),
-                Some("thinking") => words(block.get("thinking").and_then(Value::as_str).unwrap_or("")),
+                Some("tool_result") => {
+                    words(&text_of(block.get("content").unwrap_or(&Value::Null)))
+                }
+                Some("tool_use") => {
+                    words(&block.get("input").map(Value::to_string).unwrap_or_default())
+                }
+                Some("thinking") => {
+                    words(block.get("thinking").and_then(Value::as_str).unwrap_or(""))
+                }
                 _ => words(block.get("text").and_then(Value::as_str).unwrap_or("")),
             };
             prompt.add(counted, &block);
@@ -483,7 +529,10 @@ fn answer(request: &Value, id_seed: usize) -> Answer {
         "none" => Vec::new(),
         "tool" => {
             let forced = choice.and_then(|choice| choice.get("name"));
-            tools.iter().filter(|tool| tool.get("name") == forced).collect()
+            tools
+                .iter()
+                .filter(|tool| tool.get("name") == forced)
+                .collect()
         }
         _ => tools
             .iter()
@@ -521,7 +570,10 @@ fn answer(request: &Value, id_seed: usize) -> Answer {
         blocks.push(Block::Text(format!("Echo: {user_text}")));
     }
 
-    let mut stop_reason = if blocks.iter().any(|block| matches!(block, Block::ToolUse { .. })) {
+    let mut stop_reason = if blocks
+        .iter()
+        .any(|block| matches!(block, Block::ToolUse { .. }))
+    {
         "tool_use"
     } else {
         "end_turn"
@@ -530,9 +582,18 @@ fn answer(request: &Value, id_seed: usize) -> Answer {
     let stops: Vec<String> = request
         .get("stop_sequences")
         .and_then(Value::as_array)
-        .map(|stops| stops.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .map(|stops| {
+            stops
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
-    let max_tokens = request.get("max_tokens").and_then(Value::as_u64).unwrap_or(u64::MAX);
+    let max_tokens = request
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
     for block in &mut blocks {
         if let Block::Text(text) = block {
             if let Some((at, stop)) = stops
@@ -667,7 +728,10 @@ fn stream(shared: Arc<Shared>, fault: Fault, id: &str, model: &str, answer: &Ans
         match block {
             Block::Thinking(thinking) => {
                 for piece in thinking.split_inclusive(' ') {
-                    frames.push(delta(index, json!({"type": "thinking_delta", "thinking": piece})));
+                    frames.push(delta(
+                        index,
+                        json!({"type": "thinking_delta", "thinking": piece}),
+                    ));
                 }
                 frames.push(delta(
                     index,
@@ -688,7 +752,10 @@ fn stream(shared: Arc<Shared>, fault: Fault, id: &str, model: &str, answer: &Ans
                 }
             }
             Block::ToolUse { input, .. } => {
-                frames.push(delta(index, json!({"type": "input_json_delta", "partial_json": ""})));
+                frames.push(delta(
+                    index,
+                    json!({"type": "input_json_delta", "partial_json": ""}),
+                ));
                 for piece in pieces(&input.to_string(), 8) {
                     frames.push(delta(
                         index,

@@ -43,6 +43,8 @@ pub struct Fault {
     pub delay_ms: Option<u64>,
     /// Streams: stop after this many content chunks by breaking the connection.
     pub cut_after_chunks: Option<usize>,
+    /// Streams: end the body cleanly after this many chunks, mid-answer (no final event).
+    pub end_after_chunks: Option<usize>,
     /// Streams: after this many chunks, hold the rest until [`Simulator::release`] is called.
     pub hold_after_chunks: Option<usize>,
     /// Streams: send an OpenAI error event as the first event (status stays 200).
@@ -299,7 +301,6 @@ pub(crate) fn words(text: &str) -> u64 {
     text.split_whitespace().count() as u64
 }
 
-
 const CREATED: u64 = 1_732_000_000;
 
 /// Sends SSE frames as a streamed body, applying the fault's stall, hold and cut.
@@ -312,6 +313,9 @@ fn event_stream(shared: Arc<Shared>, fault: Fault, frames: Vec<Bytes>) -> Respon
         for (index, frame) in frames.into_iter().enumerate() {
             if fault.hold_after_chunks == Some(index) {
                 shared.release.notified().await;
+            }
+            if fault.end_after_chunks == Some(index) {
+                return;
             }
             if fault.cut_after_chunks == Some(index) {
                 // An error item makes hyper abort the chunked body: the client sees a broken

@@ -3,18 +3,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::{CREATED, Dialect, Fault, Shared, admit, event_stream, lock, words};
 
 /// OpenAI's error body.
-pub(crate) fn error_response(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Response {
+pub(crate) fn error_response(
+    status: StatusCode,
+    kind: &str,
+    code: Option<&str>,
+    message: &str,
+) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
     (status, Json(body)).into_response()
 }
@@ -124,7 +129,15 @@ pub(crate) async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (request, fault) = match admit(&shared, Dialect::OpenAi, "/v1/chat/completions", &headers, &body).await {
+    let (request, fault) = match admit(
+        &shared,
+        Dialect::OpenAi,
+        "/v1/chat/completions",
+        &headers,
+        &body,
+    )
+    .await
+    {
         Ok(admitted) => admitted,
         Err(response) => return response,
     };
@@ -251,10 +264,11 @@ pub(crate) async fn embeddings(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (request, _fault) = match admit(&shared, Dialect::OpenAi, "/v1/embeddings", &headers, &body).await {
-        Ok(admitted) => admitted,
-        Err(response) => return response,
-    };
+    let (request, _fault) =
+        match admit(&shared, Dialect::OpenAi, "/v1/embeddings", &headers, &body).await {
+            Ok(admitted) => admitted,
+            Err(response) => return response,
+        };
     let Some(model) = request.get("model").and_then(Value::as_str) else {
         return error_response(
             StatusCode::BAD_REQUEST,
