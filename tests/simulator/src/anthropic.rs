@@ -189,15 +189,12 @@ fn check(request: &Value, headers: &HeaderMap) -> Result<(), String> {
     if let Some(format) = object
         .get("output_config")
         .and_then(|config| config.get("format"))
+        && (format.get("type").and_then(Value::as_str) != Some("json_schema")
+            || !format.get("schema").is_some_and(Value::is_object))
     {
-        if format.get("type").and_then(Value::as_str) != Some("json_schema")
-            || !format.get("schema").is_some_and(Value::is_object)
-        {
-            return Err(
-                "output_config.format: expected {\"type\": \"json_schema\", \"schema\": {...}}"
-                    .into(),
-            );
-        }
+        return Err(
+            "output_config.format: expected {\"type\": \"json_schema\", \"schema\": {...}}".into(),
+        );
     }
     Ok(())
 }
