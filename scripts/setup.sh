@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Tollgate needs and a fresh machine may lack:
-# the wasm32-wasip2 Rust target (plugins) and the official `openai` Python SDK (end-to-end test).
+# the wasm32-wasip2 Rust target (plugins) and the official `openai` SDKs for Python and Node.js
+# (end-to-end tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,5 +14,9 @@ if [[ "${1:-}" == "--with-test-deps" ]]; then
     if ! python3 -c "import openai" 2>/dev/null; then
         echo "setup: installing the openai Python SDK" >&2
         python3 -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+    fi
+    if [[ ! -d tests/sdk/node_modules/openai ]]; then
+        echo "setup: installing the openai npm package" >&2
+        npm ci --prefix tests/sdk --no-audit --no-fund --loglevel=error
     fi
 fi

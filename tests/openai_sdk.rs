@@ -1,12 +1,73 @@
-//! End-to-end: the official `openai` Python SDK, changing only base URL and key, does a chat and a
-//! stream through the gateway (tests/sdk/openai_chat.py).
+//! End-to-end: the official `openai` SDKs, changing only base URL and key, talk to the gateway:
+//! Python does a chat and a stream (tests/sdk/openai_chat.py) and consumes an Anthropic channel's
+//! translated stream, streamed tool call and JSON mode (tests/sdk/anthropic_channel.py); the npm
+//! package consumes one translated stream (tests/sdk/anthropic_stream.mjs).
 
 mod harness;
 
 use std::path::Path;
 use std::time::Duration;
 
-use harness::{billing, channel, simulator, start};
+use harness::{anthropic_channel, billing, channel, simulator, start};
+
+/// Runs an SDK script against the gateway; returns the JSON object it printed.
+async fn run_script(program: &str, script: &str, gateway: &harness::Gateway) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/sdk")
+        .join(script);
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(program)
+            .arg(&script)
+            .env("OPENAI_BASE_URL", format!("{}/v1", gateway.url))
+            .env("OPENAI_API_KEY", &gateway.key)
+            .output(),
+    )
+    .await
+    .expect("the SDK script finishes within 60 s")
+    .expect("the interpreter runs (.ci/run installs the SDKs: scripts/setup.sh --with-test-deps)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{}: stdout: {stdout}\nstderr: {stderr}",
+        script.display()
+    );
+    serde_json::from_str(stdout.trim()).expect("the script prints JSON")
+}
+
+#[tokio::test]
+async fn the_official_sdks_consume_an_anthropic_channel() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        anthropic_channel("claude", &sim, 1)
+    ))
+    .await
+    .unwrap();
+    let python = run_script("python3", "anthropic_channel.py", &gateway).await;
+    assert_eq!(python["stream"], "Echo: stream from claude");
+    assert_eq!(python["stream_finish"], "stop");
+    // In: system 2 + user 3 words; out: "Echo: stream from claude" 4.
+    assert_eq!(python["stream_usage_total"], 5 + 4);
+    assert_eq!(python["tool_text"], "Let me look that up.");
+    assert_eq!(python["tool_name"], "get_weather");
+    assert_eq!(
+        python["tool_arguments"],
+        serde_json::json!({"city": "sim-city"})
+    );
+    assert_eq!(python["tool_finish"], "tool_calls");
+    assert_eq!(
+        python["person"],
+        serde_json::json!({"name": "sim-name", "age": 1})
+    );
+
+    let node = run_script("node", "anthropic_stream.mjs", &gateway).await;
+    assert_eq!(node["stream"], "Echo: hello from node");
+    assert_eq!(node["finish"], "stop");
+    assert_eq!(node["usage_total"], 3 + 4);
+}
 
 #[tokio::test]
 async fn the_official_python_sdk_chats_and_streams() {
@@ -18,26 +79,7 @@ async fn the_official_python_sdk_chats_and_streams() {
     ))
     .await
     .unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/sdk/openai_chat.py");
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new("python3")
-            .arg(&script)
-            .env("OPENAI_BASE_URL", format!("{}/v1", gateway.url))
-            .env("OPENAI_API_KEY", &gateway.key)
-            .output(),
-    )
-    .await
-    .expect("the SDK script finishes within 60 s")
-    .expect("python3 runs (the openai package is installed by .ci/run: pip install -r tests/sdk/requirements.txt)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout: {stdout}\nstderr: {stderr}"
-    );
-    let results: serde_json::Value =
-        serde_json::from_str(stdout.trim()).expect("the script prints JSON");
+    let results = run_script("python3", "openai_chat.py", &gateway).await;
     assert_eq!(results["chat"], "Echo: hello from the sdk");
     assert_eq!(results["chat_model"], "sim-model");
     assert_eq!(results["chat_usage_total"], 4 + 5);
