@@ -775,3 +775,63 @@ fn stream(shared: Arc<Shared>, fault: Fault, id: &str, model: &str, answer: &Ans
     frames.push(frame("message_stop", &json!({"type": "message_stop"})));
     event_stream(shared, fault, frames)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "anthropic-version",
+            axum::http::HeaderValue::from_static("2023-06-01"),
+        );
+        headers
+    }
+
+    fn refused(request: Value) -> String {
+        check(&request, &headers()).expect_err("Anthropic refuses this")
+    }
+
+    #[test]
+    fn it_is_as_strict_as_anthropic_where_translators_go_wrong() {
+        let user = |text: &str| json!({"role": "user", "content": text});
+        let base = |messages: Value| json!({"model": "m", "max_tokens": 10, "messages": messages});
+        assert!(check(&base(json!([user("hi")])), &headers()).is_ok());
+        assert!(check(&base(json!([user("hi")])), &HeaderMap::new()).is_err());
+        assert!(refused(json!({"model": "m", "messages": [user("hi")]})).contains("max_tokens"));
+        assert!(refused(base(json!([user("a"), user("b")]))).contains("alternate"));
+        assert!(
+            refused(base(
+                json!([{"role": "system", "content": "s"}, user("hi")])
+            ))
+            .contains("top-level `system`")
+        );
+        assert!(
+            refused(base(
+                json!([{"role": "user", "content": [{"type": "text", "text": ""}]}])
+            ))
+            .contains("non-empty")
+        );
+        let call = json!({"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
+        ]});
+        assert!(refused(base(json!([user("go"), call, user("no result")]))).contains("t1"));
+        let wrong_result = json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t2", "content": "x"}
+        ]});
+        assert!(refused(base(json!([user("go"), call, wrong_result]))).contains("t2"));
+        let result_after_text = json!({"role": "user", "content": [
+            {"type": "text", "text": "and"},
+            {"type": "tool_result", "tool_use_id": "t1", "content": "x"}
+        ]});
+        assert!(refused(base(json!([user("go"), call, result_after_text]))).contains("before"));
+        let tiff = json!({"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/tiff", "data": "AAAA"}}]});
+        assert!(refused(base(json!([tiff]))).contains("media_type"));
+        let unsigned = json!({"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "forged"}]});
+        assert!(refused(base(json!([user("q"), unsigned, user("more")]))).contains("signature"));
+        let mut hot = base(json!([user("hi")]));
+        hot["temperature"] = json!(1.5);
+        assert!(refused(hot).contains("temperature"));
+    }
+}
