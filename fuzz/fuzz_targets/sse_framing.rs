@@ -28,6 +28,10 @@ fuzz_target!(|data: &[u8]| {
         // Cut into pieces of a length chosen by the input, as a network would deliver them.
         let size = usize::from(cut_seed % 17) + 1;
         let pieces: Vec<&[u8]> = body.chunks(size).collect();
-        assert_eq!(whole, frame(framing, &pieces), "framing depends on where the body was cut");
+        assert_eq!(
+            whole,
+            frame(framing, &pieces),
+            "framing depends on where the body was cut"
+        );
     }
 });
