@@ -6,6 +6,20 @@ pub use crate::wit::translator::exports::tollgate::plugin::translator::{
     StreamEvent, StreamFraming, TranslateError, UpstreamRequest, UpstreamResponse,
 };
 
+/// Usage the upstream did not report: zeros flagged `estimated`. The host counts the prompt itself
+/// when `input_tokens` is 0; a translator that saw some of the answer sets `output_tokens` (about
+/// four bytes of text a token).
+pub fn unreported_usage() -> Usage {
+    Usage {
+        input_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        output_tokens: 0,
+        reasoning_tokens: 0,
+        estimated: true,
+    }
+}
+
 /// A translator plugin. Implement it on a unit struct and export it with
 /// [`export_translator!`](crate::export_translator). Every function must be pure over its inputs: the
 /// host calls them again for each attempt of a request.

@@ -2,7 +2,9 @@
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tollgate_plugin_sdk::translator::{AttemptContext, ChatResponse, TranslateError};
+use tollgate_plugin_sdk::translator::{
+    AttemptContext, ChatResponse, TranslateError, unreported_usage,
+};
 
 use crate::usage::{AnthropicUsage, finish_reason, openai_usage};
 
@@ -20,12 +22,13 @@ struct Message {
     usage: Option<AnthropicUsage>,
 }
 
-/// A content block; kinds OpenAI's shape has no place for (redacted thinking, server tools,
-/// citations' own blocks) are skipped.
+/// A content block, whole in an answer or opening a stream's `content_block_start`; kinds OpenAI's
+/// shape has no place for (redacted thinking, server tools, citations' own blocks) are skipped.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum Block {
+pub(crate) enum Block {
     Text {
+        #[serde(default)]
         text: String,
     },
     ToolUse {
@@ -85,17 +88,10 @@ pub fn chat_response(
         }
     }
     // An answer without usage is billed from the host's own count, flagged as an estimate.
-    let usage = message.usage.as_ref().map_or(
-        tollgate_plugin_sdk::translator::Usage {
-            input_tokens: 0,
-            cache_read_tokens: 0,
-            cache_write_tokens: 0,
-            output_tokens: 0,
-            reasoning_tokens: 0,
-            estimated: true,
-        },
-        AnthropicUsage::normalize,
-    );
+    let usage = message
+        .usage
+        .as_ref()
+        .map_or_else(unreported_usage, AnthropicUsage::normalize);
     let model = message
         .model
         .clone()

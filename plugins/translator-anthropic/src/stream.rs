@@ -6,12 +6,14 @@
 //! call's id and name go only in its first delta; the finish reason and usage come at
 //! `message_stop`, with usage from `message_start` updated by the cumulative `message_delta`.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tollgate_plugin_sdk::translator::{
     AttemptContext, StreamEnd, StreamEvent, StreamTranslate, TranslateError, Usage,
+    unreported_usage,
 };
 
+use crate::answer::Block;
 use crate::failure::{ErrorDetail, failure};
 use crate::usage::{AnthropicUsage, finish_reason, openai_usage};
 
@@ -25,7 +27,7 @@ enum Event {
     },
     ContentBlockStart {
         index: u64,
-        content_block: StartedBlock,
+        content_block: Block,
     },
     ContentBlockDelta {
         index: u64,
@@ -56,27 +58,6 @@ struct StartedMessage {
     usage: Option<AnthropicUsage>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum StartedBlock {
-    Text {
-        #[serde(default)]
-        text: String,
-    },
-    ToolUse {
-        id: String,
-        name: String,
-        #[serde(default)]
-        input: Value,
-    },
-    Thinking {
-        #[serde(default)]
-        thinking: String,
-    },
-    #[serde(other)]
-    Other,
-}
-
 /// A `content_block_delta`'s payload, named by Anthropic's `type` (`text_delta`, …).
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type")]
@@ -95,6 +76,27 @@ enum Delta {
 struct MessageDelta {
     #[serde(default)]
     stop_reason: Option<String>,
+}
+
+/// An OpenAI `chat.completion.chunk`, serialized from borrowed fields: no copy of the id and model
+/// per chunk.
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [ChunkChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: Value,
+    logprobs: Option<()>,
+    finish_reason: Option<&'a str>,
 }
 
 /// The state of one streamed answer.
@@ -117,14 +119,28 @@ pub struct AnthropicStream {
 
 impl AnthropicStream {
     fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> String {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason }],
-        })
-        .to_string()
+        self.serialize(
+            &[ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason,
+            }],
+            None,
+        )
+    }
+
+    fn serialize(&self, choices: &[ChunkChoice<'_>], usage: Option<Value>) -> String {
+        let chunk = Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        };
+        serde_json::to_string(&chunk)
+            .expect("a chunk of strings, numbers and JSON values serializes")
     }
 
     /// A content chunk, preceded by the role chunk if none went out yet.
@@ -155,14 +171,7 @@ impl AnthropicStream {
         {
             return Some(reported);
         }
-        let mut usage = reported.unwrap_or(Usage {
-            input_tokens: 0,
-            cache_read_tokens: 0,
-            cache_write_tokens: 0,
-            output_tokens: 0,
-            reasoning_tokens: 0,
-            estimated: true,
-        });
+        let mut usage = reported.unwrap_or_else(unreported_usage);
         usage.output_tokens = usage
             .output_tokens
             .max(self.delivered_text_bytes.div_ceil(4) as u64);
@@ -208,14 +217,14 @@ impl StreamTranslate for AnthropicStream {
                 index,
                 content_block,
             } => match content_block {
-                StartedBlock::Text { text } if !text.is_empty() => {
+                Block::Text { text } if !text.is_empty() => {
                     self.delivered_text_bytes += text.len();
                     self.emit(&mut chunks, json!({ "content": text }));
                 }
-                StartedBlock::Thinking { thinking } if !thinking.is_empty() => {
+                Block::Thinking { thinking } if !thinking.is_empty() => {
                     self.emit(&mut chunks, json!({ "reasoning_content": thinking }));
                 }
-                StartedBlock::ToolUse { id, name, input } => {
+                Block::ToolUse { id, name, input } => {
                     let tool = self.tool_blocks.len();
                     self.tool_blocks.push((index, tool));
                     // The start block's input is `{}` while deltas follow; a non-empty one is whole.
@@ -280,14 +289,7 @@ impl StreamTranslate for AnthropicStream {
                 if self.include_usage
                     && let Some(usage) = self.usage()
                 {
-                    chunks.push(
-                        json!({
-                            "id": self.id, "object": "chat.completion.chunk",
-                            "created": self.created, "model": self.model,
-                            "choices": [], "usage": openai_usage(&usage),
-                        })
-                        .to_string(),
-                    );
+                    chunks.push(self.serialize(&[], Some(openai_usage(&usage))));
                 }
             }
             Event::Error { error } => {

@@ -8,7 +8,7 @@ use tollgate_plugin_sdk::export_translator;
 use tollgate_plugin_sdk::translator::{
     AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, FailureClass, HttpMethod,
     InvalidRequest, StreamEnd, StreamEvent, StreamFraming, StreamTranslate, TranslateError,
-    Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse, Usage,
+    Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse, Usage, unreported_usage,
 };
 
 /// Channel options an operator may attach to an OpenAI channel.
@@ -221,17 +221,9 @@ fn read_answer(
     let body = String::from_utf8(response.body)
         .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
     // No usage reported: zeros flagged as an estimate, which the host then counts itself.
-    let usage = answer.usage.map_or(
-        Usage {
-            input_tokens: 0,
-            cache_read_tokens: 0,
-            cache_write_tokens: 0,
-            output_tokens: 0,
-            reasoning_tokens: 0,
-            estimated: true,
-        },
-        |usage| usage.normalize(),
-    );
+    let usage = answer
+        .usage
+        .map_or_else(unreported_usage, |usage| usage.normalize());
     Ok((body, usage, answer.model))
 }
 
@@ -354,12 +346,8 @@ impl StreamTranslate for OpenAiStream {
         // about four bytes of text per token, flagged as an estimate (the host adds the prompt).
         let usage = self.usage.take().or_else(|| {
             (self.delivered_text_bytes > 0).then(|| Usage {
-                input_tokens: 0,
-                cache_read_tokens: 0,
-                cache_write_tokens: 0,
                 output_tokens: self.delivered_text_bytes.div_ceil(4) as u64,
-                reasoning_tokens: 0,
-                estimated: true,
+                ..unreported_usage()
             })
         });
         Ok(StreamEnd {
