@@ -254,8 +254,9 @@ impl Gateway {
             .expect("the gateway answers")
     }
 
-    /// The usage record of a request, from the admin API.
-    pub async fn record(&self, request_id: &str) -> Value {
+    /// The usage record of a request, from the admin API, or the trace endpoint's answer when it
+    /// has none.
+    async fn fetch_record(&self, request_id: &str) -> Answer {
         let response = self
             .http
             .get(format!("{}/admin/requests/{request_id}", self.url))
@@ -263,7 +264,12 @@ impl Gateway {
             .send()
             .await
             .expect("the admin API answers");
-        let answer = Answer::read(response).await;
+        Answer::read(response).await
+    }
+
+    /// The usage record of a request, from the admin API.
+    pub async fn record(&self, request_id: &str) -> Value {
+        let answer = self.fetch_record(request_id).await;
         assert_eq!(
             answer.status, 200,
             "record of {request_id}: {}",
@@ -275,15 +281,9 @@ impl Gateway {
     /// Waits (bounded) until a request's record exists; streams write theirs after the last byte.
     pub async fn record_eventually(&self, request_id: &str) -> Value {
         for _ in 0..100 {
-            let response = self
-                .http
-                .get(format!("{}/admin/requests/{request_id}", self.url))
-                .bearer_auth(ADMIN_TOKEN)
-                .send()
-                .await
-                .expect("the admin API answers");
-            if response.status() == 200 {
-                return response.json().await.expect("a record is JSON");
+            let answer = self.fetch_record(request_id).await;
+            if answer.status == 200 {
+                return answer.json;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
