@@ -13,6 +13,7 @@ use std::process::Command;
 const GUESTS: &[&str] = &[
     "tollgate-translator-openai",
     "tollgate-translator-anthropic",
+    "tollgate-translator-gemini",
     "tollgate-router-failover",
     "tollgate-billing-price-table",
     "tollgate-router-cost-first",

@@ -208,6 +208,7 @@ pub async fn run(
                     answer.usage.output_tokens = tokens::answer_tokens(&answer.body);
                 }
             }
+            translate::complete_body(&context.request, &mut answer);
             let priced =
                 bill::charge(&gateway, &context, &answer.usage, CallOutcome::Complete).await;
             finish(&gateway, &mut context, &answer.usage, &priced, 200, None);

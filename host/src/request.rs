@@ -23,6 +23,8 @@ pub struct ClientRequest {
     pub max_output_tokens: Option<u64>,
     /// Prompt tokens estimated by the host (about four bytes of text per token).
     pub estimated_input_tokens: u64,
+    /// Embeddings: `encoding_format: "base64"`.
+    pub base64_embeddings: bool,
 }
 
 /// A body the host refuses before any plugin sees it: HTTP 400.
@@ -94,7 +96,10 @@ pub fn read(
             (false, false, None, estimate_tokens(input))
         }
     };
+    let base64_embeddings = operation == Operation::Embeddings
+        && fields.get("encoding_format").and_then(Value::as_str) == Some("base64");
     Ok(ClientRequest {
+        base64_embeddings,
         operation,
         body,
         model,

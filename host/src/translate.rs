@@ -5,6 +5,8 @@
 //! normalized usage, or a [`TranslateError`]. Next: upstream (for requests), bill (for answers).
 //! Streams are translated by the stream stage, with the same plugin.
 
+use base64::Engine as _;
+
 use crate::flow::RequestContext;
 use crate::gateway::{Channel, Gateway};
 use crate::plugin::router::Operation;
@@ -12,11 +14,61 @@ use crate::plugin::translator::{
     self as wit, AttemptContext, RequestKind, UpstreamRequest, UpstreamResponse,
 };
 use crate::plugin::{Binding, PluginError, Role};
+use crate::request::ClientRequest;
 use crate::route::PlannedAttempt;
 use crate::upstream::UpstreamError;
 
 /// A translated whole answer.
 pub use crate::plugin::translator::TranslatedAnswer as Answer;
+
+/// Finishes an answer's OpenAI body where the host owns the client protocol: usage the host
+/// counted itself (the upstream reported none) goes into `usage`, and embedding vectors a
+/// translator returned as floats are encoded when the client asked for base64 (little-endian
+/// f32, as OpenAI encodes them). The body is parsed only when one of the two applies.
+pub fn complete_body(request: &ClientRequest, answer: &mut Answer) {
+    let encode = request.base64_embeddings;
+    if !answer.usage.estimated && !encode {
+        return;
+    }
+    let Ok(serde_json::Value::Object(mut body)) = serde_json::from_str(&answer.body) else {
+        return;
+    };
+    if answer.usage.estimated {
+        let usage = &answer.usage;
+        let counted = match request.operation {
+            Operation::Chat => serde_json::json!({
+                "prompt_tokens": usage.input_tokens,
+                "completion_tokens": usage.output_tokens,
+                "total_tokens": usage.input_tokens + usage.output_tokens,
+            }),
+            Operation::Embeddings => serde_json::json!({
+                "prompt_tokens": usage.input_tokens,
+                "total_tokens": usage.input_tokens,
+            }),
+        };
+        body.insert("usage".to_owned(), counted);
+    }
+    if encode {
+        for item in body
+            .get_mut("data")
+            .and_then(serde_json::Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(vector) = item.get("embedding").and_then(serde_json::Value::as_array) {
+                let bytes: Vec<u8> = vector
+                    .iter()
+                    .filter_map(serde_json::Value::as_f64)
+                    .flat_map(|value| (value as f32).to_le_bytes())
+                    .collect();
+                item["embedding"] = serde_json::Value::String(
+                    base64::engine::general_purpose::STANDARD.encode(bytes),
+                );
+            }
+        }
+    }
+    answer.body = serde_json::Value::Object(body).to_string();
+}
 
 /// Why a translation failed.
 #[derive(Debug, thiserror::Error)]

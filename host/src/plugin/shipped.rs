@@ -32,6 +32,14 @@ pub const SHIPPED: &[ShippedPlugin] = &[
         )),
     },
     ShippedPlugin {
+        name: "gemini",
+        role: Role::Translator,
+        bytes: include_bytes!(concat!(
+            env!("TOLLGATE_GUEST_DIR"),
+            "/tollgate_translator_gemini.wasm"
+        )),
+    },
+    ShippedPlugin {
         name: "failover",
         role: Role::Router,
         bytes: include_bytes!(concat!(

@@ -20,6 +20,82 @@ pub fn unreported_usage() -> Usage {
     }
 }
 
+/// OpenAI's `usage` object for a normalized usage (cached tokens as `prompt_tokens_details`,
+/// reasoning as `completion_tokens_details`).
+pub fn openai_usage(usage: &Usage) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens.saturating_add(usage.output_tokens),
+        "prompt_tokens_details": { "cached_tokens": usage.cache_read_tokens },
+        "completion_tokens_details": { "reasoning_tokens": usage.reasoning_tokens }
+    })
+}
+
+/// Writes the OpenAI `chat.completion.chunk`s of one stream: the same id, model and creation time
+/// on every chunk, serialized from borrowed fields (no copy of them per chunk).
+#[derive(Debug, Clone)]
+pub struct ChunkWriter {
+    /// The chunk id (`chatcmpl-…`).
+    pub id: String,
+    /// The model name to report.
+    pub model: String,
+    /// Unix seconds, for `created`.
+    pub created: u64,
+}
+
+#[derive(serde::Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [ChunkChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<serde_json::Value>,
+}
+
+#[derive(serde::Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: serde_json::Value,
+    logprobs: Option<()>,
+    finish_reason: Option<&'a str>,
+}
+
+impl ChunkWriter {
+    /// A chunk with one choice carrying `delta` (and the finish reason, on the last one).
+    pub fn delta(&self, delta: serde_json::Value, finish_reason: Option<&str>) -> String {
+        self.write(
+            &[ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason,
+            }],
+            None,
+        )
+    }
+
+    /// The usage chunk: no choices, the usage (sent only to clients that asked for it).
+    pub fn usage(&self, usage: &Usage) -> String {
+        self.write(&[], Some(openai_usage(usage)))
+    }
+
+    fn write(&self, choices: &[ChunkChoice<'_>], usage: Option<serde_json::Value>) -> String {
+        let chunk = Chunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        };
+        serde_json::to_string(&chunk)
+            .expect("a chunk of strings, numbers and JSON values always serializes")
+    }
+}
+
 /// A translator plugin. Implement it on a unit struct and export it with
 /// [`export_translator!`](crate::export_translator). Every function must be pure over its inputs: the
 /// host calls them again for each attempt of a request.

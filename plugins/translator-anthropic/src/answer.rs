@@ -3,10 +3,10 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_plugin_sdk::translator::{
-    AttemptContext, ChatResponse, TranslateError, unreported_usage,
+    AttemptContext, ChatResponse, TranslateError, openai_usage, unreported_usage,
 };
 
-use crate::usage::{AnthropicUsage, finish_reason, openai_usage};
+use crate::usage::{AnthropicUsage, finish_reason};
 
 /// The parts of an Anthropic `message` the translator reads.
 #[derive(Debug, Deserialize)]

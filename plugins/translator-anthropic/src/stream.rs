@@ -6,16 +6,16 @@
 //! call's id and name go only in its first delta; the finish reason and usage come at
 //! `message_stop`, with usage from `message_start` updated by the cumulative `message_delta`.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_plugin_sdk::translator::{
-    AttemptContext, StreamEnd, StreamEvent, StreamTranslate, TranslateError, Usage,
+    AttemptContext, ChunkWriter, StreamEnd, StreamEvent, StreamTranslate, TranslateError, Usage,
     unreported_usage,
 };
 
 use crate::answer::Block;
 use crate::failure::{ErrorDetail, failure};
-use crate::usage::{AnthropicUsage, finish_reason, openai_usage};
+use crate::usage::{AnthropicUsage, finish_reason};
 
 /// One Anthropic stream event, read by its `type`; unknown event types are skipped, as
 /// Anthropic's versioning policy asks of clients.
@@ -78,33 +78,10 @@ struct MessageDelta {
     stop_reason: Option<String>,
 }
 
-/// An OpenAI `chat.completion.chunk`, serialized from borrowed fields: no copy of the id and model
-/// per chunk.
-#[derive(Serialize)]
-struct Chunk<'a> {
-    id: &'a str,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    choices: &'a [ChunkChoice<'a>],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Value>,
-}
-
-#[derive(Serialize)]
-struct ChunkChoice<'a> {
-    index: u32,
-    delta: Value,
-    logprobs: Option<()>,
-    finish_reason: Option<&'a str>,
-}
-
 /// The state of one streamed answer.
 pub struct AnthropicStream {
     include_usage: bool,
-    created: u64,
-    id: String,
-    model: String,
+    chunks: ChunkWriter,
     served_model: Option<String>,
     /// Whether the role chunk went out.
     started: bool,
@@ -118,41 +95,19 @@ pub struct AnthropicStream {
 }
 
 impl AnthropicStream {
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> String {
-        self.serialize(
-            &[ChunkChoice {
-                index: 0,
-                delta,
-                logprobs: None,
-                finish_reason,
-            }],
-            None,
-        )
-    }
-
-    fn serialize(&self, choices: &[ChunkChoice<'_>], usage: Option<Value>) -> String {
-        let chunk = Chunk {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        };
-        serde_json::to_string(&chunk)
-            .expect("a chunk of strings, numbers and JSON values serializes")
-    }
-
     /// A content chunk, preceded by the role chunk if none went out yet.
     fn emit(&mut self, chunks: &mut Vec<String>, delta: Value) {
         self.start(chunks);
-        chunks.push(self.chunk(delta, None));
+        chunks.push(self.chunks.delta(delta, None));
     }
 
     fn start(&mut self, chunks: &mut Vec<String>) {
         if !self.started {
             self.started = true;
-            chunks.push(self.chunk(json!({ "role": "assistant", "content": "" }), None));
+            chunks.push(
+                self.chunks
+                    .delta(json!({ "role": "assistant", "content": "" }), None),
+            );
         }
     }
 
@@ -184,9 +139,11 @@ impl StreamTranslate for AnthropicStream {
     fn new(context: AttemptContext) -> Self {
         Self {
             include_usage: context.include_usage,
-            created: context.created_unix_s,
-            id: format!("chatcmpl-{}", context.request_id),
-            model: context.upstream_model,
+            chunks: ChunkWriter {
+                id: format!("chatcmpl-{}", context.request_id),
+                model: context.upstream_model,
+                created: context.created_unix_s,
+            },
             served_model: None,
             started: false,
             tool_blocks: Vec::new(),
@@ -204,10 +161,10 @@ impl StreamTranslate for AnthropicStream {
         match event {
             Event::MessageStart { message } => {
                 if let Some(id) = message.id {
-                    self.id = format!("chatcmpl-{id}");
+                    self.chunks.id = format!("chatcmpl-{id}");
                 }
                 if let Some(model) = message.model {
-                    self.model.clone_from(&model);
+                    self.chunks.model.clone_from(&model);
                     self.served_model = Some(model);
                 }
                 self.usage = message.usage;
@@ -285,11 +242,11 @@ impl StreamTranslate for AnthropicStream {
                 self.start(&mut chunks);
                 let finish =
                     finish_reason(self.stop_reason.as_deref(), !self.tool_blocks.is_empty());
-                chunks.push(self.chunk(json!({}), Some(finish)));
+                chunks.push(self.chunks.delta(json!({}), Some(finish)));
                 if self.include_usage
                     && let Some(usage) = self.usage()
                 {
-                    chunks.push(self.serialize(&[], Some(openai_usage(&usage))));
+                    chunks.push(self.chunks.usage(&usage));
                 }
             }
             Event::Error { error } => {

@@ -4,7 +4,6 @@
 //! normalized `input-tokens` (and OpenAI's `prompt_tokens`) include them, so they are added back.
 
 use serde::Deserialize;
-use serde_json::{Value, json};
 use tollgate_plugin_sdk::translator::Usage;
 
 /// Anthropic's `usage` object; every count optional because `message_delta` carries only the ones
@@ -60,17 +59,6 @@ impl AnthropicUsage {
     }
 }
 
-/// OpenAI's `usage` object for a normalized usage.
-pub fn openai_usage(usage: &Usage) -> Value {
-    json!({
-        "prompt_tokens": usage.input_tokens,
-        "completion_tokens": usage.output_tokens,
-        "total_tokens": usage.input_tokens.saturating_add(usage.output_tokens),
-        "prompt_tokens_details": { "cached_tokens": usage.cache_read_tokens },
-        "completion_tokens_details": { "reasoning_tokens": usage.reasoning_tokens }
-    })
-}
-
 /// OpenAI's `finish_reason` for Anthropic's `stop_reason`. A turn that called a tool finishes as
 /// `tool_calls` whatever Anthropic says, because that is what tells an OpenAI client to run it.
 pub fn finish_reason(stop_reason: Option<&str>, called_tools: bool) -> &'static str {
@@ -88,6 +76,7 @@ pub fn finish_reason(stop_reason: Option<&str>, called_tools: bool) -> &'static 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn cache_reads_and_writes_are_added_back_into_the_input() {

@@ -27,7 +27,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use crate::{Dialect, Fault, Shared, admit, event_stream, lock, words};
+use crate::{Dialect, Fault, Shared, admit, event_stream, lock, sample, signature, words};
 
 const IMAGE_MEDIA_TYPES: &[&str] = &["image/jpeg", "image/png", "image/gif", "image/webp"];
 
@@ -75,16 +75,6 @@ pub(crate) fn fault_status_response(status: u16) -> Response {
         _ => ("api_error", "Internal server error"),
     };
     error_response(code, kind, message)
-}
-
-/// The signature the simulator gives a thinking text, and demands back with it.
-fn signature(thinking: &str) -> String {
-    let hash = thinking
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-    format!("simsig{hash:016x}")
 }
 
 /// One block of the answer.
@@ -424,30 +414,6 @@ fn check_image(block: &Value, at: &str) -> Result<(), String> {
         _ => Err(format!(
             "{at}.source: Input tag does not match 'base64' or 'url'"
         )),
-    }
-}
-
-/// A value that satisfies a (simple) JSON schema.
-fn sample(schema: &Value, name: &str) -> Value {
-    match schema.get("type").and_then(Value::as_str) {
-        Some("string") => schema
-            .get("enum")
-            .and_then(|values| values.get(0))
-            .cloned()
-            .unwrap_or_else(|| json!(format!("sim-{name}"))),
-        Some("integer" | "number") => json!(1),
-        Some("boolean") => json!(true),
-        Some("array") => json!([sample(schema.get("items").unwrap_or(&Value::Null), name)]),
-        Some("null") => Value::Null,
-        _ => {
-            let mut object = Map::new();
-            if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
-                for (property, property_schema) in properties {
-                    object.insert(property.clone(), sample(property_schema, property));
-                }
-            }
-            Value::Object(object)
-        }
     }
 }
 

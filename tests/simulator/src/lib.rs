@@ -25,10 +25,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, mpsc};
 
 mod anthropic;
+mod gemini;
 mod openai;
 
 /// One fault, applied to one upstream request.
@@ -43,6 +44,8 @@ pub struct Fault {
     pub delay_ms: Option<u64>,
     /// Streams: stop after this many content chunks by breaking the connection.
     pub cut_after_chunks: Option<usize>,
+    /// Answer as if the provider's safety filter blocked the prompt (Gemini: `promptFeedback`).
+    pub safety_block: bool,
     /// Streams: end the body cleanly after this many chunks, mid-answer (no final event).
     pub end_after_chunks: Option<usize>,
     /// Streams: after this many chunks, hold the rest until [`Simulator::release`] is called.
@@ -121,6 +124,11 @@ impl Simulator {
         format!("http://{}/v1", self.address)
     }
 
+    /// Base URL of its Gemini API (`http://addr/gemini/v1beta`).
+    pub fn gemini_base_url(&self) -> String {
+        format!("http://{}/gemini/v1beta", self.address)
+    }
+
     /// Base URL of its Anthropic API (`http://addr/anthropic/v1`).
     pub fn anthropic_base_url(&self) -> String {
         format!("http://{}/anthropic/v1", self.address)
@@ -165,6 +173,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::models))
         .route("/anthropic/v1/messages", post(anthropic::messages))
+        .route("/gemini/v1beta/models/{target}", post(gemini::models))
         .route("/_sim/faults", post(control_fault))
         .route("/_sim/release", post(control_release))
         .route("/_sim/calls", get(control_calls))
@@ -190,6 +199,7 @@ async fn control_calls(State(shared): State<Arc<Shared>>) -> Json<Value> {
 enum Dialect {
     OpenAi,
     Anthropic,
+    Gemini,
 }
 
 impl Dialect {
@@ -203,14 +213,19 @@ impl Dialect {
             Self::Anthropic => headers
                 .get("x-api-key")
                 .and_then(|value| value.to_str().ok()),
+            Self::Gemini => headers
+                .get("x-goog-api-key")
+                .and_then(|value| value.to_str().ok()),
         }
     }
 
-    /// The provider's error answer for a status (with `retry-after` when given).
+    /// The provider's error answer for a status (with `retry-after` when given; Google puts the
+    /// wait in the body's `RetryInfo` instead of a header).
     fn fault(self, status: u16, retry_after_s: Option<u64>) -> Response {
         let mut response = match self {
             Self::OpenAi => openai::fault_status_response(status),
             Self::Anthropic => anthropic::fault_status_response(status),
+            Self::Gemini => return gemini::fault_status_response(status, retry_after_s),
         };
         if let Some(seconds) = retry_after_s
             && let Ok(value) = seconds.to_string().parse()
@@ -233,6 +248,12 @@ impl Dialect {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "There was an issue with the format of your request: the body is not valid JSON",
+            ),
+            Self::Gemini => gemini::error_response(
+                StatusCode::BAD_REQUEST,
+                "INVALID_ARGUMENT",
+                "Invalid JSON payload received.",
+                Vec::new(),
             ),
         }
     }
@@ -341,4 +362,53 @@ fn event_stream(shared: Arc<Shared>, fault: Fault, frames: Vec<Bytes>) -> Respon
         Body::from_stream(frames),
     )
         .into_response()
+}
+
+/// A deterministic unit vector per input, derived from the text's bytes.
+fn embedding(text: &str, dimensions: usize) -> Vec<f32> {
+    let mut vector = vec![0f32; dimensions.max(1)];
+    for (index, byte) in text.bytes().enumerate() {
+        vector[index % dimensions.max(1)] += f32::from(byte) / 255.0;
+    }
+    let norm = vector
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    vector.iter().map(|x| x / norm).collect()
+}
+
+/// The signature the simulator gives a thinking text, and demands back with it.
+fn signature(thinking: &str) -> String {
+    let hash = thinking
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("simsig{hash:016x}")
+}
+
+/// A value that satisfies a (simple) JSON schema.
+fn sample(schema: &Value, name: &str) -> Value {
+    match schema.get("type").and_then(Value::as_str) {
+        Some("string") => schema
+            .get("enum")
+            .and_then(|values| values.get(0))
+            .cloned()
+            .unwrap_or_else(|| json!(format!("sim-{name}"))),
+        Some("integer" | "number") => json!(1),
+        Some("boolean") => json!(true),
+        Some("array") => json!([sample(schema.get("items").unwrap_or(&Value::Null), name)]),
+        Some("null") => Value::Null,
+        _ => {
+            let mut object = Map::new();
+            if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
+                for (property, property_schema) in properties {
+                    object.insert(property.clone(), sample(property_schema, property));
+                }
+            }
+            Value::Object(object)
+        }
+    }
 }

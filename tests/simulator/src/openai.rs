@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::{CREATED, Dialect, Fault, Shared, admit, event_stream, lock, words};
+use crate::{CREATED, Dialect, Fault, Shared, admit, embedding, event_stream, lock, words};
 
 /// OpenAI's error body.
 pub(crate) fn error_response(
@@ -244,21 +244,6 @@ fn stream(
     event_stream(shared, fault, frames)
 }
 
-/// A deterministic unit vector per input: 8 dimensions derived from the text's bytes.
-fn embedding(text: &str) -> Vec<f32> {
-    let mut vector = [0f32; 8];
-    for (index, byte) in text.bytes().enumerate() {
-        vector[index % 8] += f32::from(byte) / 255.0;
-    }
-    let norm = vector
-        .iter()
-        .map(|x| x * x)
-        .sum::<f32>()
-        .sqrt()
-        .max(f32::EPSILON);
-    vector.iter().map(|x| x / norm).collect()
-}
-
 pub(crate) async fn embeddings(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -300,7 +285,7 @@ pub(crate) async fn embeddings(
         .iter()
         .enumerate()
         .map(|(index, text)| {
-            let vector = embedding(text);
+            let vector = embedding(text, 8);
             let encoded = if base64 {
                 let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
                 Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))

@@ -1,0 +1,87 @@
+//! Google's error answers → the typed upstream failure classes that decide failover.
+//!
+//! Google sends `{"error":{"code","message","status","details"}}`; the `status` name is the reliable
+//! part (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`, …). A 429's wait is in a `RetryInfo` detail
+//! (`retryDelay: "43s"`), not in a header; an invalid API key is a 400 `INVALID_ARGUMENT` whose
+//! `ErrorInfo` says `API_KEY_INVALID`. Inside a 200 stream the same object arrives as an event.
+
+use serde::Deserialize;
+use serde_json::Value;
+use tollgate_plugin_sdk::translator::{FailureClass, UpstreamFailure, UpstreamResponse};
+
+/// Google's error object.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct GoogleError {
+    pub code: Option<u16>,
+    pub message: Option<String>,
+    pub status: Option<String>,
+    pub details: Vec<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    error: GoogleError,
+}
+
+impl GoogleError {
+    fn detail(&self, kind: &str) -> Option<&Value> {
+        self.details.iter().find(|detail| {
+            detail
+                .get("@type")
+                .and_then(Value::as_str)
+                .is_some_and(|name| name.ends_with(kind))
+        })
+    }
+
+    /// `RetryInfo.retryDelay` (a protobuf Duration: `"43s"`, `"1.5s"`) in milliseconds.
+    fn retry_after_ms(&self) -> Option<u64> {
+        let delay = self.detail("google.rpc.RetryInfo")?.get("retryDelay")?;
+        let seconds: f64 = delay.as_str()?.strip_suffix('s')?.parse().ok()?;
+        (seconds.is_finite() && seconds >= 0.0).then_some((seconds * 1000.0) as u64)
+    }
+
+    fn reason(&self) -> Option<&str> {
+        self.detail("google.rpc.ErrorInfo")?.get("reason")?.as_str()
+    }
+}
+
+/// Classifies a non-2xx answer.
+pub fn read_failure(response: &UpstreamResponse) -> UpstreamFailure {
+    let error = serde_json::from_slice::<ErrorBody>(&response.body)
+        .map(|body| body.error)
+        .unwrap_or_default();
+    failure(response.status, error)
+}
+
+/// Maps an error (from a status, or from a stream event with status 0) onto a class.
+pub fn failure(status: u16, error: GoogleError) -> UpstreamFailure {
+    let code = if status == 0 {
+        error.code.unwrap_or(0)
+    } else {
+        status
+    };
+    let class = match (code, error.status.as_deref(), error.reason()) {
+        (_, _, Some("API_KEY_INVALID")) | (401 | 403, _, _) => FailureClass::Authentication,
+        (_, Some("UNAUTHENTICATED" | "PERMISSION_DENIED"), _) => FailureClass::Authentication,
+        (429, _, _) | (_, Some("RESOURCE_EXHAUSTED"), _) => FailureClass::RateLimited,
+        (503, _, _) | (_, Some("UNAVAILABLE"), _) => FailureClass::Overloaded,
+        (404, _, _) | (_, Some("NOT_FOUND"), _) => FailureClass::ModelNotFound,
+        (400..=499, _, _) | (_, Some("INVALID_ARGUMENT" | "FAILED_PRECONDITION"), _) => {
+            FailureClass::InvalidRequest
+        }
+        _ => FailureClass::Server,
+    };
+    let retry_after_ms = error.retry_after_ms();
+    UpstreamFailure {
+        class,
+        status,
+        message: error
+            .message
+            .unwrap_or_else(|| format!("upstream answered HTTP {status}")),
+        code: error.status,
+        param: None,
+        retry_after_ms,
+    }
+}

@@ -1,0 +1,160 @@
+//! A Gemini `streamGenerateContent?alt=sse` stream → OpenAI `chat.completion.chunk`s.
+//!
+//! Every event is a whole `GenerateContentResponse` holding the next parts. Text goes out as
+//! content deltas, thoughts as `reasoning_content`, and a function call arrives whole, so it goes
+//! out as one tool-call delta (id, name, arguments, thought signature). Gemini has no end event:
+//! the finish reason comes with the last parts (possibly after the call), so the finish chunk and
+//! the usage chunk are written by `finish` — only if a finish reason came, else the stream was cut
+//! and the host says so.
+
+use serde_json::json;
+use tollgate_plugin_sdk::translator::{
+    AttemptContext, ChunkWriter, StreamEnd, StreamEvent, StreamTranslate, TranslateError, Usage,
+    unreported_usage,
+};
+
+use crate::answer::{GenerateContentResponse, tool_call};
+use crate::failure::failure;
+use crate::usage::{UsageMetadata, finish_reason};
+
+/// The state of one streamed answer.
+pub struct GeminiStream {
+    include_usage: bool,
+    request_id: String,
+    chunks: ChunkWriter,
+    served_model: Option<String>,
+    started: bool,
+    tool_calls: usize,
+    usage: Option<UsageMetadata>,
+    finish_reason: Option<String>,
+    blocked: bool,
+    /// Bytes of text passed to the client, for an estimate when the stream is cut before usage.
+    delivered_text_bytes: usize,
+}
+
+impl GeminiStream {
+    fn emit(&mut self, chunks: &mut Vec<String>, delta: serde_json::Value) {
+        if !self.started {
+            self.started = true;
+            chunks.push(
+                self.chunks
+                    .delta(json!({ "role": "assistant", "content": "" }), None),
+            );
+        }
+        chunks.push(self.chunks.delta(delta, None));
+    }
+
+    fn ended(&self) -> bool {
+        self.finish_reason.is_some() || self.blocked
+    }
+
+    /// The usage: as reported once the stream ended, else (cut) at least what was delivered,
+    /// flagged as an estimate.
+    fn usage(&self) -> Option<Usage> {
+        let reported = self.usage.as_ref().map(UsageMetadata::normalize);
+        if self.ended()
+            && let Some(reported) = reported
+        {
+            return Some(reported);
+        }
+        let mut usage = reported.unwrap_or_else(unreported_usage);
+        usage.output_tokens = usage
+            .output_tokens
+            .max(self.delivered_text_bytes.div_ceil(4) as u64);
+        usage.estimated = true;
+        (usage.input_tokens > 0 || usage.output_tokens > 0).then_some(usage)
+    }
+}
+
+impl StreamTranslate for GeminiStream {
+    fn new(context: AttemptContext) -> Self {
+        Self {
+            include_usage: context.include_usage,
+            chunks: ChunkWriter {
+                id: format!("chatcmpl-{}", context.request_id),
+                model: context.upstream_model,
+                created: context.created_unix_s,
+            },
+            request_id: context.request_id,
+            served_model: None,
+            started: false,
+            tool_calls: 0,
+            usage: None,
+            finish_reason: None,
+            blocked: false,
+            delivered_text_bytes: 0,
+        }
+    }
+
+    fn push(&mut self, event: StreamEvent) -> Result<Vec<String>, TranslateError> {
+        let mut response: GenerateContentResponse = serde_json::from_str(&event.data)
+            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+        if let Some(error) = response.error.take() {
+            return Err(TranslateError::Upstream(failure(0, error)));
+        }
+        if self.served_model.is_none()
+            && let Some(model) = response.model_version.take()
+        {
+            self.chunks.model.clone_from(&model);
+            self.served_model = Some(model);
+        }
+        if response.usage_metadata.is_some() {
+            self.usage = response.usage_metadata;
+        }
+        if let Some(reason) = response.finish_reason() {
+            self.finish_reason = Some(reason.to_owned());
+        }
+        self.blocked |= response.blocked();
+        let mut chunks = Vec::new();
+        for part in response.parts() {
+            if let Some(call) = part.function_call {
+                let index = self.tool_calls;
+                self.tool_calls += 1;
+                let mut call = tool_call(call, part.thought_signature, &self.request_id, index);
+                self.delivered_text_bytes += call.to_string().len();
+                if let Some(object) = call.as_object_mut() {
+                    object.insert("index".into(), json!(index));
+                }
+                self.emit(&mut chunks, json!({ "tool_calls": [call] }));
+            } else if let Some(text) = part.text.filter(|text| !text.is_empty()) {
+                self.delivered_text_bytes += text.len();
+                let field = if part.thought {
+                    "reasoning_content"
+                } else {
+                    "content"
+                };
+                self.emit(&mut chunks, json!({ field: text }));
+            }
+        }
+        Ok(chunks)
+    }
+
+    fn finish(&mut self) -> Result<StreamEnd, TranslateError> {
+        let mut chunks = Vec::new();
+        if self.ended() {
+            if !self.started {
+                self.started = true;
+                chunks.push(
+                    self.chunks
+                        .delta(json!({ "role": "assistant", "content": "" }), None),
+                );
+            }
+            let finish = finish_reason(
+                self.finish_reason.as_deref(),
+                self.tool_calls > 0,
+                self.blocked,
+            );
+            chunks.push(self.chunks.delta(json!({}), Some(finish)));
+            if self.include_usage
+                && let Some(usage) = self.usage()
+            {
+                chunks.push(self.chunks.usage(&usage));
+            }
+        }
+        Ok(StreamEnd {
+            chunks,
+            usage: self.usage(),
+            served_model: self.served_model.take(),
+        })
+    }
+}
