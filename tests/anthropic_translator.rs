@@ -2,153 +2,20 @@
 //! Anthropic's own published bodies and streams (tests/fixtures/anthropic, see SOURCES.md) go in,
 //! OpenAI-shaped answers and chunks come out, framed by the host's own SSE framer.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod harness;
 
+use harness::translators::{context, shipped_translator};
 use serde_json::{Value, json};
-use tollgate::plugin::router::Operation;
 use tollgate::plugin::translator::{
-    AttemptContext, AuthPlacement, FailureClass, RequestKind, StreamFraming, TranslateError,
-    UpstreamResponse, Usage,
+    AuthPlacement, FailureClass, RequestKind, StreamFraming, TranslateError, UpstreamResponse,
 };
-use tollgate::plugin::{Binding, Limits, PluginRuntime, Role, RuntimeSettings, shipped};
-use tollgate::sse::EventFramer;
-
-struct Plugin {
-    binding: Binding,
-}
-
-async fn anthropic(config: &str) -> Result<Plugin, tollgate::plugin::PluginError> {
-    // One compile cache for every test: compiling the component takes seconds in a debug build.
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("anthropic-plugin-cache");
-    let runtime: Arc<PluginRuntime> = PluginRuntime::new(&RuntimeSettings {
-        max_instances: 16,
-        max_memory_bytes: 64 << 20,
-        cache_dir: cache,
-    })
-    .expect("the engine starts");
-    let plugin = shipped::find(Role::Translator, "anthropic").expect("anthropic is shipped");
-    let compiled = runtime
-        .load("anthropic", Role::Translator, plugin.bytes)
-        .expect("the shipped plugin compiles");
-    let binding = Binding::new(runtime, compiled, config.to_owned(), Limits::default()).await?;
-    Ok(Plugin { binding })
-}
-
-fn context(stream: bool, include_usage: bool, channel_options: &str) -> AttemptContext {
-    AttemptContext {
-        request_id: "req-1".into(),
-        operation: Operation::Chat,
-        public_model: "claude".into(),
-        upstream_model: "claude-up".into(),
-        channel: "anthropic-main".into(),
-        channel_options: channel_options.into(),
-        stream,
-        include_usage,
-        created_unix_s: 1_700_000_000,
-    }
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/anthropic")
-        .join(name);
-    std::fs::read(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
-}
-
-/// What a client would receive for a fixture stream: every chunk, then the stream's end.
-struct Streamed {
-    chunks: Vec<Value>,
-    usage: Option<Usage>,
-    served_model: Option<String>,
-    error: Option<TranslateError>,
-}
-
-impl Streamed {
-    fn text(&self, field: &str) -> String {
-        self.chunks
-            .iter()
-            .filter_map(|chunk| chunk["choices"][0]["delta"][field].as_str())
-            .collect()
-    }
-
-    fn finish_reasons(&self) -> Vec<&str> {
-        self.chunks
-            .iter()
-            .filter_map(|chunk| chunk["choices"][0]["finish_reason"].as_str())
-            .collect()
-    }
-}
-
-async fn stream_fixture(plugin: &Plugin, name: &str, include_usage: bool) -> Streamed {
-    let mut session = plugin
-        .binding
-        .open_stream(&context(true, include_usage, "{}"))
-        .await
-        .expect("the stream opens");
-    let mut framer = EventFramer::new(StreamFraming::Sse);
-    let bytes = fixture(name);
-    // Small, uneven pieces, as a network delivers them.
-    let mut events = Vec::new();
-    for piece in bytes.chunks(37) {
-        events.extend(framer.push(piece));
-    }
-    events.extend(framer.finish());
-    let mut streamed = Streamed {
-        chunks: Vec::new(),
-        usage: None,
-        served_model: None,
-        error: None,
-    };
-    for event in &events {
-        match session.push(event).await.expect("the plugin runs") {
-            Ok(chunks) => streamed.chunks.extend(
-                chunks
-                    .iter()
-                    .map(|chunk| serde_json::from_str(chunk).expect("chunks are JSON")),
-            ),
-            Err(error) => {
-                streamed.error = Some(error);
-                break;
-            }
-        }
-    }
-    let end = session
-        .finish()
-        .await
-        .expect("the plugin runs")
-        .expect("finish succeeds");
-    streamed.usage = end.usage;
-    streamed.served_model = end.served_model;
-    streamed
-}
-
-fn assert_one_id_and_role_first(streamed: &Streamed) {
-    let first = &streamed.chunks[0];
-    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
-    assert_eq!(first["object"], "chat.completion.chunk");
-    let id = first["id"].as_str().expect("an id");
-    assert!(
-        streamed.chunks.iter().all(|chunk| chunk["id"] == id),
-        "one id across the stream"
-    );
-    assert_eq!(
-        streamed
-            .chunks
-            .iter()
-            .filter(|chunk| !chunk["choices"][0]["delta"]["role"].is_null())
-            .count(),
-        1,
-        "the role only in the first chunk"
-    );
-}
 
 #[tokio::test]
 async fn a_text_stream_becomes_chunks_with_one_id_and_the_final_usage() {
-    let plugin = anthropic("{}").await.expect("binds");
-    let streamed = stream_fixture(&plugin, "stream_text.sse", true).await;
+    let plugin = shipped_translator("anthropic", "{}").await.expect("binds");
+    let streamed = plugin.stream_fixture("stream_text.sse", true).await;
     assert!(streamed.error.is_none());
-    assert_one_id_and_role_first(&streamed);
+    streamed.assert_one_id_and_role_first();
     assert_eq!(streamed.text("content"), "Hello there!");
     assert_eq!(streamed.finish_reasons(), ["stop"]);
     let usage_chunk = streamed.chunks.last().expect("chunks");
@@ -163,7 +30,7 @@ async fn a_text_stream_becomes_chunks_with_one_id_and_the_final_usage() {
         Some("claude-3-opus-latest")
     );
 
-    let quiet = stream_fixture(&plugin, "stream_text.sse", false).await;
+    let quiet = plugin.stream_fixture("stream_text.sse", false).await;
     assert!(
         quiet
             .chunks
@@ -175,9 +42,11 @@ async fn a_text_stream_becomes_chunks_with_one_id_and_the_final_usage() {
 
 #[tokio::test]
 async fn text_then_a_tool_call_streams_as_tool_call_deltas_and_finishes_as_tool_calls() {
-    let plugin = anthropic("{}").await.expect("binds");
-    let streamed = stream_fixture(&plugin, "stream_text_then_tool_use.sse", false).await;
-    assert_one_id_and_role_first(&streamed);
+    let plugin = shipped_translator("anthropic", "{}").await.expect("binds");
+    let streamed = plugin
+        .stream_fixture("stream_text_then_tool_use.sse", false)
+        .await;
+    streamed.assert_one_id_and_role_first();
     assert_eq!(
         streamed.text("content"),
         "I'll check the current weather in Paris for you."
@@ -215,9 +84,9 @@ async fn text_then_a_tool_call_streams_as_tool_call_deltas_and_finishes_as_tool_
 
 #[tokio::test]
 async fn thinking_streams_as_reasoning_content_and_missing_usage_is_an_estimate() {
-    let plugin = anthropic("{}").await.expect("binds");
-    let streamed = stream_fixture(&plugin, "stream_thinking.sse", true).await;
-    assert_one_id_and_role_first(&streamed);
+    let plugin = shipped_translator("anthropic", "{}").await.expect("binds");
+    let streamed = plugin.stream_fixture("stream_thinking.sse", true).await;
+    streamed.assert_one_id_and_role_first();
     assert!(
         streamed
             .text("reasoning_content")
@@ -235,8 +104,10 @@ async fn thinking_streams_as_reasoning_content_and_missing_usage_is_an_estimate(
 
 #[tokio::test]
 async fn an_error_event_mid_stream_is_a_typed_upstream_failure() {
-    let plugin = anthropic("{}").await.expect("binds");
-    let streamed = stream_fixture(&plugin, "stream_error_overloaded.sse", false).await;
+    let plugin = shipped_translator("anthropic", "{}").await.expect("binds");
+    let streamed = plugin
+        .stream_fixture("stream_error_overloaded.sse", false)
+        .await;
     assert_eq!(streamed.text("content"), "Hello");
     match &streamed.error {
         Some(TranslateError::Upstream(failure)) => {
@@ -251,29 +122,10 @@ async fn an_error_event_mid_stream_is_a_typed_upstream_failure() {
     assert_eq!(usage.input_tokens, 25);
 }
 
-async fn whole(plugin: &Plugin, name: &str) -> (Value, Usage, Option<String>) {
-    let response = UpstreamResponse {
-        status: 200,
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: fixture(name),
-    };
-    let answer = plugin
-        .binding
-        .translate_response(RequestKind::Chat, &context(false, false, "{}"), &response)
-        .await
-        .expect("the plugin runs")
-        .expect("the answer translates");
-    (
-        serde_json::from_str(&answer.body).expect("JSON"),
-        answer.usage,
-        answer.served_model,
-    )
-}
-
 #[tokio::test]
 async fn whole_answers_become_chat_completions() {
-    let plugin = anthropic("{}").await.expect("binds");
-    let (body, usage, served) = whole(&plugin, "message_text.json").await;
+    let plugin = shipped_translator("anthropic", "{}").await.expect("binds");
+    let (body, usage, served) = plugin.whole("message_text.json").await;
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(
         body["choices"][0]["message"]["content"],
@@ -284,7 +136,7 @@ async fn whole_answers_become_chat_completions() {
     assert_eq!((usage.input_tokens, usage.output_tokens), (2095, 503));
     assert_eq!(served.as_deref(), Some("claude-sonnet-4-5-20250929"));
 
-    let (body, _, _) = whole(&plugin, "message_tool_use.json").await;
+    let (body, _, _) = plugin.whole("message_tool_use.json").await;
     let message = &body["choices"][0]["message"];
     assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
     assert_eq!(
@@ -303,7 +155,7 @@ async fn whole_answers_become_chat_completions() {
         json!({"location": "San Francisco, CA", "unit": "celsius"})
     );
 
-    let (body, usage, _) = whole(&plugin, "message_cache_usage.json").await;
+    let (body, usage, _) = plugin.whole("message_cache_usage.json").await;
     assert_eq!(usage.input_tokens, 21 + 188_086, "cache writes are input");
     assert_eq!(usage.cache_write_tokens, 188_086);
     assert_eq!(body["usage"]["prompt_tokens"], 21 + 188_086);
@@ -311,23 +163,23 @@ async fn whole_answers_become_chat_completions() {
 
 #[tokio::test]
 async fn error_answers_map_to_failover_classes() {
-    let plugin = anthropic("{}").await.expect("binds");
+    let plugin = shipped_translator("anthropic", "{}").await.expect("binds");
     let cases = [
         (
             429,
-            fixture("error_rate_limit.json"),
+            plugin.fixture("error_rate_limit.json"),
             vec![("retry-after".into(), "7".into())],
             FailureClass::RateLimited,
         ),
         (
             529,
-            fixture("error_overloaded.json"),
+            plugin.fixture("error_overloaded.json"),
             vec![],
             FailureClass::Overloaded,
         ),
         (
             404,
-            fixture("error_not_found.json"),
+            plugin.fixture("error_not_found.json"),
             vec![],
             FailureClass::ModelNotFound,
         ),
@@ -363,7 +215,7 @@ async fn error_answers_map_to_failover_classes() {
 
 #[tokio::test]
 async fn the_request_carries_headers_auth_placement_and_the_configured_max_tokens() {
-    let plugin = anthropic(r#"{"default_max_tokens": 77}"#)
+    let plugin = shipped_translator("anthropic", r#"{"default_max_tokens": 77}"#)
         .await
         .expect("binds");
     let body =
@@ -393,14 +245,17 @@ async fn the_request_carries_headers_auth_placement_and_the_configured_max_token
     );
     let sent: Value = serde_json::from_slice(&request.body).expect("JSON");
     assert_eq!(sent["max_tokens"], 77);
-    assert_eq!(sent["model"], "claude-up");
+    assert_eq!(sent["model"], "upstream-model");
     assert_eq!(sent["stream"], true);
 }
 
 #[tokio::test]
 async fn a_bad_configuration_is_refused_at_bind_time() {
     for config in [r#"{"default_max_tokens": 0}"#, r#"{"max_tokens": 5}"#] {
-        let error = anthropic(config).await.err().expect("refused");
+        let error = shipped_translator("anthropic", config)
+            .await
+            .err()
+            .expect("refused");
         assert!(error.to_string().contains("anthropic"), "{error}");
     }
 }

@@ -1,17 +1,23 @@
 //! End-to-end: the official `openai` SDKs, changing only base URL and key, talk to the gateway:
-//! Python does a chat and a stream (tests/sdk/openai_chat.py) and consumes an Anthropic channel's
-//! translated stream, streamed tool call and JSON mode (tests/sdk/anthropic_channel.py); the npm
-//! package consumes one translated stream (tests/sdk/anthropic_stream.mjs).
+//! Python does a chat and a stream (tests/sdk/openai_chat.py) and consumes Anthropic's and Gemini's
+//! translated streams, streamed tool calls, JSON mode and (Gemini) embeddings
+//! (tests/sdk/translated_channel.py); the npm package consumes one translated stream
+//! (tests/sdk/anthropic_stream.mjs).
 
 mod harness;
 
 use std::path::Path;
 use std::time::Duration;
 
-use harness::{anthropic_channel, billing, channel, simulator, start};
+use harness::{anthropic_channel, billing, channel, gemini_channel, simulator, start};
 
 /// Runs an SDK script against the gateway; returns the JSON object it printed.
-async fn run_script(program: &str, script: &str, gateway: &harness::Gateway) -> serde_json::Value {
+async fn run_script(
+    program: &str,
+    script: &str,
+    gateway: &harness::Gateway,
+    env: &[(&str, &str)],
+) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/sdk")
         .join(script);
@@ -21,6 +27,7 @@ async fn run_script(program: &str, script: &str, gateway: &harness::Gateway) -> 
             .arg(&script)
             .env("OPENAI_BASE_URL", format!("{}/v1", gateway.url))
             .env("OPENAI_API_KEY", &gateway.key)
+            .envs(env.iter().copied())
             .output(),
     )
     .await
@@ -36,18 +43,9 @@ async fn run_script(program: &str, script: &str, gateway: &harness::Gateway) -> 
     serde_json::from_str(stdout.trim()).expect("the script prints JSON")
 }
 
-#[tokio::test]
-async fn the_official_sdks_consume_an_anthropic_channel() {
-    let sim = simulator().await;
-    let gateway = start(&format!(
-        "{}{}",
-        billing(1_000_000),
-        anthropic_channel("claude", &sim, 1)
-    ))
-    .await
-    .unwrap();
-    let python = run_script("python3", "anthropic_channel.py", &gateway).await;
-    assert_eq!(python["stream"], "Echo: stream from claude");
+/// What tests/sdk/translated_channel.py must see whatever protocol the channel speaks.
+fn assert_translated_session(python: &serde_json::Value) {
+    assert_eq!(python["stream"], "Echo: stream through translation");
     assert_eq!(python["stream_finish"], "stop");
     // In: system 2 + user 3 words; out: "Echo: stream from claude" 4.
     assert_eq!(python["stream_usage_total"], 5 + 4);
@@ -62,8 +60,55 @@ async fn the_official_sdks_consume_an_anthropic_channel() {
         python["person"],
         serde_json::json!({"name": "sim-name", "age": 1})
     );
+}
 
-    let node = run_script("node", "anthropic_stream.mjs", &gateway).await;
+#[tokio::test]
+async fn the_official_python_sdk_consumes_a_gemini_channel() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        gemini_channel("gemini", &sim, 1)
+    ))
+    .await
+    .unwrap();
+    let python = run_script(
+        "python3",
+        "translated_channel.py",
+        &gateway,
+        &[("WITH_EMBEDDINGS", "1")],
+    )
+    .await;
+    assert_translated_session(&python);
+    let embeddings = &python["embeddings"];
+    assert_eq!(embeddings["count"], 2);
+    assert_eq!(embeddings["indexes"], serde_json::json!([0, 1]));
+    assert_eq!(
+        embeddings["same_vector"], true,
+        "base64 decodes to the floats"
+    );
+    assert_eq!(embeddings["dimensions"], 8);
+    assert!(
+        embeddings["prompt_tokens"]
+            .as_u64()
+            .is_some_and(|tokens| tokens > 0)
+    );
+}
+
+#[tokio::test]
+async fn the_official_sdks_consume_an_anthropic_channel() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        anthropic_channel("claude", &sim, 1)
+    ))
+    .await
+    .unwrap();
+    let python = run_script("python3", "translated_channel.py", &gateway, &[]).await;
+    assert_translated_session(&python);
+
+    let node = run_script("node", "anthropic_stream.mjs", &gateway, &[]).await;
     assert_eq!(node["stream"], "Echo: hello from node");
     assert_eq!(node["finish"], "stop");
     assert_eq!(node["usage_total"], 3 + 4);
@@ -79,7 +124,7 @@ async fn the_official_python_sdk_chats_and_streams() {
     ))
     .await
     .unwrap();
-    let results = run_script("python3", "openai_chat.py", &gateway).await;
+    let results = run_script("python3", "openai_chat.py", &gateway, &[]).await;
     assert_eq!(results["chat"], "Echo: hello from the sdk");
     assert_eq!(results["chat_model"], "sim-model");
     assert_eq!(results["chat_usage_total"], 4 + 5);

@@ -17,6 +17,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tollgate_simulator::Simulator;
 
+pub mod translators;
+
 /// The key the simulator demands and the gateway reads from `TEST_UPSTREAM_KEY`.
 pub const UPSTREAM_KEY: &str = "sk-sim-upstream-secret";
 /// A second accepted upstream key, which the gateway reads from `TEST_UPSTREAM_KEY_2`.
@@ -374,18 +376,40 @@ impl SseReader {
     }
 }
 
-/// A channel table for the simulator's Anthropic API serving `test-model` as `claude-sim`.
-pub fn anthropic_channel(name: &str, simulator: &Simulator, priority: u32) -> String {
+/// A channel table of `protocol` at `url` with a models table.
+fn protocol_channel(name: &str, protocol: &str, url: &str, priority: u32, models: &str) -> String {
     format!(
         r#"
 [[channels]]
 name = "{name}"
-protocol = "anthropic"
+protocol = "{protocol}"
 base_url = "{url}"
 priority = {priority}
-models = {{ "test-model" = "claude-sim" }}
+models = {{ {models} }}
 api_key_env = ["TEST_UPSTREAM_KEY"]
-"#,
-        url = simulator.anthropic_base_url()
+"#
+    )
+}
+
+/// A channel table for the simulator's Anthropic API serving `test-model` as `claude-sim`.
+pub fn anthropic_channel(name: &str, simulator: &Simulator, priority: u32) -> String {
+    protocol_channel(
+        name,
+        "anthropic",
+        &simulator.anthropic_base_url(),
+        priority,
+        r#""test-model" = "claude-sim""#,
+    )
+}
+
+/// A channel table for the simulator's Gemini API serving `test-model` as `gemini-sim` and
+/// `test-embedding` as `gemini-embed`.
+pub fn gemini_channel(name: &str, simulator: &Simulator, priority: u32) -> String {
+    protocol_channel(
+        name,
+        "gemini",
+        &simulator.gemini_base_url(),
+        priority,
+        r#""test-model" = "gemini-sim", "test-embedding" = "gemini-embed""#,
     )
 }

@@ -1,6 +1,7 @@
-"""Drives the gateway with the official `openai` SDK while an Anthropic channel answers: a translated
-stream, a streamed tool call assembled by the SDK's stream helper, and JSON mode parsed into a
-Pydantic model. Prints one JSON object; tests/openai_sdk.rs asserts on it.
+"""Drives the gateway with the official `openai` SDK while a channel of another protocol answers
+(Anthropic, Gemini): a translated stream, a streamed tool call assembled by the SDK's stream
+helper, JSON mode parsed into a Pydantic model and, with WITH_EMBEDDINGS=1, embeddings in the
+SDK's default (base64) and float encodings. Prints one JSON object; tests/openai_sdk.rs asserts on it.
 """
 
 import json
@@ -16,7 +17,7 @@ usage_total = None
 finish = None
 with client.chat.completions.create(
     model="test-model",
-    messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "stream from claude"}],
+    messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "stream through translation"}],
     stream=True,
     stream_options={"include_usage": True},
 ) as stream:
@@ -59,9 +60,22 @@ parsed = client.chat.completions.parse(
 )
 person = parsed.choices[0].message.parsed
 
+embeddings = None
+if os.environ.get("WITH_EMBEDDINGS") == "1":
+    default = client.embeddings.create(model="test-embedding", input=["alpha beta", "gamma"])
+    floats = client.embeddings.create(model="test-embedding", input="alpha beta", encoding_format="float")
+    embeddings = {
+        "count": len(default.data),
+        "indexes": [item.index for item in default.data],
+        "same_vector": [round(x, 5) for x in default.data[0].embedding] == [round(x, 5) for x in floats.data[0].embedding],
+        "dimensions": len(floats.data[0].embedding),
+        "prompt_tokens": default.usage.prompt_tokens,
+    }
+
 print(
     json.dumps(
         {
+            "embeddings": embeddings,
             "stream": text,
             "stream_finish": finish,
             "stream_usage_total": usage_total,
