@@ -381,6 +381,25 @@ async fn an_error_mid_stream_ends_the_client_stream_with_an_error() {
 }
 
 #[tokio::test]
+async fn a_stream_that_ends_without_a_finish_reason_is_reported_as_cut() {
+    let sim = simulator().await;
+    let gateway = gateway_for(&sim).await;
+    // "Echo: " and "one " arrive, then the body ends before the event with the finish reason.
+    sim.push_fault(Fault {
+        end_after_chunks: Some(2),
+        ..Fault::default()
+    });
+    let (chunks, request_id) = stream(&gateway, harness::chat("one two three")).await;
+    assert_eq!(content(&chunks), "Echo: one ");
+    let last = chunks.last().expect("chunks");
+    assert_eq!(last["error"]["code"], "upstream_cut", "{last}");
+    assert!(finish_reasons(&chunks).is_empty());
+    let record = gateway.record_eventually(&request_id).await;
+    assert_eq!(record["error_class"], "stream_cut");
+    assert_eq!(record["usage"]["estimated"], true);
+}
+
+#[tokio::test]
 async fn embeddings_for_one_and_several_inputs_in_both_encodings() {
     let sim = simulator().await;
     let gateway = gateway_for(&sim).await;

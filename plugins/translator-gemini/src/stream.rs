@@ -92,6 +92,13 @@ impl StreamTranslate for GeminiStream {
         if let Some(error) = response.error.take() {
             return Err(TranslateError::Upstream(failure(0, error)));
         }
+        // The chunk id follows Gemini's response id, as the whole answer's does; it is fixed by
+        // the first chunk.
+        if !self.started
+            && let Some(id) = response.response_id.take()
+        {
+            self.chunks.id = format!("chatcmpl-{id}");
+        }
         if self.served_model.is_none()
             && let Some(model) = response.model_version.take()
         {

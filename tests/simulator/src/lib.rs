@@ -6,6 +6,8 @@
 //!   reference and the `openai` Python SDK (`tests/fixtures/openai/SOURCES.md`).
 //! - `anthropic`: the Messages API, as strict as Anthropic's reference
 //!   (`tests/fixtures/anthropic/SOURCES.md`).
+//! - `gemini`: `generateContent`, `streamGenerateContent?alt=sse` and `batchEmbedContents`, as
+//!   strict as Google's reference (`tests/fixtures/gemini/SOURCES.md`).
 //!
 //! Answers are deterministic: the reply echoes the last user message, and token counts are
 //! whitespace-separated words, so tests can compute expected usage.

@@ -9,13 +9,13 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(
     name = "tollgate-simulator",
-    about = "Simulated LLM upstream (OpenAI and Anthropic wire formats)"
+    about = "Simulated LLM upstream (OpenAI, Anthropic and Gemini wire formats)"
 )]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8099")]
     listen: SocketAddr,
-    /// Require this key (`Authorization: Bearer` for OpenAI, `x-api-key` for Anthropic; repeat for several).
+    /// Require this key (`Authorization: Bearer` for OpenAI, `x-api-key` for Anthropic, `x-goog-api-key` for Gemini; repeat for several).
     #[arg(long)]
     api_key: Vec<String>,
 }
@@ -25,9 +25,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let simulator = tollgate_simulator::Simulator::start(args.listen, args.api_key).await?;
     eprintln!(
-        "tollgate-simulator: SIMULATED upstreams: OpenAI on {}, Anthropic on {}",
+        "tollgate-simulator: SIMULATED upstreams: OpenAI on {}, Anthropic on {}, Gemini on {}",
         simulator.openai_base_url(),
-        simulator.anthropic_base_url()
+        simulator.anthropic_base_url(),
+        simulator.gemini_base_url()
     );
     tokio::signal::ctrl_c().await?;
     Ok(())

@@ -1,0 +1,76 @@
+//! The `gemini` translator's decoding of whole answers, embeddings, error bodies and stream events:
+//! nothing panics, and every chunk it emits is a JSON object.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tollgate_plugin_sdk::translator::{
+    AttemptContext, Operation, StreamEvent, StreamTranslate, Translator, UpstreamResponse,
+};
+use tollgate_translator_gemini::{Gemini, GeminiStream};
+
+fn context(include_usage: bool) -> AttemptContext {
+    AttemptContext {
+        request_id: "fuzz".into(),
+        operation: Operation::Chat,
+        public_model: "m".into(),
+        upstream_model: "m-up".into(),
+        channel: "c".into(),
+        channel_options: "{}".into(),
+        stream: true,
+        include_usage,
+        created_unix_s: 0,
+    }
+}
+
+fn assert_object(chunk: &str) {
+    let value: serde_json::Value = serde_json::from_str(chunk).expect("chunks are JSON");
+    assert!(value.is_object(), "chunks are objects: {chunk}");
+}
+
+fn response(status: u16, body: &[u8]) -> UpstreamResponse {
+    UpstreamResponse {
+        status,
+        headers: Vec::new(),
+        body: body.to_vec(),
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, body)) = data.split_first() else {
+        return;
+    };
+    match mode % 4 {
+        0 => {
+            if let Ok(answer) = Gemini::chat_response(context(false), response(200, body)) {
+                assert_object(&answer.body);
+                assert!(answer.usage.cache_read_tokens <= answer.usage.input_tokens);
+                assert!(answer.usage.reasoning_tokens <= answer.usage.output_tokens);
+            }
+        }
+        1 => {
+            let failure =
+                Gemini::read_failure(context(false), response(400 + u16::from(mode), body));
+            assert!(!failure.message.is_empty());
+        }
+        2 => {
+            if let Ok(answer) = Gemini::embeddings_response(context(false), response(200, body)) {
+                assert_object(&answer.body);
+            }
+        }
+        _ => {
+            let mut stream = GeminiStream::new(context(mode & 4 != 0));
+            for line in String::from_utf8_lossy(body).split('\n') {
+                match stream.push(StreamEvent {
+                    event: None,
+                    data: line.to_owned(),
+                }) {
+                    Ok(chunks) => chunks.iter().for_each(|chunk| assert_object(chunk)),
+                    Err(_) => break,
+                }
+            }
+            if let Ok(end) = stream.finish() {
+                end.chunks.iter().for_each(|chunk| assert_object(chunk));
+            }
+        }
+    }
+});
