@@ -142,6 +142,11 @@ async fn google_errors_map_to_failover_classes() {
             br#"{"error":{"code":400,"message":"bad","status":"INVALID_ARGUMENT"}}"#.to_vec(),
             FailureClass::InvalidRequest,
         ),
+        (
+            403,
+            br#"{"error":{"code":403,"message":"Method doesn't allow unregistered callers.","status":"PERMISSION_DENIED"}}"#.to_vec(),
+            FailureClass::Authentication,
+        ),
         (500, b"<html>oops</html>".to_vec(), FailureClass::Server),
     ];
     for (status, body, class) in cases {

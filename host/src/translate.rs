@@ -26,7 +26,9 @@ pub use crate::plugin::translator::TranslatedAnswer as Answer;
 /// translator returned as floats are encoded when the client asked for base64 (little-endian
 /// f32, as OpenAI encodes them). The body is parsed only when one of the two applies.
 pub fn complete_body(request: &ClientRequest, answer: &mut Answer) {
-    let encode = request.base64_embeddings;
+    // Upstreams that honour `encoding_format` themselves (OpenAI) send strings: nothing to do.
+    let encode = request.base64_embeddings
+        && (answer.body.contains("\"embedding\":[") || answer.body.contains("\"embedding\": ["));
     if !answer.usage.estimated && !encode {
         return;
     }
