@@ -5,8 +5,8 @@
 mod harness;
 
 use harness::{
-    INPUT_PRICE, OUTPUT_PRICE, SseReader, UPSTREAM_KEY, anthropic_channel, billing, channel,
-    simulator, start,
+    INPUT_PRICE, OUTPUT_PRICE, UPSTREAM_KEY, anthropic_channel, billing, channel, finish_reasons,
+    simulator, start, stream_chat, streamed_content, weather_tool,
 };
 use serde_json::{Value, json};
 use tollgate_simulator::{Fault, Simulator};
@@ -21,50 +21,11 @@ async fn gateway_for(sim: &Simulator) -> harness::Gateway {
     .expect("the gateway starts")
 }
 
-fn weather_tool(name: &str) -> Value {
-    json!({"type": "function", "function": {
-        "name": name,
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    }})
-}
-
-/// Streams a chat body; returns the parsed chunks (the `[DONE]` marker as `Value::Null`) and the
-/// request id.
-async fn stream(gateway: &harness::Gateway, mut body: Value) -> (Vec<Value>, String) {
-    body["stream"] = json!(true);
-    let response = gateway.post_stream(&body).await;
-    assert_eq!(response.status(), 200);
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
-    let payloads = SseReader::new(response).rest().await;
-    let chunks = payloads
-        .iter()
-        .map(|payload| {
-            if payload == "[DONE]" {
-                Value::Null
-            } else {
-                serde_json::from_str(payload).expect("chunks are JSON")
-            }
-        })
-        .collect();
-    (chunks, request_id)
-}
-
 fn tool_call_deltas(chunks: &[Value]) -> Vec<&Value> {
     chunks
         .iter()
         .filter_map(|chunk| chunk["choices"][0]["delta"]["tool_calls"].as_array())
         .flatten()
-        .collect()
-}
-
-fn finish_reasons(chunks: &[Value]) -> Vec<&str> {
-    chunks
-        .iter()
-        .filter_map(|chunk| chunk["choices"][0]["finish_reason"].as_str())
         .collect()
 }
 
@@ -177,8 +138,7 @@ async fn a_two_turn_tool_conversation_round_trips_the_call_id() {
 async fn a_streamed_tool_call_arrives_in_several_argument_deltas() {
     let sim = simulator().await;
     let gateway = gateway_for(&sim).await;
-    let (chunks, request_id) = stream(
-        &gateway,
+    let (chunks, request_id) = stream_chat(&gateway,
         json!({"model": "test-model", "messages": [{"role": "user", "content": "call get_weather now"}],
                "tools": [weather_tool("get_weather")], "stream_options": {"include_usage": true}}),
     )
@@ -223,16 +183,13 @@ async fn text_then_a_tool_call_and_parallel_calls_finish_as_tool_calls() {
     let gateway = gateway_for(&sim).await;
     let tools = json!([weather_tool("get_weather"), weather_tool("get_time")]);
 
-    let (chunks, _) = stream(
+    let (chunks, _) = stream_chat(
         &gateway,
         json!({"model": "test-model", "tools": tools,
                "messages": [{"role": "user", "content": "explain, then use get_weather"}]}),
     )
     .await;
-    let text: String = chunks
-        .iter()
-        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text = streamed_content(&chunks);
     assert_eq!(text, "Let me look that up.");
     assert_eq!(finish_reasons(&chunks), ["tool_calls"], "not `stop`");
 
@@ -250,7 +207,7 @@ async fn text_then_a_tool_call_and_parallel_calls_finish_as_tool_calls() {
     assert_eq!(calls.len(), 2, "{}", whole.json);
     assert_ne!(calls[0]["id"], calls[1]["id"]);
 
-    let (chunks, _) = stream(
+    let (chunks, _) = stream_chat(
         &gateway,
         json!({"model": "test-model", "tools": tools,
                "messages": [{"role": "user", "content": "use get_weather and get_time"}]}),
@@ -434,15 +391,12 @@ async fn an_error_event_mid_stream_ends_the_client_stream_with_an_error_and_is_r
         error_event: true,
         ..Fault::default()
     });
-    let (chunks, request_id) = stream(
+    let (chunks, request_id) = stream_chat(
         &gateway,
         json!({"model": "test-model", "messages": [{"role": "user", "content": "one two three"}]}),
     )
     .await;
-    let text: String = chunks
-        .iter()
-        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text = streamed_content(&chunks);
     assert_eq!(text, "Echo: one two three");
     let last = chunks.last().expect("chunks");
     assert_eq!(
@@ -493,7 +447,7 @@ async fn a_stream_that_ends_cleanly_mid_answer_is_reported_as_cut() {
         end_after_chunks: Some(5),
         ..Fault::default()
     });
-    let (chunks, request_id) = stream(
+    let (chunks, request_id) = stream_chat(
         &gateway,
         json!({"model": "test-model", "messages": [{"role": "user", "content": "one two three"}]}),
     )

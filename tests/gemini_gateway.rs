@@ -6,8 +6,8 @@ mod harness;
 
 use base64::Engine as _;
 use harness::{
-    INPUT_PRICE, OUTPUT_PRICE, SseReader, UPSTREAM_KEY, billing, channel, gemini_channel,
-    simulator, start,
+    INPUT_PRICE, OUTPUT_PRICE, UPSTREAM_KEY, billing, channel, finish_reasons, gemini_channel,
+    simulator, start, stream_chat, streamed_content, weather_tool,
 };
 use serde_json::{Value, json};
 use tollgate_simulator::{Fault, Simulator};
@@ -20,52 +20,6 @@ async fn gateway_for(sim: &Simulator) -> harness::Gateway {
     ))
     .await
     .expect("the gateway starts")
-}
-
-fn weather_tool(name: &str) -> Value {
-    json!({"type": "function", "function": {
-        "name": name,
-        "description": "Current weather of a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-    }})
-}
-
-/// Streams a chat body; returns the parsed chunks (`[DONE]` as `Value::Null`) and the request id.
-async fn stream(gateway: &harness::Gateway, mut body: Value) -> (Vec<Value>, String) {
-    body["stream"] = json!(true);
-    let response = gateway.post_stream(&body).await;
-    assert_eq!(response.status(), 200);
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .expect("ascii")
-        .to_owned();
-    let chunks = SseReader::new(response)
-        .rest()
-        .await
-        .iter()
-        .map(|payload| {
-            if payload == "[DONE]" {
-                Value::Null
-            } else {
-                serde_json::from_str(payload).expect("chunks are JSON")
-            }
-        })
-        .collect();
-    (chunks, request_id)
-}
-
-fn finish_reasons(chunks: &[Value]) -> Vec<&str> {
-    chunks
-        .iter()
-        .filter_map(|chunk| chunk["choices"][0]["finish_reason"].as_str())
-        .collect()
-}
-
-fn content(chunks: &[Value]) -> String {
-    chunks
-        .iter()
-        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
-        .collect()
 }
 
 #[tokio::test]
@@ -178,14 +132,13 @@ async fn streamed_and_parallel_function_calls_finish_as_tool_calls() {
     let sim = simulator().await;
     let gateway = gateway_for(&sim).await;
     let tools = json!([weather_tool("get_weather"), weather_tool("get_time")]);
-    let (chunks, request_id) = stream(
-        &gateway,
+    let (chunks, request_id) = stream_chat(&gateway,
         json!({"model": "test-model", "tools": tools, "stream_options": {"include_usage": true},
                "messages": [{"role": "user", "content": "explain, then use get_weather and get_time"}]}),
     )
     .await;
     assert_eq!(chunks.last(), Some(&Value::Null), "ends with [DONE]");
-    assert_eq!(content(&chunks), "Let me look that up.");
+    assert_eq!(streamed_content(&chunks), "Let me look that up.");
     let calls: Vec<&Value> = chunks
         .iter()
         .filter_map(|chunk| chunk["choices"][0]["delta"]["tool_calls"].as_array())
@@ -314,7 +267,7 @@ async fn image_parts_go_inline_and_a_safety_block_is_a_content_filter() {
         safety_block: true,
         ..Fault::default()
     });
-    let (chunks, _) = stream(&gateway, harness::chat("something bad")).await;
+    let (chunks, _) = stream_chat(&gateway, harness::chat("something bad")).await;
     assert_eq!(finish_reasons(&chunks), ["content_filter"]);
     assert_eq!(chunks.last(), Some(&Value::Null));
 }
@@ -370,8 +323,8 @@ async fn an_error_mid_stream_ends_the_client_stream_with_an_error() {
         error_event: true,
         ..Fault::default()
     });
-    let (chunks, request_id) = stream(&gateway, harness::chat("one two three")).await;
-    assert_eq!(content(&chunks), "Echo: ");
+    let (chunks, request_id) = stream_chat(&gateway, harness::chat("one two three")).await;
+    assert_eq!(streamed_content(&chunks), "Echo: ");
     let last = chunks.last().expect("chunks");
     assert_eq!(last["error"]["code"], "upstream_overloaded", "{last}");
     assert!(finish_reasons(&chunks).is_empty());
@@ -389,8 +342,8 @@ async fn a_stream_that_ends_without_a_finish_reason_is_reported_as_cut() {
         end_after_chunks: Some(2),
         ..Fault::default()
     });
-    let (chunks, request_id) = stream(&gateway, harness::chat("one two three")).await;
-    assert_eq!(content(&chunks), "Echo: one ");
+    let (chunks, request_id) = stream_chat(&gateway, harness::chat("one two three")).await;
+    assert_eq!(streamed_content(&chunks), "Echo: one ");
     let last = chunks.last().expect("chunks");
     assert_eq!(last["error"]["code"], "upstream_cut", "{last}");
     assert!(finish_reasons(&chunks).is_empty());

@@ -3,29 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tollgate_plugin_sdk::translator::{
-    AttemptContext, Operation, StreamEvent, StreamTranslate, Translator, UpstreamResponse,
-};
+use tollgate_fuzz::{assert_object, context};
+use tollgate_plugin_sdk::translator::{StreamEvent, StreamTranslate, Translator, UpstreamResponse};
 use tollgate_translator_gemini::{Gemini, GeminiStream};
-
-fn context(include_usage: bool) -> AttemptContext {
-    AttemptContext {
-        request_id: "fuzz".into(),
-        operation: Operation::Chat,
-        public_model: "m".into(),
-        upstream_model: "m-up".into(),
-        channel: "c".into(),
-        channel_options: "{}".into(),
-        stream: true,
-        include_usage,
-        created_unix_s: 0,
-    }
-}
-
-fn assert_object(chunk: &str) {
-    let value: serde_json::Value = serde_json::from_str(chunk).expect("chunks are JSON");
-    assert!(value.is_object(), "chunks are objects: {chunk}");
-}
 
 fn response(status: u16, body: &[u8]) -> UpstreamResponse {
     UpstreamResponse {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tollgate_simulator::Simulator;
@@ -412,4 +412,53 @@ pub fn gemini_channel(name: &str, simulator: &Simulator, priority: u32) -> Strin
         priority,
         r#""test-model" = "gemini-sim", "test-embedding" = "gemini-embed""#,
     )
+}
+
+/// A function tool taking a `city`, in OpenAI's shape.
+pub fn weather_tool(name: &str) -> Value {
+    json!({"type": "function", "function": {
+        "name": name,
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    }})
+}
+
+/// Streams a chat body; returns the parsed chunks (`[DONE]` as `Value::Null`) and the request id.
+pub async fn stream_chat(gateway: &Gateway, mut body: Value) -> (Vec<Value>, String) {
+    body["stream"] = json!(true);
+    let response = gateway.post_stream(&body).await;
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let chunks = SseReader::new(response)
+        .rest()
+        .await
+        .iter()
+        .map(|payload| {
+            if payload == "[DONE]" {
+                Value::Null
+            } else {
+                serde_json::from_str(payload).expect("chunks are JSON")
+            }
+        })
+        .collect();
+    (chunks, request_id)
+}
+
+/// Every finish reason a stream's chunks carried.
+pub fn finish_reasons(chunks: &[Value]) -> Vec<&str> {
+    chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["finish_reason"].as_str())
+        .collect()
+}
+
+/// The content text a stream's chunks carried.
+pub fn streamed_content(chunks: &[Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+        .collect()
 }

@@ -3,14 +3,15 @@
 //! A plugin has exactly one role — router, translator or billing — and is a WebAssembly component built
 //! for `wasm32-wasip2`. Implement the role's trait on a unit struct and export it with the role's macro:
 //!
-//! ```ignore
+//! ```
 //! use tollgate_plugin_sdk::router::*;
 //!
 //! pub struct CheapestFirst; // `pub`: a native build (for unit tests) then sees it used
 //!
 //! impl Router for CheapestFirst {
 //!     fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {
-//!         /* order the channels that serve `facts.model` */
+//!         // The channels that serve `facts.model`, fewest errors first.
+//!         plan_by(&facts, channels, |candidate| candidate.channel.error_rate_permille)
 //!     }
 //! }
 //!
@@ -23,6 +24,7 @@
 
 pub mod billing;
 pub mod host;
+pub mod openai;
 pub mod router;
 pub mod translator;
 

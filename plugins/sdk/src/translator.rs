@@ -20,6 +20,26 @@ pub fn unreported_usage() -> Usage {
     }
 }
 
+/// The usage of a stream at its end. A stream that `ended` (its upstream said so) has the reported
+/// usage; one cut before that is charged for at least what was delivered (about four bytes of
+/// text a token) on top of whatever was reported, flagged as an estimate (the host counts the
+/// prompt when the input is 0). `None` when nothing was reported or delivered.
+pub fn stream_usage(
+    reported: Option<Usage>,
+    ended: bool,
+    delivered_text_bytes: usize,
+) -> Option<Usage> {
+    if ended && let Some(reported) = reported {
+        return Some(reported);
+    }
+    let mut usage = reported.unwrap_or_else(unreported_usage);
+    usage.output_tokens = usage
+        .output_tokens
+        .max(delivered_text_bytes.div_ceil(4) as u64);
+    usage.estimated = true;
+    (usage.input_tokens > 0 || usage.output_tokens > 0).then_some(usage)
+}
+
 /// OpenAI's `usage` object for a normalized usage (cached tokens as `prompt_tokens_details`,
 /// reasoning as `completion_tokens_details`).
 pub fn openai_usage(usage: &Usage) -> serde_json::Value {

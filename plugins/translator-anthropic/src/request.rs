@@ -6,6 +6,9 @@
 //! the parameter, what Anthropic cannot express; OpenAI fields it does not know are ignored.
 
 use serde_json::{Map, Value, json};
+use tollgate_plugin_sdk::openai::{
+    self, ToolChoice, data_url, invalid, max_output_tokens, present, stop_sequences,
+};
 use tollgate_plugin_sdk::translator::InvalidRequest;
 
 /// Image media types Anthropic accepts in a base64 source.
@@ -28,7 +31,7 @@ pub fn messages_body(
     }
     body.insert(
         "max_tokens".into(),
-        json!(max_tokens(request, default_max_tokens)?),
+        json!(max_output_tokens(request)?.unwrap_or(default_max_tokens)),
     );
     if let Some(temperature) = present(request, "temperature") {
         let value = temperature
@@ -47,8 +50,8 @@ pub fn messages_body(
     if let Some(top_p) = present(request, "top_p") {
         body.insert("top_p".into(), top_p.clone());
     }
-    if let Some(stop) = present(request, "stop") {
-        body.insert("stop_sequences".into(), stop_sequences(stop)?);
+    if let Some(stops) = stop_sequences(request)? {
+        body.insert("stop_sequences".into(), json!(stops));
     }
     if let Some(Value::String(user)) = present(request, "user") {
         body.insert("metadata".into(), json!({ "user_id": user }));
@@ -68,18 +71,6 @@ pub fn messages_body(
         body.insert("stream".into(), Value::Bool(true));
     }
     Ok(body)
-}
-
-fn invalid(message: impl Into<String>, param: impl Into<String>) -> InvalidRequest {
-    InvalidRequest {
-        message: message.into(),
-        param: Some(param.into()),
-    }
-}
-
-/// A field that is present and not `null` (OpenAI clients send explicit nulls for defaults).
-fn present<'a>(request: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    request.get(name).filter(|value| !value.is_null())
 }
 
 /// OpenAI parameters with no Anthropic equivalent, refused when they would change the answer.
@@ -118,29 +109,6 @@ fn refuse_inexpressible(request: &Map<String, Value>) -> Result<(), InvalidReque
         return cannot("audio", "it produces no audio");
     }
     Ok(())
-}
-
-fn max_tokens(request: &Map<String, Value>, default: u64) -> Result<u64, InvalidRequest> {
-    for name in ["max_completion_tokens", "max_tokens"] {
-        if let Some(value) = present(request, name) {
-            return value
-                .as_u64()
-                .filter(|tokens| *tokens > 0)
-                .ok_or_else(|| invalid(format!("{name} must be a positive integer"), name));
-        }
-    }
-    Ok(default)
-}
-
-fn stop_sequences(stop: &Value) -> Result<Value, InvalidRequest> {
-    match stop {
-        Value::String(one) => Ok(json!([one])),
-        Value::Array(many) if many.iter().all(Value::is_string) => Ok(stop.clone()),
-        _ => Err(invalid(
-            "stop must be a string or an array of strings",
-            "stop",
-        )),
-    }
 }
 
 /// One Anthropic turn being assembled; consecutive OpenAI messages of one role merge into it.
@@ -276,14 +244,6 @@ fn user_blocks(content: &Value, at: &str) -> Result<Vec<Value>, InvalidRequest> 
         }
     }
     Ok(blocks)
-}
-
-/// `data:<media type>;base64,<data>` split into its media type and data.
-fn data_url(url: &str) -> Option<(&str, &str)> {
-    let rest = url.strip_prefix("data:")?;
-    let (media_type, data) = rest.split_once(',')?;
-    let media_type = media_type.strip_suffix(";base64")?;
-    Some((media_type, data))
 }
 
 fn image_block(part: &Value, at: &str) -> Result<Value, InvalidRequest> {
@@ -448,35 +408,12 @@ fn tool_definitions(tools: &Value) -> Result<Value, InvalidRequest> {
 }
 
 fn tool_choice(request: &Map<String, Value>) -> Result<Option<Value>, InvalidRequest> {
-    let mut choice = match present(request, "tool_choice") {
-        None => None,
-        Some(Value::String(mode)) => Some(match mode.as_str() {
-            "auto" => json!({ "type": "auto" }),
-            "none" => json!({ "type": "none" }),
-            "required" => json!({ "type": "any" }),
-            other => {
-                return Err(invalid(
-                    format!(
-                        "unknown tool_choice `{other}`: use auto, none, required or a function"
-                    ),
-                    "tool_choice",
-                ));
-            }
-        }),
-        Some(named) => {
-            let name = named
-                .pointer("/function/name")
-                .and_then(Value::as_str)
-                .filter(|_| named.get("type").and_then(Value::as_str) == Some("function"))
-                .ok_or_else(|| {
-                    invalid(
-                        "tool_choice must name a function as {\"type\":\"function\",\"function\":{\"name\":…}}",
-                        "tool_choice",
-                    )
-                })?;
-            Some(json!({ "type": "tool", "name": name }))
-        }
-    };
+    let mut choice = openai::tool_choice(request)?.map(|choice| match choice {
+        ToolChoice::Auto => json!({ "type": "auto" }),
+        ToolChoice::None => json!({ "type": "none" }),
+        ToolChoice::Required => json!({ "type": "any" }),
+        ToolChoice::Function(name) => json!({ "type": "tool", "name": name }),
+    });
     if present(request, "parallel_tool_calls").and_then(Value::as_bool) == Some(false) {
         let choice = choice.get_or_insert_with(|| json!({ "type": "auto" }));
         if choice.get("type").and_then(Value::as_str) != Some("none")

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_plugin_sdk::translator::{
     AttemptContext, ChunkWriter, StreamEnd, StreamEvent, StreamTranslate, TranslateError, Usage,
-    unreported_usage,
+    stream_usage,
 };
 
 use crate::answer::Block;
@@ -117,21 +117,13 @@ impl AnthropicStream {
             .find_map(|(known, tool)| (*known == block).then_some(*tool))
     }
 
-    /// The usage so far. Before `message_stop` the stream was cut: the output is at least what was
-    /// delivered (about four bytes a token) and the figures are flagged as an estimate.
+    /// The usage so far; before `message_stop` the stream was cut and it is an estimate.
     fn usage(&self) -> Option<Usage> {
-        let reported = self.usage.as_ref().map(AnthropicUsage::normalize);
-        if self.stopped
-            && let Some(reported) = reported
-        {
-            return Some(reported);
-        }
-        let mut usage = reported.unwrap_or_else(unreported_usage);
-        usage.output_tokens = usage
-            .output_tokens
-            .max(self.delivered_text_bytes.div_ceil(4) as u64);
-        usage.estimated = true;
-        (usage.input_tokens > 0 || usage.output_tokens > 0).then_some(usage)
+        stream_usage(
+            self.usage.as_ref().map(AnthropicUsage::normalize),
+            self.stopped,
+            self.delivered_text_bytes,
+        )
     }
 }
 

@@ -8,7 +8,7 @@ use tollgate_plugin_sdk::translator::{
     AttemptContext, EmbeddingsResponse, InvalidRequest, TranslateError, unreported_usage,
 };
 
-use crate::request::{invalid, present};
+use tollgate_plugin_sdk::openai::{invalid, present};
 
 /// The `batchEmbedContents` body for an OpenAI embeddings request.
 pub fn batch_body(

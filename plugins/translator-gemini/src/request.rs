@@ -8,6 +8,9 @@
 //! `extra_content.google.thought_signature`.
 
 use serde_json::{Map, Value, json};
+use tollgate_plugin_sdk::openai::{
+    self, ToolChoice, data_url, invalid, max_output_tokens, present, stop_sequences,
+};
 use tollgate_plugin_sdk::translator::InvalidRequest;
 
 /// Media types Gemini accepts inline or by URI, by file extension for URLs.
@@ -43,18 +46,6 @@ pub fn generate_content_body(request: &Map<String, Value>) -> Result<Value, Inva
     Ok(Value::Object(body))
 }
 
-pub(crate) fn invalid(message: impl Into<String>, param: impl Into<String>) -> InvalidRequest {
-    InvalidRequest {
-        message: message.into(),
-        param: Some(param.into()),
-    }
-}
-
-/// A field that is present and not `null`.
-pub(crate) fn present<'a>(request: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    request.get(name).filter(|value| !value.is_null())
-}
-
 fn refuse_inexpressible(request: &Map<String, Value>) -> Result<(), InvalidRequest> {
     let cannot = |param: &str, why: &str| {
         Err(invalid(
@@ -82,15 +73,8 @@ fn refuse_inexpressible(request: &Map<String, Value>) -> Result<(), InvalidReque
 
 fn generation_config(request: &Map<String, Value>) -> Result<Map<String, Value>, InvalidRequest> {
     let mut config = Map::new();
-    for name in ["max_completion_tokens", "max_tokens"] {
-        if let Some(value) = present(request, name) {
-            let tokens = value
-                .as_u64()
-                .filter(|tokens| *tokens > 0)
-                .ok_or_else(|| invalid(format!("{name} must be a positive integer"), name))?;
-            config.insert("maxOutputTokens".into(), json!(tokens));
-            break;
-        }
+    if let Some(tokens) = max_output_tokens(request)? {
+        config.insert("maxOutputTokens".into(), json!(tokens));
     }
     for (openai, gemini) in [
         ("temperature", "temperature"),
@@ -106,18 +90,8 @@ fn generation_config(request: &Map<String, Value>) -> Result<Map<String, Value>,
             config.insert(gemini.into(), value.clone());
         }
     }
-    if let Some(stop) = present(request, "stop") {
-        let stops = match stop {
-            Value::String(one) => json!([one]),
-            Value::Array(many) if many.iter().all(Value::is_string) => stop.clone(),
-            _ => {
-                return Err(invalid(
-                    "stop must be a string or an array of strings",
-                    "stop",
-                ));
-            }
-        };
-        config.insert("stopSequences".into(), stops);
+    if let Some(stops) = stop_sequences(request)? {
+        config.insert("stopSequences".into(), json!(stops));
     }
     if let Some(format) = present(request, "response_format") {
         match format.get("type").and_then(Value::as_str) {
@@ -235,12 +209,6 @@ fn text_parts(content: &Value, at: &str) -> Result<Vec<Value>, InvalidRequest> {
             format!("{at}.content"),
         )),
     }
-}
-
-/// `data:<media type>;base64,<data>` split into its media type and data.
-fn data_url(url: &str) -> Option<(&str, &str)> {
-    let (media_type, data) = url.strip_prefix("data:")?.split_once(',')?;
-    Some((media_type.strip_suffix(";base64")?, data))
 }
 
 fn user_parts(content: &Value, at: &str) -> Result<Vec<Value>, InvalidRequest> {
@@ -458,36 +426,15 @@ fn tool_declarations(tools: &Value) -> Result<Value, InvalidRequest> {
 }
 
 fn tool_config(request: &Map<String, Value>) -> Result<Option<Value>, InvalidRequest> {
-    let config = match present(request, "tool_choice") {
-        None => return Ok(None),
-        Some(Value::String(mode)) => match mode.as_str() {
-            "auto" => json!({ "mode": "AUTO" }),
-            "none" => json!({ "mode": "NONE" }),
-            "required" => json!({ "mode": "ANY" }),
-            other => {
-                return Err(invalid(
-                    format!(
-                        "unknown tool_choice `{other}`: use auto, none, required or a function"
-                    ),
-                    "tool_choice",
-                ));
-            }
-        },
-        Some(named) => {
-            let name = named
-                .pointer("/function/name")
-                .and_then(Value::as_str)
-                .filter(|_| named.get("type").and_then(Value::as_str) == Some("function"))
-                .ok_or_else(|| {
-                    invalid(
-                        "tool_choice must name a function as {\"type\":\"function\",\"function\":{\"name\":…}}",
-                        "tool_choice",
-                    )
-                })?;
-            json!({ "mode": "ANY", "allowedFunctionNames": [name] })
-        }
-    };
-    Ok(Some(json!({ "functionCallingConfig": config })))
+    Ok(openai::tool_choice(request)?.map(|choice| {
+        let config = match choice {
+            ToolChoice::Auto => json!({ "mode": "AUTO" }),
+            ToolChoice::None => json!({ "mode": "NONE" }),
+            ToolChoice::Required => json!({ "mode": "ANY" }),
+            ToolChoice::Function(name) => json!({ "mode": "ANY", "allowedFunctionNames": [name] }),
+        };
+        json!({ "functionCallingConfig": config })
+    }))
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 use serde_json::json;
 use tollgate_plugin_sdk::translator::{
     AttemptContext, ChunkWriter, StreamEnd, StreamEvent, StreamTranslate, TranslateError, Usage,
-    unreported_usage,
+    stream_usage,
 };
 
 use crate::answer::{GenerateContentResponse, tool_call};
@@ -48,21 +48,13 @@ impl GeminiStream {
         self.finish_reason.is_some() || self.blocked
     }
 
-    /// The usage: as reported once the stream ended, else (cut) at least what was delivered,
-    /// flagged as an estimate.
+    /// The usage so far; before a finish reason the stream was cut and it is an estimate.
     fn usage(&self) -> Option<Usage> {
-        let reported = self.usage.as_ref().map(UsageMetadata::normalize);
-        if self.ended()
-            && let Some(reported) = reported
-        {
-            return Some(reported);
-        }
-        let mut usage = reported.unwrap_or_else(unreported_usage);
-        usage.output_tokens = usage
-            .output_tokens
-            .max(self.delivered_text_bytes.div_ceil(4) as u64);
-        usage.estimated = true;
-        (usage.input_tokens > 0 || usage.output_tokens > 0).then_some(usage)
+        stream_usage(
+            self.usage.as_ref().map(UsageMetadata::normalize),
+            self.ended(),
+            self.delivered_text_bytes,
+        )
     }
 }
 

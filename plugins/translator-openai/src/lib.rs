@@ -8,7 +8,8 @@ use tollgate_plugin_sdk::export_translator;
 use tollgate_plugin_sdk::translator::{
     AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, FailureClass, HttpMethod,
     InvalidRequest, StreamEnd, StreamEvent, StreamFraming, StreamTranslate, TranslateError,
-    Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse, Usage, unreported_usage,
+    Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse, Usage, stream_usage,
+    unreported_usage,
 };
 
 /// Channel options an operator may attach to an OpenAI channel.
@@ -342,14 +343,9 @@ impl StreamTranslate for OpenAiStream {
     }
 
     fn finish(&mut self) -> Result<StreamEnd, TranslateError> {
-        // A stream cut before the upstream's usage chunk is charged for what was delivered:
-        // about four bytes of text per token, flagged as an estimate (the host adds the prompt).
-        let usage = self.usage.take().or_else(|| {
-            (self.delivered_text_bytes > 0).then(|| Usage {
-                output_tokens: self.delivered_text_bytes.div_ceil(4) as u64,
-                ..unreported_usage()
-            })
-        });
+        // OpenAI's usage chunk comes last: a stream without it was cut before the end.
+        let ended = self.usage.is_some();
+        let usage = stream_usage(self.usage.take(), ended, self.delivered_text_bytes);
         Ok(StreamEnd {
             chunks: Vec::new(),
             usage,

@@ -1,0 +1,145 @@
+//! Reading the client's OpenAI chat request: the pieces every translator needs in the same way,
+//! each refusing a malformed field with an [`InvalidRequest`] that names it (the client's 400).
+
+use serde_json::{Map, Value};
+
+use crate::types::InvalidRequest;
+
+/// An [`InvalidRequest`] naming the offending field.
+pub fn invalid(message: impl Into<String>, param: impl Into<String>) -> InvalidRequest {
+    InvalidRequest {
+        message: message.into(),
+        param: Some(param.into()),
+    }
+}
+
+/// A field that is present and not `null` (OpenAI clients send explicit nulls for defaults).
+pub fn present<'a>(request: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    request.get(name).filter(|value| !value.is_null())
+}
+
+/// `max_completion_tokens`, else the older `max_tokens`; a positive integer when given.
+pub fn max_output_tokens(request: &Map<String, Value>) -> Result<Option<u64>, InvalidRequest> {
+    for name in ["max_completion_tokens", "max_tokens"] {
+        if let Some(value) = present(request, name) {
+            return value
+                .as_u64()
+                .filter(|tokens| *tokens > 0)
+                .map(Some)
+                .ok_or_else(|| invalid(format!("{name} must be a positive integer"), name));
+        }
+    }
+    Ok(None)
+}
+
+/// `stop` as a list, whether the client sent one string or several.
+pub fn stop_sequences(request: &Map<String, Value>) -> Result<Option<Vec<String>>, InvalidRequest> {
+    match present(request, "stop") {
+        None => Ok(None),
+        Some(Value::String(one)) => Ok(Some(vec![one.clone()])),
+        Some(Value::Array(many)) => many
+            .iter()
+            .map(|stop| stop.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .map(Some)
+            .ok_or_else(|| invalid("stop must be a string or an array of strings", "stop")),
+        Some(_) => Err(invalid(
+            "stop must be a string or an array of strings",
+            "stop",
+        )),
+    }
+}
+
+/// OpenAI's `tool_choice`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolChoice<'a> {
+    /// `"auto"`: the model decides.
+    Auto,
+    /// `"none"`: no tool call.
+    None,
+    /// `"required"`: at least one tool call.
+    Required,
+    /// `{"type":"function","function":{"name":…}}`: this function.
+    Function(&'a str),
+}
+
+/// `tool_choice`, if the client set one.
+pub fn tool_choice(request: &Map<String, Value>) -> Result<Option<ToolChoice<'_>>, InvalidRequest> {
+    match present(request, "tool_choice") {
+        None => Ok(None),
+        Some(Value::String(mode)) => match mode.as_str() {
+            "auto" => Ok(Some(ToolChoice::Auto)),
+            "none" => Ok(Some(ToolChoice::None)),
+            "required" => Ok(Some(ToolChoice::Required)),
+            other => Err(invalid(
+                format!("unknown tool_choice `{other}`: use auto, none, required or a function"),
+                "tool_choice",
+            )),
+        },
+        Some(named) => named
+            .pointer("/function/name")
+            .and_then(Value::as_str)
+            .filter(|_| named.get("type").and_then(Value::as_str) == Some("function"))
+            .map(|name| Some(ToolChoice::Function(name)))
+            .ok_or_else(|| {
+                invalid(
+                    "tool_choice must name a function as {\"type\":\"function\",\"function\":{\"name\":…}}",
+                    "tool_choice",
+                )
+            }),
+    }
+}
+
+/// A `data:<media type>;base64,<data>` URL split into its media type and data.
+pub fn data_url(url: &str) -> Option<(&str, &str)> {
+    let (media_type, data) = url.strip_prefix("data:")?.split_once(',')?;
+    Some((media_type.strip_suffix(";base64")?, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(map) => map,
+            _ => panic!("an object"),
+        }
+    }
+
+    #[test]
+    fn fields_are_read_and_bad_ones_named() {
+        let request = object(
+            json!({"max_tokens": 5, "stop": "END", "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+        );
+        assert_eq!(max_output_tokens(&request).unwrap(), Some(5));
+        assert_eq!(
+            stop_sequences(&request).unwrap(),
+            Some(vec!["END".to_owned()])
+        );
+        assert_eq!(
+            tool_choice(&request).unwrap(),
+            Some(ToolChoice::Function("f"))
+        );
+        let bad =
+            object(json!({"max_completion_tokens": 0, "stop": [1], "tool_choice": "sometimes"}));
+        assert_eq!(
+            max_output_tokens(&bad).unwrap_err().param.as_deref(),
+            Some("max_completion_tokens")
+        );
+        assert_eq!(
+            stop_sequences(&bad).unwrap_err().param.as_deref(),
+            Some("stop")
+        );
+        assert_eq!(
+            tool_choice(&bad).unwrap_err().param.as_deref(),
+            Some("tool_choice")
+        );
+        assert_eq!(
+            data_url("data:image/png;base64,AAAA"),
+            Some(("image/png", "AAAA"))
+        );
+        assert_eq!(data_url("https://x/y.png"), None);
+    }
+}
