@@ -20,6 +20,14 @@ pub fn unreported_usage() -> Usage {
     }
 }
 
+/// The message of an upstream failure: the upstream's own, or — when it gave none or an empty
+/// one — a stand-in naming the status, so the client always reads why.
+pub fn failure_message(message: Option<String>, status: u16) -> String {
+    message
+        .filter(|message| !message.trim().is_empty())
+        .unwrap_or_else(|| format!("upstream answered HTTP {status}"))
+}
+
 /// The usage of a stream at its end. A stream that `ended` (its upstream said so) has the reported
 /// usage; one cut before that is charged for at least what was delivered (about four bytes of
 /// text a token) on top of whatever was reported, flagged as an estimate (the host counts the

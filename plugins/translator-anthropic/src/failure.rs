@@ -5,7 +5,9 @@
 //! object arrives as an `error` event.
 
 use serde::Deserialize;
-use tollgate_plugin_sdk::translator::{FailureClass, UpstreamFailure, UpstreamResponse};
+use tollgate_plugin_sdk::translator::{
+    FailureClass, UpstreamFailure, UpstreamResponse, failure_message,
+};
 
 /// Anthropic's error body.
 #[derive(Debug, Default, Deserialize)]
@@ -55,9 +57,7 @@ pub fn failure(status: u16, detail: ErrorDetail, retry_after_ms: Option<u64>) ->
     UpstreamFailure {
         class,
         status,
-        message: detail
-            .message
-            .unwrap_or_else(|| format!("upstream answered HTTP {status}")),
+        message: failure_message(detail.message, status),
         code: detail.kind,
         param: None,
         retry_after_ms,

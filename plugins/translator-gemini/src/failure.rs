@@ -7,7 +7,9 @@
 
 use serde::Deserialize;
 use serde_json::Value;
-use tollgate_plugin_sdk::translator::{FailureClass, UpstreamFailure, UpstreamResponse};
+use tollgate_plugin_sdk::translator::{
+    FailureClass, UpstreamFailure, UpstreamResponse, failure_message,
+};
 
 /// Google's error object.
 #[derive(Debug, Default, Deserialize)]
@@ -77,11 +79,27 @@ pub fn failure(status: u16, error: GoogleError) -> UpstreamFailure {
     UpstreamFailure {
         class,
         status,
-        message: error
-            .message
-            .unwrap_or_else(|| format!("upstream answered HTTP {status}")),
+        message: failure_message(error.message, status),
         code: error.status,
         param: None,
         retry_after_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `gemini_decoding` fuzz target: an error with an empty message left the client
+    /// an empty error message.
+    #[test]
+    fn an_empty_message_still_tells_the_client_something() {
+        let failure = read_failure(&UpstreamResponse {
+            status: 401,
+            headers: Vec::new(),
+            body: b"{\n  \"error\": {\n  \"message\": \"\"}}".to_vec(),
+        });
+        assert_eq!(failure.message, "upstream answered HTTP 401");
+        assert_eq!(failure.class, FailureClass::Authentication);
     }
 }

@@ -8,8 +8,8 @@ use tollgate_plugin_sdk::export_translator;
 use tollgate_plugin_sdk::translator::{
     AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, FailureClass, HttpMethod,
     InvalidRequest, StreamEnd, StreamEvent, StreamFraming, StreamTranslate, TranslateError,
-    Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse, Usage, stream_usage,
-    unreported_usage,
+    Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse, Usage, failure_message,
+    stream_usage, unreported_usage,
 };
 
 /// Channel options an operator may attach to an OpenAI channel.
@@ -283,9 +283,7 @@ fn failure(status: u16, error: OpenAiError, retry_after_ms: Option<u64>) -> Upst
     UpstreamFailure {
         class,
         status,
-        message: error
-            .message
-            .unwrap_or_else(|| format!("upstream answered HTTP {status}")),
+        message: failure_message(error.message, status),
         code,
         param: error.param,
         retry_after_ms,
