@@ -41,7 +41,7 @@ pub fn complete_body(request: &ClientRequest, answer: &mut Answer) {
             Operation::Chat => serde_json::json!({
                 "prompt_tokens": usage.input_tokens,
                 "completion_tokens": usage.output_tokens,
-                "total_tokens": usage.input_tokens + usage.output_tokens,
+                "total_tokens": usage.input_tokens.saturating_add(usage.output_tokens),
             }),
             Operation::Embeddings => serde_json::json!({
                 "prompt_tokens": usage.input_tokens,

@@ -33,7 +33,13 @@ pub struct GeminiStream {
 }
 
 impl GeminiStream {
+    /// A content chunk, preceded by the role chunk if none went out yet.
     fn emit(&mut self, chunks: &mut Vec<String>, delta: serde_json::Value) {
+        self.start(chunks);
+        chunks.push(self.chunks.delta(delta, None));
+    }
+
+    fn start(&mut self, chunks: &mut Vec<String>) {
         if !self.started {
             self.started = true;
             chunks.push(
@@ -41,7 +47,6 @@ impl GeminiStream {
                     .delta(json!({ "role": "assistant", "content": "" }), None),
             );
         }
-        chunks.push(self.chunks.delta(delta, None));
     }
 
     fn ended(&self) -> bool {
@@ -131,13 +136,7 @@ impl StreamTranslate for GeminiStream {
     fn finish(&mut self) -> Result<StreamEnd, TranslateError> {
         let mut chunks = Vec::new();
         if self.ended() {
-            if !self.started {
-                self.started = true;
-                chunks.push(
-                    self.chunks
-                        .delta(json!({ "role": "assistant", "content": "" }), None),
-                );
-            }
+            self.start(&mut chunks);
             let finish = finish_reason(
                 self.finish_reason.as_deref(),
                 self.tool_calls > 0,
