@@ -61,15 +61,17 @@ pub fn openai_usage(usage: &Usage) -> serde_json::Value {
 }
 
 /// Writes the OpenAI `chat.completion.chunk`s of one stream: the same id, model and creation time
-/// on every chunk, serialized from borrowed fields (no copy of them per chunk).
+/// on every chunk, serialized from borrowed fields (no copy of them per chunk), and the role in the
+/// first chunk only.
 #[derive(Debug, Clone)]
 pub struct ChunkWriter {
-    /// The chunk id (`chatcmpl-…`).
+    /// The chunk id (`chatcmpl-…`); may change until the first chunk is written.
     pub id: String,
     /// The model name to report.
     pub model: String,
     /// Unix seconds, for `created`.
     pub created: u64,
+    role_sent: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -92,6 +94,38 @@ struct ChunkChoice<'a> {
 }
 
 impl ChunkWriter {
+    /// A writer for one stream.
+    pub fn new(id: String, model: String, created: u64) -> Self {
+        Self {
+            id,
+            model,
+            created,
+            role_sent: false,
+        }
+    }
+
+    /// Whether the first chunk (the one with the role) went out.
+    pub fn started(&self) -> bool {
+        self.role_sent
+    }
+
+    /// Appends the role chunk, if it has not gone out yet.
+    pub fn start(&mut self, chunks: &mut Vec<String>) {
+        if !self.role_sent {
+            self.role_sent = true;
+            chunks.push(self.delta(
+                serde_json::json!({ "role": "assistant", "content": "" }),
+                None,
+            ));
+        }
+    }
+
+    /// Appends a content chunk, after the role chunk if that has not gone out yet.
+    pub fn emit(&mut self, chunks: &mut Vec<String>, delta: serde_json::Value) {
+        self.start(chunks);
+        chunks.push(self.delta(delta, None));
+    }
+
     /// A chunk with one choice carrying `delta` (and the finish reason, on the last one).
     pub fn delta(&self, delta: serde_json::Value, finish_reason: Option<&str>) -> String {
         self.write(

@@ -83,8 +83,6 @@ pub struct AnthropicStream {
     include_usage: bool,
     chunks: ChunkWriter,
     served_model: Option<String>,
-    /// Whether the role chunk went out.
-    started: bool,
     /// Anthropic block index → OpenAI tool-call index, for every tool block so far.
     tool_blocks: Vec<(u64, usize)>,
     usage: Option<AnthropicUsage>,
@@ -95,22 +93,6 @@ pub struct AnthropicStream {
 }
 
 impl AnthropicStream {
-    /// A content chunk, preceded by the role chunk if none went out yet.
-    fn emit(&mut self, chunks: &mut Vec<String>, delta: Value) {
-        self.start(chunks);
-        chunks.push(self.chunks.delta(delta, None));
-    }
-
-    fn start(&mut self, chunks: &mut Vec<String>) {
-        if !self.started {
-            self.started = true;
-            chunks.push(
-                self.chunks
-                    .delta(json!({ "role": "assistant", "content": "" }), None),
-            );
-        }
-    }
-
     fn tool_index(&self, block: u64) -> Option<usize> {
         self.tool_blocks
             .iter()
@@ -131,13 +113,12 @@ impl StreamTranslate for AnthropicStream {
     fn new(context: AttemptContext) -> Self {
         Self {
             include_usage: context.include_usage,
-            chunks: ChunkWriter {
-                id: format!("chatcmpl-{}", context.request_id),
-                model: context.upstream_model,
-                created: context.created_unix_s,
-            },
+            chunks: ChunkWriter::new(
+                format!("chatcmpl-{}", context.request_id),
+                context.upstream_model,
+                context.created_unix_s,
+            ),
             served_model: None,
-            started: false,
             tool_blocks: Vec::new(),
             usage: None,
             stop_reason: None,
@@ -160,7 +141,7 @@ impl StreamTranslate for AnthropicStream {
                     self.served_model = Some(model);
                 }
                 self.usage = message.usage;
-                self.start(&mut chunks);
+                self.chunks.start(&mut chunks);
             }
             Event::ContentBlockStart {
                 index,
@@ -168,10 +149,11 @@ impl StreamTranslate for AnthropicStream {
             } => match content_block {
                 Block::Text { text } if !text.is_empty() => {
                     self.delivered_text_bytes += text.len();
-                    self.emit(&mut chunks, json!({ "content": text }));
+                    self.chunks.emit(&mut chunks, json!({ "content": text }));
                 }
                 Block::Thinking { thinking } if !thinking.is_empty() => {
-                    self.emit(&mut chunks, json!({ "reasoning_content": thinking }));
+                    self.chunks
+                        .emit(&mut chunks, json!({ "reasoning_content": thinking }));
                 }
                 Block::ToolUse { id, name, input } => {
                     let tool = self.tool_blocks.len();
@@ -184,7 +166,7 @@ impl StreamTranslate for AnthropicStream {
                         _ => String::new(),
                     };
                     self.delivered_text_bytes += name.len() + arguments.len();
-                    self.emit(
+                    self.chunks.emit(
                         &mut chunks,
                         json!({ "tool_calls": [{
                             "index": tool, "id": id, "type": "function",
@@ -197,7 +179,7 @@ impl StreamTranslate for AnthropicStream {
             Event::ContentBlockDelta { index, delta } => match delta {
                 Delta::Text { text } if !text.is_empty() => {
                     self.delivered_text_bytes += text.len();
-                    self.emit(&mut chunks, json!({ "content": text }));
+                    self.chunks.emit(&mut chunks, json!({ "content": text }));
                 }
                 Delta::InputJson { partial_json } if !partial_json.is_empty() => {
                     let tool = self.tool_index(index).ok_or_else(|| {
@@ -206,7 +188,7 @@ impl StreamTranslate for AnthropicStream {
                         ))
                     })?;
                     self.delivered_text_bytes += partial_json.len();
-                    self.emit(
+                    self.chunks.emit(
                         &mut chunks,
                         json!({ "tool_calls": [{
                             "index": tool, "function": { "arguments": partial_json }
@@ -215,7 +197,8 @@ impl StreamTranslate for AnthropicStream {
                 }
                 Delta::Thinking { thinking } if !thinking.is_empty() => {
                     self.delivered_text_bytes += thinking.len();
-                    self.emit(&mut chunks, json!({ "reasoning_content": thinking }));
+                    self.chunks
+                        .emit(&mut chunks, json!({ "reasoning_content": thinking }));
                 }
                 _ => {}
             },
@@ -231,7 +214,7 @@ impl StreamTranslate for AnthropicStream {
             }
             Event::MessageStop => {
                 self.stopped = true;
-                self.start(&mut chunks);
+                self.chunks.start(&mut chunks);
                 let finish =
                     finish_reason(self.stop_reason.as_deref(), !self.tool_blocks.is_empty());
                 chunks.push(self.chunks.delta(json!({}), Some(finish)));

@@ -23,7 +23,6 @@ pub struct GeminiStream {
     request_id: String,
     chunks: ChunkWriter,
     served_model: Option<String>,
-    started: bool,
     tool_calls: usize,
     usage: Option<UsageMetadata>,
     finish_reason: Option<String>,
@@ -33,22 +32,6 @@ pub struct GeminiStream {
 }
 
 impl GeminiStream {
-    /// A content chunk, preceded by the role chunk if none went out yet.
-    fn emit(&mut self, chunks: &mut Vec<String>, delta: serde_json::Value) {
-        self.start(chunks);
-        chunks.push(self.chunks.delta(delta, None));
-    }
-
-    fn start(&mut self, chunks: &mut Vec<String>) {
-        if !self.started {
-            self.started = true;
-            chunks.push(
-                self.chunks
-                    .delta(json!({ "role": "assistant", "content": "" }), None),
-            );
-        }
-    }
-
     fn ended(&self) -> bool {
         self.finish_reason.is_some() || self.blocked
     }
@@ -67,14 +50,13 @@ impl StreamTranslate for GeminiStream {
     fn new(context: AttemptContext) -> Self {
         Self {
             include_usage: context.include_usage,
-            chunks: ChunkWriter {
-                id: format!("chatcmpl-{}", context.request_id),
-                model: context.upstream_model,
-                created: context.created_unix_s,
-            },
+            chunks: ChunkWriter::new(
+                format!("chatcmpl-{}", context.request_id),
+                context.upstream_model,
+                context.created_unix_s,
+            ),
             request_id: context.request_id,
             served_model: None,
-            started: false,
             tool_calls: 0,
             usage: None,
             finish_reason: None,
@@ -91,7 +73,7 @@ impl StreamTranslate for GeminiStream {
         }
         // The chunk id follows Gemini's response id, as the whole answer's does; it is fixed by
         // the first chunk.
-        if !self.started
+        if !self.chunks.started()
             && let Some(id) = response.response_id.take()
         {
             self.chunks.id = format!("chatcmpl-{id}");
@@ -119,7 +101,8 @@ impl StreamTranslate for GeminiStream {
                 if let Some(object) = call.as_object_mut() {
                     object.insert("index".into(), json!(index));
                 }
-                self.emit(&mut chunks, json!({ "tool_calls": [call] }));
+                self.chunks
+                    .emit(&mut chunks, json!({ "tool_calls": [call] }));
             } else if let Some(text) = part.text.filter(|text| !text.is_empty()) {
                 self.delivered_text_bytes += text.len();
                 let field = if part.thought {
@@ -127,7 +110,7 @@ impl StreamTranslate for GeminiStream {
                 } else {
                     "content"
                 };
-                self.emit(&mut chunks, json!({ field: text }));
+                self.chunks.emit(&mut chunks, json!({ field: text }));
             }
         }
         Ok(chunks)
@@ -136,7 +119,7 @@ impl StreamTranslate for GeminiStream {
     fn finish(&mut self) -> Result<StreamEnd, TranslateError> {
         let mut chunks = Vec::new();
         if self.ended() {
-            self.start(&mut chunks);
+            self.chunks.start(&mut chunks);
             let finish = finish_reason(
                 self.finish_reason.as_deref(),
                 self.tool_calls > 0,
