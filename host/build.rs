@@ -23,6 +23,9 @@ const GUESTS: &[&str] = &[
     "tollgate-test-plugin-trap",
     "tollgate-test-plugin-endless-loop",
     "tollgate-test-plugin-billing-trap",
+    "tollgate-test-plugin-scripted-router",
+    "tollgate-test-plugin-reads-files",
+    "tollgate-test-plugin-not-a-plugin",
 ];
 
 fn main() -> Result<(), String> {

@@ -9,6 +9,7 @@ use crate::flow::RequestContext;
 use crate::gateway::Gateway;
 use crate::plugin::PluginError;
 use crate::plugin::billing::{AuthorizeRequest, BillingDenial, CallOutcome, ChargeRequest, Price};
+use crate::plugin::table::Called;
 use crate::plugin::translator::Usage;
 use crate::store::StoreError;
 
@@ -42,6 +43,8 @@ pub struct Priced {
     pub price: Option<Price>,
     /// Why it could not, for the record.
     pub failure: Option<String>,
+    /// The plugin that priced it, when it differs from the one that authorized (a fail-open).
+    pub trace: Option<String>,
 }
 
 /// How often authorization is retried when concurrent requests keep changing the balance between
@@ -53,7 +56,7 @@ const HOLD_ATTEMPTS: usize = 64;
 /// on, so concurrent requests can never overdraw it together.
 pub async fn authorize(
     gateway: &Gateway,
-    context: &RequestContext,
+    context: &mut RequestContext,
 ) -> Result<String, BillingError> {
     let tenant = &context.caller.tenant;
     if let Some(cap_micros) = context.caller.daily_spend_cap_micros {
@@ -70,9 +73,16 @@ pub async fn authorize(
         }
     }
     let hold_id = uuid::Uuid::new_v4().to_string();
-    for _ in 0..HOLD_ATTEMPTS {
+    for round in 0..HOLD_ATTEMPTS {
         let available = gateway.store.available_picos(tenant)?;
-        let amount = decide(gateway, context, available).await?;
+        let called = decide(context, available).await?;
+        if let Some(tripped) = &called.tripped {
+            gateway.canary_tripped(tripped);
+        }
+        if round == 0 {
+            context.plugins.push(called.trace);
+        }
+        let amount = called.value?;
         if gateway
             .store
             .place_hold(tenant, &hold_id, amount, available)?
@@ -84,12 +94,12 @@ pub async fn authorize(
     Err(BillingError::Contended)
 }
 
-/// One authorization decision of the plugin, on the given available balance.
+/// One authorization decision of the plugin, on the given available balance. The outer error is
+/// the plugin's failure, the inner one its refusal.
 async fn decide(
-    gateway: &Gateway,
     context: &RequestContext,
     available: i128,
-) -> Result<u64, BillingError> {
+) -> Result<Called<Result<u64, BillingError>>, BillingError> {
     let balance = available;
     let request = AuthorizeRequest {
         request_id: context.request_id.clone(),
@@ -111,14 +121,25 @@ async fn decide(
             i64::MAX
         }),
     };
-    match gateway.billing.authorize(&request).await? {
-        Ok(hold) => Ok(hold.amount_picos),
-        Err(BillingDenial::InsufficientBalance(message)) => {
-            Err(BillingError::InsufficientBalance(message))
-        }
-        Err(BillingDenial::BudgetExceeded(message)) => Err(BillingError::BudgetExceeded(message)),
-        Err(BillingDenial::UnpricedModel(message)) => Err(BillingError::UnpricedModel(message)),
-    }
+    let called = context
+        .billing
+        .call(|billing| {
+            let request = &request;
+            async move { billing.authorize(request).await }
+        })
+        .await?;
+    called.try_map(|decision| {
+        Ok::<_, BillingError>(match decision {
+            Ok(hold) => Ok(hold.amount_picos),
+            Err(BillingDenial::InsufficientBalance(message)) => {
+                Err(BillingError::InsufficientBalance(message))
+            }
+            Err(BillingDenial::BudgetExceeded(message)) => {
+                Err(BillingError::BudgetExceeded(message))
+            }
+            Err(BillingDenial::UnpricedModel(message)) => Err(BillingError::UnpricedModel(message)),
+        })
+    })
 }
 
 /// Prices a finished call. Never fails the request: the usage is recorded either way.
@@ -140,18 +161,36 @@ pub async fn charge(
         latency_ms: context.elapsed_ms(),
         outcome,
     };
-    match gateway.billing.charge(&request).await {
-        Ok(Ok(price)) => Priced {
+    let called = context
+        .billing
+        .call(|billing| {
+            let request = &request;
+            async move { billing.charge(request).await }
+        })
+        .await;
+    let called = match called {
+        Ok(called) => called,
+        Err(error) => {
+            return Priced {
+                price: None,
+                failure: Some(error.to_string()),
+                trace: None,
+            };
+        }
+    };
+    if let Some(tripped) = &called.tripped {
+        gateway.canary_tripped(tripped);
+    }
+    match called.value {
+        Ok(price) => Priced {
             price: Some(price),
             failure: None,
-        },
-        Ok(Err(error)) => Priced {
-            price: None,
-            failure: Some(format!("{error:?}")),
+            trace: Some(called.trace),
         },
         Err(error) => Priced {
             price: None,
-            failure: Some(error.to_string()),
+            failure: Some(format!("{error:?}")),
+            trace: Some(called.trace),
         },
     }
 }

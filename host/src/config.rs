@@ -118,6 +118,10 @@ pub struct PluginsConfig {
     pub deadline_ms: u64,
     /// Default memory cap per instance, in MiB.
     pub memory_mib: usize,
+    /// Default cap on what one plugin call may return, in KiB.
+    pub max_output_kib: usize,
+    /// Largest plugin the admin API accepts, in MiB.
+    pub max_upload_mib: usize,
     /// Where compiled plugins are cached (default: `<data_dir>/plugin-cache`). Artifacts are keyed
     /// by plugin hash and engine build, so several gateways may share one directory.
     pub cache_dir: Option<PathBuf>,
@@ -130,6 +134,8 @@ impl Default for PluginsConfig {
             max_memory_mib: 256,
             deadline_ms: 250,
             memory_mib: 64,
+            max_output_kib: 8 << 10,
+            max_upload_mib: 32,
             cache_dir: None,
         }
     }
@@ -170,6 +176,8 @@ pub struct BindingConfig {
     pub deadline_ms: Option<u64>,
     /// Memory cap, in MiB (default: `plugins.memory_mib`).
     pub memory_mib: Option<usize>,
+    /// Cap on one call's output, in KiB (default: `plugins.max_output_kib`).
+    pub max_output_kib: Option<usize>,
 }
 
 fn empty_table() -> toml::Value {
@@ -177,12 +185,14 @@ fn empty_table() -> toml::Value {
 }
 
 impl BindingConfig {
-    fn shipped(name: &str) -> Self {
+    /// The shipped plugin of that name with its defaults.
+    pub fn shipped(name: &str) -> Self {
         Self {
             plugin: name.to_owned(),
             config: empty_table(),
             deadline_ms: None,
             memory_mib: None,
+            max_output_kib: None,
         }
     }
 

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::auth::AuthError;
 use crate::bill::BillingError;
+use crate::gateway::BindError;
 use crate::limit::LimitError;
 use crate::plugin::translator::FailureClass;
 use crate::plugin::{PluginError, Role};
@@ -77,7 +78,7 @@ pub enum ApiError {
     },
     /// The channel set could not be rebuilt after a change.
     #[error("the channels could not be reloaded")]
-    ChannelReload(#[source] crate::gateway::StartError),
+    ChannelReload(#[source] Box<crate::gateway::StartError>),
     /// No such key.
     #[error("No key has the id `{key_id}`.")]
     UnknownKey {
@@ -89,6 +90,17 @@ pub enum ApiError {
     UnknownRequest {
         /// The id asked for.
         request_id: String,
+    },
+    /// A plugin or binding change was refused.
+    #[error(transparent)]
+    Bind(#[from] crate::gateway::BindError),
+    /// An uploaded plugin is larger than the gateway accepts.
+    #[error(
+        "The plugin is larger than the {max_bytes} bytes this gateway accepts (`plugins.max_upload_mib`)."
+    )]
+    PluginTooLarge {
+        /// The cap.
+        max_bytes: usize,
     },
     /// No such endpoint.
     #[error("Invalid URL ({method} {path})")]
@@ -138,6 +150,11 @@ fn plugin_rendered(error: &PluginError) -> Rendered {
         (Some((plugin, role)), PluginError::MemoryCap { .. }) => {
             format!("The {role} plugin {plugin} exceeded its memory limit.")
         }
+        (Some((plugin, role)), PluginError::OutputTooLarge { cap_bytes, .. }) => {
+            format!(
+                "The {role} plugin {plugin} returned more than its {cap_bytes}-byte output cap."
+            )
+        }
         (Some((plugin, role)), PluginError::Contract { detail, .. }) => {
             format!("The {role} plugin {plugin} returned an invalid result: {detail}.")
         }
@@ -153,6 +170,35 @@ fn plugin_rendered(error: &PluginError) -> Rendered {
         Some("plugin_failed"),
         message,
     )
+}
+
+/// A refused plugin or binding change: the operator's input is at fault, except for the store.
+fn bind_rendered(error: &BindError) -> Rendered {
+    let (status, code) = match error {
+        BindError::Store(error) => {
+            return ApiError::Store(StoreError::Backend(error.to_string())).render();
+        }
+        BindError::Plugin(PluginError::Config { .. }) => {
+            (StatusCode::BAD_REQUEST, "plugin_config_rejected")
+        }
+        BindError::Plugin(PluginError::Engine(_)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "plugin_engine")
+        }
+        BindError::Plugin(PluginError::Unfit { .. } | PluginError::Invalid { .. }) => {
+            (StatusCode::BAD_REQUEST, "invalid_plugin")
+        }
+        BindError::Plugin(_) => (StatusCode::BAD_REQUEST, "plugin_failed"),
+        BindError::UnknownPlugin { .. } => (StatusCode::NOT_FOUND, "plugin_not_found"),
+        BindError::WrongRole { .. } => (StatusCode::BAD_REQUEST, "wrong_role"),
+        BindError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_binding"),
+        BindError::Conflict(_) => (StatusCode::CONFLICT, "binding_conflict"),
+    };
+    let kind = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    rendered(status, kind, Some(code), error.to_string())
 }
 
 fn upstream_rendered(error: &UpstreamError) -> Rendered {
@@ -373,6 +419,13 @@ impl ApiError {
                 Some("request_not_found"),
                 self.to_string(),
             ),
+            ApiError::Bind(error) => bind_rendered(error),
+            ApiError::PluginTooLarge { .. } => rendered(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("plugin_too_large"),
+                self.to_string(),
+            ),
             ApiError::UnknownPath { .. } => rendered(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
@@ -427,6 +480,8 @@ impl ApiError {
             ApiError::UnknownKey { .. } => "not_found",
             ApiError::UnknownRequest { .. } => "request_not_found",
             ApiError::UnknownPath { .. } => "unknown_url",
+            ApiError::Bind(_) => "binding_refused",
+            ApiError::PluginTooLarge { .. } => "plugin_too_large",
         }
     }
 

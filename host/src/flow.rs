@@ -25,7 +25,9 @@ use crate::metrics::{
 };
 use crate::plugin::billing::CallOutcome;
 use crate::plugin::router::Operation;
+use crate::plugin::table::{BindingTable, Resolved};
 use crate::plugin::translator::{FailureClass, Usage};
+use crate::plugin::{PluginError, Role};
 use crate::record;
 use crate::request::ClientRequest;
 use crate::route::{self, PlannedAttempt};
@@ -66,21 +68,33 @@ pub struct RequestContext {
     pub hold_id: Option<String>,
     /// The request's slot under its key's and tenant's limits, held until it ends.
     pub permit: Option<LimitPermit>,
-    /// Plugins that ran (`name@sha`), for the record.
+    /// Plugins that ran (`name@sha`, marked when a canary ran or a fallback served), for the
+    /// record.
     pub plugins: Vec<String>,
+    /// The bindings as they were when the request arrived: every plugin it calls comes from here,
+    /// so a rebind meanwhile never mixes versions within one request.
+    pub bindings: Arc<BindingTable>,
+    /// The router this request calls.
+    pub router: Resolved,
+    /// The billing plugin this request calls (the same one for authorize and charge).
+    pub billing: Resolved,
 }
 
 impl RequestContext {
-    /// Starts the context of an authenticated request.
+    /// Starts the context of an authenticated request, with its router and billing plugin drawn
+    /// from the bindings of the moment.
     pub fn new(
         request_id: String,
         received_at: Instant,
         caller: Caller,
         request: ClientRequest,
         tags: Vec<(String, String)>,
-    ) -> Self {
+        bindings: Arc<BindingTable>,
+    ) -> Result<Self, PluginError> {
         let received_unix_ms = now_unix_ms();
-        Self {
+        let router = Gateway::resolve(&bindings, &caller.tenant, Role::Router, None)?;
+        let billing = Gateway::resolve(&bindings, &caller.tenant, Role::Billing, None)?;
+        Ok(Self {
             request_id,
             received_at,
             received_unix_ms,
@@ -96,7 +110,10 @@ impl RequestContext {
             hold_id: None,
             permit: None,
             plugins: Vec::new(),
-        }
+            bindings,
+            router,
+            billing,
+        })
     }
 
     /// Milliseconds since the request arrived.
@@ -250,9 +267,7 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
         &context.caller,
         &context.request,
     )?);
-    context.plugins.push(gateway.router.plugin().to_string());
     let plan = route::plan(gateway, context).await?;
-    context.plugins.push(gateway.billing.plugin().to_string());
     context.hold_id = Some(bill::authorize(gateway, context).await?);
     let deadline = context.received_at + gateway.failover_budget;
     let last_error = match run_plan(gateway, context, &plan, deadline).await {
@@ -488,10 +503,22 @@ async fn try_attempt(
 ) -> Result<(Reply, Duration), TranslateError> {
     let started = Instant::now();
     let channel = attempt.channel.as_ref();
-    let translator = translate::translator(gateway, channel)?;
+    let translator = translate::translator(context, channel)?;
     let attempt_context = translate::attempt_context(context, channel, attempt);
-    let upstream_request =
-        translate::request(translator, channel, &attempt_context, &context.request.body).await?;
+    let translated = translate::request(
+        &translator,
+        channel,
+        &attempt_context,
+        &context.request.body,
+    )
+    .await?;
+    if let Some(tripped) = &translated.tripped {
+        gateway.canary_tripped(tripped);
+    }
+    context.plugins.push(translated.trace);
+    // The rest of the attempt runs on the plugin that translated the request.
+    let translator = translated.ran;
+    let upstream_request = translated.value;
     let framing = upstream_request.framing;
     let key = key.map(|index| &channel.keys[index]);
     let waiting = Instant::now();
@@ -503,7 +530,7 @@ async fn try_attempt(
         let max_error_bytes = gateway.max_upstream_body_bytes;
         let waiting = Instant::now();
         let opened = stream::open(
-            translator,
+            &translator,
             channel,
             &attempt_context,
             framing,
@@ -519,13 +546,12 @@ async fn try_attempt(
         let ttfb = started.elapsed();
         let whole =
             upstream::read_whole(channel, response, gateway.max_upstream_body_bytes).await?;
-        let answer = translate::answer(translator, channel, &attempt_context, &whole).await?;
+        let answer = translate::answer(&translator, channel, &attempt_context, &whole).await?;
         context.served_model = answer.served_model.clone();
         (Reply::Whole(answer), ttfb)
     };
     context.served_channel = Some(channel.config.name.clone());
     context.routed_model = Some(attempt.upstream_model.clone());
-    context.plugins.push(translator.plugin().to_string());
     Ok(reply)
 }
 
@@ -577,6 +603,11 @@ fn finish(
     }
     if let Some(permit) = context.permit.as_mut() {
         permit.settle_tokens(usage.input_tokens + usage.output_tokens);
+    }
+    if let Some(trace) = &priced.trace
+        && !context.plugins.contains(trace)
+    {
+        context.plugins.push(trace.clone());
     }
     let usage_record = record::usage_record(context, usage, priced, status, class);
     observe(&gateway.metrics, &usage_record);

@@ -185,7 +185,8 @@ async fn serve(
         caller,
         client_request,
         tags(&headers),
-    );
+        gateway.bindings(),
+    )?;
     let (delivery, served) = flow::run(gateway, context).await?;
     let mut response = match delivery {
         Delivery::Json(body) => (

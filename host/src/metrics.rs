@@ -167,6 +167,16 @@ impl Metrics {
             "Plugin traps, deadlines and limit hits",
             plugins.failures.clone(),
         );
+        registry.register(
+            "plugin_fail_opens",
+            "Requests served by the global default plugin after their own failed (policy open)",
+            plugins.fail_opens.clone(),
+        );
+        registry.register(
+            "plugin_canary_rollbacks",
+            "Canaries rolled back by themselves for failing too often",
+            plugins.canary_rollbacks.clone(),
+        );
         Self {
             registry,
             requests,

@@ -41,7 +41,7 @@ pub enum RouteError {
 }
 
 /// Asks the router for the plan and checks it names only active channels.
-pub async fn plan(gateway: &Gateway, context: &RequestContext) -> Result<Plan, RouteError> {
+pub async fn plan(gateway: &Gateway, context: &mut RequestContext) -> Result<Plan, RouteError> {
     let facts = RequestFacts {
         request_id: context.request_id.clone(),
         tenant: context.caller.tenant.clone(),
@@ -92,7 +92,19 @@ pub async fn plan(gateway: &Gateway, context: &RequestContext) -> Result<Plan, R
             }
         })
         .collect();
-    let attempts = match gateway.router.plan(&facts, &candidates).await? {
+    let called = context
+        .router
+        .call(|router| {
+            let (facts, candidates) = (&facts, &candidates);
+            async move { router.plan(facts, candidates).await }
+        })
+        .await?;
+    context.plugins.push(called.trace);
+    if let Some(tripped) = &called.tripped {
+        gateway.canary_tripped(tripped);
+    }
+    let router = called.ran;
+    let attempts = match called.value {
         Ok(attempts) => attempts,
         Err(wit::RouteError::NoRoute(message)) => return Err(RouteError::NoRoute(message)),
         Err(wit::RouteError::Refused(message)) => return Err(RouteError::Refused(message)),
@@ -111,7 +123,7 @@ pub async fn plan(gateway: &Gateway, context: &RequestContext) -> Result<Plan, R
                 .find(|channel| channel.config.name == attempt.channel && channel.is_active())
                 .cloned()
                 .ok_or_else(|| PluginError::Contract {
-                    plugin: gateway.router.plugin().clone(),
+                    plugin: router.plugin().clone(),
                     role: crate::plugin::Role::Router,
                     detail: format!("planned unknown or inactive channel `{}`", attempt.channel),
                 })?;

@@ -10,6 +10,7 @@ use base64::Engine as _;
 use crate::flow::RequestContext;
 use crate::gateway::{Channel, Gateway};
 use crate::plugin::router::Operation;
+use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::{
     self as wit, AttemptContext, RequestKind, UpstreamRequest, UpstreamResponse,
 };
@@ -91,15 +92,14 @@ pub enum TranslateError {
     Plugin(#[from] PluginError),
 }
 
-/// The translator bound to a channel's protocol.
-pub fn translator<'g>(gateway: &'g Gateway, channel: &Channel) -> Result<&'g Binding, PluginError> {
-    gateway
-        .translators
-        .get(&channel.config.protocol)
-        .ok_or_else(|| PluginError::Unbound {
-            role: Role::Translator,
-            what: format!("protocol `{}`", channel.config.protocol),
-        })
+/// The translator bound to a channel's protocol for this request's tenant.
+pub fn translator(context: &RequestContext, channel: &Channel) -> Result<Resolved, PluginError> {
+    Gateway::resolve(
+        &context.bindings,
+        &context.caller.tenant,
+        Role::Translator,
+        Some(&channel.config.protocol),
+    )
 }
 
 /// The facts every translator call of one attempt receives.
@@ -156,17 +156,19 @@ fn request_kind(operation: Operation) -> RequestKind {
     }
 }
 
-/// Builds the upstream request of one attempt.
+/// Builds the upstream request of one attempt, failing open to the global translator if the
+/// binding says so.
 pub async fn request(
-    translator: &Binding,
+    translator: &Resolved,
     channel: &Channel,
     attempt: &AttemptContext,
     body: &str,
-) -> Result<UpstreamRequest, TranslateError> {
+) -> Result<Called<UpstreamRequest>, TranslateError> {
+    let kind = request_kind(attempt.operation);
     translator
-        .translate_request(request_kind(attempt.operation), attempt, body)
+        .call(|binding| async move { binding.translate_request(kind, attempt, body).await })
         .await?
-        .map_err(|error| plugin_error(channel, error))
+        .try_map(|translated| translated.map_err(|error| plugin_error(channel, error)))
 }
 
 /// Reads a whole upstream answer: a failure for non-2xx, else the OpenAI-shaped answer.

@@ -15,6 +15,8 @@ use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::store::UsageRecord;
 
+mod plugins;
+
 /// Admin state: the gateway and the expected token's digest.
 #[derive(Clone)]
 struct AdminState {
@@ -51,6 +53,28 @@ pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
         .route("/tenants/{tenant}/balance", get(balance))
         .route("/tenants/{tenant}/top-ups", axum::routing::post(top_up))
         .route("/reconcile", get(reconcile))
+        .route(
+            "/plugins",
+            get(plugins::list)
+                .post(plugins::upload)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    state.gateway.max_upload_bytes(),
+                )),
+        )
+        .route(
+            "/plugins/{sha256}",
+            get(plugins::show).delete(plugins::delete),
+        )
+        .route("/bindings", get(plugins::bindings).put(plugins::bind))
+        .route("/bindings/rollback", axum::routing::post(plugins::rollback))
+        .route(
+            "/bindings/canary",
+            axum::routing::put(plugins::start_canary).delete(plugins::abort_canary),
+        )
+        .route(
+            "/bindings/canary/promote",
+            axum::routing::post(plugins::promote_canary),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_admin,
@@ -589,7 +613,11 @@ fn store_channel(
     sealed_keys: Vec<String>,
 ) -> Result<(), ApiError> {
     let gateway = &state.gateway;
-    if !gateway.translators.contains_key(&config.protocol) {
+    if !gateway
+        .bindings()
+        .protocols()
+        .any(|protocol| protocol == config.protocol)
+    {
         return Err(crate::request::InvalidBody {
             message: format!(
                 "no translator plugin is bound for the protocol `{}`",
@@ -607,7 +635,7 @@ fn store_channel(
         })?;
     gateway
         .reload_api_channels()
-        .map_err(ApiError::ChannelReload)
+        .map_err(|error| ApiError::ChannelReload(Box::new(error)))
 }
 
 fn seal_keys(state: &AdminState, keys: &[String]) -> Result<Vec<String>, ApiError> {
@@ -720,6 +748,6 @@ async fn delete_channel(
     state
         .gateway
         .reload_api_channels()
-        .map_err(ApiError::ChannelReload)?;
+        .map_err(|error| ApiError::ChannelReload(Box::new(error)))?;
     Ok(axum::Json(serde_json::json!({ "channel": name, "deleted": true })).into_response())
 }

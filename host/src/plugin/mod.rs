@@ -9,6 +9,7 @@ pub mod billing;
 pub mod router;
 mod sandbox;
 pub mod shipped;
+pub mod table;
 pub mod translator;
 
 use std::fmt;
@@ -34,6 +35,22 @@ pub enum Role {
     /// Prices usage.
     Billing,
 }
+
+impl Role {
+    /// Reads `router`, `translator` or `billing`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "router" => Some(Role::Router),
+            "translator" => Some(Role::Translator),
+            "billing" => Some(Role::Billing),
+            _ => None,
+        }
+    }
+}
+
+/// Versions of the `tollgate:plugin` WIT package this host serves, newest first. A plugin built
+/// against another is refused at upload, naming both.
+pub const CONTRACTS: &[&str] = &["0.1.0"];
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -77,6 +94,31 @@ pub enum PluginError {
         role: Role,
         /// What the compiler or linker said.
         reason: String,
+    },
+    /// Uploaded bytes that fit no plugin world: not wasm, a core module, no role export, an
+    /// unknown contract version, or imports the host does not provide.
+    #[error("`{name}` is not a Tollgate plugin: {reason}")]
+    Unfit {
+        /// The name it was uploaded under.
+        name: String,
+        /// What is missing or extra.
+        reason: String,
+    },
+    /// The plugin returned more than its binding allows.
+    #[error(
+        "plugin {plugin} ({role}) returned {bytes} bytes from `{export}`, over its cap of {cap_bytes}"
+    )]
+    OutputTooLarge {
+        /// The plugin.
+        plugin: PluginRef,
+        /// Its role.
+        role: Role,
+        /// The export called.
+        export: &'static str,
+        /// What it returned.
+        bytes: usize,
+        /// The cap.
+        cap_bytes: usize,
     },
     /// The plugin refused the configuration it was bound with.
     #[error("plugin {plugin} ({role}) rejected its configuration: {message}")]
@@ -157,10 +199,27 @@ impl PluginError {
             | PluginError::Deadline { plugin, role, .. }
             | PluginError::MemoryCap { plugin, role, .. }
             | PluginError::Trap { plugin, role, .. }
-            | PluginError::Contract { plugin, role, .. } => Some((plugin, *role)),
-            PluginError::Invalid { .. } | PluginError::Unbound { .. } | PluginError::Engine(_) => {
-                None
-            }
+            | PluginError::Contract { plugin, role, .. }
+            | PluginError::OutputTooLarge { plugin, role, .. } => Some((plugin, *role)),
+            PluginError::Invalid { .. }
+            | PluginError::Unfit { .. }
+            | PluginError::Unbound { .. }
+            | PluginError::Engine(_) => None,
+        }
+    }
+
+    /// A short name of what went wrong, for traces: `deadline`, `memory_cap`, `trap`, …
+    pub fn class(&self) -> &'static str {
+        match self {
+            PluginError::Invalid { .. } | PluginError::Unfit { .. } => "invalid",
+            PluginError::OutputTooLarge { .. } => "output_too_large",
+            PluginError::Config { .. } => "config",
+            PluginError::Deadline { .. } => "deadline",
+            PluginError::MemoryCap { .. } => "memory_cap",
+            PluginError::Trap { .. } => "trap",
+            PluginError::Contract { .. } => "contract",
+            PluginError::Unbound { .. } => "unbound",
+            PluginError::Engine(_) => "engine",
         }
     }
 }
@@ -201,6 +260,10 @@ pub struct PluginMetrics {
         PluginLabels,
         prometheus_client::metrics::counter::Counter,
     >,
+    /// Calls served by a global default after the bound plugin failed.
+    pub fail_opens: prometheus_client::metrics::counter::Counter,
+    /// Canaries rolled back for their failure rate.
+    pub canary_rollbacks: prometheus_client::metrics::counter::Counter,
 }
 
 impl PluginMetrics {
@@ -213,6 +276,8 @@ impl PluginMetrics {
         Self {
             calls: prometheus_client::metrics::family::Family::new_with_constructor(histogram),
             failures: Default::default(),
+            fail_opens: Default::default(),
+            canary_rollbacks: Default::default(),
         }
     }
 }
@@ -272,66 +337,146 @@ impl PluginRuntime {
         }))
     }
 
-    /// Compiles (or loads from the cache) a component and checks it against its role's world.
+    /// Compiles (or loads from the cache) a component bound in the configuration file, and checks
+    /// that it plays the role it is bound for.
     pub fn load(
         &self,
         name: &str,
         role: Role,
         bytes: &[u8],
     ) -> Result<CompiledPlugin, PluginError> {
-        let sha256 = hex::encode(Sha256::digest(bytes));
-        let plugin = PluginRef {
+        let compiled = self.inspect(name, bytes).map_err(|error| match error {
+            PluginError::Unfit { name, reason } => PluginError::Invalid { name, role, reason },
+            other => other,
+        })?;
+        if compiled.role != role {
+            return Err(PluginError::Invalid {
+                name: name.to_owned(),
+                role,
+                reason: format!("it is a {} plugin", compiled.role),
+            });
+        }
+        Ok(compiled)
+    }
+
+    /// Compiles (or loads from the cache) uploaded bytes and reads what they are: the role comes from
+    /// the one `tollgate:plugin/<role>` interface the component exports, the contract from that
+    /// interface's version; every import must be one the sandbox provides.
+    pub fn inspect(&self, name: &str, bytes: &[u8]) -> Result<CompiledPlugin, PluginError> {
+        let unfit = |reason: String| PluginError::Unfit {
             name: name.to_owned(),
-            sha256,
-        };
-        let component = self.compile_cached(&plugin, role, bytes)?;
-        let invalid = |reason: String| PluginError::Invalid {
-            name: name.to_owned(),
-            role,
             reason,
         };
+        match bytes.get(..8) {
+            Some(&[0, b'a', b's', b'm', 1, 0, 0, 0]) => {
+                return Err(unfit(
+                    "it is a core WebAssembly module, not a component: build it for \
+                     `wasm32-wasip2` (or wrap it with `wasm-tools component new`)"
+                        .to_owned(),
+                ));
+            }
+            Some(&[0, b'a', b's', b'm', ..]) => {}
+            _ => {
+                return Err(unfit(
+                    "it is not WebAssembly (no `\\0asm` header)".to_owned(),
+                ));
+            }
+        }
+        let plugin = PluginRef {
+            name: name.to_owned(),
+            sha256: hex::encode(Sha256::digest(bytes)),
+        };
+        let component = self
+            .compile_cached(&plugin, bytes)
+            .map_err(|error| match error {
+                PluginError::Engine(_) => error,
+                other => unfit(other.to_string()),
+            })?;
+        let shape = component.component_type();
+        let exports: Vec<&str> = shape.exports(&self.engine).map(|(name, _)| name).collect();
+        let roles: Vec<(Role, &str)> = exports
+            .iter()
+            .filter_map(|export| {
+                let (interface, version) =
+                    export.strip_prefix("tollgate:plugin/")?.split_once('@')?;
+                Some((Role::parse(interface)?, version))
+            })
+            .collect();
+        let (role, contract) = match roles.as_slice() {
+            [(role, contract)] => (*role, *contract),
+            [] => {
+                return Err(unfit(format!(
+                    "it exports none of the role interfaces `tollgate:plugin/router`, \
+                     `tollgate:plugin/translator`, `tollgate:plugin/billing`; it exports {}",
+                    listed(&exports)
+                )));
+            }
+            several => {
+                let names: Vec<String> = several.iter().map(|(role, _)| role.to_string()).collect();
+                return Err(unfit(format!(
+                    "it exports several roles ({}); a plugin plays exactly one",
+                    names.join(", ")
+                )));
+            }
+        };
+        if !CONTRACTS.contains(&contract) {
+            return Err(unfit(format!(
+                "it was built against tollgate:plugin@{contract}; this host serves {}",
+                CONTRACTS
+                    .iter()
+                    .map(|version| format!("tollgate:plugin@{version}"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            )));
+        }
+        let unprovided: Vec<&str> = shape
+            .imports(&self.engine)
+            .map(|(name, _)| name)
+            .filter(|import| !sandbox::provides(import))
+            .collect();
+        if !unprovided.is_empty() {
+            return Err(unfit(format!(
+                "it imports what the sandbox does not provide: {}. A plugin gets \
+                 `tollgate:plugin/host` and only the WASI streams, stdio, environment, exit and \
+                 random a Rust `wasm32-wasip2` guest imports anyway: no files, sockets or clocks",
+                listed(&unprovided)
+            )));
+        }
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| invalid(format!("{e:#}")))?;
+            .map_err(|e| unfit(format!("{e:#}")))?;
+        let world =
+            |e: wasmtime::Error| unfit(format!("it does not match the {role} world: {e:#}"));
         let exports = match role {
-            Role::Router => Exports::Router(
-                router::RouterPluginPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?,
-            ),
-            Role::Translator => Exports::Translator(
-                translator::TranslatorPluginPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?,
-            ),
-            Role::Billing => Exports::Billing(
-                billing::BillingPluginPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?,
-            ),
+            Role::Router => Exports::Router(router::RouterPluginPre::new(pre).map_err(world)?),
+            Role::Translator => {
+                Exports::Translator(translator::TranslatorPluginPre::new(pre).map_err(world)?)
+            }
+            Role::Billing => Exports::Billing(billing::BillingPluginPre::new(pre).map_err(world)?),
         };
         Ok(CompiledPlugin {
             plugin,
             role,
+            contract: contract.to_owned(),
             exports,
         })
     }
 
-    fn compile_cached(
-        &self,
-        plugin: &PluginRef,
-        role: Role,
-        bytes: &[u8],
-    ) -> Result<Component, PluginError> {
+    fn compile_cached(&self, plugin: &PluginRef, bytes: &[u8]) -> Result<Component, PluginError> {
         let path = self
             .cache_dir
             .join(format!("{}-{}.cwasm", plugin.sha256, self.engine_key));
         if let Some(component) = self.load_artifact(&path) {
             return Ok(component);
         }
-        let artifact =
-            self.engine
-                .precompile_component(bytes)
-                .map_err(|e| PluginError::Invalid {
-                    name: plugin.name.clone(),
-                    role,
-                    reason: format!("{e:#}"),
-                })?;
+        let artifact = self
+            .engine
+            .precompile_component(bytes)
+            .map_err(|e| PluginError::Unfit {
+                name: plugin.name.clone(),
+                reason: format!("{e:#}"),
+            })?;
         // Write then rename, so a concurrent reader never sees half an artifact.
         let partial = path.with_extension(format!("partial-{}", std::process::id()));
         std::fs::write(&partial, &artifact)
@@ -371,7 +516,37 @@ impl PluginRuntime {
 pub struct CompiledPlugin {
     plugin: PluginRef,
     role: Role,
+    contract: String,
     exports: Exports,
+}
+
+impl CompiledPlugin {
+    /// Its name and hash.
+    pub fn plugin(&self) -> &PluginRef {
+        &self.plugin
+    }
+
+    /// The role its exports play.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The WIT package version it was built against.
+    pub fn contract(&self) -> &str {
+        &self.contract
+    }
+}
+
+/// `a`, `b` and `c` (or `nothing`), for messages.
+fn listed(names: &[&str]) -> String {
+    if names.is_empty() {
+        return "nothing".to_owned();
+    }
+    names
+        .iter()
+        .map(|name| format!("`{name}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 enum Exports {
@@ -419,6 +594,21 @@ impl Binding {
     /// The bound plugin's name and hash.
     pub fn plugin(&self) -> &PluginRef {
         &self.compiled.plugin
+    }
+
+    /// The role it plays.
+    pub fn role(&self) -> Role {
+        self.compiled.role
+    }
+
+    /// The configuration JSON it was bound with.
+    pub fn config(&self) -> &str {
+        &self.config
+    }
+
+    /// The limits it runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// A fresh store for one call or one stream: nothing survives from an earlier call.

@@ -27,14 +27,23 @@ impl Binding {
             return Err(self.wrong_role(Role::Router));
         };
         let mut store = self.store();
-        sandbox::bounded(&mut store, "plan", async |store| {
+        let plan = sandbox::bounded(&mut store, "plan", async |store| {
             let plugin = pre.instantiate_async(&mut *store).await?;
             plugin
                 .tollgate_plugin_router()
                 .call_plan(&mut *store, facts, channels)
                 .await
         })
-        .await
+        .await?;
+        let bytes = match &plan {
+            Ok(attempts) => attempts
+                .iter()
+                .map(|attempt| attempt.channel.len() + attempt.upstream_model.len())
+                .sum(),
+            Err(RouteError::NoRoute(message) | RouteError::Refused(message)) => message.len(),
+        };
+        sandbox::check_output(&store, "plan", bytes)?;
+        Ok(plan)
     }
 
     pub(super) async fn router_validate_config(&self) -> Result<Result<(), String>, PluginError> {

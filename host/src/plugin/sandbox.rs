@@ -23,6 +23,9 @@ pub struct Limits {
     pub deadline: Duration,
     /// Linear memory a plugin instance may grow to, in bytes.
     pub memory_bytes: usize,
+    /// What one call may return (a body, a plan, the chunks of one push), in bytes: a plugin's
+    /// output goes on to an upstream or a client, and is refused past this.
+    pub max_output_bytes: usize,
 }
 
 impl Default for Limits {
@@ -30,6 +33,7 @@ impl Default for Limits {
         Self {
             deadline: Duration::from_millis(250),
             memory_bytes: 64 << 20,
+            max_output_bytes: 8 << 20,
         }
     }
 }
@@ -48,6 +52,7 @@ pub struct PluginState {
     output: MemoryOutputPipe,
     memory_cap: usize,
     memory_cap_hit: bool,
+    max_output_bytes: usize,
     pub(super) call_budget: Duration,
     /// Epoch ticks the current call may still run through before it is interrupted.
     ticks_left: u32,
@@ -131,6 +136,63 @@ impl host::Host for PluginState {
 
 impl types::Host for PluginState {}
 
+/// Interfaces [`linker`] provides, without their versions: an upload importing anything else is
+/// refused, naming the import. Kept beside the linker so the two change together.
+const PROVIDED_INTERFACES: &[&str] = &[
+    "tollgate:plugin/host",
+    "tollgate:plugin/types",
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:cli/exit",
+    "wasi:cli/environment",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+];
+
+/// Whether the sandbox provides an import (`wasi:io/streams@0.2.6`).
+pub(super) fn provides(import: &str) -> bool {
+    let interface = import.split_once('@').map_or(import, |(name, _)| name);
+    PROVIDED_INTERFACES.contains(&interface)
+}
+
+/// Refuses a call's output past the binding's cap.
+pub(super) fn check_output(
+    store: &Store<PluginState>,
+    export: &'static str,
+    bytes: usize,
+) -> Result<(), PluginError> {
+    let state = store.data();
+    if bytes <= state.max_output_bytes {
+        return Ok(());
+    }
+    state
+        .metrics
+        .failures
+        .get_or_create(&PluginLabels {
+            role: state.role.to_string(),
+            plugin: state.plugin.to_string(),
+            export: export.to_owned(),
+        })
+        .inc();
+    Err(PluginError::OutputTooLarge {
+        plugin: state.plugin.clone(),
+        role: state.role,
+        export,
+        bytes,
+        cap_bytes: state.max_output_bytes,
+    })
+}
+
 /// The one linker every plugin is instantiated with: the `host` interface, and of WASI only what a
 /// plain Rust `wasm32-wasip2` guest imports anyway (io streams, cli stdio/environment/exit, random),
 /// backed by nothing: empty environment, closed stdin, stdout/stderr captured for the log. No clocks,
@@ -187,6 +249,7 @@ pub(super) fn store(
         output,
         memory_cap: limits.memory_bytes,
         memory_cap_hit: false,
+        max_output_bytes: limits.max_output_bytes,
         call_budget: limits.deadline,
         ticks_left: budget_ticks(limits.deadline),
         metrics,

@@ -63,7 +63,7 @@ impl Binding {
             RequestKind::Chat => "translate-chat-request",
             RequestKind::Embeddings => "translate-embeddings-request",
         };
-        sandbox::bounded(&mut store, export, async |store| {
+        let request = sandbox::bounded(&mut store, export, async |store| {
             let plugin = pre.instantiate_async(&mut *store).await?;
             let translator = plugin.tollgate_plugin_translator();
             match kind {
@@ -79,7 +79,18 @@ impl Binding {
                 }
             }
         })
-        .await
+        .await?;
+        if let Ok(request) = &request {
+            let bytes = request.body.len()
+                + request.path.len()
+                + request
+                    .headers
+                    .iter()
+                    .map(|(name, value)| name.len() + value.len())
+                    .sum::<usize>();
+            sandbox::check_output(&store, export, bytes)?;
+        }
+        Ok(request)
     }
 
     /// Reads a 2xx whole answer (chat or embeddings) into OpenAI's shape.
@@ -95,7 +106,7 @@ impl Binding {
             RequestKind::Chat => "translate-chat-response",
             RequestKind::Embeddings => "translate-embeddings-response",
         };
-        sandbox::bounded(&mut store, export, async |store| {
+        let answer = sandbox::bounded(&mut store, export, async |store| {
             let plugin = pre.instantiate_async(&mut *store).await?;
             let translator = plugin.tollgate_plugin_translator();
             Ok(match kind {
@@ -117,7 +128,11 @@ impl Binding {
                     }),
             })
         })
-        .await
+        .await?;
+        if let Ok(answer) = &answer {
+            sandbox::check_output(&store, export, answer.body.len())?;
+        }
+        Ok(answer)
     }
 
     /// Classifies a non-2xx answer.
@@ -195,14 +210,19 @@ impl StreamSession {
     ) -> Result<Result<Vec<String>, TranslateError>, PluginError> {
         let resource = self.resource;
         let plugin = &self.plugin;
-        sandbox::bounded(&mut self.store, "stream-translator.push", async |store| {
+        let chunks = sandbox::bounded(&mut self.store, "stream-translator.push", async |store| {
             plugin
                 .tollgate_plugin_translator()
                 .stream_translator()
                 .call_push(&mut *store, resource, event)
                 .await
         })
-        .await
+        .await?;
+        if let Ok(chunks) = &chunks {
+            let bytes = chunks.iter().map(String::len).sum();
+            sandbox::check_output(&self.store, "stream-translator.push", bytes)?;
+        }
+        Ok(chunks)
     }
 
     /// Ends the stream: trailing chunks, usage, served model.

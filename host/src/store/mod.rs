@@ -187,6 +187,69 @@ pub struct StoredChannel {
     pub sealed_keys: Vec<String>,
 }
 
+/// A plugin an operator uploaded. Its bytes are kept beside it under the same hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredPlugin {
+    /// Hex SHA-256 of the component bytes: the plugin's identity.
+    pub sha256: String,
+    /// The name it was uploaded under; several versions may share a name.
+    pub name: String,
+    /// The role detected from its exports (`router`, `translator`, `billing`).
+    pub role: String,
+    /// The WIT package version it was built against (`0.1.0`).
+    pub contract: String,
+    /// Size of the component, in bytes.
+    pub size_bytes: u64,
+    /// When it was uploaded.
+    pub uploaded_unix_ms: u64,
+}
+
+/// One plugin bound to a scope, with its configuration and sandbox limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredBinding {
+    /// The plugin's hash (an uploaded plugin), or `shipped:<name>` for a plugin built into the binary.
+    pub plugin: String,
+    /// The configuration JSON the plugin reads through `host.config`.
+    pub config: serde_json::Value,
+    /// `closed` (the request gets the plugin's error) or `open` (the global default serves instead).
+    pub failure_policy: String,
+    /// Per-call deadline, in milliseconds (`None`: the `[plugins]` default).
+    pub deadline_ms: Option<u64>,
+    /// Memory cap, in MiB (`None`: the `[plugins]` default).
+    pub memory_mib: Option<usize>,
+    /// Cap on what one call may return, in KiB (`None`: the `[plugins]` default).
+    pub max_output_kib: Option<usize>,
+    /// When it was bound.
+    pub bound_unix_ms: u64,
+}
+
+/// A new plugin version serving a share of a scope's traffic beside the current binding.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredCanary {
+    /// The candidate binding.
+    pub binding: StoredBinding,
+    /// Share of requests it serves, 1–99 %.
+    pub percent: u8,
+    /// Plugin failures (traps, deadlines, limits, contract breaches) above this share of its calls
+    /// roll it back by itself, in %.
+    pub max_failure_percent: u8,
+    /// Calls before the failure share is judged.
+    pub min_calls: u64,
+}
+
+/// Everything bound to one scope (a role, per tenant or global; translators also per protocol).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StoredBindingSlot {
+    /// What serves the scope now.
+    pub current: Option<StoredBinding>,
+    /// Earlier bindings, newest last: `rollback` restores the last one.
+    pub history: Vec<StoredBinding>,
+    /// A candidate serving part of the traffic.
+    pub canary: Option<StoredCanary>,
+    /// Why the last canary ended, when it was rolled back by itself.
+    pub canary_rolled_back: Option<String>,
+}
+
 /// A lazy sequence of ledger records.
 pub type UsageRecords = Box<dyn Iterator<Item = Result<UsageRecord, StoreError>> + Send>;
 
@@ -283,6 +346,20 @@ pub trait Store: Send + Sync {
     /// Deletes an API channel; `false` when none has that name.
     fn delete_api_channel(&self, name: &str) -> Result<bool, StoreError>;
     /// Checks every tenant's balance against its top-ups minus its ledger charges.
+    /// Uploaded plugins, without their bytes.
+    fn plugins(&self) -> Result<Vec<StoredPlugin>, StoreError>;
+    /// One uploaded plugin's metadata.
+    fn plugin(&self, sha256: &str) -> Result<Option<StoredPlugin>, StoreError>;
+    /// One uploaded plugin's component bytes.
+    fn plugin_bytes(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Stores a plugin and its bytes together.
+    fn put_plugin(&self, plugin: &StoredPlugin, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Removes a plugin and its bytes; false when it was not stored.
+    fn delete_plugin(&self, sha256: &str) -> Result<bool, StoreError>;
+    /// Every binding slot, by scope key (see `plugin::table::Scope`).
+    fn binding_slots(&self) -> Result<Vec<(String, StoredBindingSlot)>, StoreError>;
+    /// Replaces one binding slot.
+    fn put_binding_slot(&self, scope: &str, slot: &StoredBindingSlot) -> Result<(), StoreError>;
     fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError>;
     /// Ledger records that arrived in `[from_unix_ms, to_unix_ms)`, in time order, read lazily so a
     /// long export never sits in memory.

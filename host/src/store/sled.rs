@@ -5,8 +5,8 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{
-    ApiKey, MILLIS_PER_DAY, Reconciliation, Store, StoreError, StoredChannel, Tenant, TopUp,
-    UsageRecord, UsageRecords,
+    ApiKey, MILLIS_PER_DAY, Reconciliation, Store, StoreError, StoredBindingSlot, StoredChannel,
+    StoredPlugin, Tenant, TopUp, UsageRecord, UsageRecords,
 };
 
 /// The default store: an embedded sled database in the data directory.
@@ -32,6 +32,12 @@ pub struct SledStore {
     archived_charges: sled::Tree,
     /// Channel name → channel created through the admin API (keys sealed).
     api_channels: sled::Tree,
+    /// Plugin hash → its metadata.
+    plugins: sled::Tree,
+    /// Plugin hash → its component bytes.
+    plugin_bytes: sled::Tree,
+    /// Scope key → binding slot.
+    bindings: sled::Tree,
 }
 
 impl SledStore {
@@ -62,6 +68,9 @@ impl SledStore {
             key_spend: tree("key_spend")?,
             archived_charges: tree("archived_charges")?,
             api_channels: tree("api_channels")?,
+            plugins: tree("plugins")?,
+            plugin_bytes: tree("plugin_bytes")?,
+            bindings: tree("bindings")?,
             db,
         })
     }
@@ -397,6 +406,70 @@ impl Store for SledStore {
 
     fn delete_api_channel(&self, name: &str) -> Result<bool, StoreError> {
         Ok(self.api_channels.remove(name).map_err(backend)?.is_some())
+    }
+
+    fn plugins(&self) -> Result<Vec<StoredPlugin>, StoreError> {
+        self.plugins
+            .iter()
+            .values()
+            .map(|bytes| decode("plugins", &bytes.map_err(backend)?))
+            .collect()
+    }
+
+    fn plugin(&self, sha256: &str) -> Result<Option<StoredPlugin>, StoreError> {
+        self.plugins
+            .get(sha256)
+            .map_err(backend)?
+            .map(|bytes| decode("plugins", &bytes))
+            .transpose()
+    }
+
+    fn plugin_bytes(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .plugin_bytes
+            .get(sha256)
+            .map_err(backend)?
+            .map(|bytes| bytes.to_vec()))
+    }
+
+    fn put_plugin(&self, plugin: &StoredPlugin, bytes: &[u8]) -> Result<(), StoreError> {
+        let metadata = encode(plugin)?;
+        (&self.plugins, &self.plugin_bytes)
+            .transaction(|(plugins, plugin_bytes)| {
+                plugin_bytes.insert(plugin.sha256.as_bytes(), bytes)?;
+                plugins.insert(plugin.sha256.as_bytes(), metadata.as_slice())?;
+                Ok(())
+            })
+            .map_err(transaction_error)
+    }
+
+    fn delete_plugin(&self, sha256: &str) -> Result<bool, StoreError> {
+        (&self.plugins, &self.plugin_bytes)
+            .transaction(|(plugins, plugin_bytes)| {
+                plugin_bytes.remove(sha256.as_bytes())?;
+                Ok(plugins.remove(sha256.as_bytes())?.is_some())
+            })
+            .map_err(transaction_error)
+    }
+
+    fn binding_slots(&self) -> Result<Vec<(String, StoredBindingSlot)>, StoreError> {
+        self.bindings
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry.map_err(backend)?;
+                Ok((
+                    String::from_utf8_lossy(&key).into_owned(),
+                    decode("bindings", &value)?,
+                ))
+            })
+            .collect()
+    }
+
+    fn put_binding_slot(&self, scope: &str, slot: &StoredBindingSlot) -> Result<(), StoreError> {
+        self.bindings
+            .insert(scope.as_bytes(), encode(slot)?)
+            .map_err(backend)?;
+        Ok(())
     }
 
     fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError> {

@@ -1,15 +1,20 @@
 //! The gateway's long-lived parts, built once at start-up from the configuration: the store, the
 //! plugin bindings, the live channels with their HTTP clients and keys.
 
+mod bindings;
+
+pub use bindings::{BindError, BindingSpec, CanarySpec};
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{BindingConfig, ChannelConfig, Config};
+use crate::config::{BindingConfig, ChannelConfig, Config, PluginsConfig};
 use crate::health::{ChannelHealth, HealthConfig};
 use crate::limit::Limiter;
 use crate::metrics::Metrics;
+use crate::plugin::table::{BindingTable, Resolved, Scope};
 use crate::plugin::{Binding, Limits, PluginError, PluginRuntime, Role, RuntimeSettings, shipped};
 use crate::secrets::{SealError, Sealer};
 use crate::store::StoredChannel;
@@ -145,12 +150,14 @@ impl Channel {
 pub struct Gateway {
     /// Durable state.
     pub store: Arc<dyn Store>,
-    /// The router binding.
-    pub router: Binding,
-    /// The billing binding.
-    pub billing: Binding,
-    /// Translator bindings by protocol name.
-    pub translators: HashMap<String, Binding>,
+    /// The plugin runtime every binding runs on.
+    pub runtime: Arc<PluginRuntime>,
+    /// Sandbox defaults and caps of bindings.
+    plugin_settings: PluginsConfig,
+    /// The live bindings; replaced whole on every change, a request keeps the one it started with.
+    bindings: std::sync::RwLock<Arc<BindingTable>>,
+    /// Orders binding changes, so each is a read-modify-write of one slot.
+    binding_writes: Mutex<()>,
     /// Channels: the configuration file's, in order, then those created through the admin API.
     /// Replaced whole when the API changes one; a request keeps the snapshot it routed with.
     channels: std::sync::RwLock<Arc<Vec<Arc<Channel>>>>,
@@ -183,6 +190,9 @@ pub enum StartError {
     /// A plugin could not be loaded or bound.
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// The stored bindings could not be read.
+    #[error(transparent)]
+    Bindings(#[from] BindError),
     /// A plugin file could not be read.
     #[error("cannot read plugin file {path}")]
     PluginFile {
@@ -314,15 +324,28 @@ impl Gateway {
                         binding.deadline_ms.unwrap_or(defaults.deadline_ms),
                     ),
                     memory_bytes: binding.memory_mib.unwrap_or(defaults.memory_mib) << 20,
+                    max_output_bytes: binding.max_output_kib.unwrap_or(defaults.max_output_kib)
+                        << 10,
                 };
-                Ok::<_, StartError>(
+                Ok::<_, StartError>(Arc::new(
                     Binding::new(runtime, compiled, binding.config_json(), limits).await?,
-                )
+                ))
             }
         };
-        let router = bind(Role::Router, config.bindings.router.clone()).await?;
-        let billing = bind(Role::Billing, config.bindings.billing.clone()).await?;
-        let mut translators = HashMap::new();
+        let global = |role: Role, protocol: Option<&str>| Scope {
+            tenant: None,
+            role,
+            protocol: protocol.map(str::to_owned),
+        };
+        let mut defaults = HashMap::new();
+        defaults.insert(
+            global(Role::Router, None),
+            bind(Role::Router, config.bindings.router.clone()).await?,
+        );
+        defaults.insert(
+            global(Role::Billing, None),
+            bind(Role::Billing, config.bindings.billing.clone()).await?,
+        );
         let protocols: std::collections::BTreeSet<&str> = config
             .channels
             .iter()
@@ -342,13 +365,11 @@ impl Gateway {
                 .translators
                 .get(protocol)
                 .cloned()
-                .unwrap_or_else(|| BindingConfig {
-                    plugin: protocol.to_owned(),
-                    config: toml::Value::Table(toml::Table::new()),
-                    deadline_ms: None,
-                    memory_mib: None,
-                });
-            translators.insert(protocol.to_owned(), bind(Role::Translator, binding).await?);
+                .unwrap_or_else(|| BindingConfig::shipped(protocol));
+            defaults.insert(
+                global(Role::Translator, Some(protocol)),
+                bind(Role::Translator, binding).await?,
+            );
         }
         let sealer = Sealer::from_env()?;
         let mut channels = config
@@ -363,11 +384,11 @@ impl Gateway {
                 &config.health,
             )?));
         }
-        Ok(Arc::new(Self {
+        let gateway = Arc::new(Self {
             store,
-            router,
-            billing,
-            translators,
+            plugin_settings: config.plugins.clone(),
+            bindings: std::sync::RwLock::new(Arc::new(BindingTable::new(defaults))),
+            binding_writes: Mutex::new(()),
             channels: std::sync::RwLock::new(Arc::new(channels)),
             max_body_bytes: config.server.max_body_bytes,
             max_upstream_body_bytes: config.server.max_upstream_body_bytes,
@@ -386,7 +407,34 @@ impl Gateway {
                 .collect(),
             health: config.health.clone(),
             sealer,
-        }))
+            runtime,
+        });
+        gateway.load_stored_bindings().await?;
+        Ok(gateway)
+    }
+
+    /// The largest plugin the admin API accepts, in bytes.
+    pub fn max_upload_bytes(&self) -> usize {
+        self.plugin_settings.max_upload_mib << 20
+    }
+
+    /// The binding `tenant`'s request calls for `role` (and `protocol`, for translators), from the
+    /// table the request started with.
+    pub fn resolve(
+        table: &BindingTable,
+        tenant: &str,
+        role: Role,
+        protocol: Option<&str>,
+    ) -> Result<Resolved, PluginError> {
+        table
+            .resolve(tenant, role, protocol)
+            .ok_or_else(|| PluginError::Unbound {
+                role,
+                what: protocol.map_or_else(
+                    || format!("tenant `{tenant}`"),
+                    |protocol| format!("protocol `{protocol}`"),
+                ),
+            })
     }
 }
 

@@ -1,0 +1,74 @@
+//! A router steered by its configuration, for the plugin lifecycle and sandbox tests: it prefers a
+//! named channel, or misbehaves in the way asked (README.md).
+
+use serde::Deserialize;
+use tollgate_plugin_sdk::export_router;
+use tollgate_plugin_sdk::host::{config, parse_config};
+use tollgate_plugin_sdk::router::{
+    Attempt, Candidate, Channel, RequestFacts, RouteError, Router, plan_by,
+};
+
+/// The configuration.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Script {
+    /// The channel to try first.
+    prefer: Option<String>,
+    /// How to misbehave on every call.
+    misbehave: Option<Misbehaviour>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Misbehaviour {
+    Trap,
+    Memory,
+    HugeOutput,
+    Loop,
+}
+
+/// The router.
+pub struct Scripted;
+
+impl Router for Scripted {
+    fn validate_config(config: &str) -> Result<(), String> {
+        parse_config::<Script>(config).map(|_| ())
+    }
+
+    fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {
+        let script = config::<Script>().map_err(RouteError::Refused)?;
+        match script.misbehave {
+            Some(Misbehaviour::Trap) => panic!("scripted trap"),
+            Some(Misbehaviour::Memory) => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            Some(Misbehaviour::HugeOutput) => {
+                let model = "m".repeat(1 << 20);
+                let channel = channels.first().map(|c| c.name.clone()).unwrap_or_default();
+                return Ok((0..16)
+                    .map(|_| Attempt {
+                        channel: channel.clone(),
+                        upstream_model: model.clone(),
+                    })
+                    .collect());
+            }
+            Some(Misbehaviour::Loop) => loop {
+                std::hint::black_box(&facts);
+            },
+            None => {}
+        }
+        let prefer = script.prefer;
+        plan_by(&facts, channels, |candidate: &Candidate| {
+            (
+                prefer.as_deref() != Some(candidate.channel.name.as_str()),
+                candidate.channel.priority,
+            )
+        })
+    }
+}
+
+export_router!(Scripted);
