@@ -1,11 +1,14 @@
-//! End-to-end: hostile router plugins (a trap, an endless loop) get a clear 500 naming plugin and
-//! role within the deadline, and the gateway serves the next request.
+//! End-to-end: hostile router plugins (a trap, an endless loop, a memory bomb, a huge output) get
+//! a clear 500 naming plugin and role within the deadline, the gateway serves the next request and
+//! `/metrics` counts the failure; uploads that are not plugins get a clear error naming why.
 
 mod harness;
 
 use std::time::{Duration, Instant};
 
 use harness::{billing, channel, chat, simulator, start, test_plugin};
+use reqwest::Method;
+use serde_json::json;
 
 async fn hostile_router_is_contained(file: &str, deadline_ms: u64, expected_words: &[&str]) {
     let sim = simulator().await;
@@ -74,4 +77,207 @@ async fn an_endless_router_is_cut_at_its_deadline() {
         &["router", "tollgate_test_plugin_endless_loop@", "200 ms"],
     )
     .await;
+}
+
+/// Binds the scripted router, misbehaving as asked, to tenant `acme` through the admin API; the
+/// request gets a 500 naming plugin and role, a request of the same tenant right after a rollback
+/// is served, and `/metrics` counts the failure.
+async fn uploaded_router_is_contained(
+    misbehaviour: &str,
+    limits: serde_json::Value,
+    words: &[&str],
+) {
+    let sim = simulator().await;
+    let config = format!("{}{}", billing(1_000_000), channel("primary", &sim, 1));
+    let gateway = start(&config).await.expect("the gateway starts");
+    let bytes = std::fs::read(test_plugin("tollgate_test_plugin_scripted_router.wasm"))
+        .expect("the scripted router is built");
+    let uploaded = gateway.upload_plugin("scripted", bytes).await;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.json);
+    let mut binding = json!({"plugin": "scripted", "config": {"misbehave": misbehaviour}});
+    binding
+        .as_object_mut()
+        .expect("an object")
+        .extend(limits.as_object().cloned().unwrap_or_default());
+    let bound = gateway
+        .admin(
+            Method::PUT,
+            "/bindings?role=router&tenant=acme",
+            Some(binding),
+        )
+        .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+
+    let started = Instant::now();
+    let hostile = tokio::time::timeout(
+        Duration::from_secs(30),
+        gateway.post("/v1/chat/completions", &chat("x"), &[]),
+    )
+    .await
+    .expect("a hostile plugin never hangs the request");
+    hostile.assert_error(500, Some("plugin_failed"));
+    let message = hostile.json["error"]["message"]
+        .as_str()
+        .expect("a message");
+    for word in words.iter().chain(&["router", "scripted@"]) {
+        assert!(message.contains(word), "`{word}` in {message}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sim.calls(), 0);
+
+    let rolled = gateway
+        .admin(
+            Method::POST,
+            "/bindings/rollback?role=router&tenant=acme",
+            None,
+        )
+        .await;
+    assert_eq!(rolled.status, 200, "{}", rolled.json);
+    let next = gateway
+        .post("/v1/chat/completions", &chat("after"), &[])
+        .await;
+    assert_eq!(next.status, 200, "the gateway keeps serving: {}", next.json);
+    let metrics = gateway
+        .http
+        .get(format!("{}/metrics", gateway.url))
+        .send()
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics are text");
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("tollgate_plugin_failures_total{")
+                && line.contains("plugin=\"scripted@")
+                && line.ends_with(" 1")),
+        "the failure is counted: {metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_memory_bomb_hits_its_cap() {
+    uploaded_router_is_contained("memory", json!({"memory_mib": 16}), &["memory limit"]).await;
+}
+
+#[tokio::test]
+async fn a_huge_output_is_refused() {
+    uploaded_router_is_contained(
+        "huge-output",
+        json!({"max_output_kib": 1024}),
+        &["output cap"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_uploaded_endless_loop_is_cut_at_its_binding_deadline() {
+    uploaded_router_is_contained("loop", json!({"deadline_ms": 100}), &["100 ms"]).await;
+}
+
+#[tokio::test]
+async fn an_uploaded_trap_is_contained() {
+    uploaded_router_is_contained("trap", json!({}), &["failed"]).await;
+}
+
+/// A component's bytes with every `tollgate:plugin` interface version rewritten (same length, so
+/// the binary stays well-formed): a plugin built against a contract this host does not serve.
+fn built_against(component: &[u8], version: &[u8; 5]) -> Vec<u8> {
+    let needle = b"@0.1.0";
+    let mut bytes = component.to_vec();
+    let mut at = 0;
+    while let Some(found) = bytes[at..]
+        .windows(needle.len())
+        .position(|window| window == needle)
+    {
+        let start = at + found + 1;
+        bytes[start..start + 5].copy_from_slice(version);
+        at = start + 5;
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn uploads_that_are_not_plugins_are_refused_naming_why() {
+    let sim = simulator().await;
+    let config = format!(
+        "max_upload_mib = 5\n{}{}",
+        billing(1_000_000),
+        channel("primary", &sim, 1)
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "garbage",
+            b"these bytes are not wasm at all".to_vec(),
+            "not WebAssembly",
+        ),
+        (
+            "core-module",
+            b"\0asm\x01\0\0\0".to_vec(),
+            "core WebAssembly module, not a component",
+        ),
+        (
+            "command",
+            std::fs::read(test_plugin("not-a-plugin.wasm")).expect("built"),
+            "exports none of the role interfaces",
+        ),
+        (
+            "reads-files",
+            std::fs::read(test_plugin("tollgate_test_plugin_reads_files.wasm")).expect("built"),
+            "wasi:filesystem/",
+        ),
+        (
+            "future",
+            built_against(
+                &std::fs::read(test_plugin("tollgate_test_plugin_scripted_router.wasm"))
+                    .expect("built"),
+                b"0.9.0",
+            ),
+            "built against tollgate:plugin@0.9.0; this host serves tollgate:plugin@0.1.0",
+        ),
+    ];
+    for (name, bytes, expected) in cases {
+        let answer = gateway.upload_plugin(name, bytes).await;
+        answer.assert_error(400, Some("invalid_plugin"));
+        let message = answer.json["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(expected),
+            "{name}: `{expected}` in {message}"
+        );
+    }
+    let command = gateway
+        .upload_plugin(
+            "command",
+            std::fs::read(test_plugin("not-a-plugin.wasm")).expect("built"),
+        )
+        .await;
+    let message = command.json["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("wasi:cli/run"),
+        "names what it exports: {message}"
+    );
+
+    let oversize = gateway.upload_plugin("big", vec![0; 6 << 20]).await;
+    oversize.assert_error(413, Some("plugin_too_large"));
+    let nameless = gateway
+        .http
+        .post(format!("{}/admin/plugins", gateway.url))
+        .bearer_auth(harness::ADMIN_TOKEN)
+        .body(b"\0asm".to_vec())
+        .send()
+        .await
+        .expect("the admin API answers");
+    harness::Answer::read(nameless)
+        .await
+        .assert_error(400, None);
+    let listed = gateway.admin(Method::GET, "/plugins", None).await;
+    assert_eq!(listed.json["data"], json!([]), "nothing refused was stored");
 }

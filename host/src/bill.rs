@@ -76,9 +76,6 @@ pub async fn authorize(
     for round in 0..HOLD_ATTEMPTS {
         let available = gateway.store.available_picos(tenant)?;
         let called = decide(context, available).await?;
-        if let Some(tripped) = &called.tripped {
-            gateway.canary_tripped(tripped);
-        }
         if round == 0 {
             context.plugins.push(called.trace);
         }
@@ -143,12 +140,7 @@ async fn decide(
 }
 
 /// Prices a finished call. Never fails the request: the usage is recorded either way.
-pub async fn charge(
-    gateway: &Gateway,
-    context: &RequestContext,
-    usage: &Usage,
-    outcome: CallOutcome,
-) -> Priced {
+pub async fn charge(context: &RequestContext, usage: &Usage, outcome: CallOutcome) -> Priced {
     let request = ChargeRequest {
         request_id: context.request_id.clone(),
         tenant: context.caller.tenant.clone(),
@@ -178,9 +170,6 @@ pub async fn charge(
             };
         }
     };
-    if let Some(tripped) = &called.tripped {
-        gateway.canary_tripped(tripped);
-    }
     match called.value {
         Ok(price) => Priced {
             price: Some(price),

@@ -226,8 +226,7 @@ pub async fn run(
                 }
             }
             translate::complete_body(&context.request, &mut answer);
-            let priced =
-                bill::charge(&gateway, &context, &answer.usage, CallOutcome::Complete).await;
+            let priced = bill::charge(&context, &answer.usage, CallOutcome::Complete).await;
             finish(&gateway, &mut context, &answer.usage, &priced, 200, None);
             Ok((Delivery::Json(answer.body), served))
         }
@@ -512,9 +511,6 @@ async fn try_attempt(
         &context.request.body,
     )
     .await?;
-    if let Some(tripped) = &translated.tripped {
-        gateway.canary_tripped(tripped);
-    }
     context.plugins.push(translated.trace);
     // The rest of the attempt runs on the plugin that translated the request.
     let translator = translated.ran;
@@ -582,7 +578,7 @@ async fn settle_stream(
         (None, true) => (CallOutcome::Cut, Some("client_closed")),
         (None, false) => (CallOutcome::Complete, None),
     };
-    let priced = bill::charge(gateway, &context, &usage, call_outcome).await;
+    let priced = bill::charge(&context, &usage, call_outcome).await;
     finish(gateway, &mut context, &usage, &priced, 200, class);
 }
 

@@ -306,7 +306,10 @@ fn init_tracing(
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only on a terminal: a log file or journald would keep the escape codes.
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let Some((telemetry, endpoint)) =
         telemetry.and_then(|telemetry| Some((telemetry, telemetry.otlp_endpoint.as_deref()?)))
     else {

@@ -100,9 +100,6 @@ pub async fn plan(gateway: &Gateway, context: &mut RequestContext) -> Result<Pla
         })
         .await?;
     context.plugins.push(called.trace);
-    if let Some(tripped) = &called.tripped {
-        gateway.canary_tripped(tripped);
-    }
     let router = called.ran;
     let attempts = match called.value {
         Ok(attempts) => attempts,

@@ -462,3 +462,57 @@ pub fn streamed_content(chunks: &[Value]) -> String {
         .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
         .collect()
 }
+
+impl Gateway {
+    /// Calls the admin API with the admin token.
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Answer {
+        let mut request = self
+            .http
+            .request(method, format!("{}/admin{path}", self.url))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        Answer::read(request.send().await.expect("the admin API answers")).await
+    }
+
+    /// Uploads plugin bytes under a name.
+    pub async fn upload_plugin(&self, name: &str, bytes: Vec<u8>) -> Answer {
+        let response = self
+            .http
+            .post(format!("{}/admin/plugins?name={name}", self.url))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/wasm")
+            .body(bytes)
+            .send()
+            .await
+            .expect("the admin API answers");
+        Answer::read(response).await
+    }
+}
+
+/// The same component with a custom section appended: another hash, the same behaviour, as a
+/// rebuilt plugin version would be.
+pub fn plugin_version(component: &[u8], label: &str) -> Vec<u8> {
+    fn leb128(mut value: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let name = b"tollgate-test-version";
+    let mut payload = Vec::new();
+    leb128(name.len(), &mut payload);
+    payload.extend_from_slice(name);
+    payload.extend_from_slice(label.as_bytes());
+    let mut bytes = component.to_vec();
+    bytes.push(0);
+    leb128(payload.len(), &mut bytes);
+    bytes.extend_from_slice(&payload);
+    bytes
+}

@@ -309,7 +309,7 @@ impl Gateway {
 
     /// A canary failed too often: roll it back and say why, in the log, the metrics and the
     /// binding's state that the admin API shows.
-    pub fn canary_tripped(&self, tripped: &CanaryTripped) {
+    fn canary_tripped(&self, tripped: &CanaryTripped) {
         tracing::error!(scope = %tripped.scope, reason = %tripped.reason, "canary rolled back");
         self.runtime.metrics().canary_rollbacks.inc();
         if let Err(error) = self.end_canary(&tripped.scope, Some(tripped.reason.clone())) {
@@ -360,6 +360,21 @@ impl Gateway {
             failure_policy: stored.current.as_ref().map(policy).unwrap_or_default(),
             canary,
         })
+    }
+
+    /// Rolls back the canaries the table reports as tripped, for as long as the gateway lives.
+    pub(super) fn watch_canaries(
+        gateway: std::sync::Weak<Self>,
+        mut trips: tokio::sync::mpsc::UnboundedReceiver<CanaryTripped>,
+    ) {
+        tokio::spawn(async move {
+            while let Some(tripped) = trips.recv().await {
+                let Some(gateway) = gateway.upgrade() else {
+                    return;
+                };
+                gateway.canary_tripped(&tripped);
+            }
+        });
     }
 
     fn binding_writes(&self) -> std::sync::MutexGuard<'_, ()> {

@@ -384,10 +384,11 @@ impl Gateway {
                 &config.health,
             )?));
         }
+        let (trips, tripped) = tokio::sync::mpsc::unbounded_channel();
         let gateway = Arc::new(Self {
             store,
             plugin_settings: config.plugins.clone(),
-            bindings: std::sync::RwLock::new(Arc::new(BindingTable::new(defaults))),
+            bindings: std::sync::RwLock::new(Arc::new(BindingTable::new(defaults, trips))),
             binding_writes: Mutex::new(()),
             channels: std::sync::RwLock::new(Arc::new(channels)),
             max_body_bytes: config.server.max_body_bytes,
@@ -409,6 +410,7 @@ impl Gateway {
             sealer,
             runtime,
         });
+        Self::watch_canaries(Arc::downgrade(&gateway), tripped);
         gateway.load_stored_bindings().await?;
         Ok(gateway)
     }

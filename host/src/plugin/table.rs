@@ -10,6 +10,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use tokio::sync::mpsc::UnboundedSender;
+
 use super::{Binding, PluginError, Role};
 
 /// What a binding applies to.
@@ -160,8 +162,10 @@ pub struct Slot {
 
 /// Every live binding, looked up per request. Immutable: a change builds a new table
 /// ([`BindingTable::with_slot`]) that shares every untouched slot.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct BindingTable {
+    /// Where a canary that passes its failure threshold is reported, to be rolled back.
+    trips: UnboundedSender<CanaryTripped>,
     /// Slots stored through the admin API.
     slots: HashMap<Scope, Arc<Slot>>,
     /// The configuration file's bindings (and the shipped translators), global only: the last
@@ -178,6 +182,8 @@ pub struct Resolved {
     pub binding: Arc<Binding>,
     /// Set when the canary was drawn: its tally.
     pub canary: Option<Arc<CanaryStats>>,
+    /// Where to report the canary passing its threshold.
+    trips: UnboundedSender<CanaryTripped>,
     /// The global default to call instead if this binding fails and its policy is `open`.
     pub fallback: Option<Arc<Binding>>,
 }
@@ -200,8 +206,6 @@ pub struct Called<T> {
     /// The trace entry: `name@sha`, then ` (canary)` when the canary ran, or
     /// ` (fail-open after name@sha: class)` when the fallback served.
     pub trace: String,
-    /// Set when this call pushed a canary over its failure threshold.
-    pub tripped: Option<CanaryTripped>,
 }
 
 impl<T> Called<T> {
@@ -211,15 +215,19 @@ impl<T> Called<T> {
             value: convert(self.value)?,
             ran: self.ran,
             trace: self.trace,
-            tripped: self.tripped,
         })
     }
 }
 
 impl BindingTable {
-    /// A table of the configuration file's bindings and no stored slot.
-    pub fn new(defaults: HashMap<Scope, Arc<Binding>>) -> Self {
+    /// A table of the configuration file's bindings and no stored slot; tripped canaries are
+    /// reported to `trips`.
+    pub fn new(
+        defaults: HashMap<Scope, Arc<Binding>>,
+        trips: UnboundedSender<CanaryTripped>,
+    ) -> Self {
         Self {
+            trips,
             slots: HashMap::new(),
             defaults,
         }
@@ -301,6 +309,7 @@ impl BindingTable {
                 scope,
                 binding,
                 canary,
+                trips: self.trips.clone(),
                 fallback,
             });
         }
@@ -308,14 +317,16 @@ impl BindingTable {
             scope: global,
             binding: default?.clone(),
             canary: None,
+            trips: self.trips.clone(),
             fallback: None,
         })
     }
 }
 
 impl Resolved {
-    /// Calls the binding; counts the call against a canary; when the plugin itself failed and the
-    /// policy is `open`, calls the global default instead.
+    /// Calls the binding; counts the call against a canary (reporting it when it passes its
+    /// threshold); when the plugin itself failed and the policy is `open`, calls the global default
+    /// instead.
     pub async fn call<T, Fut>(
         &self,
         call: impl Fn(Arc<Binding>) -> Fut,
@@ -324,9 +335,11 @@ impl Resolved {
         Fut: Future<Output = Result<T, PluginError>>,
     {
         let outcome = call(self.binding.clone()).await;
-        let mut tripped = None;
-        if let Some(stats) = &self.canary {
-            tripped = self.tally(stats, outcome.is_err());
+        if let Some(stats) = &self.canary
+            && let Some(tripped) = self.tally(stats, outcome.is_err())
+        {
+            // The receiver lives as long as the gateway; a send after shutdown has no one to tell.
+            let _ = self.trips.send(tripped);
         }
         let ran = self.binding.plugin().to_string();
         let marker = if self.canary.is_some() {
@@ -339,7 +352,6 @@ impl Resolved {
                 value,
                 ran: self.binding.clone(),
                 trace: format!("{ran}{marker}"),
-                tripped,
             }),
             Err(error) if error.culprit().is_some() && self.fallback.is_some() => {
                 let fallback = self.fallback.as_ref().expect("checked in the guard");
@@ -354,7 +366,6 @@ impl Resolved {
                         fallback.plugin(),
                         error.class()
                     ),
-                    tripped,
                 })
             }
             Err(error) => Err(error),

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 use tollgate_plugin_sdk::export_router;
-use tollgate_plugin_sdk::host::{config, parse_config};
+use tollgate_plugin_sdk::host::{config, parse_config, warn};
 use tollgate_plugin_sdk::router::{
     Attempt, Candidate, Channel, RequestFacts, RouteError, Router, plan_by,
 };
@@ -16,6 +16,8 @@ struct Script {
     prefer: Option<String>,
     /// How to misbehave on every call.
     misbehave: Option<Misbehaviour>,
+    /// A line to log through the host on every call.
+    log: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -37,6 +39,9 @@ impl Router for Scripted {
 
     fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {
         let script = config::<Script>().map_err(RouteError::Refused)?;
+        if let Some(line) = &script.log {
+            warn(line);
+        }
         match script.misbehave {
             Some(Misbehaviour::Trap) => panic!("scripted trap"),
             Some(Misbehaviour::Memory) => {
