@@ -26,6 +26,7 @@ const GUESTS: &[&str] = &[
     "tollgate-test-plugin-scripted-router",
     "tollgate-test-plugin-reads-files",
     "tollgate-test-plugin-not-a-plugin",
+    "tier-router",
 ];
 
 fn main() -> Result<(), String> {
@@ -34,7 +35,7 @@ fn main() -> Result<(), String> {
         .parent()
         .ok_or("host/ has a parent directory")?
         .to_path_buf();
-    for watched in ["wit", "plugins", "tests/plugins", "Cargo.lock"] {
+    for watched in ["wit", "plugins", "tests/plugins", "examples", "Cargo.lock"] {
         println!(
             "cargo:rerun-if-changed={}",
             workspace.join(watched).display()

@@ -3,7 +3,7 @@
 //! The modules read as a request flows: [`listen`] → [`auth`] → [`route`] → [`bill`] →
 //! [`translate`] → [`upstream`] → [`stream`] → [`record`], ordered by [`flow`]. [`plugin`] runs the
 //! wasm plugins, [`store`] keeps durable state, [`error`] maps every error to HTTP once. The
-//! binary (`main.rs`) is the CLI around them.
+//! binary (`main.rs`) is the CLI around them; [`trial`] runs one plugin outside the gateway for it.
 
 pub mod admin;
 pub mod auth;
@@ -27,4 +27,5 @@ pub mod store;
 pub mod stream;
 pub mod tokens;
 pub mod translate;
+pub mod trial;
 pub mod upstream;

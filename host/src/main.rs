@@ -55,6 +55,207 @@ enum Command {
         #[command(subcommand)]
         action: UsageAction,
     },
+    /// Plugins: write, test, upload and bind them (the last through a running gateway).
+    Plugin {
+        #[command(subcommand)]
+        action: PluginAction,
+    },
+}
+
+/// Which binding a plugin command changes.
+#[derive(clap::Args)]
+struct ScopeArgs {
+    /// `router`, `translator` or `billing`.
+    #[arg(long)]
+    role: String,
+    /// The tenant; without it, the global binding.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// The protocol, for translators.
+    #[arg(long)]
+    protocol: Option<String>,
+}
+
+impl ScopeArgs {
+    fn query(&self) -> String {
+        let mut query = format!("role={}", percent_encode(&self.role));
+        for (name, value) in [("tenant", &self.tenant), ("protocol", &self.protocol)] {
+            if let Some(value) = value {
+                query.push_str(&format!("&{name}={}", percent_encode(value)));
+            }
+        }
+        query
+    }
+}
+
+/// A binding's plugin, configuration and limits.
+#[derive(clap::Args)]
+struct BindingArgs {
+    /// A plugin hash (12+ leading hex digits suffice), an uploaded plugin's name (its newest
+    /// version) or a shipped plugin's name.
+    #[arg(long)]
+    plugin: String,
+    /// The plugin's configuration, as JSON.
+    #[arg(long, default_value = "{}")]
+    config: String,
+    /// `closed` (the request gets the plugin's error) or `open` (the global default serves it).
+    #[arg(long)]
+    failure_policy: Option<String>,
+    /// Per-call deadline, in milliseconds.
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Memory cap, in MiB.
+    #[arg(long)]
+    memory_mib: Option<usize>,
+    /// Cap on one call's output, in KiB.
+    #[arg(long)]
+    max_output_kib: Option<usize>,
+}
+
+impl BindingArgs {
+    fn body(&self) -> anyhow::Result<serde_json::Value> {
+        let config: serde_json::Value =
+            serde_json::from_str(&self.config).context("--config is not JSON")?;
+        let mut body = serde_json::json!({"plugin": self.plugin, "config": config});
+        let optional = [
+            (
+                "failure_policy",
+                self.failure_policy.clone().map(serde_json::Value::from),
+            ),
+            ("deadline_ms", self.deadline_ms.map(serde_json::Value::from)),
+            ("memory_mib", self.memory_mib.map(serde_json::Value::from)),
+            (
+                "max_output_kib",
+                self.max_output_kib.map(serde_json::Value::from),
+            ),
+        ];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                body[name] = value;
+            }
+        }
+        Ok(body)
+    }
+}
+
+#[derive(Subcommand)]
+enum PluginAction {
+    /// Writes a ready-to-build plugin crate.
+    New {
+        /// The crate's name.
+        name: String,
+        /// `router`, `translator` or `billing`.
+        #[arg(long)]
+        role: String,
+        /// Where to write it (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The Tollgate plugin SDK crate (default: the source tree this binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Runs a plugin locally on one request and prints its decision as JSON.
+    Test {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// An OpenAI chat-completions body (JSON, or @FILE).
+        #[arg(long)]
+        request: String,
+        /// Routers: the channels as a JSON array (or @FILE) of
+        /// `{name, models: {public: upstream}, priority, weight, price_per_million_input_micros,
+        /// price_per_million_output_micros, circuit, latency_ewma_ms, error_rate_permille,
+        /// in_flight}`; one channel serving the requested model by default.
+        #[arg(long)]
+        channels: Option<String>,
+        /// The plugin's configuration (JSON, or @FILE).
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// A tag as the router sees an `x-tollgate-NAME: VALUE` header: `NAME=VALUE`. Repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Uploads a component: checked, stored by hash, compiled once.
+    Upload {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// The name to know it by (default: the file's stem).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Lists uploaded and shipped plugins.
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Shows one uploaded plugin and where it is bound.
+    Show {
+        /// Its hash.
+        sha256: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Deletes an uploaded plugin that nothing binds.
+    Delete {
+        /// Its hash.
+        sha256: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Lists every binding, with canaries and their tallies.
+    Bindings {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Binds a plugin to a scope (atomic; requests in flight finish on the old one).
+    Bind {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[command(flatten)]
+        binding: BindingArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Restores a scope's previous binding.
+    Rollback {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Runs a new version on a share of a scope's requests; it rolls itself back if it fails.
+    Canary {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[command(flatten)]
+        binding: BindingArgs,
+        /// Share of requests, 1–99 %.
+        #[arg(long)]
+        percent: u8,
+        /// Failure share that rolls it back, % (default 20).
+        #[arg(long)]
+        max_failure_percent: Option<u8>,
+        /// Calls before the failure share is judged (default 20).
+        #[arg(long)]
+        min_calls: Option<u64>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Makes a scope's canary serve every request.
+    Promote {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Stops a scope's canary.
+    Abort {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -491,6 +692,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Plugin { action } => plugin_command(action),
         Command::Key {
             action: KeyAction::Create { tenant, data },
         } => {
@@ -517,6 +719,156 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+fn plugin_command(action: PluginAction) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match action {
+        PluginAction::New {
+            name,
+            role,
+            dir,
+            sdk,
+        } => {
+            let role = tollgate::plugin::Role::parse(&role)
+                .context("--role is router, translator or billing")?;
+            let sdk = sdk
+                .or_else(tollgate::trial::default_sdk_path)
+                .context("the SDK is not beside this binary: pass --sdk PATH/plugins/sdk")?;
+            let sdk = sdk.canonicalize().unwrap_or(sdk);
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            anyhow::ensure!(!dir.exists(), "{} already exists", dir.display());
+            for (path, contents) in tollgate::trial::template(&name, role, &sdk) {
+                let path = dir.join(path);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("creating {}", parent.display()))?;
+                }
+                std::fs::write(&path, contents)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            console::line(&format!(
+                "created the {role} plugin {name} in {}; build it with \
+                 `cargo build --release --target wasm32-wasip2`",
+                dir.display()
+            ));
+            Ok(())
+        }
+        PluginAction::Test {
+            file,
+            request,
+            channels,
+            config,
+            tags,
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let json = |text: &str, what: &str| -> anyhow::Result<serde_json::Value> {
+                let text = match text.strip_prefix('@') {
+                    Some(path) => {
+                        std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
+                    }
+                    None => text.to_owned(),
+                };
+                serde_json::from_str(&text).with_context(|| format!("{what} is not JSON"))
+            };
+            let tags = tags
+                .iter()
+                .map(|tag| {
+                    tag.split_once('=')
+                        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                        .context("a --tag is NAME=VALUE")
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let trial = tollgate::trial::Trial {
+                name: file.file_stem().map_or_else(
+                    || "plugin".to_owned(),
+                    |stem| stem.to_string_lossy().into_owned(),
+                ),
+                bytes,
+                config: json(&config, "--config")?.to_string(),
+                request: json(&request, "--request")?,
+                tags,
+                channels: channels.map(|text| json(&text, "--channels")).transpose()?,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let decision = runtime.block_on(tollgate::trial::run(trial))?;
+            console::line(&serde_json::to_string_pretty(&decision)?);
+            Ok(())
+        }
+        PluginAction::Upload { file, name, admin } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = name
+                .or_else(|| {
+                    file.file_stem()
+                        .map(|stem| stem.to_string_lossy().into_owned())
+                })
+                .context("name the plugin with --name")?;
+            let path = format!("/plugins?name={}", percent_encode(&name));
+            let answer = send_admin(&admin, Method::POST, &path, |request| {
+                request
+                    .header("content-type", "application/wasm")
+                    .body(bytes)
+            })?;
+            console::line(&serde_json::to_string_pretty(&answer)?);
+            Ok(())
+        }
+        PluginAction::List { admin } => admin_call(&admin, Method::GET, "/plugins", None).map(drop),
+        PluginAction::Show { sha256, admin } => {
+            let path = format!("/plugins/{}", percent_encode(&sha256));
+            admin_call(&admin, Method::GET, &path, None).map(drop)
+        }
+        PluginAction::Delete { sha256, admin } => {
+            let path = format!("/plugins/{}", percent_encode(&sha256));
+            admin_call(&admin, Method::DELETE, &path, None).map(drop)
+        }
+        PluginAction::Bindings { admin } => {
+            admin_call(&admin, Method::GET, "/bindings", None).map(drop)
+        }
+        PluginAction::Bind {
+            scope,
+            binding,
+            admin,
+        } => {
+            let path = format!("/bindings?{}", scope.query());
+            admin_call(&admin, Method::PUT, &path, Some(binding.body()?)).map(drop)
+        }
+        PluginAction::Rollback { scope, admin } => {
+            let path = format!("/bindings/rollback?{}", scope.query());
+            admin_call(&admin, Method::POST, &path, None).map(drop)
+        }
+        PluginAction::Canary {
+            scope,
+            binding,
+            percent,
+            max_failure_percent,
+            min_calls,
+            admin,
+        } => {
+            let mut body = binding.body()?;
+            body["percent"] = percent.into();
+            if let Some(max_failure_percent) = max_failure_percent {
+                body["max_failure_percent"] = max_failure_percent.into();
+            }
+            if let Some(min_calls) = min_calls {
+                body["min_calls"] = min_calls.into();
+            }
+            let path = format!("/bindings/canary?{}", scope.query());
+            admin_call(&admin, Method::PUT, &path, Some(body)).map(drop)
+        }
+        PluginAction::Promote { scope, admin } => {
+            let path = format!("/bindings/canary/promote?{}", scope.query());
+            admin_call(&admin, Method::POST, &path, None).map(drop)
+        }
+        PluginAction::Abort { scope, admin } => {
+            let path = format!("/bindings/canary?{}", scope.query());
+            admin_call(&admin, Method::DELETE, &path, None).map(drop)
+        }
+    }
+}
+
 /// Calls the admin API and prints its JSON answer; a non-2xx answer is an error.
 fn admin_call(
     admin: &AdminArgs,
@@ -536,18 +888,30 @@ fn admin_request(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
+    send_admin(admin, method, path, |request| match body {
+        Some(body) => request.json(&body),
+        None => request,
+    })
+}
+
+/// Sends one admin request, its body set by `with_body`; returns the JSON answer of a 2xx.
+fn send_admin(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    with_body: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+) -> anyhow::Result<serde_json::Value> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let url = format!("{}/admin{path}", admin.admin_url.trim_end_matches('/'));
-        let mut request = reqwest::Client::new()
-            .request(method, &url)
-            .bearer_auth(&admin.admin_token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
+        let request = with_body(
+            reqwest::Client::new()
+                .request(method, &url)
+                .bearer_auth(&admin.admin_token),
+        );
         let response = request
             .send()
             .await
