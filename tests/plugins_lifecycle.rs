@@ -397,3 +397,84 @@ async fn fail_open_serves_with_the_global_default_and_the_trace_says_so() {
     .await;
     no_tenant.assert_error(404, Some("tenant_not_found"));
 }
+
+#[tokio::test]
+async fn translators_bind_per_protocol_globally_and_per_tenant() {
+    let (_sim, gateway) = two_channel_gateway().await;
+    let globex = second_tenant_key(&gateway).await;
+    let shipped = std::fs::read(test_plugin("tollgate_translator_openai.wasm"))
+        .expect("the openai translator is built");
+    let for_acme = upload(&gateway, "openai-acme", plugin_version(&shipped, "acme")).await;
+    let for_all = upload(&gateway, "openai-next", plugin_version(&shipped, "next")).await;
+    let scope = "/bindings?role=translator&protocol=openai";
+    let bound = bind(
+        &gateway,
+        &format!("{scope}&tenant=acme"),
+        json!({"plugin": for_acme}),
+    )
+    .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+    let bound = bind(&gateway, scope, json!({"plugin": for_all})).await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+
+    let translator_of = |record: &Value| {
+        record["plugins"]
+            .as_array()
+            .and_then(|plugins| plugins.get(2))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (answer, acme) = routed(&gateway, &gateway.key).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert!(
+        translator_of(&acme).starts_with(&format!("openai-acme@{}", &for_acme[..12])),
+        "{}",
+        acme["plugins"]
+    );
+    let (_, other) = routed(&gateway, &globex).await;
+    assert!(
+        translator_of(&other).starts_with(&format!("openai-next@{}", &for_all[..12])),
+        "{}",
+        other["plugins"]
+    );
+
+    // Rolling the global binding back leaves the configuration file's (the shipped plugin).
+    let rolled = gateway
+        .admin(
+            Method::POST,
+            "/bindings/rollback?role=translator&protocol=openai",
+            None,
+        )
+        .await;
+    assert_eq!(rolled.status, 200, "{}", rolled.json);
+    assert!(rolled.json["current"].is_null());
+    let (_, other) = routed(&gateway, &globex).await;
+    assert!(
+        translator_of(&other).starts_with("openai@"),
+        "{}",
+        other["plugins"]
+    );
+    let (_, acme) = routed(&gateway, &gateway.key).await;
+    assert!(
+        translator_of(&acme).starts_with("openai-acme@"),
+        "{}",
+        acme["plugins"]
+    );
+
+    let no_protocol = bind(
+        &gateway,
+        "/bindings?role=translator",
+        json!({"plugin": for_all}),
+    )
+    .await;
+    no_protocol.assert_error(400, None);
+    assert_eq!(no_protocol.json["error"]["param"], "protocol");
+    let router_protocol = bind(
+        &gateway,
+        "/bindings?role=router&protocol=openai",
+        json!({"plugin": "failover"}),
+    )
+    .await;
+    router_protocol.assert_error(400, None);
+}

@@ -725,6 +725,85 @@ mod tests {
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
             ),
+            (
+                BindError::Plugin(PluginError::Unfit {
+                    name: "x".into(),
+                    reason: "not wasm".into(),
+                })
+                .into(),
+                400,
+                "invalid_request_error",
+                Some("invalid_plugin"),
+            ),
+            (
+                BindError::Plugin(PluginError::Config {
+                    plugin: plugin(),
+                    role: Role::Router,
+                    message: "no".into(),
+                })
+                .into(),
+                400,
+                "invalid_request_error",
+                Some("plugin_config_rejected"),
+            ),
+            (
+                BindError::UnknownPlugin {
+                    role: Role::Router,
+                    reference: "r".into(),
+                }
+                .into(),
+                404,
+                "invalid_request_error",
+                Some("plugin_not_found"),
+            ),
+            (
+                BindError::WrongRole {
+                    plugin: "p".into(),
+                    actual: Role::Billing,
+                    expected: Role::Router,
+                }
+                .into(),
+                400,
+                "invalid_request_error",
+                Some("wrong_role"),
+            ),
+            (
+                BindError::Invalid("percent".into()).into(),
+                400,
+                "invalid_request_error",
+                Some("invalid_binding"),
+            ),
+            (
+                BindError::Conflict("bound".into()).into(),
+                409,
+                "invalid_request_error",
+                Some("binding_conflict"),
+            ),
+            (
+                BindError::Store(StoreError::Backend("disk".into())).into(),
+                500,
+                "server_error",
+                Some("storage_failed"),
+            ),
+            (
+                ApiError::PluginTooLarge { max_bytes: 1 },
+                413,
+                "invalid_request_error",
+                Some("plugin_too_large"),
+            ),
+            (
+                PluginError::OutputTooLarge {
+                    plugin: plugin(),
+                    role: Role::Router,
+                    export: "plan",
+                    bytes: 2,
+                    cap_bytes: 1,
+                }
+                .into(),
+                500,
+                "server_error",
+                Some("plugin_failed"),
+            ),
         ];
         for (error, status, kind, code) in table {
             let rendered = error.render();

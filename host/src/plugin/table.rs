@@ -128,6 +128,20 @@ impl CanaryStats {
         }
     }
 
+    /// Counts one call; returns the tally `(calls, failures)` when this call takes the failure
+    /// share past the threshold, once enough calls were made. Only one call ever does, so the
+    /// canary is rolled back once.
+    fn record(&self, failed: bool) -> Option<(u64, u64)> {
+        let calls = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let failures = self
+            .failures
+            .fetch_add(u64::from(failed), Ordering::Relaxed)
+            + u64::from(failed);
+        let over =
+            calls >= self.min_calls && failures * 100 > calls * u64::from(self.max_failure_percent);
+        (over && !self.tripped.swap(true, Ordering::Relaxed)).then_some((calls, failures))
+    }
+
     /// (calls, plugin failures) so far.
     pub fn tally(&self) -> (u64, u64) {
         (
@@ -373,20 +387,83 @@ impl Resolved {
     }
 
     fn tally(&self, stats: &CanaryStats, failed: bool) -> Option<CanaryTripped> {
-        let calls = stats.calls.fetch_add(1, Ordering::Relaxed) + 1;
-        let failures = stats
-            .failures
-            .fetch_add(u64::from(failed), Ordering::Relaxed)
-            + u64::from(failed);
-        let threshold = stats.max_failure_percent;
-        let over = calls >= stats.min_calls && failures * 100 > calls * u64::from(threshold);
-        // Only the call that trips it reports it, so the rollback happens once.
-        (over && !stats.tripped.swap(true, Ordering::Relaxed)).then(|| CanaryTripped {
+        let (calls, failures) = stats.record(failed)?;
+        Some(CanaryTripped {
             scope: self.scope.clone(),
             reason: format!(
-                "canary {} failed {failures} of {calls} calls, above the {threshold} % allowed",
-                self.binding.plugin()
+                "canary {} failed {failures} of {calls} calls, above the {} % allowed",
+                self.binding.plugin(),
+                stats.max_failure_percent
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_round_trip_through_their_store_keys() {
+        let scopes = [
+            Scope {
+                tenant: None,
+                role: Role::Router,
+                protocol: None,
+            },
+            Scope {
+                tenant: Some("acme".into()),
+                role: Role::Billing,
+                protocol: None,
+            },
+            Scope {
+                tenant: Some("acme".into()),
+                role: Role::Translator,
+                protocol: Some("anthropic".into()),
+            },
+        ];
+        for scope in scopes {
+            assert_eq!(Scope::parse(&scope.key()), Some(scope.clone()), "{scope}");
+        }
+        assert_eq!(
+            Scope::parse("tenant/acme/translator/gemini").map(|scope| scope.global().key()),
+            Some("global/translator/gemini".to_owned())
+        );
+        for unknown in [
+            "global/translator",
+            "global/router/openai",
+            "tenant/acme",
+            "elsewhere/router",
+            "global/auditor",
+        ] {
+            assert_eq!(Scope::parse(unknown), None, "{unknown}");
+        }
+    }
+
+    #[test]
+    fn failure_policies_read_and_print_the_same_names() {
+        for policy in [FailurePolicy::Closed, FailurePolicy::Open] {
+            assert_eq!(FailurePolicy::parse(policy.as_str()), Some(policy));
+        }
+        assert_eq!(FailurePolicy::parse("sometimes"), None);
+    }
+
+    #[test]
+    fn a_canary_trips_once_past_its_threshold_after_its_minimum_calls() {
+        let stats = CanaryStats::new(20, 5);
+        // Four failures in four calls: still under the minimum number of calls.
+        assert!((0..4).all(|_| stats.record(true).is_none()));
+        assert_eq!(
+            stats.record(false),
+            Some((5, 4)),
+            "4 of 5 failed, above 20 %"
+        );
+        assert_eq!(stats.record(true), None, "it trips once");
+        assert_eq!(stats.tally(), (6, 5));
+
+        let healthy = CanaryStats::new(20, 5);
+        // One failure in five is 20 %: not above the threshold.
+        assert!((0..4).all(|_| healthy.record(false).is_none()));
+        assert_eq!(healthy.record(true), None);
     }
 }
