@@ -19,7 +19,7 @@ fn bind(
 ) -> Binding {
     let plugin = shipped::find(role, name).expect("a shipped plugin");
     let compiled = runtime
-        .load(name, role, plugin.bytes)
+        .load(name, role, plugin.bytes, None)
         .expect("the shipped plugin compiles");
     tokio
         .block_on(Binding::new(

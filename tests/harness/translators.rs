@@ -33,7 +33,7 @@ pub async fn shipped_translator(
     .expect("the engine starts");
     let plugin = shipped::find(Role::Translator, protocol).expect("the translator is shipped");
     let compiled = runtime
-        .load(protocol, Role::Translator, plugin.bytes)
+        .load(protocol, Role::Translator, plugin.bytes, None)
         .expect("the shipped plugin compiles");
     let binding = Binding::new(runtime, compiled, config.to_owned(), Limits::default()).await?;
     Ok(Plugin { binding, protocol })

@@ -310,6 +310,14 @@ impl Gateway {
     /// A canary failed too often: roll it back and say why, in the log, the metrics and the
     /// binding's state that the admin API shows.
     fn canary_tripped(&self, tripped: &CanaryTripped) {
+        let still_running = self
+            .bindings()
+            .slot(&tripped.scope)
+            .and_then(|slot| slot.canary.as_ref())
+            .is_some_and(|canary| Arc::ptr_eq(&canary.stats, &tripped.stats));
+        if !still_running {
+            return;
+        }
         tracing::error!(scope = %tripped.scope, reason = %tripped.reason, "canary rolled back");
         self.runtime.metrics().canary_rollbacks.inc();
         if let Err(error) = self.end_canary(&tripped.scope, Some(tripped.reason.clone())) {
@@ -507,13 +515,13 @@ impl Gateway {
 
     /// Compiles (from the cache) and binds a stored binding; the plugin validates its configuration.
     async fn build(&self, role: Role, stored: &StoredBinding) -> Result<Arc<Binding>, BindError> {
-        let (name, bytes) = match stored.plugin.strip_prefix("shipped:") {
+        let (name, bytes, known_sha256) = match stored.plugin.strip_prefix("shipped:") {
             Some(name) => {
                 let plugin = shipped::find(role, name).ok_or_else(|| BindError::UnknownPlugin {
                     role,
                     reference: stored.plugin.clone(),
                 })?;
-                (plugin.name.to_owned(), plugin.bytes.to_vec())
+                (plugin.name.to_owned(), plugin.bytes.to_vec(), None)
             }
             None => {
                 let missing =
@@ -523,10 +531,10 @@ impl Gateway {
                     .store
                     .plugin_bytes(&stored.plugin)?
                     .ok_or_else(missing)?;
-                (plugin.name, bytes)
+                (plugin.name, bytes, Some(stored.plugin.as_str()))
             }
         };
-        let compiled = self.runtime.load(&name, role, &bytes)?;
+        let compiled = self.runtime.load(&name, role, &bytes, known_sha256)?;
         let defaults = &self.plugin_settings;
         let limits = Limits {
             deadline: Duration::from_millis(stored.deadline_ms.unwrap_or(defaults.deadline_ms)),

@@ -318,7 +318,7 @@ impl Gateway {
             let defaults = &config.plugins;
             async move {
                 let (name, bytes) = plugin_bytes(role, &binding, config_dir)?;
-                let compiled = runtime.load(&name, role, &bytes)?;
+                let compiled = runtime.load(&name, role, &bytes, None)?;
                 let limits = Limits {
                     deadline: Duration::from_millis(
                         binding.deadline_ms.unwrap_or(defaults.deadline_ms),

@@ -45,14 +45,24 @@ impl Binding {
             return Err(self.wrong_role(Role::Billing));
         };
         let mut store = self.store();
-        sandbox::bounded(&mut store, "charge", async |store| {
+        let price = sandbox::bounded(&mut store, "charge", async |store| {
             let plugin = pre.instantiate_async(&mut *store).await?;
             plugin
                 .tollgate_plugin_billing()
                 .call_charge(&mut *store, request)
                 .await
         })
-        .await
+        .await?;
+        if let Ok(price) = &price {
+            // Each line item is stored with the usage record: its text and three numbers.
+            let bytes = price
+                .line_items
+                .iter()
+                .map(|item| item.kind.len() + 24)
+                .sum();
+            sandbox::check_output(&store, "charge", bytes)?;
+        }
+        Ok(price)
     }
 
     pub(super) async fn billing_validate_config(&self) -> Result<Result<(), String>, PluginError> {

@@ -337,18 +337,22 @@ impl PluginRuntime {
         }))
     }
 
-    /// Compiles (or loads from the cache) a component bound in the configuration file, and checks
-    /// that it plays the role it is bound for.
+    /// Compiles (or loads from the cache) a component to bind, and checks that it plays the role
+    /// it is bound for. `sha256` is the bytes' hash when the caller already knows it (the store
+    /// keeps plugins under theirs), which spares hashing megabytes at every start.
     pub fn load(
         &self,
         name: &str,
         role: Role,
         bytes: &[u8],
+        sha256: Option<&str>,
     ) -> Result<CompiledPlugin, PluginError> {
-        let compiled = self.inspect(name, bytes).map_err(|error| match error {
-            PluginError::Unfit { name, reason } => PluginError::Invalid { name, role, reason },
-            other => other,
-        })?;
+        let compiled = self
+            .examine(name, bytes, sha256)
+            .map_err(|error| match error {
+                PluginError::Unfit { name, reason } => PluginError::Invalid { name, role, reason },
+                other => other,
+            })?;
         if compiled.role != role {
             return Err(PluginError::Invalid {
                 name: name.to_owned(),
@@ -363,6 +367,15 @@ impl PluginRuntime {
     /// the one `tollgate:plugin/<role>` interface the component exports, the contract from that
     /// interface's version; every import must be one the sandbox provides.
     pub fn inspect(&self, name: &str, bytes: &[u8]) -> Result<CompiledPlugin, PluginError> {
+        self.examine(name, bytes, None)
+    }
+
+    fn examine(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        sha256: Option<&str>,
+    ) -> Result<CompiledPlugin, PluginError> {
         let unfit = |reason: String| PluginError::Unfit {
             name: name.to_owned(),
             reason,
@@ -384,7 +397,7 @@ impl PluginRuntime {
         }
         let plugin = PluginRef {
             name: name.to_owned(),
-            sha256: hex::encode(Sha256::digest(bytes)),
+            sha256: sha256.map_or_else(|| hex::encode(Sha256::digest(bytes)), str::to_owned),
         };
         let component = self
             .compile_cached(&plugin, bytes)

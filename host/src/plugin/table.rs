@@ -209,6 +209,9 @@ pub struct CanaryTripped {
     pub scope: Scope,
     /// Why, in words.
     pub reason: String,
+    /// The tripped canary's tally: the rollback applies only while this canary still runs, not to
+    /// one an operator started since.
+    pub stats: Arc<CanaryStats>,
 }
 
 /// What a call through a [`Resolved`] binding returned, and which plugin produced it.
@@ -349,9 +352,7 @@ impl Resolved {
         Fut: Future<Output = Result<T, PluginError>>,
     {
         let outcome = call(self.binding.clone()).await;
-        if let Some(stats) = &self.canary
-            && let Some(tripped) = self.tally(stats, outcome.is_err())
-        {
+        if let Some(tripped) = self.tally(outcome.is_err()) {
             // The receiver lives as long as the gateway; a send after shutdown has no one to tell.
             let _ = self.trips.send(tripped);
         }
@@ -386,9 +387,12 @@ impl Resolved {
         }
     }
 
-    fn tally(&self, stats: &CanaryStats, failed: bool) -> Option<CanaryTripped> {
+    /// Counts a call of the drawn canary; the trip, when this call caused it.
+    fn tally(&self, failed: bool) -> Option<CanaryTripped> {
+        let stats = self.canary.as_ref()?;
         let (calls, failures) = stats.record(failed)?;
         Some(CanaryTripped {
+            stats: stats.clone(),
             scope: self.scope.clone(),
             reason: format!(
                 "canary {} failed {failures} of {calls} calls, above the {} % allowed",
