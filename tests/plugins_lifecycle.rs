@@ -327,15 +327,7 @@ async fn a_canary_takes_its_share_and_a_failing_one_rolls_itself_back() {
         assert_eq!(answer.status, 200, "after the rollback: {}", answer.json);
         assert_eq!(record["channel"], "secondary");
     }
-    let metrics = gateway
-        .http
-        .get(format!("{}/metrics", gateway.url))
-        .send()
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics are text");
+    let metrics = gateway.metrics().await;
     assert!(
         metrics.contains("tollgate_plugin_canary_rollbacks_total 1"),
         "{metrics}"

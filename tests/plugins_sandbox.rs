@@ -10,6 +10,37 @@ use harness::{billing, channel, chat, simulator, start, test_plugin};
 use reqwest::Method;
 use serde_json::json;
 
+/// Sends one request to a gateway whose router misbehaves: it gets a 500 naming the plugin (every
+/// word of `words` in the message) well within the time a hang would take.
+async fn contained(
+    gateway: &harness::Gateway,
+    headers: &[(&str, &str)],
+    words: &[&str],
+) -> harness::Answer {
+    let started = Instant::now();
+    let hostile = tokio::time::timeout(
+        Duration::from_secs(30),
+        gateway.post("/v1/chat/completions", &chat("x"), headers),
+    )
+    .await
+    .expect("a hostile plugin never hangs the request");
+    hostile.assert_error(500, Some("plugin_failed"));
+    let message = hostile.json["error"]["message"]
+        .as_str()
+        .expect("a message");
+    for word in words {
+        assert!(message.contains(word), "`{word}` in {message}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    hostile
+}
+
+/// A router bound in the configuration file that misbehaves on `x-tollgate-hostile: 1` is
+/// contained, and the next request is served.
 async fn hostile_router_is_contained(file: &str, deadline_ms: u64, expected_words: &[&str]) {
     let sim = simulator().await;
     let config = format!(
@@ -19,29 +50,7 @@ async fn hostile_router_is_contained(file: &str, deadline_ms: u64, expected_word
         channel("primary", &sim, 1)
     );
     let gateway = start(&config).await.expect("the gateway starts");
-    let started = Instant::now();
-    let hostile = tokio::time::timeout(
-        Duration::from_secs(30),
-        gateway.post(
-            "/v1/chat/completions",
-            &chat("x"),
-            &[("x-tollgate-hostile", "1")],
-        ),
-    )
-    .await
-    .expect("a hostile plugin never hangs the request");
-    hostile.assert_error(500, Some("plugin_failed"));
-    let message = hostile.json["error"]["message"]
-        .as_str()
-        .expect("a message");
-    for word in expected_words {
-        assert!(message.contains(word), "`{word}` in {message}");
-    }
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "answered in {:?}",
-        started.elapsed()
-    );
+    let hostile = contained(&gateway, &[("x-tollgate-hostile", "1")], expected_words).await;
     assert_eq!(sim.calls(), 0);
     let record = gateway.record(&hostile.request_id()).await;
     assert_eq!(record["error_class"], "plugin_router");
@@ -108,25 +117,12 @@ async fn uploaded_router_is_contained(
         .await;
     assert_eq!(bound.status, 200, "{}", bound.json);
 
-    let started = Instant::now();
-    let hostile = tokio::time::timeout(
-        Duration::from_secs(30),
-        gateway.post("/v1/chat/completions", &chat("x"), &[]),
-    )
-    .await
-    .expect("a hostile plugin never hangs the request");
-    hostile.assert_error(500, Some("plugin_failed"));
-    let message = hostile.json["error"]["message"]
-        .as_str()
-        .expect("a message");
-    for word in words.iter().chain(&["router", "scripted@"]) {
-        assert!(message.contains(word), "`{word}` in {message}");
-    }
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "answered in {:?}",
-        started.elapsed()
-    );
+    let words: Vec<&str> = words
+        .iter()
+        .copied()
+        .chain(["router", "scripted@"])
+        .collect();
+    contained(&gateway, &[], &words).await;
     assert_eq!(sim.calls(), 0);
 
     let rolled = gateway
@@ -141,15 +137,7 @@ async fn uploaded_router_is_contained(
         .post("/v1/chat/completions", &chat("after"), &[])
         .await;
     assert_eq!(next.status, 200, "the gateway keeps serving: {}", next.json);
-    let metrics = gateway
-        .http
-        .get(format!("{}/metrics", gateway.url))
-        .send()
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics are text");
+    let metrics = gateway.metrics().await;
     assert!(
         metrics
             .lines()

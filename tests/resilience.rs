@@ -361,15 +361,7 @@ async fn metrics_count_requests_attempts_tokens_and_circuits() {
             .status,
         200
     );
-    let metrics = gateway
-        .http
-        .get(format!("{}/metrics", gateway.url))
-        .send()
-        .await
-        .expect("metrics answer")
-        .text()
-        .await
-        .expect("metrics are text");
+    let metrics = gateway.metrics().await;
     for line in [
         r#"tollgate_requests_total{tenant="acme",model="test-model",channel="healthy",status="200"} 1"#,
         r#"tollgate_upstream_attempts_total{channel="broken",outcome="server"} 1"#,

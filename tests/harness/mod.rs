@@ -476,6 +476,18 @@ impl Gateway {
         Answer::read(request.send().await.expect("the admin API answers")).await
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics are text")
+    }
+
     /// Uploads plugin bytes under a name.
     pub async fn upload_plugin(&self, name: &str, bytes: Vec<u8>) -> Answer {
         let response = self

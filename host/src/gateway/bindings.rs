@@ -154,19 +154,7 @@ impl Gateway {
     /// Deletes an uploaded plugin unless a binding or canary still uses it.
     pub fn delete_plugin(&self, sha256: &str) -> Result<bool, BindError> {
         let _writing = self.binding_writes();
-        let users: Vec<String> = self
-            .store
-            .binding_slots()?
-            .into_iter()
-            .filter(|(_, slot)| {
-                slot.current.iter().any(|bound| bound.plugin == sha256)
-                    || slot
-                        .canary
-                        .iter()
-                        .any(|canary| canary.binding.plugin == sha256)
-            })
-            .map(|(scope, _)| scope)
-            .collect();
+        let users = self.bound_in(sha256)?;
         if !users.is_empty() {
             return Err(BindError::Conflict(format!(
                 "plugin {sha256} is bound in {}; rebind or roll back those first",
