@@ -85,6 +85,8 @@ struct Shared {
     api_keys: Vec<String>,
     /// Applied when the queue is empty; `None`: answer normally.
     standing_fault: Mutex<Option<Fault>>,
+    /// Keep only the path of each request seen (benchmarks send too many to keep their bodies).
+    forget_contents: std::sync::atomic::AtomicBool,
 }
 
 /// A running simulator.
@@ -114,6 +116,14 @@ impl Simulator {
             let _ = axum::serve(listener, app).await;
         });
         Ok(Self { shared, address })
+    }
+
+    /// From now on, remember of each request only its path (`seen` and `calls` still count it):
+    /// a benchmark's hundreds of thousands of bodies would otherwise fill the memory.
+    pub fn forget_contents(&self) {
+        self.shared
+            .forget_contents
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The address it listens on.
@@ -274,20 +284,33 @@ async fn admit(
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
     let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    lock(&shared.seen).push(SeenRequest {
-        path: path.to_owned(),
-        authorization,
-        headers: headers
-            .iter()
-            .map(|(name, value)| {
-                (
-                    name.as_str().to_owned(),
-                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-        body: parsed.clone(),
-    });
+    let seen = if shared
+        .forget_contents
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        SeenRequest {
+            path: path.to_owned(),
+            authorization: None,
+            headers: Vec::new(),
+            body: Value::Null,
+        }
+    } else {
+        SeenRequest {
+            path: path.to_owned(),
+            authorization,
+            headers: headers
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.as_str().to_owned(),
+                        String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: parsed.clone(),
+        }
+    };
+    lock(&shared.seen).push(seen);
     let presented = dialect.presented_key(headers);
     if !shared.api_keys.is_empty()
         && !presented.is_some_and(|key| shared.api_keys.iter().any(|known| known == key))

@@ -1,0 +1,501 @@
+//! The load benchmark: in one run, the simulator as a fast upstream, a bare reverse proxy (plain
+//! hyper forwarding: no auth, no plugins) as the baseline, and `tollgate serve` with the real path
+//! on (auth, router + translator + billing plugins, holds, ledger writes), each driven with the same
+//! load at several concurrencies, non-stream and stream, with 1 KB, 16 KB and 128 KB request
+//! bodies. Prints req/s; p50, p90 and p99 latency and the p50/p99 added over going direct; stream
+//! time to first byte; the CPU time per request and peak RSS of the proxy processes; and the
+//! throughput ratio against the bare proxy.
+//!
+//! Run: `cargo bench -p tollgate --bench load` (see `--help` for concurrencies, sizes, duration and
+//! `--target NAME=URL[,HEADER=VALUE]` to measure another gateway in the same run).
+
+#![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+
+use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tollgate_simulator::Simulator;
+
+const HELP: &str = "cargo bench -p tollgate --bench load -- [options]
+  --concurrency 1,32,256    concurrent clients per run
+  --sizes 1,16,128          request body sizes, KiB
+  --seconds 2               measured time per run (after a short warm-up)
+  --modes whole,stream      non-stream answers and/or streams
+  --target NAME=URL[,HEADER=VALUE]
+                            another OpenAI-compatible endpoint (its chat-completions URL) to
+                            measure beside the others, with the header carrying its key";
+
+/// One endpoint under load.
+struct Target {
+    name: String,
+    url: String,
+    header: Option<(String, String)>,
+    /// The process serving it, for CPU and memory figures; `None` for external targets.
+    pid: Option<u32>,
+    /// The model name it routes.
+    model: String,
+}
+
+struct Options {
+    concurrency: Vec<usize>,
+    sizes_kib: Vec<usize>,
+    run: Duration,
+    modes: Vec<bool>,
+    extra: Vec<Target>,
+}
+
+fn options(args: &[String]) -> anyhow::Result<Options> {
+    let mut options = Options {
+        concurrency: vec![1, 32, 256],
+        sizes_kib: vec![1, 16, 128],
+        run: Duration::from_secs(2),
+        modes: vec![false, true],
+        extra: Vec::new(),
+    };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().context("a value after the flag");
+        let list = |text: &str| -> anyhow::Result<Vec<usize>> {
+            text.split(',')
+                .map(|item| item.trim().parse().context("a number"))
+                .collect()
+        };
+        match arg.as_str() {
+            "--concurrency" => options.concurrency = list(value()?)?,
+            "--sizes" => options.sizes_kib = list(value()?)?,
+            "--seconds" => options.run = Duration::from_secs_f64(value()?.parse()?),
+            "--modes" => {
+                options.modes = value()?
+                    .split(',')
+                    .map(|mode| match mode {
+                        "whole" => Ok(false),
+                        "stream" => Ok(true),
+                        other => bail!("unknown mode {other}"),
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+            }
+            "--target" => {
+                let spec = value()?;
+                let (name, rest) = spec.split_once('=').context("--target NAME=URL")?;
+                let (url, header) = match rest.split_once(',') {
+                    Some((url, header)) => {
+                        let (key, value) = header.split_once('=').context("HEADER=VALUE")?;
+                        (url, Some((key.to_owned(), value.to_owned())))
+                    }
+                    None => (rest, None),
+                };
+                options.extra.push(Target {
+                    name: name.to_owned(),
+                    url: url.to_owned(),
+                    header,
+                    pid: None,
+                    model: "bench-model".to_owned(),
+                });
+            }
+            "--help" | "-h" => {
+                println!("{HELP}");
+                std::process::exit(0);
+            }
+            // cargo bench passes `--bench`.
+            "--bench" => {}
+            other => bail!("unknown argument {other}\n{HELP}"),
+        }
+    }
+    Ok(options)
+}
+
+/// The bare proxy: forwards every request to the upstream with hyper and streams the answer back.
+/// Runs in its own process (this binary, re-run with `--bare-proxy UPSTREAM`), so its CPU and
+/// memory are measured apart from the load generator's.
+async fn bare_proxy(upstream: &str) -> anyhow::Result<()> {
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let upstream: hyper::Uri = upstream.parse()?;
+    let client: Client<_, http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>> =
+        Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1024)
+            .build_http();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    println!("bare proxy listening on http://{}", listener.local_addr()?);
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        tcp.set_nodelay(true)?;
+        let client = client.clone();
+        let upstream = upstream.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let client = client.clone();
+                let upstream = upstream.clone();
+                async move {
+                    let (mut parts, body) = request.into_parts();
+                    let path = parts
+                        .uri
+                        .path_and_query()
+                        .map_or("/", |path| path.as_str())
+                        .to_owned();
+                    parts.uri = format!(
+                        "{}://{}{path}",
+                        upstream.scheme_str().unwrap_or("http"),
+                        upstream.authority().map_or("", |authority| authority.as_str())
+                    )
+                    .parse()
+                    .expect("an upstream URI with a path is a URI");
+                    let request = hyper::Request::from_parts(parts, body.boxed());
+                    client.request(request).await
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|output| String::from_utf8(output.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// What one run measured.
+struct Run {
+    requests: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    first_bytes: Vec<Duration>,
+    cpu_seconds: Option<f64>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn micros(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e6
+}
+
+/// A chat body of about `kib` KiB: the bulk in an earlier turn (a long context), a short last
+/// question, so the answer stays short whatever the size.
+fn chat_body(model: &str, kib: usize, stream: bool) -> bytes::Bytes {
+    let filler = "lorem ipsum dolor sit amet ".repeat(kib * 1024 / 27);
+    let body = json!({
+        "model": model,
+        "stream": stream,
+        "messages": [
+            {"role": "user", "content": filler},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "Summarize that in one word."},
+        ],
+    });
+    bytes::Bytes::from(body.to_string())
+}
+
+async fn one_call(
+    client: &reqwest::Client,
+    target: &Target,
+    body: bytes::Bytes,
+    stream: bool,
+) -> anyhow::Result<(Duration, Option<Duration>)> {
+    let mut request = client
+        .post(&target.url)
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some((name, value)) = &target.header {
+        request = request.header(name, value);
+    }
+    let started = Instant::now();
+    let response = request.send().await?;
+    if !response.status().is_success() {
+        bail!("{} answered {}", target.name, response.status());
+    }
+    let mut body = response.bytes_stream();
+    let mut first = None;
+    while let Some(chunk) = body.next().await {
+        chunk?;
+        if stream && first.is_none() {
+            first = Some(started.elapsed());
+        }
+    }
+    Ok((started.elapsed(), first))
+}
+
+async fn drive(
+    client: &reqwest::Client,
+    target: Arc<Target>,
+    concurrency: usize,
+    kib: usize,
+    stream: bool,
+    run: Duration,
+) -> Run {
+    let body = chat_body(&target.model, kib, stream);
+    // Warm-up: connections open, caches fill; not measured.
+    let measure_from = Instant::now() + Duration::from_millis(300);
+    let stop_at = measure_from + run;
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let (client, target, body) = (client.clone(), target.clone(), body.clone());
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut first_bytes = Vec::new();
+            let mut errors = 0;
+            loop {
+                let now = Instant::now();
+                if now >= stop_at {
+                    break;
+                }
+                let outcome = one_call(&client, &target, body.clone(), stream).await;
+                if now < measure_from {
+                    continue;
+                }
+                match outcome {
+                    Ok((latency, first)) => {
+                        latencies.push(latency);
+                        first_bytes.extend(first);
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, first_bytes, errors)
+        }));
+    }
+    tokio::time::sleep_until(measure_from.into()).await;
+    let cpu_before = target.pid.and_then(cpu_seconds);
+    let mut run_result = Run {
+        requests: 0,
+        errors: 0,
+        elapsed: run,
+        latencies: Vec::new(),
+        first_bytes: Vec::new(),
+        cpu_seconds: None,
+    };
+    for worker in workers {
+        let (latencies, first_bytes, errors) = worker.await.expect("a worker ends");
+        run_result.latencies.extend(latencies);
+        run_result.first_bytes.extend(first_bytes);
+        run_result.errors += errors;
+    }
+    run_result.elapsed = measure_from.elapsed();
+    run_result.cpu_seconds = match (cpu_before, target.pid.and_then(cpu_seconds)) {
+        (Some(before), Some(after)) => Some(after - before),
+        _ => None,
+    };
+    run_result.requests = run_result.latencies.len();
+    run_result.latencies.sort();
+    run_result.first_bytes.sort();
+    run_result
+}
+
+async fn start_tollgate(simulator: &Simulator, dir: &std::path::Path) -> anyhow::Result<(tokio::process::Child, Target)> {
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[server]
+listen = "127.0.0.1:0"
+data_dir = "{data}"
+
+[bindings.billing]
+plugin = "price-table"
+config = {{ credit_limit_micros = 1000000000000, models = {{ "bench-model" = {{ input = 150000, output = 600000 }} }} }}
+
+[[channels]]
+name = "sim"
+protocol = "openai"
+base_url = "{base}"
+priority = 1
+models = {{ "bench-model" = "sim-model" }}
+"#,
+            data = dir.join("data").display(),
+            base = simulator.openai_base_url()
+        ),
+    )?;
+    let binary = env!("CARGO_BIN_EXE_tollgate");
+    let config_arg = config.to_str().context("utf-8 path")?;
+    std::process::Command::new(binary)
+        .args(["tenant", "create", "bench", "--config", config_arg])
+        .output()?;
+    let key_output = std::process::Command::new(binary)
+        .args(["key", "create", "--tenant", "bench", "--config", config_arg])
+        .output()?;
+    let key = String::from_utf8(key_output.stdout)?
+        .lines()
+        .last()
+        .context("a key")?
+        .to_owned();
+    let mut child = tokio::process::Command::new(binary)
+        .args(["serve", "--config", config_arg])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let url = first_url(&mut child, "tollgate listening on ").await?;
+    let pid = child.id();
+    Ok((
+        child,
+        Target {
+            name: "tollgate".to_owned(),
+            url: format!("{url}/v1/chat/completions"),
+            header: Some(("authorization".to_owned(), format!("Bearer {key}"))),
+            pid,
+            model: "bench-model".to_owned(),
+        },
+    ))
+}
+
+async fn first_url(child: &mut tokio::process::Child, prefix: &str) -> anyhow::Result<String> {
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    loop {
+        let line = lines.next_line().await?.context("the process exited")?;
+        if let Some(url) = line.strip_prefix(prefix) {
+            // Keep draining, so the process never blocks on a full pipe.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return Ok(url.to_owned());
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, upstream] = args.as_slice()
+        && flag == "--bare-proxy"
+    {
+        return bare_proxy(upstream).await;
+    }
+    let options = options(&args)?;
+    let simulator = Simulator::start(([127, 0, 0, 1], 0).into(), Vec::new()).await?;
+    simulator.forget_contents();
+    let dir = tempfile::tempdir()?;
+    let (_gateway, tollgate) = start_tollgate(&simulator, dir.path()).await?;
+    let mut proxy = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--bare-proxy", &format!("http://{}", simulator.address())])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let proxy_url = first_url(&mut proxy, "bare proxy listening on ").await?;
+    let mut targets = vec![
+        Target {
+            name: "direct".to_owned(),
+            url: format!("{}/chat/completions", simulator.openai_base_url()),
+            header: None,
+            pid: None,
+            model: "sim-model".to_owned(),
+        },
+        Target {
+            name: "bare-proxy".to_owned(),
+            url: format!("{proxy_url}/v1/chat/completions"),
+            header: None,
+            pid: proxy.id(),
+            model: "sim-model".to_owned(),
+        },
+        tollgate,
+    ];
+    targets.extend(options.extra);
+    let targets: Vec<Arc<Target>> = targets.into_iter().map(Arc::new).collect();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .http1_only()
+        .tcp_nodelay(true)
+        .build()?;
+    println!(
+        "load benchmark: {} cores, {:.1} s per run after 0.3 s warm-up; latency and stream first byte in µs; added = over direct",
+        std::thread::available_parallelism().map_or(1, usize::from),
+        options.run.as_secs_f64()
+    );
+    println!(
+        "{:<11} {:<6} {:>4} {:>5} {:>8} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>6}",
+        "target", "mode", "conc", "KiB", "req/s", "p50", "p90", "p99", "+p50", "+p99", "ttfb50", "cpu µs/rq", "vs bare", "errors"
+    );
+    for &stream in &options.modes {
+        for &kib in &options.sizes_kib {
+            for &concurrency in &options.concurrency {
+                let mut direct_p50_p99 = None;
+                let mut bare_rate = None;
+                for target in &targets {
+                    let run = drive(&client, target.clone(), concurrency, kib, stream, options.run).await;
+                    let rate = run.requests as f64 / run.elapsed.as_secs_f64();
+                    let (p50, p90, p99) = (
+                        percentile(&run.latencies, 0.5),
+                        percentile(&run.latencies, 0.9),
+                        percentile(&run.latencies, 0.99),
+                    );
+                    if target.name == "direct" {
+                        direct_p50_p99 = Some((p50, p99));
+                    }
+                    if target.name == "bare-proxy" {
+                        bare_rate = Some(rate);
+                    }
+                    let (added_p50, added_p99) = direct_p50_p99
+                        .map(|(d50, d99)| (micros(p50) - micros(d50), micros(p99) - micros(d99)))
+                        .unwrap_or_default();
+                    let cpu = run
+                        .cpu_seconds
+                        .map(|seconds| format!("{:.0}", seconds * 1e6 / run.requests.max(1) as f64))
+                        .unwrap_or_else(|| "-".to_owned());
+                    let versus = bare_rate
+                        .map(|bare| format!("{:.0} %", rate / bare * 100.0))
+                        .unwrap_or_else(|| "-".to_owned());
+                    println!(
+                        "{:<11} {:<6} {:>4} {:>5} {:>8.0} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>8.0} {:>8} {:>9} {:>7} {:>6}",
+                        target.name,
+                        if stream { "stream" } else { "whole" },
+                        concurrency,
+                        kib,
+                        rate,
+                        micros(p50),
+                        micros(p90),
+                        micros(p99),
+                        added_p50,
+                        added_p99,
+                        if stream { format!("{:.0}", micros(percentile(&run.first_bytes, 0.5))) } else { "-".to_owned() },
+                        cpu,
+                        versus,
+                        run.errors,
+                    );
+                }
+            }
+        }
+    }
+    for target in &targets {
+        if let Some(rss) = target.pid.and_then(peak_rss_mib) {
+            println!("peak RSS of {}: {rss:.1} MiB", target.name);
+        }
+    }
+    Ok(())
+}
