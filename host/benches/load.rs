@@ -144,7 +144,9 @@ async fn bare_proxy(upstream: &str) -> anyhow::Result<()> {
                     parts.uri = format!(
                         "{}://{}{path}",
                         upstream.scheme_str().unwrap_or("http"),
-                        upstream.authority().map_or("", |authority| authority.as_str())
+                        upstream
+                            .authority()
+                            .map_or("", |authority| authority.as_str())
                     )
                     .parse()
                     .expect("an upstream URI with a path is a URI");
@@ -321,7 +323,10 @@ async fn drive(
     run_result
 }
 
-async fn start_tollgate(simulator: &Simulator, dir: &std::path::Path) -> anyhow::Result<(tokio::process::Child, Target)> {
+async fn start_tollgate(
+    simulator: &Simulator,
+    dir: &std::path::Path,
+) -> anyhow::Result<(tokio::process::Child, Target)> {
     let config = dir.join("bench.toml");
     std::fs::write(
         &config,
@@ -440,7 +445,20 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "{:<11} {:<6} {:>4} {:>5} {:>8} {:>7} {:>7} {:>7} {:>8} {:>8} {:>8} {:>9} {:>7} {:>6}",
-        "target", "mode", "conc", "KiB", "req/s", "p50", "p90", "p99", "+p50", "+p99", "ttfb50", "cpu µs/rq", "vs bare", "errors"
+        "target",
+        "mode",
+        "conc",
+        "KiB",
+        "req/s",
+        "p50",
+        "p90",
+        "p99",
+        "+p50",
+        "+p99",
+        "ttfb50",
+        "cpu µs/rq",
+        "vs bare",
+        "errors"
     );
     for &stream in &options.modes {
         for &kib in &options.sizes_kib {
@@ -448,7 +466,15 @@ async fn main() -> anyhow::Result<()> {
                 let mut direct_p50_p99 = None;
                 let mut bare_rate = None;
                 for target in &targets {
-                    let run = drive(&client, target.clone(), concurrency, kib, stream, options.run).await;
+                    let run = drive(
+                        &client,
+                        target.clone(),
+                        concurrency,
+                        kib,
+                        stream,
+                        options.run,
+                    )
+                    .await;
                     let rate = run.requests as f64 / run.elapsed.as_secs_f64();
                     let (p50, p90, p99) = (
                         percentile(&run.latencies, 0.5),
@@ -483,7 +509,11 @@ async fn main() -> anyhow::Result<()> {
                         micros(p99),
                         added_p50,
                         added_p99,
-                        if stream { format!("{:.0}", micros(percentile(&run.first_bytes, 0.5))) } else { "-".to_owned() },
+                        if stream {
+                            format!("{:.0}", micros(percentile(&run.first_bytes, 0.5)))
+                        } else {
+                            "-".to_owned()
+                        },
                         cpu,
                         versus,
                         run.errors,

@@ -20,10 +20,10 @@ pub struct SledStore {
     ledger: sled::Tree,
     /// Request id → ledger key, for trace look-ups.
     ledger_by_request: sled::Tree,
-    /// Tenant → the sum of its holds (i128 big-endian).
-    held: sled::Tree,
-    /// Hold id → tenant and amount, until the request settles.
-    holds: sled::Tree,
+    /// Holds of the requests in flight. In memory: none survives a restart (no request does), and
+    /// writing them made two sled transactions per request, each sealing and writing a log buffer.
+    /// The lock also orders a hold against a commit's debit, so a decision never sees half of one.
+    holds: std::sync::Mutex<Holds>,
     /// Top-up records, time-ordered.
     top_ups: sled::Tree,
     /// (key id, UTC day) → what the key was charged that day (i128 big-endian).
@@ -55,6 +55,10 @@ impl SledStore {
                 other => StoreError::Backend(other.to_string()),
             })?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
+        // Data directories of 0.1 before holds moved to memory kept them in these trees.
+        for retired in ["held", "holds"] {
+            db.drop_tree(retired).map_err(backend)?;
+        }
         Ok(Self {
             tenants: tree("tenants")?,
             keys: tree("api_keys")?,
@@ -62,8 +66,7 @@ impl SledStore {
             balances: tree("balances")?,
             ledger: tree("ledger")?,
             ledger_by_request: tree("ledger_by_request")?,
-            held: tree("held")?,
-            holds: tree("holds")?,
+            holds: std::sync::Mutex::new(Holds::default()),
             top_ups: tree("top_ups")?,
             key_spend: tree("key_spend")?,
             archived_charges: tree("archived_charges")?,
@@ -73,6 +76,25 @@ impl SledStore {
             bindings: tree("bindings")?,
             db,
         })
+    }
+}
+
+/// Holds of the requests in flight.
+#[derive(Default)]
+struct Holds {
+    /// Hold id → tenant and amount, until the request settles.
+    by_id: std::collections::HashMap<String, (String, u64)>,
+    /// Tenant → the sum of its holds.
+    held: std::collections::HashMap<String, i128>,
+}
+
+impl SledStore {
+    fn holds(&self) -> std::sync::MutexGuard<'_, Holds> {
+        // Every update below is complete before the guard drops: a panicking holder cannot leave
+        // the two maps disagreeing.
+        self.holds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -245,9 +267,9 @@ impl Store for SledStore {
     }
 
     fn available_picos(&self, tenant: &str) -> Result<i128, StoreError> {
+        let holds = self.holds();
         let balance = self.balance_picos(tenant)?;
-        let held = decode_balance(self.held.get(tenant).map_err(backend)?)?;
-        Ok(balance - held)
+        Ok(balance - holds.held.get(tenant).copied().unwrap_or(0))
     }
 
     fn top_up(&self, top_up: &TopUp) -> Result<i128, StoreError> {
@@ -279,27 +301,24 @@ impl Store for SledStore {
         amount_picos: u64,
         seen_available: i128,
     ) -> Result<bool, StoreError> {
-        let hold = encode(&(tenant, amount_picos))?;
-        (&self.balances, &self.held, &self.holds)
-            .transaction(|(balances, held, holds)| {
-                let balance = decode_balance(balances.get(tenant.as_bytes())?)
-                    .map_err(ConflictableTransactionError::Abort)?;
-                let total = decode_balance(held.get(tenant.as_bytes())?)
-                    .map_err(ConflictableTransactionError::Abort)?;
-                if balance - total != seen_available {
-                    return Ok(false);
-                }
-                let total = total + i128::from(amount_picos);
-                held.insert(tenant.as_bytes(), total.to_be_bytes().to_vec())?;
-                holds.insert(hold_id.as_bytes(), hold.as_slice())?;
-                Ok(true)
-            })
-            .map_err(transaction_error)
+        let mut holds = self.holds();
+        let balance = self.balance_picos(tenant)?;
+        let held = holds.held.get(tenant).copied().unwrap_or(0);
+        if balance - held != seen_available {
+            return Ok(false);
+        }
+        holds
+            .held
+            .insert(tenant.to_owned(), held + i128::from(amount_picos));
+        holds
+            .by_id
+            .insert(hold_id.to_owned(), (tenant.to_owned(), amount_picos));
+        Ok(true)
     }
 
     fn clear_holds(&self) -> Result<(), StoreError> {
-        self.holds.clear().map_err(backend)?;
-        self.held.clear().map_err(backend)
+        *self.holds() = Holds::default();
+        Ok(())
     }
 
     fn commit_usage(&self, record: &UsageRecord, hold_id: Option<&str>) -> Result<(), StoreError> {
@@ -307,15 +326,16 @@ impl Store for SledStore {
         let key = ledger_key(record);
         let cost = i128::from(record.cost_picos.unwrap_or(0));
         let spend_key = spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY);
+        // The debit and the release of the hold happen under the holds' lock, so a concurrent
+        // `place_hold` sees both or neither.
+        let mut holds = self.holds();
         (
             &self.ledger,
             &self.ledger_by_request,
             &self.balances,
-            &self.held,
-            &self.holds,
             &self.key_spend,
         )
-            .transaction(|(ledger, by_request, balances, held, holds, key_spend)| {
+            .transaction(|(ledger, by_request, balances, key_spend)| {
                 ledger.insert(key.as_slice(), value.as_slice())?;
                 by_request.insert(record.request_id.as_bytes(), key.as_slice())?;
                 if cost != 0 {
@@ -330,23 +350,18 @@ impl Store for SledStore {
                     key_spend
                         .insert(spend_key.as_slice(), (spent + cost).to_be_bytes().to_vec())?;
                 }
-                let Some(hold_id) = hold_id else {
-                    return Ok(());
-                };
-                let Some(hold) = holds.remove(hold_id.as_bytes())? else {
-                    return Ok(());
-                };
-                let (tenant, amount): (String, u64) =
-                    decode("holds", &hold).map_err(ConflictableTransactionError::Abort)?;
-                let total = decode_balance(held.get(tenant.as_bytes())?)
-                    .map_err(ConflictableTransactionError::Abort)?;
-                held.insert(
-                    tenant.as_bytes(),
-                    (total - i128::from(amount)).to_be_bytes().to_vec(),
-                )?;
                 Ok(())
             })
-            .map_err(transaction_error)
+            .map_err(transaction_error)?;
+        if let Some((tenant, amount)) = hold_id.and_then(|hold_id| holds.by_id.remove(hold_id))
+            && let Some(held) = holds.held.get_mut(&tenant)
+        {
+            *held -= i128::from(amount);
+            if *held == 0 {
+                holds.held.remove(&tenant);
+            }
+        }
+        Ok(())
     }
 
     fn key_spend_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError> {
