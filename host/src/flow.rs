@@ -184,7 +184,8 @@ pub async fn run(
                 &Priced::default(),
                 status,
                 Some(error.class()),
-            );
+            )
+            .await;
             return Err(error);
         }
     };
@@ -227,7 +228,7 @@ pub async fn run(
             }
             translate::complete_body(&context.request, &mut answer);
             let priced = bill::charge(&context, &answer.usage, CallOutcome::Complete).await;
-            finish(&gateway, &mut context, &answer.usage, &priced, 200, None);
+            finish(&gateway, &mut context, &answer.usage, &priced, 200, None).await;
             Ok((Delivery::Json(answer.body), served))
         }
         Reply::Streaming(open) => {
@@ -579,11 +580,11 @@ async fn settle_stream(
         (None, false) => (CallOutcome::Complete, None),
     };
     let priced = bill::charge(&context, &usage, call_outcome).await;
-    finish(gateway, &mut context, &usage, &priced, 200, class);
+    finish(gateway, &mut context, &usage, &priced, 200, class).await;
 }
 
 /// Writes the request's usage record. A failed write is logged loudly: the answer is already out.
-fn finish(
+async fn finish(
     gateway: &Gateway,
     context: &mut RequestContext,
     usage: &Usage,
@@ -607,8 +608,8 @@ fn finish(
     }
     let usage_record = record::usage_record(context, usage, priced, status, class);
     observe(&gateway.metrics, &usage_record);
-    let hold_id = context.hold_id.as_deref();
-    if let Err(error) = record::commit(gateway.store.as_ref(), &usage_record, hold_id) {
+    let hold_id = context.hold_id.clone();
+    if let Err(error) = gateway.ledger.commit(usage_record, hold_id).await {
         tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
     }
 }

@@ -6,7 +6,11 @@
 use crate::bill::Priced;
 use crate::flow::RequestContext;
 use crate::plugin::translator::Usage;
-use crate::store::{RecordedLineItem, RecordedUsage, Store, StoreError, UsageRecord};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{RecordedLineItem, RecordedUsage, Settlement, Store, StoreError, UsageRecord};
 
 /// Why a record could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -95,16 +99,73 @@ fn model_mismatch(context: &RequestContext) -> bool {
     }
 }
 
-/// Appends the record, debits its cost and releases the request's hold in one atomic store write.
-pub fn commit(
-    store: &dyn Store,
-    record: &UsageRecord,
-    hold_id: Option<&str>,
-) -> Result<(), RecordError> {
-    store
-        .commit_usage(record, hold_id)
-        .map_err(|source| RecordError::Store {
-            request_id: record.request_id.clone(),
-            source,
-        })
+/// The most records one store transaction commits.
+const MAX_GROUP: usize = 256;
+
+/// One request waiting for its record to be committed.
+struct Pending {
+    settlement: Settlement,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Commits usage records in groups. Every store commit is a transaction that writes out a log
+/// buffer, so records that finish together share one; each request still waits until its own
+/// record is committed, so nothing a client was answered for goes unrecorded.
+pub struct LedgerWriter {
+    queue: mpsc::UnboundedSender<Pending>,
+}
+
+impl LedgerWriter {
+    /// Starts the writer task on the current runtime.
+    pub fn start(store: Arc<dyn Store>) -> Self {
+        let (queue, mut pending) = mpsc::unbounded_channel::<Pending>();
+        tokio::spawn(async move {
+            while let Some(first) = pending.recv().await {
+                let mut group = vec![first];
+                while group.len() < MAX_GROUP {
+                    match pending.try_recv() {
+                        Ok(next) => group.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let settlements: Vec<Settlement> = group
+                    .iter()
+                    .map(|waiting| waiting.settlement.clone())
+                    .collect();
+                let outcome = store
+                    .commit_usages(&settlements)
+                    .map_err(|error| error.to_string());
+                for waiting in group {
+                    // A request that stopped waiting (its task was dropped) needs no answer.
+                    let _ = waiting.done.send(outcome.clone());
+                }
+            }
+        });
+        Self { queue }
+    }
+
+    /// Commits one request's record (debiting its cost and releasing its hold) together with
+    /// whatever else is waiting, and returns once it is committed.
+    pub async fn commit(
+        &self,
+        record: UsageRecord,
+        hold_id: Option<String>,
+    ) -> Result<(), RecordError> {
+        let request_id = record.request_id.clone();
+        let failed = |reason: String| RecordError::Store {
+            request_id: request_id.clone(),
+            source: StoreError::Backend(reason),
+        };
+        let (done, committed) = oneshot::channel();
+        self.queue
+            .send(Pending {
+                settlement: Settlement { record, hold_id },
+                done,
+            })
+            .map_err(|_| failed("the ledger writer has stopped".to_owned()))?;
+        committed
+            .await
+            .map_err(|_| failed("the ledger writer has stopped".to_owned()))?
+            .map_err(failed)
+    }
 }

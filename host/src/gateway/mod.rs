@@ -150,6 +150,8 @@ impl Channel {
 pub struct Gateway {
     /// Durable state.
     pub store: Arc<dyn Store>,
+    /// Commits usage records, in groups.
+    pub ledger: crate::record::LedgerWriter,
     /// The plugin runtime every binding runs on.
     pub runtime: Arc<PluginRuntime>,
     /// Sandbox defaults and caps of bindings.
@@ -386,6 +388,7 @@ impl Gateway {
         }
         let (trips, tripped) = tokio::sync::mpsc::unbounded_channel();
         let gateway = Arc::new(Self {
+            ledger: crate::record::LedgerWriter::start(store.clone()),
             store,
             plugin_settings: config.plugins.clone(),
             bindings: std::sync::RwLock::new(Arc::new(BindingTable::new(defaults, trips))),

@@ -250,6 +250,15 @@ pub struct StoredBindingSlot {
     pub canary_rolled_back: Option<String>,
 }
 
+/// A finished request's record and the hold it releases.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    /// The usage record.
+    pub record: UsageRecord,
+    /// The request's balance hold, if billing placed one.
+    pub hold_id: Option<String>,
+}
+
 /// A lazy sequence of ledger records.
 pub type UsageRecords = Box<dyn Iterator<Item = Result<UsageRecord, StoreError>> + Send>;
 
@@ -291,8 +300,8 @@ pub enum StoreError {
     },
 }
 
-/// The gateway's durable state. Implementations must make `commit_usage` atomic: the ledger record
-/// and the balance debit land together or not at all.
+/// The gateway's durable state. Implementations must make `commit_usages` atomic: the ledger
+/// records and the balance debits land together or not at all.
 pub trait Store: Send + Sync {
     /// Creates a tenant with a zero balance.
     fn create_tenant(&self, tenant: &Tenant) -> Result<(), StoreError>;
@@ -331,9 +340,9 @@ pub trait Store: Send + Sync {
     ) -> Result<bool, StoreError>;
     /// Drops every hold: at start-up no request is in flight.
     fn clear_holds(&self) -> Result<(), StoreError>;
-    /// Appends the record to the ledger, debits its cost from the tenant's balance and releases
-    /// the request's hold (if `hold_id` names one), atomically.
-    fn commit_usage(&self, record: &UsageRecord, hold_id: Option<&str>) -> Result<(), StoreError>;
+    /// For each settlement, appends the record to the ledger, debits its cost from the tenant's
+    /// balance and releases the request's hold (if it names one); all of them atomically.
+    fn commit_usages(&self, settlements: &[Settlement]) -> Result<(), StoreError>;
     /// What a key has been charged on a UTC day (days since the Unix epoch), in picos.
     fn key_spend_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError>;
     /// Removes the ledger records that arrived before `before_unix_ms`, folding their charges into

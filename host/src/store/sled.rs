@@ -5,8 +5,8 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use super::{
-    ApiKey, MILLIS_PER_DAY, Reconciliation, Store, StoreError, StoredBindingSlot, StoredChannel,
-    StoredPlugin, Tenant, TopUp, UsageRecord, UsageRecords,
+    ApiKey, MILLIS_PER_DAY, Reconciliation, Settlement, Store, StoreError, StoredBindingSlot,
+    StoredChannel, StoredPlugin, Tenant, TopUp, UsageRecord, UsageRecords,
 };
 
 /// The default store: an embedded sled database in the data directory.
@@ -321,12 +321,20 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn commit_usage(&self, record: &UsageRecord, hold_id: Option<&str>) -> Result<(), StoreError> {
-        let value = encode(record)?;
-        let key = ledger_key(record);
-        let cost = i128::from(record.cost_picos.unwrap_or(0));
-        let spend_key = spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY);
-        // The debit and the release of the hold happen under the holds' lock, so a concurrent
+    fn commit_usages(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
+        let entries = settlements
+            .iter()
+            .map(|settlement| {
+                let record = &settlement.record;
+                Ok((
+                    ledger_key(record),
+                    encode(record)?,
+                    i128::from(record.cost_picos.unwrap_or(0)),
+                    spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY),
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // The debits and the release of the holds happen under the holds' lock, so a concurrent
         // `place_hold` sees both or neither.
         let mut holds = self.holds();
         (
@@ -336,29 +344,38 @@ impl Store for SledStore {
             &self.key_spend,
         )
             .transaction(|(ledger, by_request, balances, key_spend)| {
-                ledger.insert(key.as_slice(), value.as_slice())?;
-                by_request.insert(record.request_id.as_bytes(), key.as_slice())?;
-                if cost != 0 {
-                    let current = decode_balance(balances.get(record.tenant.as_bytes())?)
-                        .map_err(ConflictableTransactionError::Abort)?;
-                    balances.insert(
-                        record.tenant.as_bytes(),
-                        (current - cost).to_be_bytes().to_vec(),
-                    )?;
-                    let spent = decode_balance(key_spend.get(spend_key.as_slice())?)
-                        .map_err(ConflictableTransactionError::Abort)?;
-                    key_spend
-                        .insert(spend_key.as_slice(), (spent + cost).to_be_bytes().to_vec())?;
+                for (settlement, (key, value, cost, spend_key)) in settlements.iter().zip(&entries)
+                {
+                    let record = &settlement.record;
+                    ledger.insert(key.as_slice(), value.as_slice())?;
+                    by_request.insert(record.request_id.as_bytes(), key.as_slice())?;
+                    if *cost != 0 {
+                        let current = decode_balance(balances.get(record.tenant.as_bytes())?)
+                            .map_err(ConflictableTransactionError::Abort)?;
+                        balances.insert(
+                            record.tenant.as_bytes(),
+                            (current - cost).to_be_bytes().to_vec(),
+                        )?;
+                        let spent = decode_balance(key_spend.get(spend_key.as_slice())?)
+                            .map_err(ConflictableTransactionError::Abort)?;
+                        key_spend
+                            .insert(spend_key.as_slice(), (spent + cost).to_be_bytes().to_vec())?;
+                    }
                 }
                 Ok(())
             })
             .map_err(transaction_error)?;
-        if let Some((tenant, amount)) = hold_id.and_then(|hold_id| holds.by_id.remove(hold_id))
-            && let Some(held) = holds.held.get_mut(&tenant)
+        for hold_id in settlements
+            .iter()
+            .filter_map(|settlement| settlement.hold_id.as_deref())
         {
-            *held -= i128::from(amount);
-            if *held == 0 {
-                holds.held.remove(&tenant);
+            if let Some((tenant, amount)) = holds.by_id.remove(hold_id)
+                && let Some(held) = holds.held.get_mut(&tenant)
+            {
+                *held -= i128::from(amount);
+                if *held == 0 {
+                    holds.held.remove(&tenant);
+                }
             }
         }
         Ok(())
@@ -557,5 +574,89 @@ impl Store for SledStore {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush().map_err(backend).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RecordedUsage;
+
+    fn record(request_id: &str, cost_picos: u64) -> UsageRecord {
+        serde_json::from_value(serde_json::json!({
+            "unix_ms": 86_400_000u64 * 20_000,
+            "request_id": request_id,
+            "tenant": "acme",
+            "key_id": "key_1",
+            "operation": "chat",
+            "model_asked": "m",
+            "degraded_to": null,
+            "model_served": "m",
+            "channel": "c",
+            "model_mismatch": false,
+            "stream": false,
+            "attempts": [],
+            "usage": RecordedUsage::default(),
+            "cost_picos": cost_picos,
+            "line_items": [],
+            "latency_ms": 1,
+            "status": 200,
+            "error_class": null,
+            "plugins": [],
+        }))
+        .expect("a well-formed record")
+    }
+
+    #[test]
+    fn a_group_commit_records_debits_and_releases_every_hold_at_once() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = SledStore::open(dir.path()).expect("the store opens");
+        store
+            .create_tenant(&Tenant {
+                name: "acme".into(),
+                created_unix_ms: 0,
+                disabled: false,
+                max_concurrency: None,
+            })
+            .expect("a tenant");
+        store
+            .top_up(&TopUp {
+                tenant: "acme".into(),
+                amount_picos: 1_000,
+                reason: "test".into(),
+                unix_ms: 0,
+            })
+            .expect("a top-up");
+        assert!(store.place_hold("acme", "h1", 300, 1_000).expect("placed"));
+        assert!(
+            !store.place_hold("acme", "h2", 200, 1_000).expect("checked"),
+            "a decision on a stale available amount is refused"
+        );
+        assert!(store.place_hold("acme", "h2", 200, 700).expect("placed"));
+        assert_eq!(store.available_picos("acme").expect("read"), 500);
+
+        store
+            .commit_usages(&[
+                Settlement {
+                    record: record("r1", 250),
+                    hold_id: Some("h1".into()),
+                },
+                Settlement {
+                    record: record("r2", 100),
+                    hold_id: Some("h2".into()),
+                },
+            ])
+            .expect("committed");
+        assert_eq!(store.balance_picos("acme").expect("read"), 650);
+        assert_eq!(
+            store.available_picos("acme").expect("read"),
+            650,
+            "holds released"
+        );
+        for id in ["r1", "r2"] {
+            assert!(store.usage_by_request(id).expect("read").is_some(), "{id}");
+        }
+        assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 350);
+        assert!(store.holds().by_id.is_empty() && store.holds().held.is_empty());
     }
 }
