@@ -378,7 +378,8 @@ async fn attempt_channel(
         let result = try_attempt(gateway, context, attempt, key)
             .instrument(span)
             .await;
-        let latency_ms = now.elapsed().as_millis() as u64;
+        let latency = now.elapsed();
+        let latency_ms = latency.as_millis() as u64;
         let key_id = key.map(|index| channel.keys[index].id.clone());
         let (status, error_class, ttfb_ms) = match &result {
             Ok((_, ttfb)) => (Some(200), None, Some(ttfb.as_millis() as u64)),
@@ -396,7 +397,7 @@ async fn attempt_channel(
             .metrics
             .upstream_latency
             .get_or_create(&labels)
-            .observe(latency_ms as f64 / 1000.0);
+            .observe(latency.as_secs_f64());
         if let Ok((_, ttfb)) = &result {
             gateway
                 .metrics
@@ -607,15 +608,20 @@ async fn finish(
         context.plugins.push(trace.clone());
     }
     let usage_record = record::usage_record(context, usage, priced, status, class);
-    observe(&gateway.metrics, &usage_record);
+    observe(
+        &gateway.metrics,
+        &usage_record,
+        context.received_at.elapsed(),
+    );
     let hold_id = context.hold_id.clone();
     if let Err(error) = gateway.ledger.commit(usage_record, hold_id).await {
         tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
     }
 }
 
-/// Counts a finished request in the metrics.
-fn observe(metrics: &Metrics, record: &UsageRecord) {
+/// Counts a finished request in the metrics. `elapsed` is its duration at full precision (the
+/// record keeps whole milliseconds, too coarse for a gateway's sub-millisecond figures).
+fn observe(metrics: &Metrics, record: &UsageRecord, elapsed: Duration) {
     metrics
         .requests
         .get_or_create(&RequestLabels {
@@ -632,7 +638,7 @@ fn observe(metrics: &Metrics, record: &UsageRecord) {
     metrics
         .request_duration
         .get_or_create(&model)
-        .observe(record.latency_ms as f64 / 1000.0);
+        .observe(elapsed.as_secs_f64());
     if let Some(cost) = record.cost_picos {
         metrics.cost_picos.get_or_create(&model).inc_by(cost);
     }
