@@ -190,8 +190,9 @@ impl Gateway {
         let stored = self.stored_binding(scope.role, spec)?;
         let built = self.build(scope.role, &stored).await?;
         self.change_slot(scope, |slot, live| {
+            self.still_stored(&stored)?;
             if let Some(previous) = slot.current.replace(stored.clone()) {
-                slot.history.push(previous);
+                remember(slot, previous);
             }
             live.current = Some(built.clone());
             live.failure_policy = policy(&stored);
@@ -251,6 +252,7 @@ impl Gateway {
         };
         let built = self.build(scope.role, &canary.binding).await?;
         self.change_slot(scope, |slot, live| {
+            self.still_stored(&canary.binding)?;
             live.canary = Some(live_canary(built.clone(), &canary));
             slot.canary = Some(canary.clone());
             slot.canary_rolled_back = None;
@@ -265,7 +267,26 @@ impl Gateway {
         scope: &Scope,
         reason: Option<String>,
     ) -> Result<StoredBindingSlot, BindError> {
+        self.close_canary(scope, reason, None)
+    }
+
+    /// Ends a scope's canary; with `only`, only the canary whose tally that is (not one an
+    /// operator started since).
+    fn close_canary(
+        &self,
+        scope: &Scope,
+        reason: Option<String>,
+        only: Option<&Arc<CanaryStats>>,
+    ) -> Result<StoredBindingSlot, BindError> {
         self.change_slot(scope, |slot, live| {
+            let running = live.canary.as_ref().map(|canary| &canary.stats);
+            if let Some(only) = only
+                && !running.is_some_and(|running| Arc::ptr_eq(running, only))
+            {
+                return Err(BindError::Conflict(format!(
+                    "the canary in {scope} was replaced"
+                )));
+            }
             if slot.canary.take().is_none() {
                 return Err(BindError::Conflict(format!("no canary runs in {scope}")));
             }
@@ -287,7 +308,7 @@ impl Gateway {
                 .take()
                 .ok_or_else(|| BindError::Conflict(format!("no canary runs in {scope}")))?;
             if let Some(previous) = slot.current.replace(canary.binding.clone()) {
-                slot.history.push(previous);
+                remember(slot, previous);
             }
             live.failure_policy = policy(&canary.binding);
             live.current = Some(live_canary.binding);
@@ -298,18 +319,20 @@ impl Gateway {
     /// A canary failed too often: roll it back and say why, in the log, the metrics and the
     /// binding's state that the admin API shows.
     fn canary_tripped(&self, tripped: &CanaryTripped) {
-        let still_running = self
-            .bindings()
-            .slot(&tripped.scope)
-            .and_then(|slot| slot.canary.as_ref())
-            .is_some_and(|canary| Arc::ptr_eq(&canary.stats, &tripped.stats));
-        if !still_running {
-            return;
-        }
-        tracing::error!(scope = %tripped.scope, reason = %tripped.reason, "canary rolled back");
-        self.runtime.metrics().canary_rollbacks.inc();
-        if let Err(error) = self.end_canary(&tripped.scope, Some(tripped.reason.clone())) {
-            tracing::error!(scope = %tripped.scope, %error, "canary rollback failed");
+        let closed = self.close_canary(
+            &tripped.scope,
+            Some(tripped.reason.clone()),
+            Some(&tripped.stats),
+        );
+        match closed {
+            Ok(_) => {
+                tracing::error!(scope = %tripped.scope, reason = %tripped.reason, "canary rolled back");
+                self.runtime.metrics().canary_rollbacks.inc();
+            }
+            Err(BindError::Conflict(_)) => {}
+            Err(error) => {
+                tracing::error!(scope = %tripped.scope, %error, "canary rollback failed");
+            }
         }
     }
 
@@ -414,6 +437,18 @@ impl Gateway {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
         tracing::info!(%scope, "bindings changed");
         Ok(stored)
+    }
+
+    /// Refuses to bind a plugin deleted since it was looked up (called under the writers' lock,
+    /// which deletion also takes).
+    fn still_stored(&self, stored: &StoredBinding) -> Result<(), BindError> {
+        if stored.plugin.starts_with("shipped:") || self.store.plugin(&stored.plugin)?.is_some() {
+            return Ok(());
+        }
+        Err(BindError::Conflict(format!(
+            "plugin {} was deleted meanwhile",
+            stored.plugin
+        )))
     }
 
     /// Checks a spec and resolves its plugin reference to what the store keeps.
@@ -533,6 +568,17 @@ impl Gateway {
         Ok(Arc::new(
             Binding::new(self.runtime.clone(), compiled, config, limits).await?,
         ))
+    }
+}
+
+/// Bindings a scope remembers for `rollback`; older ones are forgotten.
+const HISTORY: usize = 20;
+
+/// Puts a replaced binding on the scope's history, forgetting the oldest past [`HISTORY`].
+fn remember(slot: &mut StoredBindingSlot, previous: StoredBinding) {
+    slot.history.push(previous);
+    if slot.history.len() > HISTORY {
+        slot.history.remove(0);
     }
 }
 
