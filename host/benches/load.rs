@@ -28,7 +28,10 @@ const HELP: &str = "cargo bench -p tollgate --bench load -- [options]
   --modes whole,stream      non-stream answers and/or streams
   --target NAME=URL[,HEADER=VALUE]
                             another OpenAI-compatible endpoint (its chat-completions URL) to
-                            measure beside the others, with the header carrying its key";
+                            measure beside the others, with the header carrying its key
+  --streams N               instead of the matrix: hold N streams open through tollgate at once
+                            (each after its first chunk) and report the gateway's memory per
+                            open stream";
 
 /// One endpoint under load.
 struct Target {
@@ -47,6 +50,7 @@ struct Options {
     run: Duration,
     modes: Vec<bool>,
     extra: Vec<Target>,
+    streams: Option<usize>,
 }
 
 fn options(args: &[String]) -> anyhow::Result<Options> {
@@ -56,6 +60,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         run: Duration::from_secs(2),
         modes: vec![false, true],
         extra: Vec::new(),
+        streams: None,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -79,6 +84,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                     })
                     .collect::<anyhow::Result<_>>()?;
             }
+            "--streams" => options.streams = Some(value()?.parse()?),
             "--target" => {
                 let spec = value()?;
                 let (name, rest) = spec.split_once('=').context("--target NAME=URL")?;
@@ -185,10 +191,96 @@ fn clock_ticks_per_second() -> f64 {
 
 /// Peak resident memory of a process, in MiB.
 fn peak_rss_mib(pid: u32) -> Option<f64> {
+    status_kib(pid, "VmHWM:").map(|kib| kib / 1024.0)
+}
+
+/// A `/proc/PID/status` figure, in KiB.
+fn status_kib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+    let line = status.lines().find(|line| line.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Holds `count` streams open through the gateway at once, each after its first chunk (the
+/// simulator holds the rest), and reports the gateway's resident memory per open stream.
+async fn open_streams(
+    simulator: &Simulator,
+    client: &reqwest::Client,
+    target: &Arc<Target>,
+    count: usize,
+) -> anyhow::Result<()> {
+    let pid = target.pid.context("the gateway's pid")?;
+    simulator.set_standing_fault(Some(tollgate_simulator::Fault {
+        hold_after_chunks: Some(1),
+        ..Default::default()
+    }));
+    let idle_kib = status_kib(pid, "VmRSS:").context("the gateway's RSS")?;
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    let (opened, mut first_chunks) = tokio::sync::mpsc::channel::<bool>(count.max(1));
+    let mut streams = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (client, target, opened) = (client.clone(), target.clone(), opened.clone());
+        streams.push(tokio::spawn(async move {
+            let mut request = client
+                .post(&target.url)
+                .header("content-type", "application/json")
+                .body(chat_body(&target.model, 1, true));
+            if let Some((name, value)) = &target.header {
+                request = request.header(name, value);
+            }
+            let response = match request.send().await {
+                Ok(response) if response.status().is_success() => response,
+                _ => {
+                    let _ = opened.send(false).await;
+                    return false;
+                }
+            };
+            let mut body = response.bytes_stream();
+            let first = matches!(body.next().await, Some(Ok(_)));
+            let _ = opened.send(first).await;
+            let mut complete = first;
+            while let Some(chunk) = body.next().await {
+                complete &= chunk.is_ok();
+            }
+            complete
+        }));
+    }
+    drop(opened);
+    let mut open = 0;
+    let mut failed = 0;
+    while open + failed < count {
+        match tokio::time::timeout(Duration::from_secs(120), first_chunks.recv()).await {
+            Ok(Some(true)) => open += 1,
+            Ok(Some(false)) => failed += 1,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let opening = started.elapsed();
+    // Let the gateway settle (allocator, pending writes) before reading its memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held_kib = status_kib(pid, "VmRSS:").context("the gateway's RSS")?;
+    simulator.set_standing_fault(None);
+    simulator.release();
+    let mut completed = 0;
+    for stream in streams {
+        completed += usize::from(stream.await.unwrap_or(false));
+    }
+    let cpu = match (cpu_before, cpu_seconds(pid)) {
+        (Some(before), Some(after)) => format!("{:.0} µs", (after - before) * 1e6 / count as f64),
+        _ => "-".to_owned(),
+    };
+    println!(
+        "{count} streams held open at once through tollgate: {open} opened in {:.1} s, {failed} failed to open, {completed} completed after release",
+        opening.as_secs_f64()
+    );
+    println!(
+        "gateway RSS {:.1} MiB idle, {:.1} MiB with them open: {:.1} KiB per open stream; CPU per stream {cpu}",
+        idle_kib / 1024.0,
+        held_kib / 1024.0,
+        (held_kib - idle_kib) / open.max(1) as f64
+    );
+    Ok(())
 }
 
 /// What one run measured.
@@ -326,6 +418,7 @@ async fn drive(
 async fn start_tollgate(
     simulator: &Simulator,
     dir: &std::path::Path,
+    max_instances: usize,
 ) -> anyhow::Result<(tokio::process::Child, Target)> {
     let config = dir.join("bench.toml");
     std::fs::write(
@@ -334,6 +427,9 @@ async fn start_tollgate(
             r#"[server]
 listen = "127.0.0.1:0"
 data_dir = "{data}"
+
+[plugins]
+max_instances = {max_instances}
 
 [bindings.billing]
 plugin = "price-table"
@@ -407,7 +503,9 @@ async fn main() -> anyhow::Result<()> {
     let simulator = Simulator::start(([127, 0, 0, 1], 0).into(), Vec::new()).await?;
     simulator.forget_contents();
     let dir = tempfile::tempdir()?;
-    let (_gateway, tollgate) = start_tollgate(&simulator, dir.path()).await?;
+    // Each open stream holds a translator instance; other requests need a few more.
+    let max_instances = options.streams.map_or(1000, |streams| streams + 1000);
+    let (_gateway, tollgate) = start_tollgate(&simulator, dir.path(), max_instances).await?;
     let mut proxy = tokio::process::Command::new(std::env::current_exe()?)
         .args(["--bare-proxy", &format!("http://{}", simulator.address())])
         .stdout(Stdio::piped())
@@ -438,6 +536,13 @@ async fn main() -> anyhow::Result<()> {
         .http1_only()
         .tcp_nodelay(true)
         .build()?;
+    if let Some(count) = options.streams {
+        let tollgate = targets
+            .iter()
+            .find(|target| target.name == "tollgate")
+            .context("the tollgate target")?;
+        return open_streams(&simulator, &client, tollgate, count).await;
+    }
     println!(
         "load benchmark: {} cores, {:.1} s per run after 0.3 s warm-up; latency and stream first byte in µs; added = over direct",
         std::thread::available_parallelism().map_or(1, usize::from),
