@@ -609,21 +609,6 @@ impl Binding {
         &self.compiled.plugin
     }
 
-    /// The role it plays.
-    pub fn role(&self) -> Role {
-        self.compiled.role
-    }
-
-    /// The configuration JSON it was bound with.
-    pub fn config(&self) -> &str {
-        &self.config
-    }
-
-    /// The limits it runs under.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     /// A fresh store for one call or one stream: nothing survives from an earlier call.
     fn store(&self) -> wasmtime::Store<PluginState> {
         sandbox::store(

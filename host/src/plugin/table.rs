@@ -269,13 +269,6 @@ impl BindingTable {
         self.slots.get(scope).map(Arc::as_ref)
     }
 
-    /// Every stored slot.
-    pub fn slots(&self) -> impl Iterator<Item = (&Scope, &Slot)> {
-        self.slots
-            .iter()
-            .map(|(scope, slot)| (scope, slot.as_ref()))
-    }
-
     /// The configuration file's bindings.
     pub fn defaults(&self) -> impl Iterator<Item = (&Scope, &Arc<Binding>)> {
         self.defaults.iter()
