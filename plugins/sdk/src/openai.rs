@@ -143,3 +143,77 @@ mod tests {
         assert_eq!(data_url("https://x/y.png"), None);
     }
 }
+
+/// One message of the client's conversation, with what a refusal names.
+pub struct Message<'a> {
+    /// Its position in `messages`.
+    pub index: usize,
+    /// Its path for error params: `messages[3]`.
+    pub at: String,
+    /// Its role (`system`, `user`, `assistant`, `tool`, …).
+    pub role: &'a str,
+    /// Its `content` (`null` when absent).
+    pub content: &'a Value,
+    /// The whole message (tool calls, tool call id …).
+    pub message: &'a Value,
+}
+
+/// The request's messages, each with a role; a missing or empty list, or a message without a
+/// role, is refused naming it.
+pub fn messages(messages: Option<&Value>) -> Result<Vec<Message<'_>>, InvalidRequest> {
+    let messages = messages
+        .and_then(Value::as_array)
+        .filter(|messages| !messages.is_empty())
+        .ok_or_else(|| invalid("messages must be a non-empty array", "messages"))?;
+    messages
+        .iter()
+        .enumerate()
+        .map(|(index, message)| {
+            let at = format!("messages[{index}]");
+            let role = message
+                .get("role")
+                .and_then(Value::as_str)
+                .ok_or_else(|| invalid("every message needs a role", format!("{at}.role")))?;
+            Ok(Message {
+                index,
+                at,
+                role,
+                content: message.get("content").unwrap_or(&Value::Null),
+                message,
+            })
+        })
+        .collect()
+}
+
+/// A provider's conversation being assembled: consecutive items for one role merge into one turn,
+/// as providers that require alternating turns want.
+#[derive(Default)]
+pub struct Turns {
+    turns: Vec<(&'static str, Vec<Value>)>,
+}
+
+impl Turns {
+    /// Adds a message's items (content blocks, parts) under `role`; nothing for an empty list.
+    pub fn push(&mut self, role: &'static str, items: Vec<Value>) {
+        if items.is_empty() {
+            return;
+        }
+        match self.turns.last_mut() {
+            Some((last, merged)) if *last == role => merged.extend(items),
+            _ => self.turns.push((role, items)),
+        }
+    }
+
+    /// The turns as `{"role": …, <items_key>: […]}` objects.
+    pub fn into_json(self, items_key: &str) -> Vec<Value> {
+        self.turns
+            .into_iter()
+            .map(|(role, items)| {
+                let mut turn = Map::new();
+                turn.insert("role".to_owned(), Value::String(role.to_owned()));
+                turn.insert(items_key.to_owned(), Value::Array(items));
+                Value::Object(turn)
+            })
+            .collect()
+    }
+}

@@ -7,7 +7,7 @@
 
 use serde_json::{Map, Value, json};
 use tollgate_plugin_sdk::openai::{
-    self, ToolChoice, data_url, invalid, max_output_tokens, present, stop_sequences,
+    self, Message, ToolChoice, Turns, data_url, invalid, max_output_tokens, present, stop_sequences,
 };
 use tollgate_plugin_sdk::translator::InvalidRequest;
 
@@ -111,35 +111,23 @@ fn refuse_inexpressible(request: &Map<String, Value>) -> Result<(), InvalidReque
     Ok(())
 }
 
-/// One Anthropic turn being assembled; consecutive OpenAI messages of one role merge into it.
-struct Turn {
-    role: &'static str,
-    blocks: Vec<Value>,
-}
-
 /// Splits the OpenAI messages into Anthropic's top-level system blocks and alternating turns.
 fn conversation(messages: Option<&Value>) -> Result<(Vec<Value>, Vec<Value>), InvalidRequest> {
-    let messages = messages
-        .and_then(Value::as_array)
-        .filter(|messages| !messages.is_empty())
-        .ok_or_else(|| invalid("messages must be a non-empty array", "messages"))?;
     let mut system = Vec::new();
-    let mut turns: Vec<Turn> = Vec::new();
-    for (index, message) in messages.iter().enumerate() {
-        let at = format!("messages[{index}]");
-        let role = message
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid("every message needs a role", format!("{at}.role")))?;
-        let content = message.get("content").unwrap_or(&Value::Null);
-        let (turn_role, blocks) = match role {
-            "system" | "developer" => {
-                system.extend(text_blocks(content, &at)?);
-                continue;
-            }
-            "user" => ("user", user_blocks(content, &at)?),
-            "assistant" => ("assistant", assistant_blocks(message, content, &at)?),
-            "tool" => ("user", vec![tool_result(message, content, &at)?]),
+    let mut turns = Turns::default();
+    for Message {
+        at,
+        role,
+        content,
+        message,
+        ..
+    } in openai::messages(messages)?
+    {
+        match role {
+            "system" | "developer" => system.extend(text_blocks(content, &at)?),
+            "user" => turns.push("user", user_blocks(content, &at)?),
+            "assistant" => turns.push("assistant", assistant_blocks(message, content, &at)?),
+            "tool" => turns.push("user", vec![tool_result(message, content, &at)?]),
             "function" => {
                 return Err(invalid(
                     "the legacy `function` role is not supported: send tool results as `tool` messages",
@@ -152,23 +140,9 @@ fn conversation(messages: Option<&Value>) -> Result<(Vec<Value>, Vec<Value>), In
                     format!("{at}.role"),
                 ));
             }
-        };
-        if blocks.is_empty() {
-            continue;
-        }
-        match turns.last_mut() {
-            Some(last) if last.role == turn_role => last.blocks.extend(blocks),
-            _ => turns.push(Turn {
-                role: turn_role,
-                blocks,
-            }),
         }
     }
-    let messages = turns
-        .into_iter()
-        .map(|turn| json!({ "role": turn.role, "content": turn.blocks }))
-        .collect();
-    Ok((system, messages))
+    Ok((system, turns.into_json("content")))
 }
 
 /// A text block, keeping a `cache_control` marker some OpenAI clients put on their parts.

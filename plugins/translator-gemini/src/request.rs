@@ -9,7 +9,7 @@
 
 use serde_json::{Map, Value, json};
 use tollgate_plugin_sdk::openai::{
-    self, ToolChoice, data_url, invalid, max_output_tokens, present, stop_sequences,
+    self, Message, ToolChoice, Turns, data_url, invalid, max_output_tokens, present, stop_sequences,
 };
 use tollgate_plugin_sdk::translator::InvalidRequest;
 
@@ -123,60 +123,35 @@ fn generation_config(request: &Map<String, Value>) -> Result<Map<String, Value>,
     Ok(config)
 }
 
-/// One Gemini turn being assembled; consecutive OpenAI messages of one role merge into it.
-struct Turn {
-    role: &'static str,
-    parts: Vec<Value>,
-}
-
+/// Splits the OpenAI messages into Gemini's system instruction parts and alternating contents.
 fn conversation(messages: Option<&Value>) -> Result<(Vec<Value>, Vec<Value>), InvalidRequest> {
-    let messages = messages
+    let all = messages
         .and_then(Value::as_array)
-        .filter(|messages| !messages.is_empty())
-        .ok_or_else(|| invalid("messages must be a non-empty array", "messages"))?;
+        .map_or(&[][..], Vec::as_slice);
     let mut system = Vec::new();
-    let mut turns: Vec<Turn> = Vec::new();
-    for (index, message) in messages.iter().enumerate() {
-        let at = format!("messages[{index}]");
-        let role = message
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid("every message needs a role", format!("{at}.role")))?;
-        let content = message.get("content").unwrap_or(&Value::Null);
-        let (turn_role, parts) = match role {
-            "system" | "developer" => {
-                system.extend(text_parts(content, &at)?);
-                continue;
-            }
-            "user" => ("user", user_parts(content, &at)?),
-            "assistant" => ("model", model_parts(message, content, &at)?),
-            "tool" => (
-                "user",
-                vec![function_response(messages, index, content, &at)?],
-            ),
+    let mut turns = Turns::default();
+    for Message {
+        index,
+        at,
+        role,
+        content,
+        message,
+    } in openai::messages(messages)?
+    {
+        match role {
+            "system" | "developer" => system.extend(text_parts(content, &at)?),
+            "user" => turns.push("user", user_parts(content, &at)?),
+            "assistant" => turns.push("model", model_parts(message, content, &at)?),
+            "tool" => turns.push("user", vec![function_response(all, index, content, &at)?]),
             other => {
                 return Err(invalid(
                     format!("message role `{other}` cannot be sent to a Gemini model"),
                     format!("{at}.role"),
                 ));
             }
-        };
-        if parts.is_empty() {
-            continue;
-        }
-        match turns.last_mut() {
-            Some(last) if last.role == turn_role => last.parts.extend(parts),
-            _ => turns.push(Turn {
-                role: turn_role,
-                parts,
-            }),
         }
     }
-    let contents = turns
-        .into_iter()
-        .map(|turn| json!({ "role": turn.role, "parts": turn.parts }))
-        .collect();
-    Ok((system, contents))
+    Ok((system, turns.into_json("parts")))
 }
 
 fn text_parts(content: &Value, at: &str) -> Result<Vec<Value>, InvalidRequest> {
