@@ -128,16 +128,16 @@ impl LedgerWriter {
                         Err(_) => break,
                     }
                 }
-                let settlements: Vec<Settlement> = group
-                    .iter()
-                    .map(|waiting| waiting.settlement.clone())
-                    .collect();
+                let (settlements, waiters): (Vec<Settlement>, Vec<_>) = group
+                    .into_iter()
+                    .map(|waiting| (waiting.settlement, waiting.done))
+                    .unzip();
                 let outcome = store
                     .commit_usages(&settlements)
                     .map_err(|error| error.to_string());
-                for waiting in group {
+                for done in waiters {
                     // A request that stopped waiting (its task was dropped) needs no answer.
-                    let _ = waiting.done.send(outcome.clone());
+                    let _ = done.send(outcome.clone());
                 }
             }
         });
