@@ -388,6 +388,36 @@ async fn fail_open_serves_with_the_global_default_and_the_trace_says_so() {
     )
     .await;
     no_tenant.assert_error(404, Some("tenant_not_found"));
+
+    let globex_router = "role=router&tenant=globex";
+    second_tenant_key(&gateway).await;
+    for (method, path) in [
+        (Method::POST, format!("/bindings/rollback?{globex_router}")),
+        (Method::DELETE, format!("/bindings/canary?{globex_router}")),
+        (
+            Method::POST,
+            format!("/bindings/canary/promote?{globex_router}"),
+        ),
+    ] {
+        let refused = gateway.admin(method, &path, None).await;
+        refused.assert_error(409, Some("binding_conflict"));
+    }
+    let bad_percent = gateway
+        .admin(
+            Method::PUT,
+            &format!("/bindings/canary?{globex_router}"),
+            Some(json!({"plugin": sha, "percent": 100})),
+        )
+        .await;
+    bad_percent.assert_error(400, Some("invalid_binding"));
+    let unknown = gateway
+        .admin(
+            Method::DELETE,
+            &format!("/plugins/{}", "0".repeat(64)),
+            None,
+        )
+        .await;
+    unknown.assert_error(404, Some("not_found"));
 }
 
 #[tokio::test]
