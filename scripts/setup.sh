@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Tollgate needs and a fresh machine may lack:
-# the wasm32-wasip2 Rust target (plugins) and the official `openai` SDKs for Python and Node.js
-# (end-to-end tests).
+# the wasm32-wasip2 Rust target (plugins), the official `openai` SDKs for Python and Node.js and the
+# official `anthropic` Python SDK (end-to-end tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,8 +11,8 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
 fi
 
 if [[ "${1:-}" == "--with-test-deps" ]]; then
-    if ! python3 -c "import openai" 2>/dev/null; then
-        echo "setup: installing the openai Python SDK" >&2
+    if ! python3 -c "import openai, anthropic" 2>/dev/null; then
+        echo "setup: installing the openai and anthropic Python SDKs" >&2
         python3 -m pip install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
     fi
     if [[ ! -d tests/sdk/node_modules/openai ]]; then

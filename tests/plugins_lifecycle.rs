@@ -76,6 +76,25 @@ async fn second_tenant_key(gateway: &harness::Gateway) -> String {
 }
 
 #[tokio::test]
+async fn a_plugin_built_against_the_previous_contract_still_loads_and_routes() {
+    let (_sim, gateway) = two_channel_gateway().await;
+    let old = harness::built_against(&scripted_router(), b"0.1.0");
+    let uploaded = gateway.upload_plugin("scripted-0.1.0", old).await;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.json);
+    assert_eq!(uploaded.json["contract"], "0.1.0");
+    let bound = bind(
+        &gateway,
+        ACME_ROUTER,
+        json!({"plugin": "scripted-0.1.0", "config": {"prefer": "secondary"}}),
+    )
+    .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+    let (answer, record) = routed(&gateway, &gateway.key).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert_eq!(record["channel"], "secondary", "the 0.1.0 router routed it");
+}
+
+#[tokio::test]
 async fn upload_bind_rebind_under_load_rollback_and_restart() {
     let (_sim, mut gateway) = two_channel_gateway().await;
     let globex = second_tenant_key(&gateway).await;
@@ -83,7 +102,7 @@ async fn upload_bind_rebind_under_load_rollback_and_restart() {
     let again = gateway.upload_plugin("scripted", scripted_router()).await;
     assert_eq!(again.status, 200, "the same bytes again: {}", again.json);
     assert_eq!(again.json["role"], "router");
-    assert_eq!(again.json["contract"], "0.1.0");
+    assert_eq!(again.json["contract"], "0.1.1");
 
     // A configuration the plugin refuses is refused at bind time, with the plugin's message.
     let refused = bind(

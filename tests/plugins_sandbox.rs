@@ -173,23 +173,6 @@ async fn an_uploaded_trap_is_contained() {
     uploaded_router_is_contained("trap", json!({}), &["failed"]).await;
 }
 
-/// A component's bytes with every `tollgate:plugin` interface version rewritten (same length, so
-/// the binary stays well-formed): a plugin built against a contract this host does not serve.
-fn built_against(component: &[u8], version: &[u8; 5]) -> Vec<u8> {
-    let needle = b"@0.1.0";
-    let mut bytes = component.to_vec();
-    let mut at = 0;
-    while let Some(found) = bytes[at..]
-        .windows(needle.len())
-        .position(|window| window == needle)
-    {
-        let start = at + found + 1;
-        bytes[start..start + 5].copy_from_slice(version);
-        at = start + 5;
-    }
-    bytes
-}
-
 #[tokio::test]
 async fn uploads_that_are_not_plugins_are_refused_naming_why() {
     let sim = simulator().await;
@@ -222,12 +205,12 @@ async fn uploads_that_are_not_plugins_are_refused_naming_why() {
         ),
         (
             "future",
-            built_against(
+            harness::built_against(
                 &std::fs::read(test_plugin("tollgate_test_plugin_scripted_router.wasm"))
                     .expect("built"),
                 b"0.9.0",
             ),
-            "built against tollgate:plugin@0.9.0; this host serves tollgate:plugin@0.1.0",
+            "built against tollgate:plugin@0.9.0; this host serves tollgate:plugin@0.1.1 and tollgate:plugin@0.1.0",
         ),
     ];
     for (name, bytes, expected) in cases {

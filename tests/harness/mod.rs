@@ -49,6 +49,23 @@ pub fn test_plugin(file: &str) -> PathBuf {
     path
 }
 
+/// A component's bytes with every `tollgate:plugin` interface version rewritten (same length, so
+/// the binary stays well-formed): a plugin built against a contract this host does not serve.
+pub fn built_against(component: &[u8], version: &[u8; 5]) -> Vec<u8> {
+    let needle = b"@0.1.1";
+    let mut bytes = component.to_vec();
+    let mut at = 0;
+    while let Some(found) = bytes[at..]
+        .windows(needle.len())
+        .position(|window| window == needle)
+    {
+        let start = at + found + 1;
+        bytes[start..start + 5].copy_from_slice(version);
+        at = start + 5;
+    }
+    bytes
+}
+
 /// Starts a simulator demanding [`UPSTREAM_KEY`].
 pub async fn simulator() -> Simulator {
     Simulator::start(

@@ -50,7 +50,7 @@ impl Role {
 
 /// Versions of the `tollgate:plugin` WIT package this host serves, newest first. A plugin built
 /// against another is refused at upload, naming both.
-pub const CONTRACTS: &[&str] = &["0.1.0"];
+pub const CONTRACTS: &[&str] = &["0.1.1", "0.1.0"];
 
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -464,7 +464,7 @@ impl PluginRuntime {
         let exports = match role {
             Role::Router => Exports::Router(router::RouterPluginPre::new(pre).map_err(world)?),
             Role::Translator => {
-                Exports::Translator(translator::TranslatorPluginPre::new(pre).map_err(world)?)
+                Exports::Translator(translator::TranslatorExports::new(pre).map_err(world)?)
             }
             Role::Billing => Exports::Billing(billing::BillingPluginPre::new(pre).map_err(world)?),
         };
@@ -564,7 +564,7 @@ fn listed(names: &[&str]) -> String {
 
 enum Exports {
     Router(router::RouterPluginPre<PluginState>),
-    Translator(translator::TranslatorPluginPre<PluginState>),
+    Translator(translator::TranslatorExports),
     Billing(billing::BillingPluginPre<PluginState>),
 }
 

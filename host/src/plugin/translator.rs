@@ -1,7 +1,11 @@
 //! Bindings of `world translator-plugin` and the typed calls the translate and stream stages make.
+//!
+//! The world's two exports are looked up one by one rather than through the generated world
+//! struct, because `inbound` is optional: translators built against contract 0.1.0 do not export
+//! it and must keep loading.
 
 use wasmtime::Store;
-use wasmtime::component::ResourceAny;
+use wasmtime::component::{InstancePre, ResourceAny};
 
 use super::sandbox::PluginState;
 use super::{Binding, Exports, PluginError, Role, sandbox};
@@ -16,11 +20,46 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use super::router::tollgate::plugin::types::{FailureClass, UpstreamFailure, Usage};
+use super::router::tollgate::plugin::types::InvalidRequest;
+pub use super::router::tollgate::plugin::types::{FailureClass, Header, UpstreamFailure, Usage};
+pub use exports::tollgate::plugin::inbound::{Endpoint, ForwardedAnswer, ForwardedEnd};
 pub use exports::tollgate::plugin::translator::{
     AttemptContext, AuthPlacement, HttpMethod, StreamEnd, StreamEvent, StreamFraming,
     TranslateError, UpstreamRequest, UpstreamResponse,
 };
+use exports::tollgate::plugin::{inbound, translator};
+
+/// A translator's exports, found once at load.
+pub(super) struct TranslatorExports {
+    pre: InstancePre<PluginState>,
+    translator: translator::GuestIndices,
+    /// `None` for a plugin built against 0.1.0, which has no client side.
+    inbound: Option<inbound::GuestIndices>,
+}
+
+impl TranslatorExports {
+    /// Finds the exports of a component that exports `translator`.
+    pub(super) fn new(pre: InstancePre<PluginState>) -> wasmtime::Result<Self> {
+        let translator = translator::GuestIndices::new(&pre)?;
+        let inbound = inbound::GuestIndices::new(&pre).ok();
+        Ok(Self {
+            pre,
+            translator,
+            inbound,
+        })
+    }
+}
+
+/// The size of a translated request, for the output cap.
+fn request_bytes(request: &UpstreamRequest) -> usize {
+    request.body.len()
+        + request.path.len()
+        + request
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len())
+            .sum::<usize>()
+}
 
 /// A whole answer in OpenAI's shape, chat or embeddings alike.
 #[derive(Debug)]
@@ -43,11 +82,34 @@ pub enum RequestKind {
 }
 
 impl Binding {
-    fn translator_pre(&self) -> Result<&TranslatorPluginPre<PluginState>, PluginError> {
+    fn translator_exports(&self) -> Result<&TranslatorExports, PluginError> {
         match &self.compiled.exports {
-            Exports::Translator(pre) => Ok(pre),
+            Exports::Translator(exports) => Ok(exports),
             _ => Err(self.wrong_role(Role::Translator)),
         }
+    }
+
+    /// Whether the plugin has a client side (exports `inbound`).
+    pub fn serves_clients(&self) -> bool {
+        self.translator_exports()
+            .is_ok_and(|exports| exports.inbound.is_some())
+    }
+
+    fn inbound_exports(
+        &self,
+    ) -> Result<(&InstancePre<PluginState>, &inbound::GuestIndices), PluginError> {
+        let exports = self.translator_exports()?;
+        let indices = exports
+            .inbound
+            .as_ref()
+            .ok_or_else(|| PluginError::Unbound {
+                role: Role::Translator,
+                what: format!(
+                    "a client side: {} was built without the `inbound` interface",
+                    self.plugin()
+                ),
+            })?;
+        Ok((&exports.pre, indices))
     }
 
     /// Builds the upstream request for one attempt.
@@ -57,15 +119,15 @@ impl Binding {
         context: &AttemptContext,
         body: &str,
     ) -> Result<Result<UpstreamRequest, TranslateError>, PluginError> {
-        let pre = self.translator_pre()?;
+        let exports = self.translator_exports()?;
         let mut store = self.store();
         let export = match kind {
             RequestKind::Chat => "translate-chat-request",
             RequestKind::Embeddings => "translate-embeddings-request",
         };
         let request = sandbox::bounded(&mut store, export, async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
-            let translator = plugin.tollgate_plugin_translator();
+            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            let translator = exports.translator.load(&mut *store, &instance)?;
             match kind {
                 RequestKind::Chat => {
                     translator
@@ -81,14 +143,7 @@ impl Binding {
         })
         .await?;
         if let Ok(request) = &request {
-            let bytes = request.body.len()
-                + request.path.len()
-                + request
-                    .headers
-                    .iter()
-                    .map(|(name, value)| name.len() + value.len())
-                    .sum::<usize>();
-            sandbox::check_output(&store, export, bytes)?;
+            sandbox::check_output(&store, export, request_bytes(request))?;
         }
         Ok(request)
     }
@@ -100,15 +155,15 @@ impl Binding {
         context: &AttemptContext,
         response: &UpstreamResponse,
     ) -> Result<Result<TranslatedAnswer, TranslateError>, PluginError> {
-        let pre = self.translator_pre()?;
+        let exports = self.translator_exports()?;
         let mut store = self.store();
         let export = match kind {
             RequestKind::Chat => "translate-chat-response",
             RequestKind::Embeddings => "translate-embeddings-response",
         };
         let answer = sandbox::bounded(&mut store, export, async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
-            let translator = plugin.tollgate_plugin_translator();
+            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            let translator = exports.translator.load(&mut *store, &instance)?;
             Ok(match kind {
                 RequestKind::Chat => translator
                     .call_translate_chat_response(&mut *store, context, response)
@@ -141,12 +196,13 @@ impl Binding {
         context: &AttemptContext,
         response: &UpstreamResponse,
     ) -> Result<UpstreamFailure, PluginError> {
-        let pre = self.translator_pre()?;
+        let exports = self.translator_exports()?;
         let mut store = self.store();
         sandbox::bounded(&mut store, "read-failure", async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
-            plugin
-                .tollgate_plugin_translator()
+            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            exports
+                .translator
+                .load(&mut *store, &instance)?
                 .call_read_failure(&mut *store, context, response)
                 .await
         })
@@ -159,12 +215,12 @@ impl Binding {
         &self,
         context: &AttemptContext,
     ) -> Result<StreamSession, PluginError> {
-        let pre = self.translator_pre()?;
+        let exports = self.translator_exports()?;
         let mut store = self.store();
         let (plugin, resource) = sandbox::bounded(&mut store, "stream-translator", async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
+            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            let plugin = exports.translator.load(&mut *store, &instance)?;
             let resource = plugin
-                .tollgate_plugin_translator()
                 .stream_translator()
                 .call_constructor(&mut *store, context)
                 .await?;
@@ -181,12 +237,13 @@ impl Binding {
     pub(super) async fn translator_validate_config(
         &self,
     ) -> Result<Result<(), String>, PluginError> {
-        let pre = self.translator_pre()?;
+        let exports = self.translator_exports()?;
         let mut store = self.store();
         sandbox::bounded(&mut store, "validate-config", async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
-            plugin
-                .tollgate_plugin_translator()
+            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            exports
+                .translator
+                .load(&mut *store, &instance)?
                 .call_validate_config(&mut *store, &self.config)
                 .await
         })
@@ -198,7 +255,7 @@ impl Binding {
 /// store and with it the instance.
 pub struct StreamSession {
     store: Store<PluginState>,
-    plugin: TranslatorPlugin,
+    plugin: translator::Guest,
     resource: ResourceAny,
 }
 
@@ -212,7 +269,6 @@ impl StreamSession {
         let plugin = &self.plugin;
         let chunks = sandbox::bounded(&mut self.store, "stream-translator.push", async |store| {
             plugin
-                .tollgate_plugin_translator()
                 .stream_translator()
                 .call_push(&mut *store, resource, event)
                 .await
@@ -231,9 +287,260 @@ impl StreamSession {
         let plugin = &self.plugin;
         sandbox::bounded(&mut self.store, "stream-translator.finish", async |store| {
             plugin
-                .tollgate_plugin_translator()
                 .stream_translator()
                 .call_finish(&mut *store, resource)
+                .await
+        })
+        .await
+    }
+}
+
+/// The client side (`inbound`): calls for requests that came in in the plugin's own protocol.
+impl Binding {
+    /// The client's body in OpenAI's chat shape.
+    pub async fn to_openai_request(
+        &self,
+        endpoint: Endpoint,
+        body: &str,
+    ) -> Result<Result<String, InvalidRequest>, PluginError> {
+        let (pre, indices) = self.inbound_exports()?;
+        let mut store = self.store();
+        let converted = sandbox::bounded(&mut store, "to-openai-request", async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            indices
+                .load(&mut *store, &instance)?
+                .call_to_openai_request(&mut *store, endpoint, body)
+                .await
+        })
+        .await?;
+        if let Ok(converted) = &converted {
+            sandbox::check_output(&store, "to-openai-request", converted.len())?;
+        }
+        Ok(converted)
+    }
+
+    /// The upstream request for the client's own body, on a channel of the same protocol.
+    pub async fn forward_request(
+        &self,
+        endpoint: Endpoint,
+        context: &AttemptContext,
+        body: &str,
+        client_headers: &[Header],
+    ) -> Result<Result<UpstreamRequest, TranslateError>, PluginError> {
+        let (pre, indices) = self.inbound_exports()?;
+        let mut store = self.store();
+        let request = sandbox::bounded(&mut store, "forward-request", async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            indices
+                .load(&mut *store, &instance)?
+                .call_forward_request(&mut *store, endpoint, context, body, client_headers)
+                .await
+        })
+        .await?;
+        if let Ok(request) = &request {
+            sandbox::check_output(&store, "forward-request", request_bytes(request))?;
+        }
+        Ok(request)
+    }
+
+    /// Reads a same-protocol 2xx whole answer: passed through, usage read.
+    pub async fn read_forwarded_response(
+        &self,
+        endpoint: Endpoint,
+        context: &AttemptContext,
+        response: &UpstreamResponse,
+    ) -> Result<Result<ForwardedAnswer, TranslateError>, PluginError> {
+        let (pre, indices) = self.inbound_exports()?;
+        let mut store = self.store();
+        let answer = sandbox::bounded(&mut store, "read-forwarded-response", async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            indices
+                .load(&mut *store, &instance)?
+                .call_read_forwarded_response(&mut *store, endpoint, context, response)
+                .await
+        })
+        .await?;
+        if let Ok(answer) = &answer {
+            sandbox::check_output(&store, "read-forwarded-response", answer.body.len())?;
+        }
+        Ok(answer)
+    }
+
+    /// An OpenAI `chat.completion` body in the plugin's protocol.
+    pub async fn from_openai_response(
+        &self,
+        context: &AttemptContext,
+        body: &str,
+    ) -> Result<Result<String, TranslateError>, PluginError> {
+        let (pre, indices) = self.inbound_exports()?;
+        let mut store = self.store();
+        let converted = sandbox::bounded(&mut store, "from-openai-response", async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            indices
+                .load(&mut *store, &instance)?
+                .call_from_openai_response(&mut *store, context, body)
+                .await
+        })
+        .await?;
+        if let Ok(converted) = &converted {
+            sandbox::check_output(&store, "from-openai-response", converted.len())?;
+        }
+        Ok(converted)
+    }
+
+    /// The count-tokens answer for the host's own count.
+    pub async fn count_tokens_answer(&self, input_tokens: u64) -> Result<String, PluginError> {
+        let (pre, indices) = self.inbound_exports()?;
+        let mut store = self.store();
+        let answer = sandbox::bounded(&mut store, "count-tokens-answer", async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            indices
+                .load(&mut *store, &instance)?
+                .call_count_tokens_answer(&mut *store, input_tokens)
+                .await
+        })
+        .await?;
+        sandbox::check_output(&store, "count-tokens-answer", answer.len())?;
+        Ok(answer)
+    }
+
+    /// Opens a same-protocol stream reader; like [`Binding::open_stream`], it keeps its own store.
+    pub async fn open_forwarded_stream(
+        &self,
+        context: &AttemptContext,
+    ) -> Result<ForwardedSession, PluginError> {
+        let (pre, indices) = self.inbound_exports()?;
+        let mut store = self.store();
+        let (plugin, resource) = sandbox::bounded(&mut store, "forwarded-stream", async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let plugin = indices.load(&mut *store, &instance)?;
+            let resource = plugin
+                .forwarded_stream()
+                .call_constructor(&mut *store, context)
+                .await?;
+            Ok((plugin, resource))
+        })
+        .await?;
+        Ok(ForwardedSession {
+            store,
+            plugin,
+            resource,
+        })
+    }
+
+    /// Opens a converter of OpenAI chunks into the plugin's protocol; it keeps its own store.
+    pub async fn open_openai_stream(
+        &self,
+        context: &AttemptContext,
+    ) -> Result<ConvertedSession, PluginError> {
+        let (pre, indices) = self.inbound_exports()?;
+        let mut store = self.store();
+        let (plugin, resource) = sandbox::bounded(&mut store, "openai-stream", async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            let plugin = indices.load(&mut *store, &instance)?;
+            let resource = plugin
+                .openai_stream()
+                .call_constructor(&mut *store, context)
+                .await?;
+            Ok((plugin, resource))
+        })
+        .await?;
+        Ok(ConvertedSession {
+            store,
+            plugin,
+            resource,
+        })
+    }
+}
+
+fn events_bytes(events: &[StreamEvent]) -> usize {
+    events
+        .iter()
+        .map(|event| event.data.len() + event.event.as_ref().map_or(0, String::len))
+        .sum()
+}
+
+/// One live `forwarded-stream` resource with the store that owns it.
+pub struct ForwardedSession {
+    store: Store<PluginState>,
+    plugin: inbound::Guest,
+    resource: ResourceAny,
+}
+
+impl ForwardedSession {
+    /// Pushes one upstream event; returns the events to send the client now.
+    pub async fn push(
+        &mut self,
+        event: &StreamEvent,
+    ) -> Result<Result<Vec<StreamEvent>, TranslateError>, PluginError> {
+        let resource = self.resource;
+        let plugin = &self.plugin;
+        let events = sandbox::bounded(&mut self.store, "forwarded-stream.push", async |store| {
+            plugin
+                .forwarded_stream()
+                .call_push(&mut *store, resource, event)
+                .await
+        })
+        .await?;
+        if let Ok(events) = &events {
+            sandbox::check_output(&self.store, "forwarded-stream.push", events_bytes(events))?;
+        }
+        Ok(events)
+    }
+
+    /// Ends the stream: trailing events, usage, served model, completeness.
+    pub async fn finish(&mut self) -> Result<Result<ForwardedEnd, TranslateError>, PluginError> {
+        let resource = self.resource;
+        let plugin = &self.plugin;
+        sandbox::bounded(&mut self.store, "forwarded-stream.finish", async |store| {
+            plugin
+                .forwarded_stream()
+                .call_finish(&mut *store, resource)
+                .await
+        })
+        .await
+    }
+}
+
+/// One live `openai-stream` resource with the store that owns it.
+pub struct ConvertedSession {
+    store: Store<PluginState>,
+    plugin: inbound::Guest,
+    resource: ResourceAny,
+}
+
+impl ConvertedSession {
+    /// Pushes one OpenAI chunk; returns the events to send the client now.
+    pub async fn push(
+        &mut self,
+        chunk: &str,
+    ) -> Result<Result<Vec<StreamEvent>, TranslateError>, PluginError> {
+        let resource = self.resource;
+        let plugin = &self.plugin;
+        let events = sandbox::bounded(&mut self.store, "openai-stream.push", async |store| {
+            plugin
+                .openai_stream()
+                .call_push(&mut *store, resource, chunk)
+                .await
+        })
+        .await?;
+        if let Ok(events) = &events {
+            sandbox::check_output(&self.store, "openai-stream.push", events_bytes(events))?;
+        }
+        Ok(events)
+    }
+
+    /// Ends the stream with the final usage; returns the closing events.
+    pub async fn finish(
+        &mut self,
+        usage: Usage,
+    ) -> Result<Result<Vec<StreamEvent>, TranslateError>, PluginError> {
+        let resource = self.resource;
+        let plugin = &self.plugin;
+        sandbox::bounded(&mut self.store, "openai-stream.finish", async |store| {
+            plugin
+                .openai_stream()
+                .call_finish(&mut *store, resource, usage)
                 .await
         })
         .await

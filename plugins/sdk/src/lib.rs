@@ -24,6 +24,7 @@
 
 pub mod billing;
 pub mod host;
+pub mod inbound;
 pub mod openai;
 pub mod router;
 pub mod translator;

@@ -220,10 +220,15 @@ pub trait StreamTranslate: 'static {
     fn finish(&mut self) -> Result<StreamEnd, TranslateError>;
 }
 
-/// Exports a [`Translator`] implementation as the plugin's translator world.
+/// Exports a [`Translator`] implementation as the plugin's translator world, with no client side
+/// (`export_translator!(T)`) or with the [`Inbound`](crate::inbound::Inbound) implementation that
+/// lets clients speak the protocol (`export_translator!(T, inbound: I)`).
 #[macro_export]
 macro_rules! export_translator {
     ($translator:ty) => {
+        $crate::export_translator!($translator, inbound: $crate::inbound::NoInbound);
+    };
+    ($translator:ty, inbound: $inbound:ty) => {
         #[doc(hidden)]
         struct TollgateTranslatorExport;
 
@@ -297,6 +302,103 @@ macro_rules! export_translator {
                 response: $crate::translator::UpstreamResponse,
             ) -> $crate::translator::UpstreamFailure {
                 <$translator as $crate::translator::Translator>::read_failure(context, response)
+            }
+        }
+
+        #[doc(hidden)]
+        struct TollgateForwardedExport(
+            ::core::cell::RefCell<<$inbound as $crate::inbound::Inbound>::Forwarded>,
+        );
+
+        impl $crate::wit::translator::exports::tollgate::plugin::inbound::GuestForwardedStream
+            for TollgateForwardedExport
+        {
+            fn new(context: $crate::translator::AttemptContext) -> Self {
+                Self(::core::cell::RefCell::new(
+                    <<$inbound as $crate::inbound::Inbound>::Forwarded as $crate::inbound::ForwardStream>::new(context),
+                ))
+            }
+
+            fn push(
+                &self,
+                event: $crate::translator::StreamEvent,
+            ) -> Result<Vec<$crate::translator::StreamEvent>, $crate::translator::TranslateError> {
+                $crate::inbound::ForwardStream::push(&mut *self.0.borrow_mut(), event)
+            }
+
+            fn finish(&self) -> Result<$crate::inbound::ForwardedEnd, $crate::translator::TranslateError> {
+                $crate::inbound::ForwardStream::finish(&mut *self.0.borrow_mut())
+            }
+        }
+
+        #[doc(hidden)]
+        struct TollgateConvertedExport(
+            ::core::cell::RefCell<<$inbound as $crate::inbound::Inbound>::Converted>,
+        );
+
+        impl $crate::wit::translator::exports::tollgate::plugin::inbound::GuestOpenaiStream
+            for TollgateConvertedExport
+        {
+            fn new(context: $crate::translator::AttemptContext) -> Self {
+                Self(::core::cell::RefCell::new(
+                    <<$inbound as $crate::inbound::Inbound>::Converted as $crate::inbound::ConvertStream>::new(context),
+                ))
+            }
+
+            fn push(
+                &self,
+                chunk: String,
+            ) -> Result<Vec<$crate::translator::StreamEvent>, $crate::translator::TranslateError> {
+                $crate::inbound::ConvertStream::push(&mut *self.0.borrow_mut(), chunk)
+            }
+
+            fn finish(
+                &self,
+                usage: $crate::translator::Usage,
+            ) -> Result<Vec<$crate::translator::StreamEvent>, $crate::translator::TranslateError> {
+                $crate::inbound::ConvertStream::finish(&mut *self.0.borrow_mut(), usage)
+            }
+        }
+
+        impl $crate::wit::translator::exports::tollgate::plugin::inbound::Guest
+            for TollgateTranslatorExport
+        {
+            type ForwardedStream = TollgateForwardedExport;
+            type OpenaiStream = TollgateConvertedExport;
+
+            fn to_openai_request(
+                endpoint: $crate::inbound::Endpoint,
+                body: String,
+            ) -> Result<String, $crate::translator::InvalidRequest> {
+                <$inbound as $crate::inbound::Inbound>::to_openai_request(endpoint, body)
+            }
+
+            fn forward_request(
+                endpoint: $crate::inbound::Endpoint,
+                context: $crate::translator::AttemptContext,
+                body: String,
+                client_headers: Vec<$crate::translator::Header>,
+            ) -> Result<$crate::translator::UpstreamRequest, $crate::translator::TranslateError> {
+                <$inbound as $crate::inbound::Inbound>::forward_request(endpoint, context, body, client_headers)
+            }
+
+            fn read_forwarded_response(
+                endpoint: $crate::inbound::Endpoint,
+                context: $crate::translator::AttemptContext,
+                response: $crate::translator::UpstreamResponse,
+            ) -> Result<$crate::inbound::ForwardedAnswer, $crate::translator::TranslateError> {
+                <$inbound as $crate::inbound::Inbound>::read_forwarded_response(endpoint, context, response)
+            }
+
+            fn from_openai_response(
+                context: $crate::translator::AttemptContext,
+                body: String,
+            ) -> Result<String, $crate::translator::TranslateError> {
+                <$inbound as $crate::inbound::Inbound>::from_openai_response(context, body)
+            }
+
+            fn count_tokens_answer(input_tokens: u64) -> String {
+                <$inbound as $crate::inbound::Inbound>::count_tokens_answer(input_tokens)
             }
         }
 
