@@ -6,42 +6,7 @@
 
 mod harness;
 
-use std::path::Path;
-use std::time::Duration;
-
 use harness::{anthropic_channel, billing, channel, gemini_channel, simulator, start};
-
-/// Runs an SDK script against the gateway; returns the JSON object it printed.
-async fn run_script(
-    program: &str,
-    script: &str,
-    gateway: &harness::Gateway,
-    env: &[(&str, &str)],
-) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/sdk")
-        .join(script);
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(program)
-            .arg(&script)
-            .env("OPENAI_BASE_URL", format!("{}/v1", gateway.url))
-            .env("OPENAI_API_KEY", &gateway.key)
-            .envs(env.iter().copied())
-            .output(),
-    )
-    .await
-    .expect("the SDK script finishes within 60 s")
-    .expect("the interpreter runs (.ci/run installs the SDKs: scripts/setup.sh --with-test-deps)");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{}: stdout: {stdout}\nstderr: {stderr}",
-        script.display()
-    );
-    serde_json::from_str(stdout.trim()).expect("the script prints JSON")
-}
 
 /// What tests/sdk/translated_channel.py must see whatever protocol the channel speaks.
 fn assert_translated_session(python: &serde_json::Value) {
@@ -72,7 +37,7 @@ async fn the_official_python_sdk_consumes_a_gemini_channel() {
     ))
     .await
     .unwrap();
-    let python = run_script(
+    let python = harness::sdk_script(
         "python3",
         "translated_channel.py",
         &gateway,
@@ -105,10 +70,10 @@ async fn the_official_sdks_consume_an_anthropic_channel() {
     ))
     .await
     .unwrap();
-    let python = run_script("python3", "translated_channel.py", &gateway, &[]).await;
+    let python = harness::sdk_script("python3", "translated_channel.py", &gateway, &[]).await;
     assert_translated_session(&python);
 
-    let node = run_script("node", "anthropic_stream.mjs", &gateway, &[]).await;
+    let node = harness::sdk_script("node", "anthropic_stream.mjs", &gateway, &[]).await;
     assert_eq!(node["stream"], "Echo: hello from node");
     assert_eq!(node["finish"], "stop");
     assert_eq!(node["usage_total"], 3 + 4);
@@ -124,7 +89,7 @@ async fn the_official_python_sdk_chats_and_streams() {
     ))
     .await
     .unwrap();
-    let results = run_script("python3", "openai_chat.py", &gateway, &[]).await;
+    let results = harness::sdk_script("python3", "openai_chat.py", &gateway, &[]).await;
     assert_eq!(results["chat"], "Echo: hello from the sdk");
     assert_eq!(results["chat_model"], "sim-model");
     assert_eq!(results["chat_usage_total"], 4 + 5);

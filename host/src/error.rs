@@ -11,7 +11,7 @@ use crate::auth::AuthError;
 use crate::bill::BillingError;
 use crate::gateway::BindError;
 use crate::limit::LimitError;
-use crate::plugin::translator::FailureClass;
+use crate::plugin::translator::{FailureClass, StreamEvent};
 use crate::plugin::{PluginError, Role};
 use crate::request::InvalidBody;
 use crate::route::RouteError;
@@ -110,6 +110,17 @@ pub enum ApiError {
         /// Path asked.
         path: String,
     },
+}
+
+/// The client protocol an error is rendered in: the shape of the endpoint that was called. The
+/// mapping from error to status and class is one; only its rendering differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `{"error":{"message","type","code","param"}}`, as OpenAI answers.
+    OpenAi,
+    /// `{"type":"error","error":{"type","message"}}`, as Anthropic's Messages API answers, with
+    /// its error types and its 529 for an overloaded upstream.
+    AnthropicMessages,
 }
 
 /// The rendered facts of an error: status and OpenAI's error object.
@@ -485,31 +496,61 @@ impl ApiError {
         }
     }
 
-    fn body(rendered: &Rendered) -> serde_json::Value {
-        json!({
-            "error": {
-                "message": rendered.message,
-                "type": rendered.kind,
-                "param": rendered.param,
-                "code": rendered.code,
+    /// Status and body in the dialect.
+    fn shaped(rendered: &Rendered, dialect: Dialect) -> (StatusCode, serde_json::Value) {
+        match dialect {
+            Dialect::OpenAi => (
+                rendered.status,
+                json!({
+                    "error": {
+                        "message": rendered.message,
+                        "type": rendered.kind,
+                        "param": rendered.param,
+                        "code": rendered.code,
+                    }
+                }),
+            ),
+            Dialect::AnthropicMessages => {
+                let overloaded = rendered.code.as_deref() == Some("upstream_overloaded");
+                let (status, kind) = match rendered.status.as_u16() {
+                    _ if overloaded => (
+                        StatusCode::from_u16(529).expect("529 is a valid status code"),
+                        "overloaded_error",
+                    ),
+                    400 | 422 => (rendered.status, "invalid_request_error"),
+                    401 => (rendered.status, "authentication_error"),
+                    403 => (rendered.status, "permission_error"),
+                    404 | 405 => (rendered.status, "not_found_error"),
+                    413 => (rendered.status, "request_too_large"),
+                    429 => (rendered.status, "rate_limit_error"),
+                    400..=499 => (rendered.status, "invalid_request_error"),
+                    _ => (rendered.status, "api_error"),
+                };
+                (
+                    status,
+                    json!({"type": "error", "error": {"type": kind, "message": rendered.message}}),
+                )
             }
-        })
+        }
     }
 
     /// The error as one SSE event, for a stream that already started (its status cannot change).
-    pub fn sse_frame(&self) -> Bytes {
-        crate::sse::data_frame(&Self::body(&self.render()).to_string())
+    pub fn sse_frame(&self, dialect: Dialect) -> Bytes {
+        let (_, body) = Self::shaped(&self.render(), dialect);
+        match dialect {
+            Dialect::OpenAi => crate::sse::data_frame(&body.to_string()),
+            Dialect::AnthropicMessages => crate::sse::event_frame(&StreamEvent {
+                event: Some("error".to_owned()),
+                data: body.to_string(),
+            }),
+        }
     }
-}
 
-/// The error's description, kept in the response extensions for the trace layer to log once.
-#[derive(Debug, Clone)]
-pub struct LoggedError(pub String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+    /// The error as a response in the dialect of the endpoint that was called.
+    pub fn response_in(self, dialect: Dialect) -> Response {
         let rendered = self.render();
-        let mut response = (rendered.status, axum::Json(Self::body(&rendered))).into_response();
+        let (status, body) = Self::shaped(&rendered, dialect);
+        let mut response = (status, axum::Json(body)).into_response();
         if let Some(retry_after_ms) = rendered.retry_after_ms {
             let seconds = retry_after_ms.div_ceil(1000).max(1);
             if let Ok(value) = HeaderValue::from_str(&seconds.to_string()) {
@@ -525,6 +566,16 @@ impl IntoResponse for ApiError {
         }
         response.extensions_mut().insert(LoggedError(described));
         response
+    }
+}
+
+/// The error's description, kept in the response extensions for the trace layer to log once.
+#[derive(Debug, Clone)]
+pub struct LoggedError(pub String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.response_in(Dialect::OpenAi)
     }
 }
 

@@ -16,9 +16,10 @@ use tracing::Instrument;
 
 use crate::auth::Caller;
 use crate::bill::{self, Priced};
-use crate::error::ApiError;
+use crate::error::{ApiError, Dialect};
 use crate::gateway::Gateway;
 use crate::health::{Admission, ChannelHealth};
+use crate::inbound::{self, Inbound};
 use crate::limit::{self, LimitPermit};
 use crate::metrics::{
     AttemptLabels, ChannelLabels, Metrics, ModelLabels, RequestLabels, TokenLabels,
@@ -78,6 +79,10 @@ pub struct RequestContext {
     pub router: Resolved,
     /// The billing plugin this request calls (the same one for authorize and charge).
     pub billing: Resolved,
+    /// Set when the client spoke another protocol than OpenAI's: its own body and plugin.
+    pub inbound: Option<Inbound>,
+    /// The protocol of the channel that answered.
+    pub served_protocol: Option<String>,
 }
 
 impl RequestContext {
@@ -113,7 +118,16 @@ impl RequestContext {
             bindings,
             router,
             billing,
+            inbound: None,
+            served_protocol: None,
         })
+    }
+
+    /// The dialect the client's errors are rendered in.
+    pub fn dialect(&self) -> Dialect {
+        self.inbound
+            .as_ref()
+            .map_or(Dialect::OpenAi, |inbound| inbound.dialect)
     }
 
     /// Milliseconds since the request arrived.
@@ -131,7 +145,7 @@ pub fn now_unix_ms() -> u64 {
 
 /// What an attempt produced.
 enum Reply {
-    /// A whole OpenAI-shaped answer; pricing and recording follow.
+    /// A whole answer in the client's protocol; pricing and recording follow.
     Whole(translate::Answer),
     /// A stream whose first content has arrived; pumping, pricing and recording follow.
     Streaming(Box<stream::OpenStream>),
@@ -216,17 +230,8 @@ pub async fn run(
             .as_secs_f64(),
     );
     match reply {
-        Reply::Whole(mut answer) => {
+        Reply::Whole(answer) => {
             admission.succeeded(started.elapsed(), ttfb);
-            if answer.usage.estimated {
-                // The upstream reported no usage: count both sides with the tokenizer.
-                answer.usage.input_tokens =
-                    tokens::prompt_tokens(context.request.operation, &context.request.body);
-                if context.request.operation == Operation::Chat {
-                    answer.usage.output_tokens = tokens::answer_tokens(&answer.body);
-                }
-            }
-            translate::complete_body(&context.request, &mut answer);
             let priced = bill::charge(&context, &answer.usage, CallOutcome::Complete).await;
             finish(&gateway, &mut context, &answer.usage, &priced, 200, None).await;
             Ok((Delivery::Json(answer.body), served))
@@ -248,6 +253,65 @@ pub async fn run(
             Ok((Delivery::Stream(receiver), served))
         }
     }
+}
+
+/// Counts the prompt's tokens for a client protocol's count endpoint. The planned channels of the
+/// client's own protocol are asked in order, forwarded untouched (an exact count); when the plan
+/// reaches a channel of another protocol, or they all fail, the host counts with its tokenizer
+/// and the protocol's plugin writes the answer. Counting is free: nothing is held, charged or
+/// recorded, but the key's model allow-list and request rate apply.
+pub async fn count_tokens(
+    gateway: Arc<Gateway>,
+    mut context: RequestContext,
+) -> Result<String, ApiError> {
+    let mut permit = limit::admit(&gateway.limiter, &context.caller, &context.request)?;
+    permit.settle_tokens(0);
+    let plan = route::plan(&gateway, &mut context).await?;
+    let Some(inbound) = context.inbound.as_ref() else {
+        return Err(ApiError::NoAttempt);
+    };
+    for attempt in &plan.attempts {
+        let channel = attempt.channel.as_ref();
+        if !inbound.forwards_to(&channel.config.protocol) {
+            break;
+        }
+        let Ok(key) = channel.pick_key(&context.caller.tenant, Instant::now(), &[]) else {
+            continue;
+        };
+        let translator = translate::translator(&context, channel)?;
+        let attempt_context = translate::attempt_context(&context, channel, attempt);
+        let forwarded = translate::forward(&translator, channel, &attempt_context, inbound).await?;
+        let key = key.map(|index| &channel.keys[index]);
+        let first_byte = channel.first_byte_timeout(&context.request.model);
+        let answered = match upstream::send(channel, key, forwarded.value, first_byte).await {
+            Ok(response) => {
+                upstream::read_whole(channel, response, gateway.max_upstream_body_bytes).await
+            }
+            Err(error) => Err(error),
+        };
+        let counted = match answered {
+            Ok(whole) => {
+                translate::forwarded_answer(
+                    &forwarded.ran,
+                    channel,
+                    &attempt_context,
+                    inbound.endpoint,
+                    &whole,
+                )
+                .await
+            }
+            Err(error) => Err(error.into()),
+        };
+        match counted {
+            Ok(answer) => return Ok(answer.body),
+            Err(TranslateError::Upstream(error)) if error.is_retryable() => {
+                tracing::info!(channel = %channel.config.name, class = error.class(), "token count failed; next channel");
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let counted = tokens::prompt_tokens(Operation::Chat, &context.request.body);
+    Ok(inbound.plugin.count_tokens_answer(counted).await?)
 }
 
 fn zero_usage() -> Usage {
@@ -493,9 +557,9 @@ fn skipped(
     }
 }
 
-/// One attempt: translate, call, and deliver (whole answer, or a stream whose first content came).
-/// Returns the reply and its time to first byte (first content for streams, the answer's headers
-/// otherwise).
+/// One attempt: translate (or, on a channel of the client's own protocol, forward), call, and
+/// deliver (whole answer, or a stream whose first content came). Returns the reply and its time to
+/// first byte (first content for streams, the answer's headers otherwise).
 async fn try_attempt(
     gateway: &Gateway,
     context: &mut RequestContext,
@@ -506,13 +570,25 @@ async fn try_attempt(
     let channel = attempt.channel.as_ref();
     let translator = translate::translator(context, channel)?;
     let attempt_context = translate::attempt_context(context, channel, attempt);
-    let translated = translate::request(
-        &translator,
-        channel,
-        &attempt_context,
-        &context.request.body,
-    )
-    .await?;
+    let forwarded = context
+        .inbound
+        .as_ref()
+        .filter(|inbound| inbound.forwards_to(&channel.config.protocol));
+    let translated = match forwarded {
+        Some(inbound) => {
+            translate::forward(&translator, channel, &attempt_context, inbound).await?
+        }
+        None => {
+            translate::request(
+                &translator,
+                channel,
+                &attempt_context,
+                &context.request.body,
+            )
+            .await?
+        }
+    };
+    let forwarded = forwarded.map(|inbound| inbound.endpoint);
     context.plugins.push(translated.trace);
     // The rest of the attempt runs on the plugin that translated the request.
     let translator = translated.ran;
@@ -525,15 +601,37 @@ async fn try_attempt(
     context.upstream_wait += waiting.elapsed();
     let response = sent?;
     let reply = if let (true, Some(framing)) = (context.request.stream, framing) {
-        let max_error_bytes = gateway.max_upstream_body_bytes;
+        let shape = stream::StreamShape {
+            framing,
+            dialect: context.dialect(),
+            max_error_body_bytes: gateway.max_upstream_body_bytes,
+            prompt_estimate: context.request.estimated_input_tokens,
+        };
+        let relay = async || -> Result<stream::Relay, TranslateError> {
+            let session = match (&context.inbound, forwarded) {
+                (_, Some(_)) => {
+                    return Ok(stream::Relay::Forwarded(
+                        translator.open_forwarded_stream(&attempt_context).await?,
+                    ));
+                }
+                (inbound, None) => (translator.open_stream(&attempt_context).await?, inbound),
+            };
+            Ok(match session {
+                (session, Some(inbound)) => stream::Relay::Converted(
+                    session,
+                    Box::new(inbound.plugin.open_openai_stream(&attempt_context).await?),
+                ),
+                (session, None) => stream::Relay::OpenAi(session),
+            })
+        };
         let waiting = Instant::now();
         let opened = stream::open(
             &translator,
+            relay,
             channel,
             &attempt_context,
-            framing,
             response,
-            max_error_bytes,
+            shape,
         )
         .await;
         // Includes the translator's pushes before the first chunk: a few µs each.
@@ -544,13 +642,47 @@ async fn try_attempt(
         let ttfb = started.elapsed();
         let whole =
             upstream::read_whole(channel, response, gateway.max_upstream_body_bytes).await?;
-        let answer = translate::answer(&translator, channel, &attempt_context, &whole).await?;
+        let answer = match forwarded {
+            Some(endpoint) => {
+                translate::forwarded_answer(
+                    &translator,
+                    channel,
+                    &attempt_context,
+                    endpoint,
+                    &whole,
+                )
+                .await?
+            }
+            None => {
+                let mut answer =
+                    translate::answer(&translator, channel, &attempt_context, &whole).await?;
+                complete_answer(context, &mut answer);
+                if let Some(inbound) = &context.inbound {
+                    inbound::convert_answer(inbound, &attempt_context, &mut answer).await?;
+                }
+                answer
+            }
+        };
         context.served_model = answer.served_model.clone();
         (Reply::Whole(answer), ttfb)
     };
+    context.served_protocol = Some(channel.config.protocol.clone());
     context.served_channel = Some(channel.config.name.clone());
     context.routed_model = Some(attempt.upstream_model.clone());
     Ok(reply)
+}
+
+/// Finishes an OpenAI-shaped whole answer: usage the upstream did not report is counted with the
+/// tokenizer (both sides) and written into the body, base64 embeddings encoded.
+fn complete_answer(context: &RequestContext, answer: &mut translate::Answer) {
+    if answer.usage.estimated {
+        answer.usage.input_tokens =
+            tokens::prompt_tokens(context.request.operation, &context.request.body);
+        if context.request.operation == Operation::Chat {
+            answer.usage.output_tokens = tokens::answer_tokens(&answer.body);
+        }
+    }
+    translate::complete_body(&context.request, answer);
 }
 
 /// After a stream: usage (estimated from the prompt if the upstream reported none), price, record.

@@ -14,6 +14,7 @@ pub mod error;
 pub mod flow;
 pub mod gateway;
 pub mod health;
+pub mod inbound;
 pub mod limit;
 pub mod listen;
 pub mod metrics;

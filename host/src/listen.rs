@@ -1,8 +1,9 @@
 //! Listen: the HTTP surface. The axum router, the request id, the body cap, the request span, and
 //! the handlers that turn HTTP into a [`RequestContext`] and a [`Delivery`] back into HTTP.
 //!
-//! In: HTTP requests. Out: OpenAI-shaped responses, or an [`ApiError`] rendered by `error.rs`.
-//! Next: auth, then `flow::run`.
+//! In: HTTP requests. Out: OpenAI-shaped responses (Anthropic-shaped on `/v1/messages`), or an
+//! [`ApiError`] rendered by `error.rs` in the endpoint's dialect. Next: auth, then `inbound` for
+//! another client protocol, then `flow::run`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,15 +21,26 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::auth::{self, Caller};
+use crate::error::Dialect;
 use crate::error::{ApiError, LoggedError};
 use crate::flow::{self, Delivery, RequestContext};
 use crate::gateway::Gateway;
+use crate::inbound::{self, ClientProtocol};
 use crate::plugin::router::Operation;
-use crate::request::{self, InvalidBody};
+use crate::plugin::table::BindingTable;
+use crate::plugin::translator::Endpoint;
+use crate::plugin::{PluginError, Role};
+use crate::request::{self, ClientRequest, InvalidBody};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Client headers with this prefix become router tags (`x-tollgate-tier: batch` → `tier=batch`).
 const TAG_PREFIX: &str = "x-tollgate-";
+/// Anthropic's Messages API, spoken by the translator bound for the `anthropic` protocol.
+const ANTHROPIC_MESSAGES: ClientProtocol = ClientProtocol {
+    name: "anthropic",
+    header_prefix: "anthropic-",
+    dialect: Dialect::AnthropicMessages,
+};
 
 /// The gateway's HTTP application.
 pub fn app(gateway: Arc<Gateway>, admin_token: Option<String>) -> Router {
@@ -37,6 +49,8 @@ pub fn app(gateway: Arc<Gateway>, admin_token: Option<String>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
@@ -165,6 +179,120 @@ async fn embeddings(
     serve(gateway, headers, body, Operation::Embeddings).await
 }
 
+/// `POST /v1/messages`: Anthropic's Messages API, answered and failed in its shape.
+async fn messages(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<OpenAiBody, ApiError>,
+) -> Response {
+    let served = async {
+        let context = arrive_in(&gateway, &headers, body?, Endpoint::Messages).await?;
+        deliver(gateway, context).await
+    };
+    in_dialect(&headers, served.await)
+}
+
+/// `POST /v1/messages/count_tokens`.
+async fn count_tokens(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Result<OpenAiBody, ApiError>,
+) -> Response {
+    let counted = async {
+        let context = arrive_in(&gateway, &headers, body?, Endpoint::CountTokens).await?;
+        let answer = flow::count_tokens(gateway, context).await?;
+        Ok(json_response(answer))
+    };
+    in_dialect(&headers, counted.await)
+}
+
+/// An Anthropic-endpoint response: errors in Anthropic's shape, the request id in `request-id`
+/// as Anthropic's SDKs read it.
+fn in_dialect(headers: &HeaderMap, result: Result<Response, ApiError>) -> Response {
+    let mut response = result.unwrap_or_else(|error| error.response_in(ANTHROPIC_MESSAGES.dialect));
+    if let Some(request_id) = headers.get(REQUEST_ID) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("request-id"), request_id.clone());
+    }
+    response
+}
+
+/// Authenticates a request in the Anthropic protocol and converts it to the OpenAI form the flow
+/// reads, keeping the client's own body for channels of the same protocol.
+async fn arrive_in(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    body: OpenAiBody,
+    endpoint: Endpoint,
+) -> Result<RequestContext, ApiError> {
+    let received_at = Instant::now();
+    let caller = authenticate(gateway, headers)?;
+    let (text, _) = body.parse()?;
+    let bindings = gateway.bindings();
+    let protocol_headers = headers
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with(ANTHROPIC_MESSAGES.header_prefix))
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    let (inbound, openai, trace) = inbound::convert_request(
+        &bindings,
+        &caller.tenant,
+        ANTHROPIC_MESSAGES,
+        endpoint,
+        text,
+        protocol_headers,
+    )
+    .await?;
+    let value: Value = serde_json::from_str(&openai).map_err(|error| {
+        ApiError::from(PluginError::Contract {
+            plugin: inbound.plugin.plugin().clone(),
+            role: Role::Translator,
+            detail: format!("`to-openai-request` returned no JSON: {error}"),
+        })
+    })?;
+    let client_request = request::read(Operation::Chat, openai, &value)?;
+    let mut context = start_context(headers, received_at, caller, client_request, bindings)?;
+    context.plugins.push(trace);
+    context.inbound = Some(inbound);
+    Ok(context)
+}
+
+/// The context of an authenticated request whose body was read.
+fn start_context(
+    headers: &HeaderMap,
+    received_at: Instant,
+    caller: Caller,
+    client_request: ClientRequest,
+    bindings: Arc<BindingTable>,
+) -> Result<RequestContext, ApiError> {
+    Span::current().record("model", client_request.model.as_str());
+    let request_id = header_str(headers, REQUEST_ID.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    Ok(RequestContext::new(
+        request_id,
+        received_at,
+        caller,
+        client_request,
+        tags(headers),
+        bindings,
+    )?)
+}
+
+fn json_response(body: String) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
 async fn serve(
     gateway: Arc<Gateway>,
     headers: HeaderMap,
@@ -175,28 +303,21 @@ async fn serve(
     let caller = authenticate(&gateway, &headers)?;
     let (text, value) = body.parse()?;
     let client_request = request::read(operation, text, &value)?;
-    Span::current().record("model", client_request.model.as_str());
-    let request_id = header_str(&headers, REQUEST_ID.as_str())
-        .unwrap_or_default()
-        .to_owned();
-    let context = RequestContext::new(
-        request_id,
+    let context = start_context(
+        &headers,
         received_at,
         caller,
         client_request,
-        tags(&headers),
         gateway.bindings(),
     )?;
+    deliver(gateway, context).await
+}
+
+/// Runs the flow and writes what it delivers.
+async fn deliver(gateway: Arc<Gateway>, context: RequestContext) -> Result<Response, ApiError> {
     let (delivery, served) = flow::run(gateway, context).await?;
     let mut response = match delivery {
-        Delivery::Json(body) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response(),
+        Delivery::Json(body) => json_response(body),
         Delivery::Stream(receiver) => {
             let frames = futures::stream::unfold(receiver, |mut receiver| async move {
                 let frame = receiver.recv().await?;

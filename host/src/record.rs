@@ -55,6 +55,12 @@ pub fn usage_record(
         model_served: context.served_model.clone().unwrap_or_default(),
         channel: context.served_channel.clone().unwrap_or_default(),
         model_mismatch: model_mismatch(context),
+        protocol_in: context
+            .inbound
+            .as_ref()
+            .map_or("openai", |inbound| inbound.protocol)
+            .to_owned(),
+        protocol_out: context.served_protocol.clone(),
         stream: context.request.stream,
         attempts: context.attempts.clone(),
         usage: RecordedUsage {

@@ -115,6 +115,24 @@ pub fn data_frame(payload: &str) -> Bytes {
     Bytes::from(frame)
 }
 
+/// One named SSE event (`event: NAME` then its data, one `data:` line per line of it), as a client
+/// protocol other than OpenAI's streams them.
+pub fn event_frame(event: &StreamEvent) -> Bytes {
+    let mut frame = String::with_capacity(event.data.len() + 32);
+    if let Some(name) = &event.event {
+        frame.push_str("event: ");
+        frame.push_str(name);
+        frame.push('\n');
+    }
+    for line in event.data.split('\n') {
+        frame.push_str("data: ");
+        frame.push_str(line);
+        frame.push('\n');
+    }
+    frame.push('\n');
+    Bytes::from(frame)
+}
+
 /// Whether an OpenAI chunk payload sets a `finish_reason` (a string, not `null`). Every complete
 /// OpenAI stream has one before `[DONE]`; a stream that ends without one was cut, whatever the
 /// upstream's framing said. A byte scan, not a parse: it runs on every chunk.
@@ -142,6 +160,23 @@ mod tests {
 
     fn sse() -> EventFramer {
         EventFramer::new(StreamFraming::Sse)
+    }
+
+    #[test]
+    fn a_named_event_frames_back_to_itself() {
+        let event = StreamEvent {
+            event: Some("message_stop".to_owned()),
+            data: "{\"type\":\"message_stop\"}\nsecond line".to_owned(),
+        };
+        let frame = event_frame(&event);
+        assert_eq!(
+            frame,
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\ndata: second line\n\n"
+        );
+        let framed = sse().push(&frame);
+        assert_eq!(framed.len(), 1);
+        assert_eq!(framed[0].event, event.event);
+        assert_eq!(framed[0].data, event.data);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Stream: carries a streamed upstream answer to the client chunk by chunk, through the channel's
-//! translator, without buffering.
+//! Stream: carries a streamed upstream answer to the client chunk by chunk, without buffering:
+//! through the channel's translator to OpenAI chunks (converted to the client's protocol when it
+//! spoke another), or, on a channel of the client's own protocol, passed through as it came.
 //!
 //! In: the upstream response of one attempt. [`open`] waits for the first content, so an upstream
 //! error before it can still fail over; [`pump`] then forwards every chunk the moment it is
@@ -14,13 +15,14 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Dialect};
 use crate::gateway::Channel;
 use crate::plugin::Binding;
 use crate::plugin::translator::{
-    AttemptContext, StreamEvent, StreamFraming, StreamSession, TranslateError as WitError, Usage,
+    AttemptContext, ConvertedSession, ForwardedSession, StreamEvent, StreamFraming, StreamSession,
+    Usage,
 };
-use crate::sse::{DONE_FRAME, EventFramer, carries_finish_reason, data_frame};
+use crate::sse::{DONE_FRAME, EventFramer, carries_finish_reason, data_frame, event_frame};
 use crate::translate::{self, TranslateError};
 use crate::upstream::{self, TimeoutPhase, UpstreamError};
 
@@ -72,12 +74,179 @@ impl UpstreamEvents {
     }
 }
 
+/// Where a stream's events come from and in which protocol they reach the client.
+pub enum Relay {
+    /// The channel's translator turns upstream events into OpenAI chunks, sent as OpenAI SSE.
+    OpenAi(StreamSession),
+    /// The same, then the client protocol's plugin turns each chunk into its events.
+    Converted(StreamSession, Box<ConvertedSession>),
+    /// Same protocol: the upstream's events pass through, the plugin reading the usage.
+    Forwarded(ForwardedSession),
+}
+
+/// What a relay's end produced.
+struct RelayEnd {
+    frames: Vec<Bytes>,
+    usage: Option<Usage>,
+    served_model: Option<String>,
+}
+
+impl Relay {
+    /// Takes one upstream event; returns the frames for the client and whether the answer's end
+    /// (a finish reason, or the protocol's own end event) passed.
+    async fn push(
+        &mut self,
+        channel: &str,
+        event: &StreamEvent,
+        finished: &mut bool,
+    ) -> Result<Vec<Bytes>, TranslateError> {
+        let wit = |error| translate::plugin_error_named(channel, error);
+        match self {
+            Relay::OpenAi(session) => {
+                let chunks = session.push(event).await?.map_err(wit)?;
+                Ok(chunks
+                    .iter()
+                    .map(|chunk| {
+                        *finished |= carries_finish_reason(chunk);
+                        data_frame(chunk)
+                    })
+                    .collect())
+            }
+            Relay::Converted(session, converter) => {
+                let chunks = session.push(event).await?.map_err(wit)?;
+                convert(channel, converter, chunks, finished).await
+            }
+            Relay::Forwarded(session) => {
+                let events = session.push(event).await?.map_err(wit)?;
+                Ok(events.iter().map(event_frame).collect())
+            }
+        }
+    }
+
+    /// Ends the relay once the upstream ended: trailing frames, usage, served model. The closing
+    /// frames of a converted stream go out only when the answer finished (a cut stream gets an
+    /// error event instead).
+    async fn end(
+        &mut self,
+        channel: &str,
+        finished: &mut bool,
+        prompt_estimate: u64,
+    ) -> Result<RelayEnd, TranslateError> {
+        let wit = |error| translate::plugin_error_named(channel, error);
+        match self {
+            Relay::OpenAi(session) => {
+                let end = session.finish().await?.map_err(wit)?;
+                let mut frames: Vec<Bytes> = end
+                    .chunks
+                    .iter()
+                    .map(|chunk| {
+                        *finished |= carries_finish_reason(chunk);
+                        data_frame(chunk)
+                    })
+                    .collect();
+                if *finished {
+                    frames.push(Bytes::from_static(DONE_FRAME.as_bytes()));
+                }
+                Ok(RelayEnd {
+                    frames,
+                    usage: end.usage,
+                    served_model: end.served_model,
+                })
+            }
+            Relay::Converted(session, converter) => {
+                let end = session.finish().await?.map_err(wit)?;
+                let mut frames = convert(channel, converter, end.chunks, finished).await?;
+                if *finished {
+                    // The client reads the final usage here: the reported one, else the estimate.
+                    let usage = end.usage.unwrap_or(Usage {
+                        input_tokens: prompt_estimate,
+                        cache_read_tokens: 0,
+                        cache_write_tokens: 0,
+                        output_tokens: 0,
+                        reasoning_tokens: 0,
+                        estimated: true,
+                    });
+                    let events = converter.finish(usage).await?.map_err(wit)?;
+                    frames.extend(events.iter().map(event_frame));
+                }
+                Ok(RelayEnd {
+                    frames,
+                    usage: end.usage,
+                    served_model: end.served_model,
+                })
+            }
+            Relay::Forwarded(session) => {
+                let end = session.finish().await?.map_err(wit)?;
+                *finished = end.complete;
+                Ok(RelayEnd {
+                    frames: end.events.iter().map(event_frame).collect(),
+                    usage: end.usage,
+                    served_model: end.served_model,
+                })
+            }
+        }
+    }
+
+    /// The usage so far, for a stream that ends early; sends nothing.
+    async fn usage_so_far(&mut self) -> (Option<Usage>, Option<String>) {
+        let end = match self {
+            Relay::OpenAi(session) | Relay::Converted(session, _) => session
+                .finish()
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|end| (end.usage, end.served_model)),
+            Relay::Forwarded(session) => session
+                .finish()
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|end| (end.usage, end.served_model)),
+        };
+        end.unwrap_or_default()
+    }
+}
+
+/// OpenAI chunks through the client protocol's converter, as frames.
+async fn convert(
+    channel: &str,
+    converter: &mut ConvertedSession,
+    chunks: Vec<String>,
+    finished: &mut bool,
+) -> Result<Vec<Bytes>, TranslateError> {
+    let mut frames = Vec::new();
+    for chunk in chunks {
+        *finished |= carries_finish_reason(&chunk);
+        let events = converter
+            .push(&chunk)
+            .await?
+            .map_err(|error| translate::plugin_error_named(channel, error))?;
+        frames.extend(events.iter().map(event_frame));
+    }
+    Ok(frames)
+}
+
 /// A stream whose first content has arrived (or which ended without any).
 pub struct OpenStream {
-    session: StreamSession,
+    relay: Relay,
     events: UpstreamEvents,
-    first_chunks: Vec<String>,
+    first_frames: Vec<Bytes>,
+    finished: bool,
     idle: Duration,
+    dialect: Dialect,
+    prompt_estimate: u64,
+}
+
+/// How one stream is read and written.
+pub struct StreamShape {
+    /// The upstream's framing.
+    pub framing: StreamFraming,
+    /// The client's dialect, for the error event of a stream that fails after it started.
+    pub dialect: Dialect,
+    /// Cap on an error answer's body.
+    pub max_error_body_bytes: usize,
+    /// The prompt tokens a converted stream reports when the upstream reported none.
+    pub prompt_estimate: u64,
 }
 
 /// How a pumped stream ended.
@@ -93,61 +262,59 @@ pub struct StreamOutcome {
     pub client_gone: bool,
 }
 
-fn from_wit(channel: &Channel, error: WitError) -> TranslateError {
-    translate::plugin_error(channel, error)
-}
-
-/// Opens the translator on a streamed response and waits for its first content, within the
-/// channel's first-byte timeout. Until this returns `Ok`, nothing has reached the client, so any
-/// error here may fail over to the next attempt.
+/// Opens a streamed response with its relay and waits for its first content, within the channel's
+/// first-byte timeout. Until this returns `Ok`, nothing has reached the client, so any error here
+/// may fail over to the next attempt. The relay is made only for a successful answer.
 pub async fn open(
     translator: &Binding,
+    relay: impl AsyncFnOnce() -> Result<Relay, TranslateError>,
     channel: &Channel,
     attempt: &AttemptContext,
-    framing: StreamFraming,
     response: reqwest::Response,
-    max_error_body_bytes: usize,
+    shape: StreamShape,
 ) -> Result<OpenStream, TranslateError> {
     if !response.status().is_success() {
-        let whole = upstream::read_whole(channel, response, max_error_body_bytes).await?;
+        let whole = upstream::read_whole(channel, response, shape.max_error_body_bytes).await?;
         return Err(translate::failure(translator, channel, attempt, &whole).await);
     }
-    let mut session = translator.open_stream(attempt).await?;
+    let mut relay = relay().await?;
     let mut events = UpstreamEvents {
         channel: channel.config.name.clone(),
         body: Box::pin(response.bytes_stream()),
-        framer: EventFramer::new(framing),
+        framer: EventFramer::new(shape.framing),
         ready: VecDeque::new(),
         ended: false,
     };
     let first_byte = channel.first_byte_timeout(&attempt.public_model);
-    let mut first_chunks = Vec::new();
-    while first_chunks.is_empty() {
+    let mut first_frames = Vec::new();
+    let mut finished = false;
+    while first_frames.is_empty() {
         let Some(event) = events.next(first_byte, TimeoutPhase::FirstByte).await? else {
             break;
         };
-        first_chunks = session
-            .push(&event)
-            .await?
-            .map_err(|error| from_wit(channel, error))?;
+        first_frames = relay
+            .push(&channel.config.name, &event, &mut finished)
+            .await?;
     }
     Ok(OpenStream {
-        session,
+        relay,
         events,
-        first_chunks,
+        first_frames,
+        finished,
         idle: Duration::from_millis(channel.config.idle_timeout_ms),
+        dialect: shape.dialect,
+        prompt_estimate: shape.prompt_estimate,
     })
 }
 
-/// Forwards the stream to the client: the first chunks, then each translated event as it arrives,
-/// the translator's trailing chunks and `[DONE]`. A failure after the first chunk cannot change the
-/// status any more: the client gets one OpenAI-shaped error event and the stream closes.
+/// Forwards the stream to the client: the first frames, then each relayed event as it arrives,
+/// the relay's trailing frames and the protocol's end. A failure after the first frame cannot
+/// change the status any more: the client gets one error event in its dialect and the stream closes.
 pub async fn pump(mut stream: OpenStream, client: mpsc::Sender<Bytes>) -> StreamOutcome {
     let mut outcome = StreamOutcome::default();
-    let mut finished = false;
-    for chunk in std::mem::take(&mut stream.first_chunks) {
-        finished |= carries_finish_reason(&chunk);
-        if client.send(data_frame(&chunk)).await.is_err() {
+    let channel = stream.events.channel.clone();
+    for frame in std::mem::take(&mut stream.first_frames) {
+        if client.send(frame).await.is_err() {
             outcome.client_gone = true;
             return finish_quietly(stream, outcome).await;
         }
@@ -158,88 +325,81 @@ pub async fn pump(mut stream: OpenStream, client: mpsc::Sender<Bytes>) -> Stream
             Ok(None) => break,
             Err(error) => return cut(stream, outcome, &client, ApiError::from(error)).await,
         };
-        let chunks = match stream.session.push(&event).await {
-            Ok(Ok(chunks)) => chunks,
-            Ok(Err(error)) => {
-                let channel = stream.events.channel.clone();
-                let error = translate::plugin_error_named(&channel, error);
-                return cut(stream, outcome, &client, ApiError::from(error)).await;
-            }
+        let frames = match stream
+            .relay
+            .push(&channel, &event, &mut stream.finished)
+            .await
+        {
+            Ok(frames) => frames,
             Err(error) => return cut(stream, outcome, &client, ApiError::from(error)).await,
         };
-        for chunk in chunks {
-            finished |= carries_finish_reason(&chunk);
-            if client.send(data_frame(&chunk)).await.is_err() {
+        for frame in frames {
+            if client.send(frame).await.is_err() {
                 outcome.client_gone = true;
                 return finish_quietly(stream, outcome).await;
             }
         }
     }
-    match stream.session.finish().await {
-        Ok(Ok(end)) => {
+    let dialect = stream.dialect;
+    match stream
+        .relay
+        .end(&channel, &mut stream.finished, stream.prompt_estimate)
+        .await
+    {
+        Ok(end) => {
             outcome.usage = end.usage;
             outcome.served_model = end.served_model;
-            for chunk in end.chunks {
-                finished |= carries_finish_reason(&chunk);
-                if client.send(data_frame(&chunk)).await.is_err() {
+            for frame in end.frames {
+                if client.send(frame).await.is_err() {
                     outcome.client_gone = true;
                     return outcome;
                 }
             }
-            if !finished {
+            if !stream.finished {
                 // The upstream closed cleanly but mid-answer: never a silent stop.
                 let error = UpstreamError::Cut {
-                    channel: stream.events.channel.clone(),
+                    channel,
                     reason: "the stream ended before the answer finished".to_owned(),
                 };
-                send_error(&client, &mut outcome, ApiError::from(error)).await;
-                return outcome;
+                send_error(&client, &mut outcome, ApiError::from(error), dialect).await;
             }
-            if client
-                .send(Bytes::from_static(DONE_FRAME.as_bytes()))
-                .await
-                .is_err()
-            {
-                outcome.client_gone = true;
-            }
-            outcome
-        }
-        Ok(Err(error)) => {
-            let channel = stream.events.channel.clone();
-            let error = translate::plugin_error_named(&channel, error);
-            send_error(&client, &mut outcome, ApiError::from(error)).await;
             outcome
         }
         Err(error) => {
-            send_error(&client, &mut outcome, ApiError::from(error)).await;
+            send_error(&client, &mut outcome, ApiError::from(error), dialect).await;
             outcome
         }
     }
 }
 
-/// Ends a stream early: asks the translator for the usage so far, then sends the error event.
+/// Ends a stream early: asks the relay for the usage so far, then sends the error event.
 async fn cut(
     stream: OpenStream,
     outcome: StreamOutcome,
     client: &mpsc::Sender<Bytes>,
     error: ApiError,
 ) -> StreamOutcome {
+    let dialect = stream.dialect;
     let mut outcome = finish_quietly(stream, outcome).await;
-    send_error(client, &mut outcome, error).await;
+    send_error(client, &mut outcome, error, dialect).await;
     outcome
 }
 
-async fn send_error(client: &mpsc::Sender<Bytes>, outcome: &mut StreamOutcome, error: ApiError) {
+async fn send_error(
+    client: &mpsc::Sender<Bytes>,
+    outcome: &mut StreamOutcome,
+    error: ApiError,
+    dialect: Dialect,
+) {
     outcome.cut = Some(error.class());
     // The client may be gone already; the record says the stream was cut either way.
-    let _ = client.send(error.sse_frame()).await;
+    let _ = client.send(error.sse_frame(dialect)).await;
 }
 
-/// Collects what usage the translator has, without sending anything more.
+/// Collects what usage the relay has, without sending anything more.
 async fn finish_quietly(mut stream: OpenStream, mut outcome: StreamOutcome) -> StreamOutcome {
-    if let Ok(Ok(end)) = stream.session.finish().await {
-        outcome.usage = end.usage;
-        outcome.served_model = end.served_model;
-    }
+    let (usage, served_model) = stream.relay.usage_so_far().await;
+    outcome.usage = usage;
+    outcome.served_model = served_model;
     outcome
 }

@@ -9,10 +9,11 @@ use base64::Engine as _;
 
 use crate::flow::RequestContext;
 use crate::gateway::{Channel, Gateway};
+use crate::inbound::Inbound;
 use crate::plugin::router::Operation;
 use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::{
-    self as wit, AttemptContext, RequestKind, UpstreamRequest, UpstreamResponse,
+    self as wit, AttemptContext, Endpoint, RequestKind, UpstreamRequest, UpstreamResponse,
 };
 use crate::plugin::{Binding, PluginError, Role};
 use crate::request::ClientRequest;
@@ -169,6 +170,47 @@ pub async fn request(
         .call(|binding| async move { binding.translate_request(kind, attempt, body).await })
         .await?
         .try_map(|translated| translated.map_err(|error| plugin_error(channel, error)))
+}
+
+/// Builds the upstream request that forwards the client's own body to a channel of its protocol,
+/// failing open like [`request`].
+pub async fn forward(
+    translator: &Resolved,
+    channel: &Channel,
+    attempt: &AttemptContext,
+    inbound: &Inbound,
+) -> Result<Called<UpstreamRequest>, TranslateError> {
+    translator
+        .call(|binding| async move {
+            binding
+                .forward_request(inbound.endpoint, attempt, &inbound.body, &inbound.headers)
+                .await
+        })
+        .await?
+        .try_map(|forwarded| forwarded.map_err(|error| plugin_error(channel, error)))
+}
+
+/// Reads a whole answer of the client's own protocol: a failure for non-2xx, else the body as it
+/// came with its usage read.
+pub async fn forwarded_answer(
+    translator: &Binding,
+    channel: &Channel,
+    attempt: &AttemptContext,
+    endpoint: Endpoint,
+    response: &UpstreamResponse,
+) -> Result<Answer, TranslateError> {
+    if !(200..300).contains(&response.status) {
+        return Err(failure(translator, channel, attempt, response).await);
+    }
+    let answer = translator
+        .read_forwarded_response(endpoint, attempt, response)
+        .await?
+        .map_err(|error| plugin_error(channel, error))?;
+    Ok(Answer {
+        body: answer.body,
+        usage: answer.usage,
+        served_model: answer.served_model,
+    })
 }
 
 /// Reads a whole upstream answer: a failure for non-2xx, else the OpenAI-shaped answer.

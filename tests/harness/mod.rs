@@ -393,8 +393,14 @@ impl SseReader {
     }
 }
 
-/// A channel table of `protocol` at `url` with a models table.
-fn protocol_channel(name: &str, protocol: &str, url: &str, priority: u32, models: &str) -> String {
+/// A channel table of `protocol` at `url` with a models table (`"public" = "upstream"` pairs).
+pub fn protocol_channel(
+    name: &str,
+    protocol: &str,
+    url: &str,
+    priority: u32,
+    models: &str,
+) -> String {
     format!(
         r#"
 [[channels]]
@@ -544,4 +550,40 @@ pub fn plugin_version(component: &[u8], label: &str) -> Vec<u8> {
     leb128(payload.len(), &mut bytes);
     bytes.extend_from_slice(&payload);
     bytes
+}
+
+/// Runs an official-SDK script from tests/sdk against the gateway, with the base URL and key in
+/// the environment variables the `openai` and `anthropic` SDKs read; returns the JSON object it
+/// printed.
+pub async fn sdk_script(
+    program: &str,
+    script: &str,
+    gateway: &Gateway,
+    env: &[(&str, &str)],
+) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/sdk")
+        .join(script);
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(program)
+            .arg(&script)
+            .env("OPENAI_BASE_URL", format!("{}/v1", gateway.url))
+            .env("OPENAI_API_KEY", &gateway.key)
+            .env("ANTHROPIC_BASE_URL", &gateway.url)
+            .env("ANTHROPIC_API_KEY", &gateway.key)
+            .envs(env.iter().copied())
+            .output(),
+    )
+    .await
+    .expect("the SDK script finishes within 60 s")
+    .expect("the interpreter runs (.ci/run installs the SDKs: scripts/setup.sh --with-test-deps)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{}: stdout: {stdout}\nstderr: {stderr}",
+        script.display()
+    );
+    serde_json::from_str(stdout.trim()).expect("the script prints JSON")
 }

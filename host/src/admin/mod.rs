@@ -172,7 +172,8 @@ async fn usage(
 /// The CSV columns of a usage export.
 const CSV_HEADER: &str = "unix_ms,request_id,tenant,key_id,operation,model_asked,model_served,\
 channel,stream,status,error_class,input_tokens,cache_read_tokens,cache_write_tokens,output_tokens,\
-reasoning_tokens,estimated,cost_picos,latency_ms,attempts,degraded_to,model_mismatch\n";
+reasoning_tokens,estimated,cost_picos,latency_ms,attempts,degraded_to,model_mismatch,protocol_in,\
+protocol_out\n";
 
 /// A CSV field, quoted when it holds a separator, a quote or a line break.
 fn csv_field(value: &str) -> String {
@@ -211,6 +212,8 @@ fn csv_row(record: &UsageRecord) -> String {
         record.attempts.len().to_string(),
         csv_field(record.degraded_to.as_deref().unwrap_or("")),
         record.model_mismatch.to_string(),
+        csv_field(&record.protocol_in),
+        csv_field(record.protocol_out.as_deref().unwrap_or("")),
     ];
     let mut row = fields.join(",");
     row.push('\n');

@@ -463,9 +463,9 @@ impl PluginRuntime {
             |e: wasmtime::Error| unfit(format!("it does not match the {role} world: {e:#}"));
         let exports = match role {
             Role::Router => Exports::Router(router::RouterPluginPre::new(pre).map_err(world)?),
-            Role::Translator => {
-                Exports::Translator(translator::TranslatorExports::new(pre).map_err(world)?)
-            }
+            Role::Translator => Exports::Translator(Box::new(
+                translator::TranslatorExports::new(pre).map_err(world)?,
+            )),
             Role::Billing => Exports::Billing(billing::BillingPluginPre::new(pre).map_err(world)?),
         };
         Ok(CompiledPlugin {
@@ -564,7 +564,7 @@ fn listed(names: &[&str]) -> String {
 
 enum Exports {
     Router(router::RouterPluginPre<PluginState>),
-    Translator(translator::TranslatorExports),
+    Translator(Box<translator::TranslatorExports>),
     Billing(billing::BillingPluginPre<PluginState>),
 }
 

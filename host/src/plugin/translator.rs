@@ -105,7 +105,7 @@ impl Binding {
             .ok_or_else(|| PluginError::Unbound {
                 role: Role::Translator,
                 what: format!(
-                    "a client side: {} was built without the `inbound` interface",
+                    "clients of its protocol ({} has no `inbound` export)",
                     self.plugin()
                 ),
             })?;

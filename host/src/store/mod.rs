@@ -146,6 +146,17 @@ pub struct UsageRecord {
     pub error_class: Option<String>,
     /// Router, translator and billing plugins that ran (`name@sha`).
     pub plugins: Vec<String>,
+    /// The protocol the client spoke: `openai`, or the protocol of the endpoint it called
+    /// (`anthropic` on `/v1/messages`). Records written before this field existed say `openai`.
+    #[serde(default = "openai_protocol")]
+    pub protocol_in: String,
+    /// The protocol of the channel that answered (`None` when none did).
+    #[serde(default)]
+    pub protocol_out: Option<String>,
+}
+
+fn openai_protocol() -> String {
+    "openai".to_owned()
 }
 
 /// A credit to a tenant's balance.

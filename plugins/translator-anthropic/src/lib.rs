@@ -7,10 +7,12 @@
 //! - `answer`: a whole Messages answer → `chat.completion`.
 //! - `stream`: Messages events → `chat.completion.chunk`s.
 //! - `failure`: Anthropic errors → failover classes.
+//! - `inbound`: the client side, for clients that speak Messages to the gateway.
 //! - `usage`: Anthropic's token counts → the normalized rule (cache tokens added back).
 
 mod answer;
 mod failure;
+mod inbound;
 mod request;
 mod stream;
 mod usage;
@@ -24,10 +26,11 @@ use tollgate_plugin_sdk::translator::{
     TranslateError, Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse,
 };
 
+pub use inbound::{ConvertedStream, ForwardedStream, Messages};
 pub use stream::AnthropicStream;
 
 /// The API version sent when the channel names none: the only version Anthropic has published.
-const DEFAULT_API_VERSION: &str = "2023-06-01";
+pub(crate) const DEFAULT_API_VERSION: &str = "2023-06-01";
 
 /// The plugin's configuration, attached by the operator when binding it.
 #[derive(Debug, Deserialize)]
@@ -48,11 +51,11 @@ impl Default for Config {
 /// Channel options an operator may attach to an Anthropic channel.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct ChannelOptions {
+pub(crate) struct ChannelOptions {
     /// Sent as `anthropic-version` (default 2023-06-01).
-    anthropic_version: Option<String>,
+    pub(crate) anthropic_version: Option<String>,
     /// Beta features, sent as one comma-separated `anthropic-beta` header.
-    beta: Vec<String>,
+    pub(crate) beta: Vec<String>,
 }
 
 /// The translator; `pub` so a native build (unit tests, fuzzing) sees it used.
@@ -141,4 +144,4 @@ impl Translator for Anthropic {
     }
 }
 
-export_translator!(Anthropic);
+export_translator!(Anthropic, inbound: Messages);

@@ -426,7 +426,8 @@ struct Answer {
     output_tokens: u64,
 }
 
-fn answer(request: &Value, id_seed: usize) -> Answer {
+/// The prompt's word count, with the cached prefix (up to the last `cache_control`).
+fn prompt_count(request: &Value) -> PromptCount {
     let mut prompt = PromptCount::default();
     if let Some(system) = request.get("system") {
         for block in blocks_of(system) {
@@ -455,6 +456,16 @@ fn answer(request: &Value, id_seed: usize) -> Answer {
             prompt.add(counted, &block);
         }
     }
+    prompt
+}
+
+fn answer(request: &Value, id_seed: usize) -> Answer {
+    let prompt = prompt_count(request);
+    let messages = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let last_user = messages
         .iter()
         .rev()
@@ -635,6 +646,37 @@ pub(crate) async fn messages(
         "usage": usage(&answer, answer.output_tokens)
     }))
     .into_response()
+}
+
+/// `POST /v1/messages/count_tokens`: the request as for `messages`, without `max_tokens`.
+pub(crate) async fn count_tokens(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (mut request, _) = match admit(
+        &shared,
+        Dialect::Anthropic,
+        "/v1/messages/count_tokens",
+        &headers,
+        &body,
+    )
+    .await
+    {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    if let Some(object) = request.as_object_mut() {
+        if object.contains_key("max_tokens") {
+            return invalid("max_tokens: Extra inputs are not permitted");
+        }
+        // The same checks as `messages`, whose only extra requirement is the output cap.
+        object.insert("max_tokens".to_owned(), json!(1));
+    }
+    if let Err(message) = check(&request, &headers) {
+        return invalid(message);
+    }
+    Json(json!({ "input_tokens": prompt_count(&request).total })).into_response()
 }
 
 fn frame(event: &str, data: &Value) -> Bytes {

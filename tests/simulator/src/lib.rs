@@ -185,6 +185,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/embeddings", post(openai::embeddings))
         .route("/v1/models", get(openai::models))
         .route("/anthropic/v1/messages", post(anthropic::messages))
+        .route(
+            "/anthropic/v1/messages/count_tokens",
+            post(anthropic::count_tokens),
+        )
         .route("/gemini/v1beta/models/{target}", post(gemini::models))
         .route("/_sim/faults", post(control_fault))
         .route("/_sim/release", post(control_release))

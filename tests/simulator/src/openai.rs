@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::{CREATED, Dialect, Fault, Shared, admit, embedding, event_stream, lock, words};
+use crate::{CREATED, Dialect, Fault, Shared, admit, embedding, event_stream, lock, sample, words};
 
 /// OpenAI's error body.
 pub(crate) fn error_response(
@@ -65,13 +65,120 @@ fn content_text(content: &Value) -> String {
     }
 }
 
+/// One tool call of an answer.
+struct Call {
+    id: String,
+    name: String,
+    arguments: String,
+}
+
+/// What the simulator answers.
+struct Reply {
+    model: String,
+    prompt_tokens: u64,
+    text: Option<String>,
+    calls: Vec<Call>,
+    completion_tokens: u64,
+}
+
+impl Reply {
+    fn finish_reason(&self) -> &'static str {
+        if self.calls.is_empty() {
+            "stop"
+        } else {
+            "tool_calls"
+        }
+    }
+}
+
+/// Checks tool-call pairing as OpenAI does: every `tool` message answers a call of the assistant
+/// message before it, and every call of an assistant message is answered before the next turn.
+fn check_tool_pairing(messages: &[Value]) -> Result<(), String> {
+    let mut open: Vec<String> = Vec::new();
+    for message in messages {
+        let role = message.get("role").and_then(Value::as_str).unwrap_or("");
+        if role == "tool" {
+            let id = message
+                .get("tool_call_id")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let Some(at) = open.iter().position(|call| call == id) else {
+                return Err("Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.".into());
+            };
+            open.remove(at);
+            continue;
+        }
+        if !open.is_empty() {
+            return Err(format!(
+                "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: {}",
+                open.join(", ")
+            ));
+        }
+        if role == "assistant" {
+            open = message
+                .get("tool_calls")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|call| call.get("id").and_then(Value::as_str).map(str::to_owned))
+                .collect();
+        }
+    }
+    Ok(())
+}
+
+/// The tools the answer calls: those named in the last user message (`tool_choice` may force one
+/// or any, or forbid them).
+fn called_tools<'a>(body: &'a Value, last_user: &str) -> Vec<&'a Value> {
+    let tools: Vec<&Value> = body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .collect();
+    let name = |tool: &Value| {
+        tool.pointer("/function/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    match body.get("tool_choice") {
+        Some(Value::String(choice)) if choice == "none" => Vec::new(),
+        Some(Value::Object(choice)) => {
+            let forced = choice
+                .get("function")
+                .and_then(|function| function.get("name"));
+            tools
+                .into_iter()
+                .filter(|tool| tool.pointer("/function/name") == forced)
+                .collect()
+        }
+        choice => {
+            let mut called: Vec<&Value> = tools
+                .iter()
+                .copied()
+                .filter(|tool| last_user.contains(&name(tool)))
+                .collect();
+            if called.is_empty() && choice == Some(&json!("required")) {
+                called.extend(tools.first());
+            }
+            if body.get("parallel_tool_calls") == Some(&json!(false)) {
+                called.truncate(1);
+            }
+            called
+        }
+    }
+}
+
 /// The deterministic rules: prompt tokens = words in every message's content; the reply is
-/// `Echo: <last user message>`; completion tokens = words in the reply.
+/// `Echo: <last user message>`, the results of the tools when the last messages are tool
+/// results, or calls of the tools the last user message names; completion tokens = words in the
+/// reply (text and arguments).
 #[expect(
     clippy::result_large_err,
     reason = "the error is the handler's own response, returned at once"
 )]
-fn reply(body: &Value) -> Result<(String, u64, String, u64), Response> {
+fn reply(body: &Value, seed: usize) -> Result<Reply, Response> {
     let bad = |message: &str| {
         error_response(
             StatusCode::BAD_REQUEST,
@@ -90,6 +197,7 @@ fn reply(body: &Value) -> Result<(String, u64, String, u64), Response> {
         .and_then(Value::as_array)
         .filter(|messages| !messages.is_empty())
         .ok_or_else(|| bad("'messages' must be a non-empty array"))?;
+    check_tool_pairing(messages).map_err(|message| bad(&message))?;
     let prompt_tokens = messages
         .iter()
         .map(|message| {
@@ -98,15 +206,58 @@ fn reply(body: &Value) -> Result<(String, u64, String, u64), Response> {
             ))
         })
         .sum();
+    let results: Vec<String> = messages
+        .iter()
+        .rev()
+        .take_while(|message| message.get("role").and_then(Value::as_str) == Some("tool"))
+        .map(|message| content_text(message.get("content").unwrap_or(&Value::Null)))
+        .collect();
     let last_user = messages
         .iter()
         .rev()
         .find(|message| message.get("role").and_then(Value::as_str) == Some("user"))
         .map(|message| content_text(message.get("content").unwrap_or(&Value::Null)))
         .unwrap_or_default();
-    let text = format!("Echo: {last_user}");
-    let completion_tokens = words(&text);
-    Ok((model, prompt_tokens, text, completion_tokens))
+    let mut calls = Vec::new();
+    let text = if !results.is_empty() {
+        let results: Vec<String> = results.into_iter().rev().collect();
+        Some(format!("Tool results: {}", results.join(" ")))
+    } else {
+        for (index, tool) in called_tools(body, &last_user).into_iter().enumerate() {
+            let name = tool
+                .pointer("/function/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            calls.push(Call {
+                id: format!("call_sim{seed:04x}{index:02}"),
+                name: name.to_owned(),
+                arguments: sample(
+                    tool.pointer("/function/parameters").unwrap_or(&Value::Null),
+                    name,
+                )
+                .to_string(),
+            });
+        }
+        if calls.is_empty() {
+            Some(format!("Echo: {last_user}"))
+        } else {
+            last_user
+                .contains("explain")
+                .then(|| "Let me look that up.".to_owned())
+        }
+    };
+    let completion_tokens = text.as_deref().map_or(0, words)
+        + calls
+            .iter()
+            .map(|call| words(&call.arguments).max(1))
+            .sum::<u64>();
+    Ok(Reply {
+        model,
+        prompt_tokens,
+        text,
+        calls,
+        completion_tokens,
+    })
 }
 
 fn usage(prompt_tokens: u64, completion_tokens: u64) -> Value {
@@ -141,40 +292,43 @@ pub(crate) async fn chat_completions(
         Ok(admitted) => admitted,
         Err(response) => return response,
     };
-    let (model, prompt_tokens, text, completion_tokens) = match reply(&request) {
+    let seed = lock(&shared.seen).len();
+    let mut reply = match reply(&request, seed) {
         Ok(reply) => reply,
         Err(response) => return response,
     };
-    let model = fault.served_model.clone().unwrap_or(model);
-    let id = format!("chatcmpl-sim{:08x}", lock(&shared.seen).len());
+    if let Some(served) = &fault.served_model {
+        reply.model = served.clone();
+    }
+    let id = format!("chatcmpl-sim{seed:08x}");
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
         let include_usage = request
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             == Some(true);
-        return stream(
-            shared,
-            fault,
-            id,
-            model,
-            text,
-            prompt_tokens,
-            completion_tokens,
-            include_usage,
-        );
+        return stream(shared, fault, id, reply, include_usage);
+    }
+    let mut message =
+        json!({"role": "assistant", "content": reply.text, "refusal": null, "annotations": []});
+    if !reply.calls.is_empty() {
+        message["tool_calls"] = reply
+            .calls
+            .iter()
+            .map(|call| json!({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}))
+            .collect();
     }
     let mut answer = json!({
         "id": id,
         "object": "chat.completion",
         "created": CREATED,
-        "model": model,
+        "model": reply.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": null, "annotations": []},
+            "message": message,
             "logprobs": null,
-            "finish_reason": "stop"
+            "finish_reason": reply.finish_reason()
         }],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(reply.prompt_tokens, reply.completion_tokens),
         "service_tier": "default",
         "system_fingerprint": FINGERPRINT
     });
@@ -197,17 +351,14 @@ pub(crate) async fn chat_completions(
         .into_response()
 }
 
-#[expect(clippy::too_many_arguments, reason = "one answer's facts, passed once")]
 fn stream(
     shared: Arc<Shared>,
     fault: Fault,
     id: String,
-    model: String,
-    text: String,
-    prompt_tokens: u64,
-    completion_tokens: u64,
+    reply: Reply,
     include_usage: bool,
 ) -> Response {
+    let model = &reply.model;
     let chunk = |delta: Value, finish_reason: Value| {
         let mut chunk = json!({
             "id": id, "object": "chat.completion.chunk", "created": CREATED, "model": model,
@@ -228,15 +379,30 @@ fn stream(
         json!({"role": "assistant", "content": "", "refusal": null}),
         Value::Null,
     ));
-    for piece in text.split_inclusive(' ') {
+    for piece in reply.text.as_deref().unwrap_or("").split_inclusive(' ') {
         frames.push(chunk(json!({"content": piece}), Value::Null));
     }
-    frames.push(chunk(json!({}), json!("stop")));
+    for (index, call) in reply.calls.iter().enumerate() {
+        frames.push(chunk(
+            json!({"tool_calls": [{"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}]}),
+            Value::Null,
+        ));
+        // Several argument deltas, as OpenAI streams them.
+        let characters: Vec<char> = call.arguments.chars().collect();
+        for piece in characters.chunks(6) {
+            let piece: String = piece.iter().collect();
+            frames.push(chunk(
+                json!({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}),
+                Value::Null,
+            ));
+        }
+    }
+    frames.push(chunk(json!({}), json!(reply.finish_reason())));
     if include_usage && !fault.omit_usage {
         let usage_chunk = json!({
             "id": id, "object": "chat.completion.chunk", "created": CREATED, "model": model,
             "service_tier": "default", "system_fingerprint": FINGERPRINT,
-            "choices": [], "usage": usage(prompt_tokens, completion_tokens)
+            "choices": [], "usage": usage(reply.prompt_tokens, reply.completion_tokens)
         });
         frames.push(Bytes::from(format!("data: {usage_chunk}\n\n")));
     }

@@ -18,6 +18,8 @@ struct Script {
     misbehave: Option<Misbehaviour>,
     /// A line to log through the host on every call.
     log: Option<String>,
+    /// Refuse every request with this message (a typed rejection, not a failure).
+    refuse: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -41,6 +43,9 @@ impl Router for Scripted {
         let script = config::<Script>().map_err(RouteError::Refused)?;
         if let Some(line) = &script.log {
             warn(line);
+        }
+        if let Some(message) = script.refuse {
+            return Err(RouteError::Refused(message));
         }
         match script.misbehave {
             Some(Misbehaviour::Trap) => panic!("scripted trap"),

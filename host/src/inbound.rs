@@ -1,0 +1,102 @@
+//! Inbound: requests that arrive in a client protocol other than OpenAI's (Anthropic's Messages API
+//! at `/v1/messages`). The protocol's translator plugin converts the body to the OpenAI form every
+//! other stage reads (model, stream, output cap, prompt size), so the host stays protocol-free.
+//! Per attempt, a channel of the same protocol then gets the client's own body, forwarded (see
+//! `flow`); any other channel gets the OpenAI form, and its answer is converted back here.
+//!
+//! In: the client's body and protocol headers, after auth. Out: [`Inbound`], kept on the
+//! `RequestContext`, and the OpenAI body for `request::read`. Errors: [`TranslateError`] (a 400
+//! for a body the plugin refuses, or the plugin's failure). Next: `request::read`, then the flow.
+
+use std::sync::Arc;
+
+use crate::error::Dialect;
+use crate::gateway::Gateway;
+use crate::plugin::translator::{AttemptContext, Endpoint, Header};
+use crate::plugin::{Binding, Role};
+use crate::translate::{self, Answer, TranslateError};
+
+/// A client protocol served at its own endpoints: which translator speaks it, and the prefix of
+/// the headers its clients send that belong to it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientProtocol {
+    /// The protocol name, as channels and translator bindings name it.
+    pub name: &'static str,
+    /// Client headers with this prefix go to the plugin (it forwards the ones its protocol
+    /// defines to a channel of the same protocol).
+    pub header_prefix: &'static str,
+    /// The shape its clients read errors in.
+    pub dialect: Dialect,
+}
+
+/// What a request that came in in another protocol keeps for its attempts and its answer.
+pub struct Inbound {
+    /// The client's protocol.
+    pub protocol: &'static str,
+    /// The shape its clients read errors in.
+    pub dialect: Dialect,
+    /// Which of its endpoints was called.
+    pub endpoint: Endpoint,
+    /// The client's body, as it came: what a channel of the same protocol receives.
+    pub body: String,
+    /// The client's protocol headers (names lowercase).
+    pub headers: Vec<Header>,
+    /// The protocol's translator as it converted the request: the same version converts the
+    /// answer back, whatever is rebound meanwhile.
+    pub plugin: Arc<Binding>,
+}
+
+impl Inbound {
+    /// Whether an attempt on a channel of `protocol` forwards the client's own body.
+    pub fn forwards_to(&self, protocol: &str) -> bool {
+        self.protocol == protocol
+    }
+}
+
+/// Converts the client's body to the OpenAI form with the protocol's translator (bound for the
+/// tenant, else globally). Returns the inbound facts, the OpenAI body and the plugin's trace entry.
+pub async fn convert_request(
+    bindings: &crate::plugin::table::BindingTable,
+    tenant: &str,
+    protocol: ClientProtocol,
+    endpoint: Endpoint,
+    body: String,
+    headers: Vec<Header>,
+) -> Result<(Inbound, String, String), TranslateError> {
+    let resolved = Gateway::resolve(bindings, tenant, Role::Translator, Some(protocol.name))?;
+    let called = resolved
+        .call(|binding| {
+            let body = &body;
+            async move { binding.to_openai_request(endpoint, body).await }
+        })
+        .await?;
+    let openai = called
+        .value
+        .map_err(|invalid| TranslateError::InvalidRequest {
+            message: invalid.message,
+            param: invalid.param,
+        })?;
+    let inbound = Inbound {
+        protocol: protocol.name,
+        dialect: protocol.dialect,
+        endpoint,
+        body,
+        headers,
+        plugin: called.ran,
+    };
+    Ok((inbound, openai, called.trace))
+}
+
+/// Converts a whole OpenAI answer (from a channel of another protocol) to the client's protocol.
+pub async fn convert_answer(
+    inbound: &Inbound,
+    attempt: &AttemptContext,
+    answer: &mut Answer,
+) -> Result<(), TranslateError> {
+    answer.body = inbound
+        .plugin
+        .from_openai_response(attempt, &answer.body)
+        .await?
+        .map_err(|error| translate::plugin_error_named(&attempt.channel, error))?;
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! End-to-end: Anthropic's Messages API at `/v1/messages`, driven by the official `anthropic`
+//! Python SDK (tests/sdk/anthropic_messages.py) against an Anthropic channel (the client's body
+//! forwarded untouched) and against an OpenAI channel (converted both ways by the `anthropic`
+//! plugin's client side), with each error class in Anthropic's shape, and what the record keeps.
+
+mod harness;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tollgate_simulator::{Fault, Simulator};
+
+use harness::{Gateway, protocol_channel, sdk_script, simulator, start, test_plugin};
+
+/// The price table with the busy model priced too, so its requests reach the upstream.
+const BILLING: &str = r#"
+[bindings.billing]
+plugin = "price-table"
+config = { credit_limit_micros = 1000000, models = { "test-model" = { input = 150000, output = 600000 }, "busy-model" = { input = 150000, output = 600000 } } }
+"#;
+
+/// A gateway with one channel of `protocol` serving `test-model` and `busy-model` (whose upstream
+/// is always overloaded), a key limited to one request a minute, and a tenant whose router
+/// refuses every request. Returns the gateway and the environment the SDK script reads.
+async fn gateway_for(sim: &Simulator, protocol: &str) -> (Gateway, Vec<(&'static str, String)>) {
+    let (url, models, busy, busy_status) = match protocol {
+        "anthropic" => (
+            sim.anthropic_base_url(),
+            r#""test-model" = "claude-sim", "busy-model" = "claude-busy""#,
+            "claude-busy",
+            529,
+        ),
+        _ => (
+            sim.openai_base_url(),
+            r#""test-model" = "sim-model", "busy-model" = "sim-busy""#,
+            "sim-busy",
+            503,
+        ),
+    };
+    sim.set_standing_fault(Some(Fault {
+        status: Some(busy_status),
+        only_model: Some(busy.to_owned()),
+        ..Fault::default()
+    }));
+    let config = format!(
+        "{BILLING}{}",
+        protocol_channel("upstream", protocol, &url, 1, models)
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+
+    let limited = gateway
+        .admin(Method::POST, "/tenants/acme/keys", Some(json!({"rpm": 1})))
+        .await;
+    assert_eq!(limited.status, 201, "{}", limited.json);
+    let created = gateway
+        .admin(Method::POST, "/tenants", Some(json!({"name": "globex"})))
+        .await;
+    assert_eq!(created.status, 201, "{}", created.json);
+    let refused = gateway
+        .admin(Method::POST, "/tenants/globex/keys", None)
+        .await;
+    let router = std::fs::read(test_plugin("tollgate_test_plugin_scripted_router.wasm"))
+        .expect("the scripted router is built");
+    let uploaded = gateway.upload_plugin("scripted", router).await;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.json);
+    let bound = gateway
+        .admin(
+            Method::PUT,
+            "/bindings?role=router&tenant=globex",
+            Some(json!({"plugin": "scripted", "config": {"refuse": "globex may not call models"}})),
+        )
+        .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+    let env = vec![
+        ("CHANNEL", protocol.to_owned()),
+        ("LIMITED_KEY", secret(&limited.json)),
+        ("REFUSED_KEY", secret(&refused.json)),
+        ("MAX_BODY_BYTES", (8u64 << 20).to_string()),
+    ];
+    (gateway, env)
+}
+
+fn secret(created: &Value) -> String {
+    created["secret"]
+        .as_str()
+        .expect("a new key's secret")
+        .to_owned()
+}
+
+async fn run(gateway: &Gateway, env: &[(&'static str, String)]) -> Value {
+    let env: Vec<(&str, &str)> = env
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    sdk_script("python3", "anthropic_messages.py", gateway, &env).await
+}
+
+/// What the SDK must see whatever protocol the channel speaks.
+fn assert_session(python: &Value) {
+    assert_eq!(python["plain"]["text"], "Echo: hello plain");
+    assert_eq!(python["plain"]["stop_reason"], "end_turn");
+    assert!(
+        python["plain"]["output_tokens"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    );
+    assert_eq!(python["system"]["text"], "Echo: with a system prompt");
+
+    let tool_turn = &python["tool_turn"];
+    assert_eq!(
+        tool_turn["stop_reason"], "tool_use",
+        "never end_turn after a call"
+    );
+    assert_eq!(tool_turn["name"], "get_weather");
+    assert_eq!(tool_turn["input"], json!({"city": "sim-city"}));
+    let events: Vec<&str> = tool_turn["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(events.first(), Some(&"message_start"), "{events:?}");
+    assert_eq!(events.last(), Some(&"message_stop"), "{events:?}");
+    for expected in [
+        "content_block_start",
+        "input_json_delta",
+        "content_block_stop",
+        "message_delta",
+    ] {
+        assert!(events.contains(&expected), "{expected} in {events:?}");
+    }
+    assert!(
+        events
+            .iter()
+            .filter(|event| **event == "input_json_delta")
+            .count()
+            >= 2
+            || tool_turn["input"].to_string().len() < 8,
+        "the arguments arrive in several deltas: {events:?}"
+    );
+    assert_eq!(python["follow_up"]["text"], "Tool results: 18 degrees");
+    assert_eq!(python["follow_up"]["stop_reason"], "end_turn");
+
+    let errors = &python["errors"];
+    for (case, status, class, kind) in [
+        (
+            "authentication",
+            401,
+            "AuthenticationError",
+            "authentication_error",
+        ),
+        (
+            "permission",
+            403,
+            "PermissionDeniedError",
+            "permission_error",
+        ),
+        ("not_found", 404, "NotFoundError", "not_found_error"),
+        (
+            "invalid_request",
+            400,
+            "BadRequestError",
+            "invalid_request_error",
+        ),
+        (
+            "request_too_large",
+            413,
+            "ContentTooLargeError",
+            "request_too_large",
+        ),
+        ("rate_limit", 429, "RateLimitError", "rate_limit_error"),
+        ("overloaded", 529, "OverloadedError", "overloaded_error"),
+    ] {
+        let error = &errors[case];
+        assert_eq!(error["status"], status, "{case}: {error}");
+        assert_eq!(error["class"], class, "{case}: {error}");
+        assert_eq!(
+            error["type"], "error",
+            "{case}: Anthropic's error shape: {error}"
+        );
+        assert_eq!(error["error_type"], kind, "{case}: {error}");
+        assert!(
+            error["request_id"].is_string(),
+            "{case}: request-id header: {error}"
+        );
+    }
+    assert_eq!(
+        errors["rate_limit_first"],
+        Value::Null,
+        "the first request is within the limit"
+    );
+}
+
+#[tokio::test]
+async fn the_anthropic_sdk_on_an_anthropic_channel_gets_the_upstream_answer_untouched() {
+    let sim = simulator().await;
+    let (gateway, env) = gateway_for(&sim, "anthropic").await;
+    let python = run(&gateway, &env).await;
+    assert_session(&python);
+    assert!(
+        python["plain"]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("msg_sim")),
+        "the upstream's own answer: {}",
+        python["plain"]
+    );
+    // "count these four words" and "Be brief.": the upstream counted.
+    assert_eq!(python["count_tokens"], 6);
+    let signature = python["thinking"]["signature"].as_str().unwrap_or_default();
+    assert!(signature.starts_with("simsig"), "{}", python["thinking"]);
+    assert_eq!(
+        python["thinking"]["next_turn"][0], "thinking",
+        "the signed thinking went back and the upstream accepted it"
+    );
+    assert!(
+        python["cached"]["cache_creation_input_tokens"]
+            .as_u64()
+            .is_some_and(|tokens| tokens > 0),
+        "{}",
+        python["cached"]
+    );
+    let cached_call = sim
+        .seen()
+        .into_iter()
+        .find(|seen| seen.body.pointer("/messages/0/content") == Some(&json!("use the cache")))
+        .expect("the cached call reached the upstream");
+    assert_eq!(
+        cached_call.body["system"][0]["cache_control"],
+        json!({"type": "ephemeral"}),
+        "cache_control reaches the upstream unchanged"
+    );
+    assert_eq!(
+        cached_call.body["model"], "claude-sim",
+        "only the model was rewritten"
+    );
+    assert!(
+        cached_call
+            .headers
+            .iter()
+            .any(|(name, value)| name == "anthropic-beta" && value == "prompt-caching-2024-07-31"),
+        "anthropic-beta forwarded: {:?}",
+        cached_call.headers
+    );
+    let count_call = sim
+        .seen()
+        .into_iter()
+        .find(|seen| seen.path == "/v1/messages/count_tokens")
+        .expect("count_tokens was forwarded");
+    assert!(count_call.body.get("max_tokens").is_none());
+
+    let request_id = python["plain"]["request_id"].as_str().expect("request-id");
+    let record = gateway.record(request_id).await;
+    assert_eq!(record["protocol_in"], "anthropic");
+    assert_eq!(record["protocol_out"], "anthropic");
+    assert_eq!(record["model_served"], "claude-sim");
+    assert!(
+        record["cost_picos"].as_u64().is_some_and(|cost| cost > 0),
+        "{record}"
+    );
+}
+
+#[tokio::test]
+async fn the_anthropic_sdk_on_an_openai_channel_gets_answers_converted_by_the_plugin() {
+    let sim = simulator().await;
+    let (gateway, env) = gateway_for(&sim, "openai").await;
+    let python = run(&gateway, &env).await;
+    assert_session(&python);
+    assert!(
+        python["plain"]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("msg_")),
+        "{}",
+        python["plain"]
+    );
+    assert!(
+        python["count_tokens"]
+            .as_u64()
+            .is_some_and(|tokens| tokens > 0),
+        "the host counted: {}",
+        python["count_tokens"]
+    );
+    let request_id = python["plain"]["request_id"].as_str().expect("request-id");
+    let record = gateway.record(request_id).await;
+    assert_eq!(record["protocol_in"], "anthropic");
+    assert_eq!(record["protocol_out"], "openai");
+    assert_eq!(
+        record["usage"]["input_tokens"],
+        python["plain"]["input_tokens"]
+    );
+}
