@@ -287,3 +287,93 @@ async fn the_anthropic_sdk_on_an_openai_channel_gets_answers_converted_by_the_pl
         python["plain"]["input_tokens"]
     );
 }
+
+/// Streams one Messages request with a plain HTTP client; returns its SSE events (name, data)
+/// and the request id.
+async fn stream_messages(gateway: &Gateway) -> (Vec<(String, Value)>, String) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/messages", gateway.url))
+        .header("x-api-key", &gateway.key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({
+            "model": "test-model", "max_tokens": 100, "stream": true,
+            "messages": [{"role": "user", "content": "one two three four five six"}]
+        }))
+        .send()
+        .await
+        .expect("the gateway answers");
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["request-id"]
+        .to_str()
+        .expect("ASCII")
+        .to_owned();
+    let body = tokio::time::timeout(std::time::Duration::from_secs(30), response.text())
+        .await
+        .expect("the stream ends")
+        .expect("a body");
+    let events = body
+        .split("\n\n")
+        .filter(|block| !block.trim().is_empty())
+        .map(|block| {
+            let line = |prefix: &str| {
+                block
+                    .lines()
+                    .find_map(|line| line.strip_prefix(prefix))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let data = serde_json::from_str(&line("data: ")).expect("JSON data");
+            (line("event: "), data)
+        })
+        .collect();
+    (events, request_id)
+}
+
+#[tokio::test]
+async fn a_stream_failing_midway_ends_with_an_anthropic_error_event_on_either_channel() {
+    for (protocol, fault, kind) in [
+        (
+            "anthropic",
+            Fault {
+                error_event: true,
+                ..Fault::default()
+            },
+            "overloaded_error",
+        ),
+        (
+            "openai",
+            Fault {
+                cut_after_chunks: Some(3),
+                ..Fault::default()
+            },
+            "api_error",
+        ),
+    ] {
+        let sim = simulator().await;
+        let (gateway, _) = gateway_for(&sim, protocol).await;
+        sim.push_fault(fault);
+        let (events, request_id) = stream_messages(&gateway).await;
+        let names: Vec<&str> = events.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names.first(),
+            Some(&"message_start"),
+            "{protocol}: {names:?}"
+        );
+        assert!(
+            names.contains(&"content_block_delta"),
+            "{protocol}: {names:?}"
+        );
+        assert!(
+            !names.contains(&"message_stop"),
+            "{protocol}: never a silent stop: {names:?}"
+        );
+        let (last, data) = events.last().expect("events");
+        assert_eq!(last, "error", "{protocol}: {names:?}");
+        assert_eq!(data["type"], "error", "{protocol}: {data}");
+        assert_eq!(data["error"]["type"], kind, "{protocol}: {data}");
+        let record = gateway.record_eventually(&request_id).await;
+        assert_eq!(record["error_class"], "stream_cut", "{protocol}: {record}");
+        assert_eq!(record["protocol_in"], "anthropic");
+        assert_eq!(record["protocol_out"], protocol);
+    }
+}

@@ -882,6 +882,54 @@ mod tests {
     }
 
     #[test]
+    fn the_anthropic_dialect_uses_anthropic_types_and_529_for_overload() {
+        let table: Vec<(ApiError, u16, &str)> = vec![
+            (AuthError::Invalid.into(), 401, "authentication_error"),
+            (
+                ApiError::Route(RouteError::Refused("no".into())),
+                403,
+                "permission_error",
+            ),
+            (
+                ApiError::Route(RouteError::NoRoute("m".into())),
+                404,
+                "not_found_error",
+            ),
+            (ApiError::BodyTooLarge, 413, "request_too_large"),
+            (
+                failure(FailureClass::RateLimited, 429),
+                429,
+                "rate_limit_error",
+            ),
+            (
+                failure(FailureClass::Overloaded, 529),
+                529,
+                "overloaded_error",
+            ),
+            (failure(FailureClass::Server, 500), 502, "api_error"),
+            (
+                failure(FailureClass::InvalidRequest, 400),
+                400,
+                "invalid_request_error",
+            ),
+        ];
+        for (error, status, kind) in table {
+            let (rendered_status, body) =
+                ApiError::shaped(&error.render(), Dialect::AnthropicMessages);
+            assert_eq!(rendered_status.as_u16(), status, "{error:?}");
+            assert_eq!(body["type"], "error", "{error:?}");
+            assert_eq!(body["error"]["type"], kind, "{error:?}");
+            assert!(body["error"]["message"].is_string(), "{error:?}");
+        }
+        let frame = failure(FailureClass::Overloaded, 529).sse_frame(Dialect::AnthropicMessages);
+        let frame = std::str::from_utf8(&frame).expect("UTF-8");
+        assert!(
+            frame.starts_with("event: error\ndata: {") && frame.contains("overloaded_error"),
+            "{frame}"
+        );
+    }
+
+    #[test]
     fn rate_limits_carry_retry_after() {
         let response = failure(FailureClass::RateLimited, 429).into_response();
         assert_eq!(response.headers()[header::RETRY_AFTER], "2");

@@ -58,3 +58,189 @@ impl Inbound for Messages {
         json!({ "input_tokens": input_tokens }).to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+    use tollgate_plugin_sdk::inbound::{ConvertStream, StreamEvent, Usage};
+    use tollgate_plugin_sdk::translator::Operation;
+
+    use super::*;
+
+    fn context() -> AttemptContext {
+        AttemptContext {
+            request_id: "req-1".into(),
+            operation: Operation::Chat,
+            public_model: "claude-public".into(),
+            upstream_model: "claude-upstream".into(),
+            channel: "c".into(),
+            channel_options: r#"{"beta":["from-channel"]}"#.into(),
+            stream: true,
+            include_usage: false,
+            created_unix_s: 1,
+        }
+    }
+
+    #[test]
+    fn a_messages_body_becomes_an_openai_conversation() {
+        let body = json!({
+            "model": "m", "max_tokens": 64, "stream": true,
+            "system": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}},
+                      {"type": "web_search_20250305", "name": "web_search"}],
+            "tool_choice": {"type": "any"},
+            "messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "hm", "signature": "s"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "18"}]},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}
+            ]
+        });
+        let chat: Value = serde_json::from_str(
+            &Messages::to_openai_request(Endpoint::Messages, body.to_string()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(chat["max_tokens"], 64);
+        assert_eq!(chat["stream_options"]["include_usage"], true);
+        assert_eq!(chat["tool_choice"], "required");
+        assert_eq!(
+            chat["tools"].as_array().unwrap().len(),
+            1,
+            "server tools stay Anthropic's"
+        );
+        let messages = chat["messages"].as_array().unwrap();
+        assert_eq!(
+            messages[0],
+            json!({"role": "system", "content": "Be brief."})
+        );
+        assert_eq!(messages[2]["tool_calls"][0]["id"], "toolu_1");
+        assert_eq!(
+            messages[2]["tool_calls"][0]["function"]["arguments"],
+            r#"{"city":"Paris"}"#
+        );
+        assert_eq!(
+            messages[3],
+            json!({"role": "tool", "tool_call_id": "toolu_1", "content": "18"})
+        );
+        assert_eq!(
+            messages[4]["content"][0]["image_url"]["url"],
+            "data:image/png;base64,AAAA"
+        );
+
+        let missing = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        let refused =
+            Messages::to_openai_request(Endpoint::Messages, missing.to_string()).unwrap_err();
+        assert_eq!(refused.param.as_deref(), Some("max_tokens"));
+        assert!(Messages::to_openai_request(Endpoint::CountTokens, missing.to_string()).is_ok());
+    }
+
+    #[test]
+    fn forwarding_changes_the_model_and_nothing_else() {
+        let body = r#"{"model":"claude-public","max_tokens":1.5e2,"stream":true,"future_field":{"z":1,"a":[2,  3]},"messages":[{"role":"user","content":[{"type":"text","text":"hi","cache_control":{"type":"ephemeral"}}]}]}"#;
+        let headers = vec![
+            ("anthropic-beta".to_owned(), "from-client".to_owned()),
+            ("anthropic-version".to_owned(), "2023-06-01".to_owned()),
+        ];
+        let request =
+            Messages::forward_request(Endpoint::Messages, context(), body.into(), headers).unwrap();
+        let sent = String::from_utf8(request.body).unwrap();
+        assert!(sent.contains(r#""model":"claude-upstream""#), "{sent}");
+        for untouched in [
+            r#""max_tokens":1.5e2"#,
+            r#""future_field":{"z":1,"a":[2,  3]}"#,
+            r#""cache_control":{"type":"ephemeral"}"#,
+        ] {
+            assert!(sent.contains(untouched), "{untouched} in {sent}");
+        }
+        assert_eq!(request.path, "/messages");
+        assert!(request.framing.is_some());
+        assert!(request.headers.contains(&(
+            "anthropic-beta".to_owned(),
+            "from-client,from-channel".to_owned()
+        )));
+    }
+
+    fn events(events: &[StreamEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|event| event.event.clone().unwrap_or_default())
+            .collect()
+    }
+
+    #[test]
+    fn openai_chunks_become_the_messages_event_sequence() {
+        let mut stream = ConvertedStream::new(context());
+        let mut sent = Vec::new();
+        for chunk in [
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "Let me look."}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        ] {
+            sent.extend(stream.push(chunk.to_string()).unwrap());
+        }
+        let usage = Usage {
+            input_tokens: 10,
+            cache_read_tokens: 4,
+            cache_write_tokens: 0,
+            output_tokens: 7,
+            reasoning_tokens: 0,
+            estimated: false,
+        };
+        sent.extend(stream.finish(usage).unwrap());
+        assert_eq!(
+            events(&sent),
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        let tool_start: Value = serde_json::from_str(&sent[4].data).unwrap();
+        assert_eq!(
+            tool_start["index"], 1,
+            "Anthropic counts the text block too"
+        );
+        assert_eq!(tool_start["content_block"]["id"], "call_1");
+        let delta: Value = serde_json::from_str(&sent[8].data).unwrap();
+        assert_eq!(
+            delta["delta"]["stop_reason"], "tool_use",
+            "a turn that called a tool"
+        );
+        assert_eq!(
+            delta["usage"]["input_tokens"], 6,
+            "cache reads are outside Anthropic's input"
+        );
+        assert_eq!(delta["usage"]["cache_read_input_tokens"], 4);
+    }
+
+    #[test]
+    fn a_whole_openai_answer_becomes_a_message() {
+        let answer = json!({
+            "id": "chatcmpl-1", "model": "gpt-sim",
+            "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "cut"}}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2}
+        });
+        let message: Value = serde_json::from_str(
+            &Messages::from_openai_response(context(), answer.to_string()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(message["type"], "message");
+        assert_eq!(message["model"], "gpt-sim");
+        assert_eq!(message["content"], json!([{"type": "text", "text": "cut"}]));
+        assert_eq!(message["stop_reason"], "max_tokens");
+        assert_eq!(message["usage"]["input_tokens"], 5);
+    }
+}
