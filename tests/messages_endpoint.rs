@@ -288,12 +288,13 @@ async fn the_anthropic_sdk_on_an_openai_channel_gets_answers_converted_by_the_pl
     );
 }
 
-/// Streams one Messages request with a plain HTTP client; returns its SSE events (name, data)
-/// and the request id.
+/// Streams one Messages request with a plain HTTP client, authenticated with a bearer token;
+/// returns its SSE events (name, data) and the request id.
 async fn stream_messages(gateway: &Gateway) -> (Vec<(String, Value)>, String) {
     let response = reqwest::Client::new()
         .post(format!("{}/v1/messages", gateway.url))
-        .header("x-api-key", &gateway.key)
+        // The SDK sends `x-api-key`; a bearer token is accepted as well.
+        .bearer_auth(&gateway.key)
         .header("anthropic-version", "2023-06-01")
         .json(&json!({
             "model": "test-model", "max_tokens": 100, "stream": true,
