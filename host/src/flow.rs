@@ -746,7 +746,7 @@ async fn finish(
         context.received_at.elapsed(),
     );
     let hold_id = context.hold_id.clone();
-    if let Err(error) = gateway.ledger.commit(usage_record, hold_id).await {
+    if let Err(error) = gateway.ledger.commit(usage_record, hold_id) {
         tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
     }
 }

@@ -8,8 +8,6 @@ use crate::flow::RequestContext;
 use crate::plugin::translator::Usage;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
-
 use crate::store::{RecordedLineItem, RecordedUsage, Settlement, Store, StoreError, UsageRecord};
 
 /// Why a record could not be written.
@@ -105,73 +103,26 @@ fn model_mismatch(context: &RequestContext) -> bool {
     }
 }
 
-/// The most records one store transaction commits.
-const MAX_GROUP: usize = 256;
-
-/// One request waiting for its record to be committed.
-struct Pending {
-    settlement: Settlement,
-    done: oneshot::Sender<Result<(), String>>,
-}
-
-/// Commits usage records in groups. Every store commit is a transaction that writes out a log
-/// buffer, so records that finish together share one; each request still waits until its own
-/// record is committed, so nothing a client was answered for goes unrecorded.
+/// Commits usage records through the store. A store commit is cheap (the sled store appends the
+/// record to its ledger log and applies records to its trees in batches), so each request commits
+/// its own, on its own task, before its answer goes out: nothing a client was answered for goes
+/// unrecorded.
 pub struct LedgerWriter {
-    queue: mpsc::UnboundedSender<Pending>,
+    store: Arc<dyn Store>,
 }
 
 impl LedgerWriter {
-    /// Starts the writer task on the current runtime.
-    pub fn start(store: Arc<dyn Store>) -> Self {
-        let (queue, mut pending) = mpsc::unbounded_channel::<Pending>();
-        tokio::spawn(async move {
-            while let Some(first) = pending.recv().await {
-                let mut group = vec![first];
-                while group.len() < MAX_GROUP {
-                    match pending.try_recv() {
-                        Ok(next) => group.push(next),
-                        Err(_) => break,
-                    }
-                }
-                let (settlements, waiters): (Vec<Settlement>, Vec<_>) = group
-                    .into_iter()
-                    .map(|waiting| (waiting.settlement, waiting.done))
-                    .unzip();
-                let outcome = store
-                    .commit_usages(&settlements)
-                    .map_err(|error| error.to_string());
-                for done in waiters {
-                    // A request that stopped waiting (its task was dropped) needs no answer.
-                    let _ = done.send(outcome.clone());
-                }
-            }
-        });
-        Self { queue }
+    /// A writer into `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
     }
 
-    /// Commits one request's record (debiting its cost and releasing its hold) together with
-    /// whatever else is waiting, and returns once it is committed.
-    pub async fn commit(
-        &self,
-        record: UsageRecord,
-        hold_id: Option<String>,
-    ) -> Result<(), RecordError> {
+    /// Commits one request's record (debiting its cost and releasing its hold) and returns once
+    /// it is committed.
+    pub fn commit(&self, record: UsageRecord, hold_id: Option<String>) -> Result<(), RecordError> {
         let request_id = record.request_id.clone();
-        let failed = |reason: String| RecordError::Store {
-            request_id: request_id.clone(),
-            source: StoreError::Backend(reason),
-        };
-        let (done, committed) = oneshot::channel();
-        self.queue
-            .send(Pending {
-                settlement: Settlement { record, hold_id },
-                done,
-            })
-            .map_err(|_| failed("the ledger writer has stopped".to_owned()))?;
-        committed
-            .await
-            .map_err(|_| failed("the ledger writer has stopped".to_owned()))?
-            .map_err(failed)
+        self.store
+            .commit_usages(&[Settlement { record, hold_id }])
+            .map_err(|source| RecordError::Store { request_id, source })
     }
 }

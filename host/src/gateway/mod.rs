@@ -388,7 +388,7 @@ impl Gateway {
         }
         let (trips, tripped) = tokio::sync::mpsc::unbounded_channel();
         let gateway = Arc::new(Self {
-            ledger: crate::record::LedgerWriter::start(store.clone()),
+            ledger: crate::record::LedgerWriter::new(store.clone()),
             store,
             plugin_settings: config.plugins.clone(),
             bindings: std::sync::RwLock::new(Arc::new(BindingTable::new(defaults, trips))),

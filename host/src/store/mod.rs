@@ -2,6 +2,7 @@
 //! usage ledger. sled is the default backend; a PostgreSQL backend will implement the same trait, so
 //! no sled type leaves this module. Knows nothing about HTTP.
 
+mod ledger_log;
 mod sled;
 
 use serde::{Deserialize, Serialize};
@@ -352,7 +353,8 @@ pub trait Store: Send + Sync {
     /// Drops every hold: at start-up no request is in flight.
     fn clear_holds(&self) -> Result<(), StoreError>;
     /// For each settlement, appends the record to the ledger, debits its cost from the tenant's
-    /// balance and releases the request's hold (if it names one); all of them atomically.
+    /// balance and releases the request's hold (if it names one); all of them atomically. When it
+    /// returns, the records survive a crash of the gateway's process.
     fn commit_usages(&self, settlements: &[Settlement]) -> Result<(), StoreError>;
     /// What a key has been charged on a UTC day (days since the Unix epoch), in picos.
     fn key_spend_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError>;

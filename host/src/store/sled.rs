@@ -1,9 +1,11 @@
 //! The sled backend. Keyspaces are sled trees; values are JSON; balances are i128 big-endian.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
+use super::ledger_log::LedgerLog;
 use super::{
     ApiKey, MILLIS_PER_DAY, Reconciliation, Settlement, Store, StoreError, StoredBindingSlot,
     StoredChannel, StoredPlugin, Tenant, TopUp, UsageRecord, UsageRecords,
@@ -20,10 +22,9 @@ pub struct SledStore {
     ledger: sled::Tree,
     /// Request id → ledger key, for trace look-ups.
     ledger_by_request: sled::Tree,
-    /// Holds of the requests in flight. In memory: none survives a restart (no request does), and
-    /// writing them made two sled transactions per request, each sealing and writing a log buffer.
-    /// The lock also orders a hold against a commit's debit, so a decision never sees half of one.
-    holds: std::sync::Mutex<Holds>,
+    /// Holds of the requests in flight and committed usage not yet in the trees, under one lock,
+    /// so a balance decision never sees half of a hold or of a commit.
+    books: std::sync::Mutex<Books>,
     /// Top-up records, time-ordered.
     top_ups: sled::Tree,
     /// (key id, UTC day) → what the key was charged that day (i128 big-endian).
@@ -54,19 +55,20 @@ impl SledStore {
                 },
                 other => StoreError::Backend(other.to_string()),
             })?;
+        let (log, logged) = LedgerLog::open(&data_dir.join("ledger.log"))?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         // Data directories of 0.1 before holds moved to memory kept them in these trees.
         for retired in ["held", "holds"] {
             db.drop_tree(retired).map_err(backend)?;
         }
-        Ok(Self {
+        let store = Self {
             tenants: tree("tenants")?,
             keys: tree("api_keys")?,
             key_ids: tree("api_key_ids")?,
             balances: tree("balances")?,
             ledger: tree("ledger")?,
             ledger_by_request: tree("ledger_by_request")?,
-            holds: std::sync::Mutex::new(Holds::default()),
+            books: std::sync::Mutex::new(Books::new(log)),
             top_ups: tree("top_ups")?,
             key_spend: tree("key_spend")?,
             archived_charges: tree("archived_charges")?,
@@ -75,26 +77,176 @@ impl SledStore {
             plugin_bytes: tree("plugin_bytes")?,
             bindings: tree("bindings")?,
             db,
-        })
+        };
+        // Records committed before a crash (or an unclean stop) that the trees may lack.
+        let mut books = store.books();
+        for record in logged {
+            books.owe(record);
+        }
+        store.checkpoint(&mut books)?;
+        drop(books);
+        Ok(store)
     }
 }
 
-/// Holds of the requests in flight.
-#[derive(Default)]
-struct Holds {
+/// Committed records the trees take in one transaction once this many wait.
+const APPLY_BATCH: usize = 1024;
+
+/// What the books lock guards. Holds of the requests in flight live in memory (none survives a
+/// restart; no request does). Committed records are in the ledger log at once and reach the trees
+/// in batches, one transaction for many; until then their debits and key spend are counted here.
+struct Books {
     /// Hold id → tenant and amount, until the request settles.
-    by_id: std::collections::HashMap<String, (String, u64)>,
+    by_id: HashMap<String, (String, u64)>,
     /// Tenant → the sum of its holds.
-    held: std::collections::HashMap<String, i128>,
+    held: HashMap<String, i128>,
+    /// The write-ahead log of committed records.
+    log: LedgerLog,
+    /// Committed records not yet in the trees, oldest first.
+    unapplied: Vec<UsageRecord>,
+    /// Tenant → the charges of `unapplied`.
+    unapplied_debits: HashMap<String, i128>,
+    /// Key-spend key → the charges of `unapplied`.
+    unapplied_spend: HashMap<Vec<u8>, i128>,
+}
+
+impl Books {
+    fn new(log: LedgerLog) -> Self {
+        Self {
+            by_id: HashMap::new(),
+            held: HashMap::new(),
+            log,
+            unapplied: Vec::new(),
+            unapplied_debits: HashMap::new(),
+            unapplied_spend: HashMap::new(),
+        }
+    }
+
+    /// Counts a committed record until the trees hold it.
+    fn owe(&mut self, record: UsageRecord) {
+        let cost = i128::from(record.cost_picos.unwrap_or(0));
+        if cost != 0 {
+            *self
+                .unapplied_debits
+                .entry(record.tenant.clone())
+                .or_default() += cost;
+            *self
+                .unapplied_spend
+                .entry(spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY))
+                .or_default() += cost;
+        }
+        self.unapplied.push(record);
+    }
+
+    /// Releases a settled request's hold.
+    fn release(&mut self, hold_id: &str) {
+        if let Some((tenant, amount)) = self.by_id.remove(hold_id)
+            && let Some(held) = self.held.get_mut(&tenant)
+        {
+            *held -= i128::from(amount);
+            if *held == 0 {
+                self.held.remove(&tenant);
+            }
+        }
+    }
 }
 
 impl SledStore {
-    fn holds(&self) -> std::sync::MutexGuard<'_, Holds> {
+    fn books(&self) -> std::sync::MutexGuard<'_, Books> {
         // Every update below is complete before the guard drops: a panicking holder cannot leave
-        // the two maps disagreeing.
-        self.holds
+        // the maps disagreeing.
+        self.books
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The balance in the trees less the debits they do not hold yet.
+    fn balance_with(&self, books: &Books, tenant: &str) -> Result<i128, StoreError> {
+        let stored = decode_balance(self.balances.get(tenant).map_err(backend)?)?;
+        Ok(stored - books.unapplied_debits.get(tenant).copied().unwrap_or(0))
+    }
+
+    /// Moves the committed records the trees lack into them, in one transaction. A record whose
+    /// request id the trees already know is skipped, so applying twice changes nothing.
+    fn apply(&self, books: &mut Books) -> Result<(), StoreError> {
+        if books.unapplied.is_empty() {
+            return Ok(());
+        }
+        let entries = books
+            .unapplied
+            .iter()
+            .map(|record| {
+                Ok((
+                    ledger_key(record),
+                    encode(record)?,
+                    i128::from(record.cost_picos.unwrap_or(0)),
+                    spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY),
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        (
+            &self.ledger,
+            &self.ledger_by_request,
+            &self.balances,
+            &self.key_spend,
+        )
+            .transaction(|(ledger, by_request, balances, key_spend)| {
+                for (record, (key, value, cost, spend_key)) in books.unapplied.iter().zip(&entries)
+                {
+                    if by_request.get(record.request_id.as_bytes())?.is_some() {
+                        continue;
+                    }
+                    ledger.insert(key.as_slice(), value.as_slice())?;
+                    by_request.insert(record.request_id.as_bytes(), key.as_slice())?;
+                    if *cost != 0 {
+                        let current = decode_balance(balances.get(record.tenant.as_bytes())?)
+                            .map_err(ConflictableTransactionError::Abort)?;
+                        balances.insert(
+                            record.tenant.as_bytes(),
+                            (current - cost).to_be_bytes().to_vec(),
+                        )?;
+                        let spent = decode_balance(key_spend.get(spend_key.as_slice())?)
+                            .map_err(ConflictableTransactionError::Abort)?;
+                        key_spend
+                            .insert(spend_key.as_slice(), (spent + cost).to_be_bytes().to_vec())?;
+                    }
+                }
+                Ok(())
+            })
+            .map_err(transaction_error)?;
+        books.unapplied.clear();
+        books.unapplied_debits.clear();
+        books.unapplied_spend.clear();
+        Ok(())
+    }
+
+    /// Applies what waits and seals the log's records (now in the trees). The part sealed last
+    /// time is dropped first, after a flush of the trees; sled flushes on its own every half
+    /// second, so that flush has rarely anything left to write.
+    fn checkpoint(&self, books: &mut Books) -> Result<(), StoreError> {
+        self.apply(books)?;
+        if books.log.len() == 0 {
+            return Ok(());
+        }
+        if LedgerLog::has_sealed(books.log.path()) {
+            self.db.flush().map_err(backend)?;
+            LedgerLog::drop_sealed(books.log.path())?;
+        }
+        books.log.seal()
+    }
+
+    /// Runs an operator's change and flushes it: what the admin API acknowledges survives a
+    /// crash. (Commits of usage records have their own log and never wait for a flush.)
+    fn durable<T>(&self, change: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let value = change()?;
+        self.db.flush().map_err(backend)?;
+        Ok(value)
+    }
+
+    /// Brings the trees up to date before a read of the ledger or the balances.
+    fn applied(&self) -> Result<(), StoreError> {
+        let mut books = self.books();
+        self.apply(&mut books)
     }
 }
 
@@ -159,17 +311,19 @@ fn ledger_key(record: &UsageRecord) -> Vec<u8> {
 
 impl Store for SledStore {
     fn create_tenant(&self, tenant: &Tenant) -> Result<(), StoreError> {
-        let swapped = self
-            .tenants
-            .compare_and_swap(tenant.name.as_str(), None::<&[u8]>, Some(encode(tenant)?))
-            .map_err(backend)?;
-        if swapped.is_err() {
-            return Err(StoreError::Exists {
-                what: "tenant",
-                name: tenant.name.clone(),
-            });
-        }
-        Ok(())
+        self.durable(|| {
+            let swapped = self
+                .tenants
+                .compare_and_swap(tenant.name.as_str(), None::<&[u8]>, Some(encode(tenant)?))
+                .map_err(backend)?;
+            if swapped.is_err() {
+                return Err(StoreError::Exists {
+                    what: "tenant",
+                    name: tenant.name.clone(),
+                });
+            }
+            Ok(())
+        })
     }
 
     fn key_by_id(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError> {
@@ -196,27 +350,31 @@ impl Store for SledStore {
     }
 
     fn revoke_key(&self, key_id: &str) -> Result<bool, StoreError> {
-        let Some(hash) = self.key_ids.get(key_id).map_err(backend)? else {
-            return Ok(false);
-        };
-        let Some(bytes) = self.keys.get(&hash).map_err(backend)? else {
-            return Ok(false);
-        };
-        let mut key: ApiKey = decode("api_keys", &bytes)?;
-        key.revoked = true;
-        self.keys.insert(hash, encode(&key)?).map_err(backend)?;
-        Ok(true)
+        self.durable(|| {
+            let Some(hash) = self.key_ids.get(key_id).map_err(backend)? else {
+                return Ok(false);
+            };
+            let Some(bytes) = self.keys.get(&hash).map_err(backend)? else {
+                return Ok(false);
+            };
+            let mut key: ApiKey = decode("api_keys", &bytes)?;
+            key.revoked = true;
+            self.keys.insert(hash, encode(&key)?).map_err(backend)?;
+            Ok(true)
+        })
     }
 
     fn disable_tenant(&self, name: &str) -> Result<bool, StoreError> {
-        let Some(mut tenant) = self.tenant(name)? else {
-            return Ok(false);
-        };
-        tenant.disabled = true;
-        self.tenants
-            .insert(name, encode(&tenant)?)
-            .map_err(backend)?;
-        Ok(true)
+        self.durable(|| {
+            let Some(mut tenant) = self.tenant(name)? else {
+                return Ok(false);
+            };
+            tenant.disabled = true;
+            self.tenants
+                .insert(name, encode(&tenant)?)
+                .map_err(backend)?;
+            Ok(true)
+        })
     }
 
     fn tenant(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
@@ -236,22 +394,24 @@ impl Store for SledStore {
     }
 
     fn insert_key(&self, secret_sha256: &[u8; 32], key: &ApiKey) -> Result<(), StoreError> {
-        if self.tenant(&key.tenant)?.is_none() {
-            return Err(StoreError::Missing {
-                what: "tenant",
-                name: key.tenant.clone(),
-            });
-        }
-        (&self.keys, &self.key_ids)
-            .transaction(|(keys, key_ids)| {
-                keys.insert(
-                    secret_sha256.as_slice(),
-                    encode(key).map_err(ConflictableTransactionError::Abort)?,
-                )?;
-                key_ids.insert(key.id.as_bytes(), secret_sha256.as_slice())?;
-                Ok(())
-            })
-            .map_err(transaction_error)
+        self.durable(|| {
+            if self.tenant(&key.tenant)?.is_none() {
+                return Err(StoreError::Missing {
+                    what: "tenant",
+                    name: key.tenant.clone(),
+                });
+            }
+            (&self.keys, &self.key_ids)
+                .transaction(|(keys, key_ids)| {
+                    keys.insert(
+                        secret_sha256.as_slice(),
+                        encode(key).map_err(ConflictableTransactionError::Abort)?,
+                    )?;
+                    key_ids.insert(key.id.as_bytes(), secret_sha256.as_slice())?;
+                    Ok(())
+                })
+                .map_err(transaction_error)
+        })
     }
 
     fn key_by_secret_sha256(&self, secret_sha256: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
@@ -263,35 +423,39 @@ impl Store for SledStore {
     }
 
     fn balance_picos(&self, tenant: &str) -> Result<i128, StoreError> {
-        decode_balance(self.balances.get(tenant).map_err(backend)?)
+        let books = self.books();
+        self.balance_with(&books, tenant)
     }
 
     fn available_picos(&self, tenant: &str) -> Result<i128, StoreError> {
-        let holds = self.holds();
-        let balance = self.balance_picos(tenant)?;
-        Ok(balance - holds.held.get(tenant).copied().unwrap_or(0))
+        let books = self.books();
+        let balance = self.balance_with(&books, tenant)?;
+        Ok(balance - books.held.get(tenant).copied().unwrap_or(0))
     }
 
     fn top_up(&self, top_up: &TopUp) -> Result<i128, StoreError> {
-        if self.tenant(&top_up.tenant)?.is_none() {
-            return Err(StoreError::Missing {
-                what: "tenant",
-                name: top_up.tenant.clone(),
-            });
-        }
-        let value = encode(top_up)?;
-        let mut key = top_up.unix_ms.to_be_bytes().to_vec();
-        key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
-        (&self.top_ups, &self.balances)
-            .transaction(|(top_ups, balances)| {
-                top_ups.insert(key.as_slice(), value.as_slice())?;
-                let current = decode_balance(balances.get(top_up.tenant.as_bytes())?)
-                    .map_err(ConflictableTransactionError::Abort)?;
-                let updated = current + top_up.amount_picos;
-                balances.insert(top_up.tenant.as_bytes(), updated.to_be_bytes().to_vec())?;
-                Ok(updated)
-            })
-            .map_err(transaction_error)
+        self.durable(|| {
+            if self.tenant(&top_up.tenant)?.is_none() {
+                return Err(StoreError::Missing {
+                    what: "tenant",
+                    name: top_up.tenant.clone(),
+                });
+            }
+            self.applied()?;
+            let value = encode(top_up)?;
+            let mut key = top_up.unix_ms.to_be_bytes().to_vec();
+            key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+            (&self.top_ups, &self.balances)
+                .transaction(|(top_ups, balances)| {
+                    top_ups.insert(key.as_slice(), value.as_slice())?;
+                    let current = decode_balance(balances.get(top_up.tenant.as_bytes())?)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    let updated = current + top_up.amount_picos;
+                    balances.insert(top_up.tenant.as_bytes(), updated.to_be_bytes().to_vec())?;
+                    Ok(updated)
+                })
+                .map_err(transaction_error)
+        })
     }
 
     fn place_hold(
@@ -301,124 +465,93 @@ impl Store for SledStore {
         amount_picos: u64,
         seen_available: i128,
     ) -> Result<bool, StoreError> {
-        let mut holds = self.holds();
-        let balance = self.balance_picos(tenant)?;
-        let held = holds.held.get(tenant).copied().unwrap_or(0);
+        let mut books = self.books();
+        let balance = self.balance_with(&books, tenant)?;
+        let held = books.held.get(tenant).copied().unwrap_or(0);
         if balance - held != seen_available {
             return Ok(false);
         }
-        holds
+        books
             .held
             .insert(tenant.to_owned(), held + i128::from(amount_picos));
-        holds
+        books
             .by_id
             .insert(hold_id.to_owned(), (tenant.to_owned(), amount_picos));
         Ok(true)
     }
 
     fn clear_holds(&self) -> Result<(), StoreError> {
-        *self.holds() = Holds::default();
+        let mut books = self.books();
+        books.by_id.clear();
+        books.held.clear();
         Ok(())
     }
 
     fn commit_usages(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
-        let entries = settlements
+        let records: Vec<UsageRecord> = settlements
             .iter()
-            .map(|settlement| {
-                let record = &settlement.record;
-                Ok((
-                    ledger_key(record),
-                    encode(record)?,
-                    i128::from(record.cost_picos.unwrap_or(0)),
-                    spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY),
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        // The debits and the release of the holds happen under the holds' lock, so a concurrent
-        // `place_hold` sees both or neither.
-        let mut holds = self.holds();
-        (
-            &self.ledger,
-            &self.ledger_by_request,
-            &self.balances,
-            &self.key_spend,
-        )
-            .transaction(|(ledger, by_request, balances, key_spend)| {
-                for (settlement, (key, value, cost, spend_key)) in settlements.iter().zip(&entries)
-                {
-                    let record = &settlement.record;
-                    ledger.insert(key.as_slice(), value.as_slice())?;
-                    by_request.insert(record.request_id.as_bytes(), key.as_slice())?;
-                    if *cost != 0 {
-                        let current = decode_balance(balances.get(record.tenant.as_bytes())?)
-                            .map_err(ConflictableTransactionError::Abort)?;
-                        balances.insert(
-                            record.tenant.as_bytes(),
-                            (current - cost).to_be_bytes().to_vec(),
-                        )?;
-                        let spent = decode_balance(key_spend.get(spend_key.as_slice())?)
-                            .map_err(ConflictableTransactionError::Abort)?;
-                        key_spend
-                            .insert(spend_key.as_slice(), (spent + cost).to_be_bytes().to_vec())?;
-                    }
-                }
-                Ok(())
-            })
-            .map_err(transaction_error)?;
-        for hold_id in settlements
-            .iter()
-            .filter_map(|settlement| settlement.hold_id.as_deref())
-        {
-            if let Some((tenant, amount)) = holds.by_id.remove(hold_id)
-                && let Some(held) = holds.held.get_mut(&tenant)
-            {
-                *held -= i128::from(amount);
-                if *held == 0 {
-                    holds.held.remove(&tenant);
-                }
+            .map(|settlement| settlement.record.clone())
+            .collect();
+        let mut books = self.books();
+        // Committed once logged: the trees take the records later, in a batch.
+        books.log.append(&records)?;
+        for (settlement, record) in settlements.iter().zip(records) {
+            books.owe(record);
+            if let Some(hold_id) = &settlement.hold_id {
+                books.release(hold_id);
             }
+        }
+        if books.unapplied.len() >= APPLY_BATCH
+            && let Err(error) = self.checkpoint(&mut books)
+        {
+            // The records are committed (logged and counted); the next batch tries again.
+            tracing::warn!(%error, "ledger checkpoint failed");
         }
         Ok(())
     }
 
     fn key_spend_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError> {
-        decode_balance(
-            self.key_spend
-                .get(spend_key(key_id, day))
-                .map_err(backend)?,
-        )
+        let key = spend_key(key_id, day);
+        let books = self.books();
+        let stored = decode_balance(self.key_spend.get(&key).map_err(backend)?)?;
+        Ok(stored + books.unapplied_spend.get(&key).copied().unwrap_or(0))
     }
 
     fn prune_usage(&self, before_unix_ms: u64) -> Result<u64, StoreError> {
-        let mut pruned = 0;
-        for entry in self.ledger.range(..before_unix_ms.to_be_bytes()) {
-            let (key, value) = entry.map_err(backend)?;
-            let record: UsageRecord = decode("ledger", &value)?;
-            let cost = i128::from(record.cost_picos.unwrap_or(0));
-            (
-                &self.ledger,
-                &self.ledger_by_request,
-                &self.archived_charges,
-            )
-                .transaction(|(ledger, by_request, archived)| {
-                    if ledger.remove(&key)?.is_none() {
-                        return Ok(());
-                    }
-                    if by_request.get(record.request_id.as_bytes())?.as_deref() == Some(&key[..]) {
-                        by_request.remove(record.request_id.as_bytes())?;
-                    }
-                    let total = decode_balance(archived.get(record.tenant.as_bytes())?)
-                        .map_err(ConflictableTransactionError::Abort)?;
-                    archived.insert(
-                        record.tenant.as_bytes(),
-                        (total + cost).to_be_bytes().to_vec(),
-                    )?;
-                    Ok(())
-                })
-                .map_err(transaction_error)?;
-            pruned += 1;
-        }
-        Ok(pruned)
+        self.durable(|| {
+            self.applied()?;
+            let mut pruned = 0;
+            for entry in self.ledger.range(..before_unix_ms.to_be_bytes()) {
+                let (key, value) = entry.map_err(backend)?;
+                let record: UsageRecord = decode("ledger", &value)?;
+                let cost = i128::from(record.cost_picos.unwrap_or(0));
+                (
+                    &self.ledger,
+                    &self.ledger_by_request,
+                    &self.archived_charges,
+                )
+                    .transaction(|(ledger, by_request, archived)| {
+                        if ledger.remove(&key)?.is_none() {
+                            return Ok(());
+                        }
+                        if by_request.get(record.request_id.as_bytes())?.as_deref()
+                            == Some(&key[..])
+                        {
+                            by_request.remove(record.request_id.as_bytes())?;
+                        }
+                        let total = decode_balance(archived.get(record.tenant.as_bytes())?)
+                            .map_err(ConflictableTransactionError::Abort)?;
+                        archived.insert(
+                            record.tenant.as_bytes(),
+                            (total + cost).to_be_bytes().to_vec(),
+                        )?;
+                        Ok(())
+                    })
+                    .map_err(transaction_error)?;
+                pruned += 1;
+            }
+            Ok(pruned)
+        })
     }
 
     fn api_channels(&self) -> Result<Vec<StoredChannel>, StoreError> {
@@ -430,14 +563,16 @@ impl Store for SledStore {
     }
 
     fn put_api_channel(&self, channel: &StoredChannel) -> Result<(), StoreError> {
-        self.api_channels
-            .insert(channel.config.name.as_bytes(), encode(channel)?)
-            .map_err(backend)?;
-        Ok(())
+        self.durable(|| {
+            self.api_channels
+                .insert(channel.config.name.as_bytes(), encode(channel)?)
+                .map_err(backend)?;
+            Ok(())
+        })
     }
 
     fn delete_api_channel(&self, name: &str) -> Result<bool, StoreError> {
-        Ok(self.api_channels.remove(name).map_err(backend)?.is_some())
+        self.durable(|| Ok(self.api_channels.remove(name).map_err(backend)?.is_some()))
     }
 
     fn plugins(&self) -> Result<Vec<StoredPlugin>, StoreError> {
@@ -465,23 +600,27 @@ impl Store for SledStore {
     }
 
     fn put_plugin(&self, plugin: &StoredPlugin, bytes: &[u8]) -> Result<(), StoreError> {
-        let metadata = encode(plugin)?;
-        (&self.plugins, &self.plugin_bytes)
-            .transaction(|(plugins, plugin_bytes)| {
-                plugin_bytes.insert(plugin.sha256.as_bytes(), bytes)?;
-                plugins.insert(plugin.sha256.as_bytes(), metadata.as_slice())?;
-                Ok(())
-            })
-            .map_err(transaction_error)
+        self.durable(|| {
+            let metadata = encode(plugin)?;
+            (&self.plugins, &self.plugin_bytes)
+                .transaction(|(plugins, plugin_bytes)| {
+                    plugin_bytes.insert(plugin.sha256.as_bytes(), bytes)?;
+                    plugins.insert(plugin.sha256.as_bytes(), metadata.as_slice())?;
+                    Ok(())
+                })
+                .map_err(transaction_error)
+        })
     }
 
     fn delete_plugin(&self, sha256: &str) -> Result<bool, StoreError> {
-        (&self.plugins, &self.plugin_bytes)
-            .transaction(|(plugins, plugin_bytes)| {
-                plugin_bytes.remove(sha256.as_bytes())?;
-                Ok(plugins.remove(sha256.as_bytes())?.is_some())
-            })
-            .map_err(transaction_error)
+        self.durable(|| {
+            (&self.plugins, &self.plugin_bytes)
+                .transaction(|(plugins, plugin_bytes)| {
+                    plugin_bytes.remove(sha256.as_bytes())?;
+                    Ok(plugins.remove(sha256.as_bytes())?.is_some())
+                })
+                .map_err(transaction_error)
+        })
     }
 
     fn binding_slots(&self) -> Result<Vec<(String, StoredBindingSlot)>, StoreError> {
@@ -498,13 +637,16 @@ impl Store for SledStore {
     }
 
     fn put_binding_slot(&self, scope: &str, slot: &StoredBindingSlot) -> Result<(), StoreError> {
-        self.bindings
-            .insert(scope.as_bytes(), encode(slot)?)
-            .map_err(backend)?;
-        Ok(())
+        self.durable(|| {
+            self.bindings
+                .insert(scope.as_bytes(), encode(slot)?)
+                .map_err(backend)?;
+            Ok(())
+        })
     }
 
     fn reconcile(&self) -> Result<Vec<Reconciliation>, StoreError> {
+        self.applied()?;
         let mut books: std::collections::BTreeMap<String, Reconciliation> = self
             .tenants()?
             .into_iter()
@@ -547,6 +689,9 @@ impl Store for SledStore {
     }
 
     fn usage_between(&self, from_unix_ms: u64, to_unix_ms: u64) -> UsageRecords {
+        if let Err(error) = self.applied() {
+            return Box::new(std::iter::once(Err(error)));
+        }
         let range = self
             .ledger
             .range(from_unix_ms.to_be_bytes()..to_unix_ms.to_be_bytes());
@@ -558,6 +703,7 @@ impl Store for SledStore {
     }
 
     fn usage_by_request(&self, request_id: &str) -> Result<Option<UsageRecord>, StoreError> {
+        self.applied()?;
         let Some(key) = self.ledger_by_request.get(request_id).map_err(backend)? else {
             return Ok(None);
         };
@@ -573,7 +719,10 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(backend).map(drop)
+        let mut books = self.books();
+        self.checkpoint(&mut books)?;
+        self.db.flush().map_err(backend)?;
+        LedgerLog::drop_sealed(books.log.path())
     }
 }
 
@@ -657,6 +806,114 @@ mod tests {
             assert!(store.usage_by_request(id).expect("read").is_some(), "{id}");
         }
         assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 350);
-        assert!(store.holds().by_id.is_empty() && store.holds().held.is_empty());
+        assert!(store.books().by_id.is_empty() && store.books().held.is_empty());
+    }
+
+    fn store_with_credit(dir: &Path) -> SledStore {
+        let store = SledStore::open(dir).expect("the store opens");
+        store
+            .create_tenant(&Tenant {
+                name: "acme".into(),
+                created_unix_ms: 0,
+                disabled: false,
+                max_concurrency: None,
+            })
+            .expect("a tenant");
+        store
+            .top_up(&TopUp {
+                tenant: "acme".into(),
+                amount_picos: 1_000,
+                reason: "test".into(),
+                unix_ms: 0,
+            })
+            .expect("a top-up");
+        store
+    }
+
+    /// Opens the store again once the last one let go of its files (sled's threads release the
+    /// lock shortly after the drop).
+    fn reopen(dir: &Path) -> SledStore {
+        for _ in 0..100 {
+            match SledStore::open(dir) {
+                Err(StoreError::Locked { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                opened => return opened.expect("the store reopens"),
+            }
+        }
+        panic!("the store stayed locked for 2 s after its drop");
+    }
+
+    #[test]
+    fn a_record_committed_only_to_the_log_is_applied_at_the_next_open_exactly_once() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        {
+            let store = store_with_credit(dir.path());
+            store
+                .commit_usages(&[Settlement {
+                    record: record("logged-only", 300),
+                    hold_id: None,
+                }])
+                .expect("committed");
+            assert_eq!(store.balance_picos("acme").expect("read"), 700);
+            assert!(store.books().log.len() == 1 && store.books().unapplied.len() == 1);
+            // Dropped without a flush: the trees never saw the record, only the log did.
+        }
+        {
+            let store = reopen(dir.path());
+            assert!(
+                store
+                    .usage_by_request("logged-only")
+                    .expect("read")
+                    .is_some()
+            );
+            assert_eq!(store.balance_picos("acme").expect("read"), 700);
+            assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 300);
+            // Applied to the trees (a read does that) but still in the log, as after a crash
+            // between the two: the next open must not debit it again.
+            store
+                .commit_usages(&[Settlement {
+                    record: record("applied-and-logged", 100),
+                    hold_id: None,
+                }])
+                .expect("committed");
+            store.applied().expect("applied");
+            assert_eq!(store.books().log.len(), 1);
+        }
+        let store = reopen(dir.path());
+        assert_eq!(store.balance_picos("acme").expect("read"), 600);
+        assert_eq!(
+            store.books().log.len(),
+            0,
+            "sealed once the trees hold its records"
+        );
+        let reconciled = store.reconcile().expect("reconciles");
+        assert_eq!(reconciled[0].difference_picos, 0, "{reconciled:?}");
+    }
+
+    #[test]
+    fn a_full_batch_goes_into_the_trees_and_empties_the_log() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = store_with_credit(dir.path());
+        for index in 0..APPLY_BATCH {
+            store
+                .commit_usages(&[Settlement {
+                    record: record(&format!("r{index}"), 1),
+                    hold_id: None,
+                }])
+                .expect("committed");
+        }
+        assert_eq!(store.books().unapplied.len(), 0);
+        assert_eq!(store.books().log.len(), 0);
+        assert!(dir.path().join("ledger.log.sealed").exists(), "sealed");
+        store.flush().expect("flushed");
+        assert!(
+            !dir.path().join("ledger.log.sealed").exists(),
+            "dropped once the trees are durable"
+        );
+        assert_eq!(
+            decode_balance(store.balances.get("acme").expect("read")).expect("decodes"),
+            1_000 - APPLY_BATCH as i128
+        );
     }
 }

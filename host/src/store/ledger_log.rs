@@ -1,0 +1,147 @@
+//! The write-ahead log of committed usage records, for the sled backend: one JSON line per record,
+//! appended with one `write` per commit. A record is safe from a process crash the moment
+//! `commit_usages` returns, before the sled trees hold it; the trees take records in batches (one
+//! transaction for many), and once they are flushed the log's sealed part is deleted. At open,
+//! what the log still holds is applied again; applying is idempotent by request id.
+//!
+//! Two files: `ledger.log` takes appends; `seal` renames it to `ledger.log.sealed` (and starts a
+//! new one) when its records are in the trees, and `drop_sealed` deletes that once the trees are
+//! flushed.
+//!
+//! Durability: the log is written to the operating system, not synced to the disk on every
+//! commit, so a killed or crashed gateway loses nothing; a crash of the machine itself can lose
+//! the records of the last moments, as it could with sled's own flush interval before.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::{StoreError, UsageRecord};
+
+/// The log file, open for appending.
+pub struct LedgerLog {
+    path: PathBuf,
+    file: File,
+    /// Records appended since the log was last sealed.
+    records: usize,
+}
+
+fn io_error(path: &Path, error: std::io::Error) -> StoreError {
+    StoreError::Backend(format!("ledger log {}: {error}", path.display()))
+}
+
+impl LedgerLog {
+    /// Opens (or creates) the log at `path`; returns it with the records it and its sealed part
+    /// still hold, oldest first.
+    pub fn open(path: &Path) -> Result<(Self, Vec<UsageRecord>), StoreError> {
+        let mut pending = read_records(&sealed_path(path))?;
+        pending.extend(read_records(path)?);
+        let file = append_to(path)?;
+        let records = pending.len();
+        Ok((
+            Self {
+                path: path.to_owned(),
+                file,
+                records,
+            },
+            pending,
+        ))
+    }
+
+    /// Appends the records, each as one line, in one write.
+    pub fn append(&mut self, records: &[UsageRecord]) -> Result<(), StoreError> {
+        let mut lines = Vec::with_capacity(records.len() * 1024);
+        for record in records {
+            serde_json::to_writer(&mut lines, record)
+                .map_err(|error| StoreError::Backend(error.to_string()))?;
+            lines.push(b'\n');
+        }
+        self.file
+            .write_all(&lines)
+            .map_err(|error| io_error(&self.path, error))?;
+        self.records += records.len();
+        Ok(())
+    }
+
+    /// Records appended since the log was last sealed.
+    pub fn len(&self) -> usize {
+        self.records
+    }
+
+    /// Seals the records appended so far (every one of them is in the trees, not yet flushed)
+    /// and starts an empty log. While an earlier sealed part is still there (its drop failed),
+    /// nothing is sealed: the log keeps its records until a later checkpoint.
+    pub fn seal(&mut self) -> Result<(), StoreError> {
+        let sealed = sealed_path(&self.path);
+        if sealed.exists() {
+            return Ok(());
+        }
+        std::fs::rename(&self.path, &sealed).map_err(|error| io_error(&sealed, error))?;
+        self.file = append_to(&self.path)?;
+        self.records = 0;
+        Ok(())
+    }
+
+    /// Whether a sealed part is waiting to be dropped.
+    pub fn has_sealed(path: &Path) -> bool {
+        sealed_path(path).exists()
+    }
+
+    /// Deletes the sealed part once the trees holding its records are flushed.
+    pub fn drop_sealed(path: &Path) -> Result<(), StoreError> {
+        let sealed = sealed_path(path);
+        match std::fs::remove_file(&sealed) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_error(&sealed, error))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Where the log lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn sealed_path(path: &Path) -> PathBuf {
+    let mut sealed = path.as_os_str().to_owned();
+    sealed.push(".sealed");
+    PathBuf::from(sealed)
+}
+
+fn append_to(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|error| io_error(path, error))
+}
+
+/// The records of one log file, oldest first. A last line cut short by a crash is dropped: its
+/// commit never returned, so no client was answered for it.
+fn read_records(path: &Path) -> Result<Vec<UsageRecord>, StoreError> {
+    let mut text = Vec::new();
+    match File::open(path) {
+        Ok(mut file) => {
+            file.read_to_end(&mut text)
+                .map_err(|error| io_error(path, error))?;
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(io_error(path, error)),
+    }
+    let complete = text
+        .iter()
+        .rposition(|byte| *byte == b'\n')
+        .map_or(0, |last| last + 1);
+    text[..complete]
+        .split(|byte| *byte == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            serde_json::from_slice(line).map_err(|error| StoreError::Corrupt {
+                keyspace: "ledger log",
+                reason: error.to_string(),
+            })
+        })
+        .collect()
+}
