@@ -164,6 +164,31 @@ async fn a_huge_output_is_refused() {
 }
 
 #[tokio::test]
+async fn no_call_finds_the_memory_of_an_earlier_one() {
+    let sim = simulator().await;
+    let config = format!("{}{}", billing(1_000_000), channel("primary", &sim, 1));
+    let gateway = start(&config).await.expect("the gateway starts");
+    let bytes = std::fs::read(test_plugin("tollgate_test_plugin_scripted_router.wasm"))
+        .expect("the scripted router is built");
+    let uploaded = gateway.upload_plugin("scripted", bytes).await;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.json);
+    let bound = gateway
+        .admin(
+            Method::PUT,
+            "/bindings?role=router&tenant=acme",
+            Some(json!({"plugin": "scripted", "config": {"expect_fresh": true}})),
+        )
+        .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+    // Enough calls that pooled instance slots are reused many times over, concurrently too.
+    let body = chat("are you fresh?");
+    let calls = (0..40).map(|_| gateway.post("/v1/chat/completions", &body, &[]));
+    for answer in futures::future::join_all(calls).await {
+        assert_eq!(answer.status, 200, "{}", answer.json);
+    }
+}
+
+#[tokio::test]
 async fn an_uploaded_endless_loop_is_cut_at_its_binding_deadline() {
     uploaded_router_is_contained("loop", json!({"deadline_ms": 100}), &["100 ms"]).await;
 }

@@ -308,15 +308,18 @@ impl PluginRuntime {
             .total_memories(settings.max_instances.saturating_mul(2))
             .total_tables(settings.max_instances.saturating_mul(4))
             .total_stacks(settings.max_instances)
-            .max_memory_size(settings.max_memory_bytes)
+            .max_memory_size(settings.max_memory_bytes);
+        if PoolingAllocationConfig::is_pagemap_scan_available() {
             // Reset a finished instance's memory by zeroing the pages it dirtied, found with
             // PAGEMAP_SCAN (Linux 6.7+), instead of `madvise`: each `madvise` of a live mapping
             // costs a TLB shootdown on every other core running the gateway, which at 32
             // concurrent requests took over a quarter of its CPU. Memory is still zeroed between
-            // instances, so nothing passes from one request to the next.
-            .pagemap_scan(wasmtime::Enabled::Auto)
-            .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
-            .table_keep_resident(KEEP_RESIDENT_BYTES);
+            // instances, so nothing passes from one request to the next. Without the scan,
+            // zeroing the whole kept range would cost more than the `madvise`.
+            pool.pagemap_scan(wasmtime::Enabled::Yes)
+                .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
+                .table_keep_resident(KEEP_RESIDENT_BYTES);
+        }
         let mut config = Config::new();
         config
             .wasm_component_model(true)

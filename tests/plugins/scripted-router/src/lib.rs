@@ -20,7 +20,13 @@ struct Script {
     log: Option<String>,
     /// Refuse every request with this message (a typed rejection, not a failure).
     refuse: Option<String>,
+    /// Refuse a call that finds an earlier call's mark in this instance's memory: the host must
+    /// give every call a fresh instance.
+    expect_fresh: bool,
 }
+
+/// Calls made by this instance; every call should see 0 here.
+static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -43,6 +49,12 @@ impl Router for Scripted {
         let script = config::<Script>().map_err(RouteError::Refused)?;
         if let Some(line) = &script.log {
             warn(line);
+        }
+        let earlier = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if script.expect_fresh && earlier > 0 {
+            return Err(RouteError::Refused(format!(
+                "state leaked: this instance served {earlier} earlier calls"
+            )));
         }
         if let Some(message) = script.refuse {
             return Err(RouteError::Refused(message));
