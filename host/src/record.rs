@@ -1,4 +1,5 @@
-//! Record: writes the request's one usage record and debits its cost, atomically, through the store.
+//! Record: commits the request's one usage record with its cost's debit and its hold's release,
+//! through the store, before a whole answer goes out.
 //!
 //! In: the finished [`RequestContext`] with its usage and price. Out: nothing, or a [`RecordError`]
 //! (logged: the client already has its answer). Nothing of the prompt or completion is recorded.
