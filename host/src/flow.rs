@@ -608,20 +608,17 @@ async fn try_attempt(
             prompt_estimate: context.request.estimated_input_tokens,
         };
         let relay = async || -> Result<stream::Relay, TranslateError> {
-            let session = match (&context.inbound, forwarded) {
-                (_, Some(_)) => {
-                    return Ok(stream::Relay::Forwarded(
-                        translator.open_forwarded_stream(&attempt_context).await?,
-                    ));
+            if forwarded.is_some() {
+                let session = translator.open_forwarded_stream(&attempt_context).await?;
+                return Ok(stream::Relay::Forwarded(session));
+            }
+            let session = translator.open_stream(&attempt_context).await?;
+            Ok(match &context.inbound {
+                Some(inbound) => {
+                    let converter = inbound.plugin.open_openai_stream(&attempt_context).await?;
+                    stream::Relay::Converted(session, Box::new(converter))
                 }
-                (inbound, None) => (translator.open_stream(&attempt_context).await?, inbound),
-            };
-            Ok(match session {
-                (session, Some(inbound)) => stream::Relay::Converted(
-                    session,
-                    Box::new(inbound.plugin.open_openai_stream(&attempt_context).await?),
-                ),
-                (session, None) => stream::Relay::OpenAi(session),
+                None => stream::Relay::OpenAi(session),
             })
         };
         let waiting = Instant::now();
