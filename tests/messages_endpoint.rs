@@ -378,3 +378,39 @@ async fn a_stream_failing_midway_ends_with_an_anthropic_error_event_on_either_ch
         assert_eq!(record["protocol_out"], protocol);
     }
 }
+
+#[tokio::test]
+async fn a_body_that_is_not_json_is_refused_in_anthropics_shape() {
+    let sim = simulator().await;
+    let config = format!(
+        "{BILLING}{}",
+        protocol_channel(
+            "upstream",
+            "anthropic",
+            &sim.anthropic_base_url(),
+            1,
+            r#""test-model" = "claude-sim""#
+        )
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    for (path, body) in [
+        ("/v1/messages", "{\"model\": \"test-model\", "),
+        ("/v1/messages/count_tokens", "not json"),
+        ("/v1/messages", "[1, 2]"),
+    ] {
+        let response = reqwest::Client::new()
+            .post(format!("{}{path}", gateway.url))
+            .header("x-api-key", &gateway.key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("the gateway answers");
+        assert_eq!(response.status(), 400, "{path} {body}");
+        assert!(response.headers().contains_key("request-id"));
+        let error: Value = response.json().await.expect("a JSON error");
+        assert_eq!(error["type"], "error", "{error}");
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+    }
+    assert_eq!(sim.calls(), 0, "nothing reached the upstream");
+}
