@@ -91,11 +91,8 @@ async fn an_endless_router_is_cut_at_its_deadline() {
 /// Binds the scripted router, misbehaving as asked, to tenant `acme` through the admin API; the
 /// request gets a 500 naming plugin and role, a request of the same tenant right after a rollback
 /// is served, and `/metrics` counts the failure.
-async fn uploaded_router_is_contained(
-    misbehaviour: &str,
-    limits: serde_json::Value,
-    words: &[&str],
-) {
+/// A gateway with one channel and the scripted router uploaded (not bound).
+async fn gateway_with_scripted_router() -> (tollgate_simulator::Simulator, harness::Gateway) {
     let sim = simulator().await;
     let config = format!("{}{}", billing(1_000_000), channel("primary", &sim, 1));
     let gateway = start(&config).await.expect("the gateway starts");
@@ -103,6 +100,15 @@ async fn uploaded_router_is_contained(
         .expect("the scripted router is built");
     let uploaded = gateway.upload_plugin("scripted", bytes).await;
     assert_eq!(uploaded.status, 201, "{}", uploaded.json);
+    (sim, gateway)
+}
+
+async fn uploaded_router_is_contained(
+    misbehaviour: &str,
+    limits: serde_json::Value,
+    words: &[&str],
+) {
+    let (sim, gateway) = gateway_with_scripted_router().await;
     let mut binding = json!({"plugin": "scripted", "config": {"misbehave": misbehaviour}});
     binding
         .as_object_mut()
@@ -165,13 +171,7 @@ async fn a_huge_output_is_refused() {
 
 #[tokio::test]
 async fn no_call_finds_the_memory_of_an_earlier_one() {
-    let sim = simulator().await;
-    let config = format!("{}{}", billing(1_000_000), channel("primary", &sim, 1));
-    let gateway = start(&config).await.expect("the gateway starts");
-    let bytes = std::fs::read(test_plugin("tollgate_test_plugin_scripted_router.wasm"))
-        .expect("the scripted router is built");
-    let uploaded = gateway.upload_plugin("scripted", bytes).await;
-    assert_eq!(uploaded.status, 201, "{}", uploaded.json);
+    let (_sim, gateway) = gateway_with_scripted_router().await;
     let bound = gateway
         .admin(
             Method::PUT,

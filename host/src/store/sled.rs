@@ -756,10 +756,9 @@ mod tests {
         .expect("a well-formed record")
     }
 
-    #[test]
-    fn a_group_commit_records_debits_and_releases_every_hold_at_once() {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let store = SledStore::open(dir.path()).expect("the store opens");
+    /// A store with tenant `acme` holding 1,000 picos.
+    fn store_with_credit(dir: &Path) -> SledStore {
+        let store = SledStore::open(dir).expect("the store opens");
         store
             .create_tenant(&Tenant {
                 name: "acme".into(),
@@ -776,6 +775,13 @@ mod tests {
                 unix_ms: 0,
             })
             .expect("a top-up");
+        store
+    }
+
+    #[test]
+    fn a_group_commit_records_debits_and_releases_every_hold_at_once() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = store_with_credit(dir.path());
         assert!(store.place_hold("acme", "h1", 300, 1_000).expect("placed"));
         assert!(
             !store.place_hold("acme", "h2", 200, 1_000).expect("checked"),
@@ -807,27 +813,6 @@ mod tests {
         }
         assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 350);
         assert!(store.books().by_id.is_empty() && store.books().held.is_empty());
-    }
-
-    fn store_with_credit(dir: &Path) -> SledStore {
-        let store = SledStore::open(dir).expect("the store opens");
-        store
-            .create_tenant(&Tenant {
-                name: "acme".into(),
-                created_unix_ms: 0,
-                disabled: false,
-                max_concurrency: None,
-            })
-            .expect("a tenant");
-        store
-            .top_up(&TopUp {
-                tenant: "acme".into(),
-                amount_picos: 1_000,
-                reason: "test".into(),
-                unix_ms: 0,
-            })
-            .expect("a top-up");
-        store
     }
 
     /// Opens the store again once the last one let go of its files (sled's threads release the
