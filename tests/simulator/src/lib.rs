@@ -321,9 +321,11 @@ async fn admit(
     {
         return Err(dialect.fault(401, None));
     }
+    // In the body (OpenAI, Anthropic) or in the path (Gemini: `models/{model}:method`).
     let requested_model = parsed
         .get("model")
         .and_then(Value::as_str)
+        .or_else(|| path.split("models/").nth(1)?.split(':').next())
         .unwrap_or_default();
     let queued = lock(&shared.faults).pop_front();
     let standing = || {

@@ -39,6 +39,16 @@ pub fn tool_input(arguments: Option<&str>) -> Value {
         .unwrap_or_else(|| json!({}))
 }
 
+/// Copies a tool call's `extra_content` onto its `tool_use` block. Gemini needs its thought
+/// signature back with the call on the next turn; its translator puts it there, as Google's own
+/// OpenAI-compatible endpoint does, and Anthropic's SDKs keep a block's unknown fields when the
+/// client sends the turn back, so it returns the same way (`request` reads it).
+pub fn carry_extra_content(call: &Value, block: &mut Value) {
+    if let (Some(extra), Some(block)) = (call.get("extra_content"), block.as_object_mut()) {
+        block.insert("extra_content".into(), extra.clone());
+    }
+}
+
 /// The answer's id: one per request, in Anthropic's `msg_` form.
 pub fn message_id(context: &AttemptContext) -> String {
     format!("msg_{}", context.request_id.replace('-', ""))
@@ -62,12 +72,14 @@ pub fn from_openai(context: &AttemptContext, body: &str) -> Result<String, Trans
         .map(Vec::as_slice)
         .unwrap_or_default();
     for call in calls {
-        content.push(json!({
+        let mut block = json!({
             "type": "tool_use",
             "id": call.get("id").cloned().unwrap_or(Value::Null),
             "name": call.pointer("/function/name").cloned().unwrap_or(Value::Null),
             "input": tool_input(call.pointer("/function/arguments").and_then(Value::as_str)),
-        }));
+        });
+        carry_extra_content(call, &mut block);
+        content.push(block);
     }
     let usage = answer.get("usage").unwrap_or(&Value::Null);
     let count = |pointer: &str| usage.pointer(pointer).and_then(Value::as_u64).unwrap_or(0);

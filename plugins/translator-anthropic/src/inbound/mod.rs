@@ -227,6 +227,39 @@ mod tests {
     }
 
     #[test]
+    fn a_tool_calls_extra_content_goes_out_on_its_block_and_comes_back() {
+        let signed = json!({"google": {"thought_signature": "sig-1"}});
+        let answer = json!({
+            "model": "gemini-sim",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant",
+                "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "f", "arguments": "{}"}, "extra_content": signed}]}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}
+        });
+        let message: Value = serde_json::from_str(
+            &Messages::from_openai_response(context(), answer.to_string()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(message["content"][0]["extra_content"], signed);
+        let next_turn = json!({
+            "model": "m", "max_tokens": 9,
+            "messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "content": message["content"]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_1", "content": "ok"}]}
+            ]
+        });
+        let chat: Value = serde_json::from_str(
+            &Messages::to_openai_request(Endpoint::Messages, next_turn.to_string()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            chat["messages"][1]["tool_calls"][0]["extra_content"],
+            signed
+        );
+    }
+
+    #[test]
     fn a_whole_openai_answer_becomes_a_message() {
         let answer = json!({
             "id": "chatcmpl-1", "model": "gpt-sim",

@@ -233,14 +233,22 @@ fn turn_to_openai(
             }
             Some("tool_use") if role == "assistant" => {
                 let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
-                tool_calls.push(json!({
+                let mut call = json!({
                     "id": block.get("id").cloned().unwrap_or(Value::Null),
                     "type": "function",
                     "function": {
                         "name": block.get("name").cloned().unwrap_or(Value::Null),
                         "arguments": input.to_string(),
                     }
-                }));
+                });
+                // What another channel's translator attached to the call (Gemini's thought
+                // signature) comes back on the block; see `answer::carry_extra_content`.
+                if let (Some(extra), Some(call)) =
+                    (block.get("extra_content"), call.as_object_mut())
+                {
+                    call.insert("extra_content".into(), extra.clone());
+                }
+                tool_calls.push(call);
             }
             // Thinking, redacted thinking and server-tool blocks have no OpenAI form.
             _ => {}

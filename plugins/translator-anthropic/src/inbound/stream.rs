@@ -7,7 +7,7 @@ use tollgate_plugin_sdk::inbound::{
     AttemptContext, ConvertStream, StreamEvent, TranslateError, Usage,
 };
 
-use super::answer::{anthropic_usage, message_id, stop_reason};
+use super::answer::{anthropic_usage, carry_extra_content, message_id, stop_reason};
 
 /// The content block open now.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -119,16 +119,14 @@ impl ConvertStream for ConvertedStream {
             let index = call.get("index").and_then(Value::as_u64).unwrap_or(0);
             if self.open != Some(Open::Tool(index)) {
                 self.called_tools = true;
-                self.open(
-                    &mut events,
-                    Open::Tool(index),
-                    json!({
-                        "type": "tool_use",
-                        "id": call.get("id").cloned().unwrap_or(Value::Null),
-                        "name": call.pointer("/function/name").cloned().unwrap_or(Value::Null),
-                        "input": {},
-                    }),
-                );
+                let mut block = json!({
+                    "type": "tool_use",
+                    "id": call.get("id").cloned().unwrap_or(Value::Null),
+                    "name": call.pointer("/function/name").cloned().unwrap_or(Value::Null),
+                    "input": {},
+                });
+                carry_extra_content(call, &mut block);
+                self.open(&mut events, Open::Tool(index), block);
             }
             if let Some(arguments) = call.pointer("/function/arguments").and_then(Value::as_str)
                 && !arguments.is_empty()
