@@ -2,7 +2,10 @@
 //! (OpenAI, Azure-style proxies, vLLM, llama.cpp, OpenRouter …) accept. Bodies pass through untouched
 //! but for the model name and, on streams, a request for usage so the host can bill what was streamed.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tollgate_plugin_sdk::export_translator;
 use tollgate_plugin_sdk::translator::{
@@ -136,20 +139,20 @@ impl Translator for OpenAi {
         context: AttemptContext,
         body: String,
     ) -> Result<UpstreamRequest, TranslateError> {
+        let model = raw(&Value::String(context.upstream_model.clone()))?;
         let mut request = parse_object(&body)?;
-        request.insert(
-            "model".to_owned(),
-            Value::String(context.upstream_model.clone()),
-        );
+        request.insert("model".to_owned(), &model);
+        let include_usage;
         if context.stream {
             // Always ask for usage: the host bills streams from it. The usage chunk is withheld
             // from clients that did not ask for it (see `OpenAiStream::push`).
-            let options = request
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(options) = options {
-                options.insert("include_usage".to_owned(), Value::Bool(true));
-            }
+            let mut options: Map<String, Value> = request
+                .get("stream_options")
+                .and_then(|options| serde_json::from_str(options.get()).ok())
+                .unwrap_or_default();
+            options.insert("include_usage".to_owned(), Value::Bool(true));
+            include_usage = raw(&Value::Object(options))?;
+            request.insert("stream_options".to_owned(), &include_usage);
         }
         upstream_request(&context, "/chat/completions", &request)
     }
@@ -170,11 +173,9 @@ impl Translator for OpenAi {
         context: AttemptContext,
         body: String,
     ) -> Result<UpstreamRequest, TranslateError> {
+        let model = raw(&Value::String(context.upstream_model.clone()))?;
         let mut request = parse_object(&body)?;
-        request.insert(
-            "model".to_owned(),
-            Value::String(context.upstream_model.clone()),
-        );
+        request.insert("model".to_owned(), &model);
         upstream_request(&context, "/embeddings", &request)
     }
 
@@ -228,20 +229,28 @@ fn read_answer(
     Ok((body, usage, answer.model))
 }
 
-fn parse_object(body: &str) -> Result<Map<String, Value>, TranslateError> {
-    match serde_json::from_str(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err(TranslateError::InvalidRequest(InvalidRequest {
+/// The client's body as its top-level fields, each value kept as raw JSON text: the request goes
+/// upstream as the client wrote it but for the fields replaced, and a long conversation is never
+/// parsed into a tree and written out again.
+fn parse_object(body: &str) -> Result<BTreeMap<String, &RawValue>, TranslateError> {
+    serde_json::from_str(body).map_err(|_| {
+        TranslateError::InvalidRequest(InvalidRequest {
             message: "the request body must be a JSON object".to_owned(),
             param: None,
-        })),
-    }
+        })
+    })
+}
+
+/// A value as raw JSON text, to replace a field of the client's body.
+fn raw(value: &Value) -> Result<Box<RawValue>, TranslateError> {
+    RawValue::from_string(value.to_string())
+        .map_err(|error| TranslateError::MalformedResponse(error.to_string()))
 }
 
 fn upstream_request(
     context: &AttemptContext,
     path: &str,
-    body: &Map<String, Value>,
+    body: &BTreeMap<String, &RawValue>,
 ) -> Result<UpstreamRequest, TranslateError> {
     let options: ChannelOptions =
         serde_json::from_str(&context.channel_options).unwrap_or_default();
@@ -388,6 +397,28 @@ mod tests {
             request.headers,
             [("openai-organization".to_owned(), "org-1".to_owned())]
         );
+    }
+
+    #[test]
+    fn the_clients_body_goes_upstream_as_written_but_for_model_and_stream_options() {
+        let body = r#"{"model":"m","temperature":1.50e0,"future":{"b":[1,  2],"a":"\u00e9"},"stream":true,"stream_options":{"keep":1},"messages":[{"role":"user","content":"hi"}]}"#;
+        let request = OpenAi::chat_request(context(true, false), body.to_owned()).unwrap();
+        let sent = String::from_utf8(request.body).unwrap();
+        for untouched in [
+            r#""temperature":1.50e0"#,
+            r#""future":{"b":[1,  2],"a":"\u00e9"}"#,
+            r#""messages":[{"role":"user","content":"hi"}]"#,
+        ] {
+            assert!(sent.contains(untouched), "{untouched} in {sent}");
+        }
+        let sent: Value = serde_json::from_str(&sent).unwrap();
+        assert_eq!(sent["model"], "up-m");
+        assert_eq!(
+            sent["stream_options"],
+            serde_json::json!({"keep": 1, "include_usage": true})
+        );
+        let refused = OpenAi::chat_request(context(false, false), "[1]".to_owned());
+        assert!(matches!(refused, Err(TranslateError::InvalidRequest(_))));
     }
 
     #[test]
