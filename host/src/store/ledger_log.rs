@@ -48,18 +48,23 @@ impl LedgerLog {
         ))
     }
 
-    /// Appends the records, each as one line, in one write.
-    pub fn append(&mut self, records: &[UsageRecord]) -> Result<(), StoreError> {
-        let mut lines = Vec::with_capacity(records.len() * 1024);
-        for record in records {
-            serde_json::to_writer(&mut lines, record)
-                .map_err(|error| StoreError::Backend(error.to_string()))?;
+    /// Appends records already encoded as JSON (one line each, without line breaks), in one
+    /// write.
+    pub fn append<'a>(
+        &mut self,
+        encoded: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<(), StoreError> {
+        let mut lines = Vec::new();
+        let mut records = 0;
+        for record in encoded {
+            lines.extend_from_slice(record);
             lines.push(b'\n');
+            records += 1;
         }
         self.file
             .write_all(&lines)
             .map_err(|error| io_error(&self.path, error))?;
-        self.records += records.len();
+        self.records += records;
         Ok(())
     }
 

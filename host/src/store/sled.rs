@@ -80,8 +80,8 @@ impl SledStore {
         };
         // Records committed before a crash (or an unclean stop) that the trees may lack.
         let mut books = store.books();
-        for record in logged {
-            books.owe(record);
+        for record in &logged {
+            books.owe(Owed::new(record)?);
         }
         store.checkpoint(&mut books)?;
         drop(books);
@@ -91,6 +91,29 @@ impl SledStore {
 
 /// Committed records the trees take in one transaction once this many wait.
 const APPLY_BATCH: usize = 1024;
+
+/// A committed record as the trees will take it: encoded once, for the log and the ledger alike.
+struct Owed {
+    request_id: String,
+    tenant: String,
+    ledger_key: Vec<u8>,
+    encoded: Vec<u8>,
+    cost: i128,
+    spend_key: Vec<u8>,
+}
+
+impl Owed {
+    fn new(record: &UsageRecord) -> Result<Self, StoreError> {
+        Ok(Self {
+            request_id: record.request_id.clone(),
+            tenant: record.tenant.clone(),
+            ledger_key: ledger_key(record),
+            encoded: encode(record)?,
+            cost: i128::from(record.cost_picos.unwrap_or(0)),
+            spend_key: spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY),
+        })
+    }
+}
 
 /// What the books lock guards. Holds of the requests in flight live in memory (none survives a
 /// restart; no request does). Committed records are in the ledger log at once and reach the trees
@@ -103,7 +126,7 @@ struct Books {
     /// The write-ahead log of committed records.
     log: LedgerLog,
     /// Committed records not yet in the trees, oldest first.
-    unapplied: Vec<UsageRecord>,
+    unapplied: Vec<Owed>,
     /// Tenant → the charges of `unapplied`.
     unapplied_debits: HashMap<String, i128>,
     /// Key-spend key → the charges of `unapplied`.
@@ -123,19 +146,18 @@ impl Books {
     }
 
     /// Counts a committed record until the trees hold it.
-    fn owe(&mut self, record: UsageRecord) {
-        let cost = i128::from(record.cost_picos.unwrap_or(0));
-        if cost != 0 {
+    fn owe(&mut self, owed: Owed) {
+        if owed.cost != 0 {
             *self
                 .unapplied_debits
-                .entry(record.tenant.clone())
-                .or_default() += cost;
+                .entry(owed.tenant.clone())
+                .or_default() += owed.cost;
             *self
                 .unapplied_spend
-                .entry(spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY))
-                .or_default() += cost;
+                .entry(owed.spend_key.clone())
+                .or_default() += owed.cost;
         }
-        self.unapplied.push(record);
+        self.unapplied.push(owed);
     }
 
     /// Releases a settled request's hold.
@@ -172,18 +194,6 @@ impl SledStore {
         if books.unapplied.is_empty() {
             return Ok(());
         }
-        let entries = books
-            .unapplied
-            .iter()
-            .map(|record| {
-                Ok((
-                    ledger_key(record),
-                    encode(record)?,
-                    i128::from(record.cost_picos.unwrap_or(0)),
-                    spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY),
-                ))
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
         (
             &self.ledger,
             &self.ledger_by_request,
@@ -191,24 +201,25 @@ impl SledStore {
             &self.key_spend,
         )
             .transaction(|(ledger, by_request, balances, key_spend)| {
-                for (record, (key, value, cost, spend_key)) in books.unapplied.iter().zip(&entries)
-                {
-                    if by_request.get(record.request_id.as_bytes())?.is_some() {
+                for owed in &books.unapplied {
+                    if by_request.get(owed.request_id.as_bytes())?.is_some() {
                         continue;
                     }
-                    ledger.insert(key.as_slice(), value.as_slice())?;
-                    by_request.insert(record.request_id.as_bytes(), key.as_slice())?;
-                    if *cost != 0 {
-                        let current = decode_balance(balances.get(record.tenant.as_bytes())?)
+                    ledger.insert(owed.ledger_key.as_slice(), owed.encoded.as_slice())?;
+                    by_request.insert(owed.request_id.as_bytes(), owed.ledger_key.as_slice())?;
+                    if owed.cost != 0 {
+                        let current = decode_balance(balances.get(owed.tenant.as_bytes())?)
                             .map_err(ConflictableTransactionError::Abort)?;
                         balances.insert(
-                            record.tenant.as_bytes(),
-                            (current - cost).to_be_bytes().to_vec(),
+                            owed.tenant.as_bytes(),
+                            (current - owed.cost).to_be_bytes().to_vec(),
                         )?;
-                        let spent = decode_balance(key_spend.get(spend_key.as_slice())?)
+                        let spent = decode_balance(key_spend.get(owed.spend_key.as_slice())?)
                             .map_err(ConflictableTransactionError::Abort)?;
-                        key_spend
-                            .insert(spend_key.as_slice(), (spent + cost).to_be_bytes().to_vec())?;
+                        key_spend.insert(
+                            owed.spend_key.as_slice(),
+                            (spent + owed.cost).to_be_bytes().to_vec(),
+                        )?;
                     }
                 }
                 Ok(())
@@ -488,15 +499,17 @@ impl Store for SledStore {
     }
 
     fn commit_usages(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
-        let records: Vec<UsageRecord> = settlements
+        let owed = settlements
             .iter()
-            .map(|settlement| settlement.record.clone())
-            .collect();
+            .map(|settlement| Owed::new(&settlement.record))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut books = self.books();
         // Committed once logged: the trees take the records later, in a batch.
-        books.log.append(&records)?;
-        for (settlement, record) in settlements.iter().zip(records) {
-            books.owe(record);
+        books
+            .log
+            .append(owed.iter().map(|owed| owed.encoded.as_slice()))?;
+        for (settlement, owed) in settlements.iter().zip(owed) {
+            books.owe(owed);
             if let Some(hold_id) = &settlement.hold_id {
                 books.release(hold_id);
             }
