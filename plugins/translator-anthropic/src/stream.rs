@@ -18,10 +18,11 @@ use crate::failure::{ErrorDetail, failure};
 use crate::usage::{AnthropicUsage, finish_reason};
 
 /// One Anthropic stream event, read by its `type`; unknown event types are skipped, as
-/// Anthropic's versioning policy asks of clients.
+/// Anthropic's versioning policy asks of clients. Also what a forwarded stream reads its usage
+/// from (`inbound::forward`).
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum Event {
+pub(crate) enum Event {
     MessageStart {
         message: StartedMessage,
     },
@@ -49,19 +50,19 @@ enum Event {
 }
 
 #[derive(Debug, Deserialize)]
-struct StartedMessage {
+pub(crate) struct StartedMessage {
     #[serde(default)]
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     #[serde(default)]
-    model: Option<String>,
+    pub(crate) model: Option<String>,
     #[serde(default)]
-    usage: Option<AnthropicUsage>,
+    pub(crate) usage: Option<AnthropicUsage>,
 }
 
 /// A `content_block_delta`'s payload, named by Anthropic's `type` (`text_delta`, …).
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type")]
-enum Delta {
+pub(crate) enum Delta {
     #[serde(rename = "text_delta")]
     Text { text: String },
     #[serde(rename = "input_json_delta")]
@@ -73,7 +74,7 @@ enum Delta {
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct MessageDelta {
+pub(crate) struct MessageDelta {
     #[serde(default)]
     stop_reason: Option<String>,
 }

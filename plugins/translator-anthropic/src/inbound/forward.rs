@@ -15,7 +15,8 @@ use tollgate_plugin_sdk::translator::{
     AuthPlacement, HttpMethod, InvalidRequest, StreamFraming, stream_usage,
 };
 
-use crate::failure::{ErrorDetail, failure};
+use crate::failure::failure;
+use crate::stream::Event;
 use crate::usage::AnthropicUsage;
 use crate::{ChannelOptions, DEFAULT_API_VERSION};
 
@@ -118,26 +119,6 @@ pub fn response(
     })
 }
 
-/// One event, read only as far as the usage needs.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum Event {
-    MessageStart {
-        message: Counted,
-    },
-    MessageDelta {
-        #[serde(default)]
-        usage: Option<AnthropicUsage>,
-    },
-    MessageStop,
-    Error {
-        #[serde(default)]
-        error: ErrorDetail,
-    },
-    #[serde(other)]
-    Other,
-}
-
 /// A streamed answer passed through event by event.
 pub struct ForwardedStream {
     usage: Option<AnthropicUsage>,
@@ -168,7 +149,9 @@ impl ForwardStream for ForwardedStream {
                 self.served_model = message.model;
                 self.usage = message.usage;
             }
-            Ok(Event::MessageDelta { usage: Some(later) }) => {
+            Ok(Event::MessageDelta {
+                usage: Some(later), ..
+            }) => {
                 self.usage
                     .get_or_insert_with(AnthropicUsage::default)
                     .update(&later);
@@ -177,7 +160,7 @@ impl ForwardStream for ForwardedStream {
             Ok(Event::Error { error }) => {
                 return Err(TranslateError::Upstream(failure(0, error, None)));
             }
-            Ok(Event::MessageDelta { usage: None } | Event::Other) | Err(_) => {}
+            Ok(_) | Err(_) => {}
         }
         Ok(vec![event])
     }
