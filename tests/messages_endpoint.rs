@@ -428,3 +428,46 @@ async fn a_body_that_is_not_json_is_refused_in_anthropics_shape() {
     }
     assert_eq!(sim.calls(), 0, "nothing reached the upstream");
 }
+
+#[tokio::test]
+async fn a_protocol_whose_translator_has_no_client_side_is_refused_naming_why() {
+    let sim = simulator().await;
+    let config = format!(
+        "{BILLING}{}",
+        protocol_channel(
+            "upstream",
+            "anthropic",
+            &sim.anthropic_base_url(),
+            1,
+            r#""test-model" = "claude-sim""#
+        )
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    // The `openai` translator, bound for the `anthropic` protocol, has no client side.
+    let bound = gateway
+        .admin(
+            Method::PUT,
+            "/bindings?role=translator&protocol=anthropic",
+            Some(json!({"plugin": "openai"})),
+        )
+        .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/messages", gateway.url))
+        .header("x-api-key", &gateway.key)
+        .json(&json!({"model": "test-model", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("the gateway answers");
+    assert_eq!(response.status(), 400);
+    let error: Value = response.json().await.expect("a JSON error");
+    assert_eq!(error["type"], "error", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("does not serve clients")),
+        "{error}"
+    );
+    assert_eq!(sim.calls(), 0);
+}
