@@ -261,6 +261,45 @@ async fn the_books_balance_to_the_pico_after_concurrent_mixed_load() {
 }
 
 #[tokio::test]
+async fn two_requests_sent_with_the_same_request_id_are_both_charged() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        output_priced_billing(0),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    top_up(&gateway, 1_000);
+    let mut output_tokens = 0;
+    for _ in 0..2 {
+        let answer = gateway
+            .post(
+                "/v1/chat/completions",
+                &chat("same id"),
+                &[("x-request-id", "client-chosen-id")],
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.json);
+        assert_eq!(answer.request_id(), "client-chosen-id");
+        output_tokens += answer.json["usage"]["completion_tokens"]
+            .as_u64()
+            .expect("usage");
+        // Reconciling brings the ledger's trees up to date first, so the second request's
+        // record meets the first one's there.
+        let books = admin_get(&gateway, "/reconcile").await;
+        assert_eq!(books["balanced"], true, "{books}");
+    }
+    // One micro per output token.
+    let balance = admin_get(&gateway, "/tenants/acme/balance").await;
+    assert_eq!(
+        balance["balance_picos"],
+        ((1_000 - output_tokens) * 1_000_000).to_string(),
+        "{balance}"
+    );
+}
+
+#[tokio::test]
 async fn usage_is_recorded_unpriced_when_the_billing_plugin_traps() {
     let sim = simulator().await;
     let config = format!(

@@ -1,8 +1,10 @@
-//! The write-ahead log of committed usage records, for the sled backend: one JSON line per record,
-//! appended with one `write` per commit. A record is safe from a process crash the moment
-//! `commit_usages` returns, before the sled trees hold it; the trees take records in batches (one
-//! transaction for many), and once they are flushed the log's sealed part is deleted. At open,
-//! what the log still holds is applied again; applying is idempotent by request id.
+//! The write-ahead log of committed usage records, for the sled backend: one line per record, its
+//! sequence number and its JSON, appended with one `write` per commit. A record is safe from a
+//! process crash the moment `commit_usages` returns, before the sled trees hold it; the trees take
+//! records in batches (one transaction for many, which also notes the last sequence number it
+//! applied), and once they are flushed the log's sealed part is deleted. At open, what the log
+//! still holds past that number is applied again. Request ids cannot serve for this: a client may
+//! send the same `x-request-id` twice, and both requests are charged.
 //!
 //! Two files: `ledger.log` takes appends; `seal` renames it to `ledger.log.sealed` (and starts a
 //! new one) when its records are in the trees, and `drop_sealed` deletes that once the trees are
@@ -17,6 +19,15 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::{StoreError, UsageRecord};
+
+/// One record read back from the log.
+pub struct Logged {
+    /// Its sequence number; `None` for a line written before records were numbered, which is
+    /// applied unless the trees know its request id.
+    pub seq: Option<u64>,
+    /// The record.
+    pub record: UsageRecord,
+}
 
 /// The log file, open for appending.
 pub struct LedgerLog {
@@ -33,7 +44,7 @@ fn io_error(path: &Path, error: std::io::Error) -> StoreError {
 impl LedgerLog {
     /// Opens (or creates) the log at `path`; returns it with the records it and its sealed part
     /// still hold, oldest first.
-    pub fn open(path: &Path) -> Result<(Self, Vec<UsageRecord>), StoreError> {
+    pub fn open(path: &Path) -> Result<(Self, Vec<Logged>), StoreError> {
         let mut pending = read_records(&sealed_path(path))?;
         pending.extend(read_records(path)?);
         let file = append_to(path)?;
@@ -48,15 +59,17 @@ impl LedgerLog {
         ))
     }
 
-    /// Appends records already encoded as JSON (one line each, without line breaks), in one
-    /// write.
+    /// Appends records already encoded as JSON (without line breaks), each with its sequence
+    /// number, in one write.
     pub fn append<'a>(
         &mut self,
-        encoded: impl Iterator<Item = &'a [u8]>,
+        encoded: impl Iterator<Item = (u64, &'a [u8])>,
     ) -> Result<(), StoreError> {
         let mut lines = Vec::new();
         let mut records = 0;
-        for record in encoded {
+        for (seq, record) in encoded {
+            lines.extend_from_slice(seq.to_string().as_bytes());
+            lines.push(b' ');
             lines.extend_from_slice(record);
             lines.push(b'\n');
             records += 1;
@@ -125,7 +138,7 @@ fn append_to(path: &Path) -> Result<File, StoreError> {
 
 /// The records of one log file, oldest first. A last line cut short by a crash is dropped: its
 /// commit never returned, so no client was answered for it.
-fn read_records(path: &Path) -> Result<Vec<UsageRecord>, StoreError> {
+fn read_records(path: &Path) -> Result<Vec<Logged>, StoreError> {
     let mut text = Vec::new();
     match File::open(path) {
         Ok(mut file) => {
@@ -142,11 +155,26 @@ fn read_records(path: &Path) -> Result<Vec<UsageRecord>, StoreError> {
     text[..complete]
         .split(|byte| *byte == b'\n')
         .filter(|line| !line.is_empty())
-        .map(|line| {
-            serde_json::from_slice(line).map_err(|error| StoreError::Corrupt {
-                keyspace: "ledger log",
-                reason: error.to_string(),
-            })
-        })
+        .map(read_line)
         .collect()
+}
+
+/// `SEQ JSON`, or a JSON line of before records were numbered.
+fn read_line(line: &[u8]) -> Result<Logged, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        keyspace: "ledger log",
+        reason,
+    };
+    let (seq, json) = match line.iter().position(|byte| *byte == b' ') {
+        Some(space) if line.first() != Some(&b'{') => {
+            let seq = std::str::from_utf8(&line[..space])
+                .ok()
+                .and_then(|digits| digits.parse().ok())
+                .ok_or_else(|| corrupt("a line without its sequence number".to_owned()))?;
+            (Some(seq), &line[space + 1..])
+        }
+        _ => (None, line),
+    };
+    let record = serde_json::from_slice(json).map_err(|error| corrupt(error.to_string()))?;
+    Ok(Logged { seq, record })
 }

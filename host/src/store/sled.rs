@@ -22,6 +22,8 @@ pub struct SledStore {
     ledger: sled::Tree,
     /// Request id → ledger key, for trace look-ups.
     ledger_by_request: sled::Tree,
+    /// `applied_seq` → the sequence number of the last log record the trees took.
+    ledger_meta: sled::Tree,
     /// Holds of the requests in flight and committed usage not yet in the trees, under one lock,
     /// so a balance decision never sees half of a hold or of a commit.
     books: std::sync::Mutex<Books>,
@@ -68,6 +70,7 @@ impl SledStore {
             balances: tree("balances")?,
             ledger: tree("ledger")?,
             ledger_by_request: tree("ledger_by_request")?,
+            ledger_meta: tree("ledger_meta")?,
             books: std::sync::Mutex::new(Books::new(log)),
             top_ups: tree("top_ups")?,
             key_spend: tree("key_spend")?,
@@ -79,9 +82,14 @@ impl SledStore {
             db,
         };
         // Records committed before a crash (or an unclean stop) that the trees may lack.
+        let applied_seq = decode_seq(store.ledger_meta.get(APPLIED_SEQ).map_err(backend)?)?;
         let mut books = store.books();
-        for record in &logged {
-            books.owe(Owed::new(record)?);
+        books.next_seq = applied_seq + 1;
+        for logged in &logged {
+            let mut owed = Owed::new(&logged.record)?;
+            owed.seq = logged.seq;
+            books.next_seq = books.next_seq.max(logged.seq.map_or(0, |seq| seq + 1));
+            books.owe(owed);
         }
         store.checkpoint(&mut books)?;
         drop(books);
@@ -92,11 +100,17 @@ impl SledStore {
 /// Committed records the trees take in one transaction once this many wait.
 const APPLY_BATCH: usize = 1024;
 
+/// Where the ledger meta tree keeps the sequence number of the last record applied.
+const APPLIED_SEQ: &[u8] = b"applied_seq";
+
 /// A committed record as the trees will take it: encoded once, for the log and the ledger alike.
 struct Owed {
+    /// Its place in the ledger log, given at commit; `None` for a record of a log written before
+    /// records were numbered.
+    seq: Option<u64>,
+    unix_ms: u64,
     request_id: String,
     tenant: String,
-    ledger_key: Vec<u8>,
     encoded: Vec<u8>,
     cost: i128,
     spend_key: Vec<u8>,
@@ -105,13 +119,25 @@ struct Owed {
 impl Owed {
     fn new(record: &UsageRecord) -> Result<Self, StoreError> {
         Ok(Self {
+            seq: None,
+            unix_ms: record.unix_ms,
             request_id: record.request_id.clone(),
             tenant: record.tenant.clone(),
-            ledger_key: ledger_key(record),
             encoded: encode(record)?,
             cost: i128::from(record.cost_picos.unwrap_or(0)),
             spend_key: spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY),
         })
+    }
+
+    /// Time first, so the ledger reads in time order; then the sequence number, so two requests
+    /// a client sent with the same id in the same millisecond keep a record each.
+    fn ledger_key(&self) -> Vec<u8> {
+        let mut key = self.unix_ms.to_be_bytes().to_vec();
+        if let Some(seq) = self.seq {
+            key.extend_from_slice(&seq.to_be_bytes());
+        }
+        key.extend_from_slice(self.request_id.as_bytes());
+        key
     }
 }
 
@@ -131,6 +157,8 @@ struct Books {
     unapplied_debits: HashMap<String, i128>,
     /// Key-spend key → the charges of `unapplied`.
     unapplied_spend: HashMap<Vec<u8>, i128>,
+    /// The sequence number the next committed record gets.
+    next_seq: u64,
 }
 
 impl Books {
@@ -142,6 +170,7 @@ impl Books {
             unapplied: Vec::new(),
             unapplied_debits: HashMap::new(),
             unapplied_spend: HashMap::new(),
+            next_seq: 1,
         }
     }
 
@@ -188,8 +217,9 @@ impl SledStore {
         Ok(stored - books.unapplied_debits.get(tenant).copied().unwrap_or(0))
     }
 
-    /// Moves the committed records the trees lack into them, in one transaction. A record whose
-    /// request id the trees already know is skipped, so applying twice changes nothing.
+    /// Moves the committed records the trees lack into them, in one transaction that also notes
+    /// the last sequence number applied: a record at or below it is skipped, so applying twice
+    /// changes nothing. Each tenant's balance and each key's spend is written once per batch.
     fn apply(&self, books: &mut Books) -> Result<(), StoreError> {
         if books.unapplied.is_empty() {
             return Ok(());
@@ -199,29 +229,40 @@ impl SledStore {
             &self.ledger_by_request,
             &self.balances,
             &self.key_spend,
+            &self.ledger_meta,
         )
-            .transaction(|(ledger, by_request, balances, key_spend)| {
+            .transaction(|(ledger, by_request, balances, key_spend, meta)| {
+                let abort = ConflictableTransactionError::Abort;
+                let applied_seq = decode_seq(meta.get(APPLIED_SEQ)?).map_err(abort)?;
+                let mut last_seq = applied_seq;
+                let mut debits = HashMap::<&str, i128>::new();
+                let mut spend = HashMap::<&[u8], i128>::new();
                 for owed in &books.unapplied {
-                    if by_request.get(owed.request_id.as_bytes())?.is_some() {
+                    let fresh = match owed.seq {
+                        Some(seq) => seq > applied_seq,
+                        None => by_request.get(owed.request_id.as_bytes())?.is_none(),
+                    };
+                    if !fresh {
                         continue;
                     }
-                    ledger.insert(owed.ledger_key.as_slice(), owed.encoded.as_slice())?;
-                    by_request.insert(owed.request_id.as_bytes(), owed.ledger_key.as_slice())?;
+                    let key = owed.ledger_key();
+                    ledger.insert(key.as_slice(), owed.encoded.as_slice())?;
+                    by_request.insert(owed.request_id.as_bytes(), key)?;
                     if owed.cost != 0 {
-                        let current = decode_balance(balances.get(owed.tenant.as_bytes())?)
-                            .map_err(ConflictableTransactionError::Abort)?;
-                        balances.insert(
-                            owed.tenant.as_bytes(),
-                            (current - owed.cost).to_be_bytes().to_vec(),
-                        )?;
-                        let spent = decode_balance(key_spend.get(owed.spend_key.as_slice())?)
-                            .map_err(ConflictableTransactionError::Abort)?;
-                        key_spend.insert(
-                            owed.spend_key.as_slice(),
-                            (spent + owed.cost).to_be_bytes().to_vec(),
-                        )?;
+                        *debits.entry(&owed.tenant).or_default() += owed.cost;
+                        *spend.entry(&owed.spend_key).or_default() += owed.cost;
                     }
+                    last_seq = last_seq.max(owed.seq.unwrap_or(0));
                 }
+                for (tenant, cost) in debits {
+                    let current = decode_balance(balances.get(tenant)?).map_err(abort)?;
+                    balances.insert(tenant, (current - cost).to_be_bytes().to_vec())?;
+                }
+                for (key, cost) in spend {
+                    let spent = decode_balance(key_spend.get(key)?).map_err(abort)?;
+                    key_spend.insert(key, (spent + cost).to_be_bytes().to_vec())?;
+                }
+                meta.insert(APPLIED_SEQ, last_seq.to_be_bytes().to_vec())?;
                 Ok(())
             })
             .map_err(transaction_error)?;
@@ -314,10 +355,14 @@ fn spend_key(key_id: &str, day: u64) -> Vec<u8> {
 }
 
 /// Ledger keys sort by time: arrival millis (big-endian) then the request id, unique per request.
-fn ledger_key(record: &UsageRecord) -> Vec<u8> {
-    let mut key = record.unix_ms.to_be_bytes().to_vec();
-    key.extend_from_slice(record.request_id.as_bytes());
-    key
+/// The ledger's last applied sequence number; 0 before any.
+fn decode_seq(bytes: Option<sled::IVec>) -> Result<u64, StoreError> {
+    let Some(bytes) = bytes else { return Ok(0) };
+    let raw: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+        keyspace: "ledger_meta",
+        reason: format!("{} bytes, expected 8", bytes.len()),
+    })?;
+    Ok(u64::from_be_bytes(raw))
 }
 
 impl Store for SledStore {
@@ -504,11 +549,16 @@ impl Store for SledStore {
             .map(|settlement| Owed::new(&settlement.record))
             .collect::<Result<Vec<_>, _>>()?;
         let mut books = self.books();
+        let first_seq = books.next_seq;
+        books.next_seq += owed.len() as u64;
         // Committed once logged: the trees take the records later, in a batch.
-        books
-            .log
-            .append(owed.iter().map(|owed| owed.encoded.as_slice()))?;
-        for (settlement, owed) in settlements.iter().zip(owed) {
+        books.log.append(
+            owed.iter()
+                .zip(first_seq..)
+                .map(|(owed, seq)| (seq, owed.encoded.as_slice())),
+        )?;
+        for ((settlement, mut owed), seq) in settlements.iter().zip(owed).zip(first_seq..) {
+            owed.seq = Some(seq);
             books.owe(owed);
             if let Some(hold_id) = &settlement.hold_id {
                 books.release(hold_id);
@@ -887,6 +937,54 @@ mod tests {
         );
         let reconciled = store.reconcile().expect("reconciles");
         assert_eq!(reconciled[0].difference_picos, 0, "{reconciled:?}");
+    }
+
+    #[test]
+    fn requests_that_reuse_an_id_are_each_debited_and_recorded_once() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        {
+            let store = store_with_credit(dir.path());
+            // A client may send its own `x-request-id`, the same one twice; both records carry
+            // the same time here too.
+            for cost in [100, 50] {
+                store
+                    .commit_usages(&[Settlement {
+                        record: record("reused", cost),
+                        hold_id: None,
+                    }])
+                    .expect("committed");
+            }
+            store.applied().expect("applied");
+            assert_eq!(store.balance_picos("acme").expect("read"), 850);
+            assert_eq!(store.ledger.len(), 2, "two records, neither overwritten");
+            // Dropped without a flush: both records are in the trees and still in the log.
+        }
+        let store = reopen(dir.path());
+        assert_eq!(
+            store.balance_picos("acme").expect("read"),
+            850,
+            "replayed once"
+        );
+        assert_eq!(store.ledger.len(), 2);
+        assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 150);
+        let reconciled = store.reconcile().expect("reconciles");
+        assert_eq!(reconciled[0].difference_picos, 0, "{reconciled:?}");
+    }
+
+    #[test]
+    fn a_log_line_written_before_records_were_numbered_is_applied_once() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        {
+            let store = store_with_credit(dir.path());
+            store.flush().expect("flushed");
+        }
+        let legacy = serde_json::to_string(&record("legacy", 200)).expect("encodes");
+        std::fs::write(dir.path().join("ledger.log"), format!("{legacy}\n")).expect("written");
+        for _ in 0..2 {
+            let store = reopen(dir.path());
+            assert_eq!(store.balance_picos("acme").expect("read"), 800);
+            assert!(store.usage_by_request("legacy").expect("read").is_some());
+        }
     }
 
     #[test]
