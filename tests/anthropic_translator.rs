@@ -6,7 +6,6 @@ mod harness;
 
 use harness::translators::{context, shipped_translator};
 use serde_json::{Value, json};
-use tollgate::plugin::Kept;
 use tollgate::plugin::translator::{
     AuthPlacement, FailureClass, RequestKind, StreamFraming, TranslateError, UpstreamResponse,
 };
@@ -202,7 +201,6 @@ async fn error_answers_map_to_failover_classes() {
                     headers,
                     body,
                 },
-                &Kept::default(),
             )
             .await
             .expect("the plugin runs");
@@ -228,7 +226,6 @@ async fn the_request_carries_headers_auth_placement_and_the_configured_max_token
             RequestKind::Chat,
             &context(true, false, r#"{"beta": ["a-2025", "b-2026"]}"#),
             &body,
-            &Kept::default(),
         )
         .await
         .expect("the plugin runs")

@@ -6,7 +6,6 @@ mod harness;
 
 use harness::translators::{context, shipped_translator};
 use serde_json::{Value, json};
-use tollgate::plugin::Kept;
 use tollgate::plugin::router::Operation;
 use tollgate::plugin::translator::{
     AuthPlacement, FailureClass, RequestKind, StreamFraming, UpstreamResponse,
@@ -160,7 +159,6 @@ async fn google_errors_map_to_failover_classes() {
                     headers: vec![],
                     body,
                 },
-                &Kept::default(),
             )
             .await
             .expect("the plugin runs");
@@ -178,12 +176,7 @@ async fn requests_go_to_the_model_method_with_the_key_in_its_header() {
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]}).to_string();
     let stream = plugin
         .binding
-        .translate_request(
-            RequestKind::Chat,
-            &context(true, false, "{}"),
-            &body,
-            &Kept::default(),
-        )
+        .translate_request(RequestKind::Chat, &context(true, false, "{}"), &body)
         .await
         .expect("runs")
         .expect("translates");
@@ -196,15 +189,12 @@ async fn requests_go_to_the_model_method_with_the_key_in_its_header() {
 
     let mut embeddings_context = context(false, false, "{}");
     embeddings_context.operation = Operation::Embeddings;
-    // The request and its answer on one instance, as the gateway runs them.
-    let kept = Kept::default();
     let request = plugin
         .binding
         .translate_request(
             RequestKind::Embeddings,
             &embeddings_context,
             &json!({"model": "e", "input": ["a b", "c"], "dimensions": 4}).to_string(),
-            &kept,
         )
         .await
         .expect("runs")
@@ -225,7 +215,6 @@ async fn requests_go_to_the_model_method_with_the_key_in_its_header() {
                 headers: vec![],
                 body: plugin.fixture("embeddings_batch.json"),
             },
-            &kept,
         )
         .await
         .expect("runs")

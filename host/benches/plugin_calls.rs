@@ -8,7 +8,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use tollgate::plugin::billing::{CallOutcome, ChargeRequest};
 use tollgate::plugin::router::{Channel, ChannelModel, Circuit, Operation, RequestFacts};
 use tollgate::plugin::translator::{AttemptContext, RequestKind, StreamEvent, Usage};
-use tollgate::plugin::{Binding, Kept, Limits, PluginRuntime, Role, RuntimeSettings, shipped};
+use tollgate::plugin::{Binding, Limits, PluginRuntime, Role, RuntimeSettings, shipped};
 
 fn bind(
     runtime: &Arc<PluginRuntime>,
@@ -131,7 +131,7 @@ fn benchmarks(criterion: &mut Criterion) {
             |b| {
                 b.to_async(&tokio).iter(|| async {
                     translator
-                        .translate_request(RequestKind::Chat, &context, &body, &Kept::default())
+                        .translate_request(RequestKind::Chat, &context, &body)
                         .await
                         .expect("no trap")
                 })
@@ -139,25 +139,15 @@ fn benchmarks(criterion: &mut Criterion) {
         );
     }
     group.bench_function("billing.charge (instantiate + call)", |b| {
-        b.to_async(&tokio).iter(|| async {
-            billing
-                .charge(&charge, &Kept::default())
-                .await
-                .expect("no trap")
-        })
-    });
-    // A request's second call of a plugin runs on the instance its first call made.
-    let kept = Kept::default();
-    group.bench_function("billing.charge (on the request's kept instance)", |b| {
         b.to_async(&tokio)
-            .iter(|| async { billing.charge(&charge, &kept).await.expect("no trap") })
+            .iter(|| async { billing.charge(&charge).await.expect("no trap") })
     });
     let chunk = StreamEvent {
         event: None,
         data: r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"hello "},"finish_reason":null}]}"#.into(),
     };
     let mut session = tokio
-        .block_on(translator.open_stream(&context, &Kept::default()))
+        .block_on(translator.open_stream(&context))
         .expect("a stream opens");
     group.bench_function("translator.stream push (one chunk)", |b| {
         b.iter(|| tokio.block_on(session.push(&chunk)).expect("no trap"))

@@ -120,9 +120,9 @@ async fn decide(
     };
     let called = context
         .billing
-        .call(|billing, kept| {
+        .call(|billing| {
             let request = &request;
-            async move { billing.authorize(request, kept).await }
+            async move { billing.authorize(request).await }
         })
         .await?;
     called.try_map(|decision| {
@@ -155,9 +155,9 @@ pub async fn charge(context: &RequestContext, usage: &Usage, outcome: CallOutcom
     };
     let called = context
         .billing
-        .call(|billing, kept| {
+        .call(|billing| {
             let request = &request;
-            async move { billing.charge(request, kept).await }
+            async move { billing.charge(request).await }
         })
         .await;
     let called = match called {

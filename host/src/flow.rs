@@ -237,7 +237,6 @@ pub async fn run(
             Ok((Delivery::Json(answer.body), served))
         }
         Reply::Streaming(open) => {
-            context.billing.kept.release();
             let (sender, receiver) = mpsc::channel(32);
             tokio::spawn(
                 async move {
@@ -294,7 +293,6 @@ pub async fn count_tokens(
             Ok(whole) => {
                 translate::forwarded_answer(
                     &forwarded.ran,
-                    &translator.kept,
                     channel,
                     &attempt_context,
                     inbound.endpoint,
@@ -570,23 +568,30 @@ async fn try_attempt(
 ) -> Result<(Reply, Duration), TranslateError> {
     let started = Instant::now();
     let channel = attempt.channel.as_ref();
-    let resolved = translate::translator(context, channel)?;
+    let translator = translate::translator(context, channel)?;
     let attempt_context = translate::attempt_context(context, channel, attempt);
     let forwarded = context
         .inbound
         .as_ref()
         .filter(|inbound| inbound.forwards_to(&channel.config.protocol));
     let translated = match forwarded {
-        Some(inbound) => translate::forward(&resolved, channel, &attempt_context, inbound).await?,
+        Some(inbound) => {
+            translate::forward(&translator, channel, &attempt_context, inbound).await?
+        }
         None => {
-            translate::request(&resolved, channel, &attempt_context, &context.request.body).await?
+            translate::request(
+                &translator,
+                channel,
+                &attempt_context,
+                &context.request.body,
+            )
+            .await?
         }
     };
     let forwarded = forwarded.map(|inbound| inbound.endpoint);
     context.plugins.push(translated.trace);
-    // The rest of the attempt runs on the plugin (and instance) that translated the request.
+    // The rest of the attempt runs on the plugin that translated the request.
     let translator = translated.ran;
-    let kept = &resolved.kept;
     let upstream_request = translated.value;
     let framing = upstream_request.framing;
     let key = key.map(|index| &channel.keys[index]);
@@ -604,12 +609,10 @@ async fn try_attempt(
         };
         let relay = async || -> Result<stream::Relay, TranslateError> {
             if forwarded.is_some() {
-                let session = translator
-                    .open_forwarded_stream(&attempt_context, kept)
-                    .await?;
+                let session = translator.open_forwarded_stream(&attempt_context).await?;
                 return Ok(stream::Relay::Forwarded(session));
             }
-            let session = translator.open_stream(&attempt_context, kept).await?;
+            let session = translator.open_stream(&attempt_context).await?;
             Ok(match &context.inbound {
                 Some(inbound) => {
                     let converter = inbound.plugin.open_openai_stream(&attempt_context).await?;
@@ -621,7 +624,6 @@ async fn try_attempt(
         let waiting = Instant::now();
         let opened = stream::open(
             &translator,
-            kept,
             relay,
             channel,
             &attempt_context,
@@ -641,7 +643,6 @@ async fn try_attempt(
             Some(endpoint) => {
                 translate::forwarded_answer(
                     &translator,
-                    kept,
                     channel,
                     &attempt_context,
                     endpoint,
@@ -651,7 +652,7 @@ async fn try_attempt(
             }
             None => {
                 let mut answer =
-                    translate::answer(&translator, kept, channel, &attempt_context, &whole).await?;
+                    translate::answer(&translator, channel, &attempt_context, &whole).await?;
                 complete_answer(context, &mut answer);
                 if let Some(inbound) = &context.inbound {
                     inbound::convert_answer(inbound, &attempt_context, &mut answer).await?;

@@ -65,7 +65,7 @@ pub async fn convert_request(
 ) -> Result<(Inbound, String, String), TranslateError> {
     let resolved = Gateway::resolve(bindings, tenant, Role::Translator, Some(protocol.name))?;
     let called = resolved
-        .call(|binding, _| {
+        .call(|binding| {
             let body = &body;
             async move { binding.to_openai_request(endpoint, body).await }
         })

@@ -94,7 +94,7 @@ pub async fn plan(gateway: &Gateway, context: &mut RequestContext) -> Result<Pla
         .collect();
     let called = context
         .router
-        .call(|router, _| {
+        .call(|router| {
             let (facts, candidates) = (&facts, &candidates);
             async move { router.plan(facts, candidates).await }
         })

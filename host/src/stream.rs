@@ -17,11 +17,11 @@ use tokio::sync::mpsc;
 
 use crate::error::{ApiError, Dialect};
 use crate::gateway::Channel;
+use crate::plugin::Binding;
 use crate::plugin::translator::{
     AttemptContext, ConvertedSession, ForwardedSession, StreamEvent, StreamFraming, StreamSession,
     Usage,
 };
-use crate::plugin::{Binding, Kept};
 use crate::sse::{DONE_FRAME, EventFramer, carries_finish_reason, data_frame, event_frame};
 use crate::translate::{self, TranslateError};
 use crate::upstream::{self, TimeoutPhase, UpstreamError};
@@ -267,7 +267,6 @@ pub struct StreamOutcome {
 /// may fail over to the next attempt. The relay is made only for a successful answer.
 pub async fn open(
     translator: &Binding,
-    kept: &Kept,
     relay: impl AsyncFnOnce() -> Result<Relay, TranslateError>,
     channel: &Channel,
     attempt: &AttemptContext,
@@ -276,7 +275,7 @@ pub async fn open(
 ) -> Result<OpenStream, TranslateError> {
     if !response.status().is_success() {
         let whole = upstream::read_whole(channel, response, shape.max_error_body_bytes).await?;
-        return Err(translate::failure(translator, kept, channel, attempt, &whole).await);
+        return Err(translate::failure(translator, channel, attempt, &whole).await);
     }
     let mut relay = relay().await?;
     let mut events = UpstreamEvents {

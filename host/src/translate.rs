@@ -15,7 +15,7 @@ use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::{
     self as wit, AttemptContext, Endpoint, RequestKind, UpstreamRequest, UpstreamResponse,
 };
-use crate::plugin::{Binding, Kept, PluginError, Role};
+use crate::plugin::{Binding, PluginError, Role};
 use crate::request::ClientRequest;
 use crate::route::PlannedAttempt;
 use crate::upstream::UpstreamError;
@@ -167,11 +167,7 @@ pub async fn request(
 ) -> Result<Called<UpstreamRequest>, TranslateError> {
     let kind = request_kind(attempt.operation);
     translator
-        .call(|binding, kept| async move {
-            binding
-                .translate_request(kind, attempt, body, kept)
-                .await
-        })
+        .call(|binding| async move { binding.translate_request(kind, attempt, body).await })
         .await?
         .try_map(|translated| translated.map_err(|error| plugin_error(channel, error)))
 }
@@ -185,15 +181,9 @@ pub async fn forward(
     inbound: &Inbound,
 ) -> Result<Called<UpstreamRequest>, TranslateError> {
     translator
-        .call(|binding, kept| async move {
+        .call(|binding| async move {
             binding
-                .forward_request(
-                    inbound.endpoint,
-                    attempt,
-                    &inbound.body,
-                    &inbound.headers,
-                    kept,
-                )
+                .forward_request(inbound.endpoint, attempt, &inbound.body, &inbound.headers)
                 .await
         })
         .await?
@@ -201,21 +191,19 @@ pub async fn forward(
 }
 
 /// Reads a whole answer of the client's own protocol: a failure for non-2xx, else the body as it
-/// came with its usage read. Runs on the instance `kept` holds, like every call of an attempt after
-/// the request's translation.
+/// came with its usage read.
 pub async fn forwarded_answer(
     translator: &Binding,
-    kept: &Kept,
     channel: &Channel,
     attempt: &AttemptContext,
     endpoint: Endpoint,
     response: &UpstreamResponse,
 ) -> Result<Answer, TranslateError> {
     if !(200..300).contains(&response.status) {
-        return Err(failure(translator, kept, channel, attempt, response).await);
+        return Err(failure(translator, channel, attempt, response).await);
     }
     let answer = translator
-        .read_forwarded_response(endpoint, attempt, response, kept)
+        .read_forwarded_response(endpoint, attempt, response)
         .await?
         .map_err(|error| plugin_error(channel, error))?;
     Ok(Answer {
@@ -228,16 +216,15 @@ pub async fn forwarded_answer(
 /// Reads a whole upstream answer: a failure for non-2xx, else the OpenAI-shaped answer.
 pub async fn answer(
     translator: &Binding,
-    kept: &Kept,
     channel: &Channel,
     attempt: &AttemptContext,
     response: &UpstreamResponse,
 ) -> Result<Answer, TranslateError> {
     if !(200..300).contains(&response.status) {
-        return Err(failure(translator, kept, channel, attempt, response).await);
+        return Err(failure(translator, channel, attempt, response).await);
     }
     translator
-        .translate_response(request_kind(attempt.operation), attempt, response, kept)
+        .translate_response(request_kind(attempt.operation), attempt, response)
         .await?
         .map_err(|error| plugin_error(channel, error))
 }
@@ -245,12 +232,11 @@ pub async fn answer(
 /// Classifies a non-2xx answer with the translator.
 pub async fn failure(
     translator: &Binding,
-    kept: &Kept,
     channel: &Channel,
     attempt: &AttemptContext,
     response: &UpstreamResponse,
 ) -> TranslateError {
-    match translator.read_failure(attempt, response, kept).await {
+    match translator.read_failure(attempt, response).await {
         Ok(failure) => TranslateError::Upstream(UpstreamError::Failure {
             channel: channel.config.name.clone(),
             failure: Box::new(failure),

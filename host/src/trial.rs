@@ -16,7 +16,7 @@ use crate::plugin::router::{Channel, ChannelModel, Circuit, Operation, RequestFa
 use crate::plugin::translator::{
     AttemptContext, AuthPlacement, HttpMethod, RequestKind, StreamFraming, Usage,
 };
-use crate::plugin::{Binding, Kept, Limits, PluginError, PluginRuntime, Role, RuntimeSettings};
+use crate::plugin::{Binding, Limits, PluginError, PluginRuntime, Role, RuntimeSettings};
 use crate::request::{self, InvalidBody};
 
 /// Why a trial could not run.
@@ -222,7 +222,7 @@ async fn translate(
     };
     Ok(
         match binding
-            .translate_request(RequestKind::Chat, &context, &client.body, &Kept::default())
+            .translate_request(RequestKind::Chat, &context, &client.body)
             .await?
         {
             Ok(upstream) => {
@@ -264,38 +264,30 @@ async fn bill(binding: &Binding, client: &request::ClientRequest) -> Result<Valu
         reasoning_tokens: 0,
         estimated: true,
     };
-    // One instance for both calls, as a request has.
-    let kept = Kept::default();
     let authorized = binding
-        .authorize(
-            &AuthorizeRequest {
-                request_id: "plugin-test".to_owned(),
-                tenant: "test".to_owned(),
-                key_id: "test".to_owned(),
-                operation: Operation::Chat,
-                model: client.model.clone(),
-                estimated_usage: usage,
-                balance_picos: i64::MAX,
-            },
-            &kept,
-        )
+        .authorize(&AuthorizeRequest {
+            request_id: "plugin-test".to_owned(),
+            tenant: "test".to_owned(),
+            key_id: "test".to_owned(),
+            operation: Operation::Chat,
+            model: client.model.clone(),
+            estimated_usage: usage,
+            balance_picos: i64::MAX,
+        })
         .await?;
     let charged = binding
-        .charge(
-            &ChargeRequest {
-                request_id: "plugin-test".to_owned(),
-                tenant: "test".to_owned(),
-                key_id: "test".to_owned(),
-                operation: Operation::Chat,
-                model_asked: client.model.clone(),
-                model_served: client.model.clone(),
-                channel: "test".to_owned(),
-                usage,
-                latency_ms: 0,
-                outcome: CallOutcome::Complete,
-            },
-            &kept,
-        )
+        .charge(&ChargeRequest {
+            request_id: "plugin-test".to_owned(),
+            tenant: "test".to_owned(),
+            key_id: "test".to_owned(),
+            operation: Operation::Chat,
+            model_asked: client.model.clone(),
+            model_served: client.model.clone(),
+            channel: "test".to_owned(),
+            usage,
+            latency_ms: 0,
+            outcome: CallOutcome::Complete,
+        })
         .await?;
     Ok(json!({
         "authorize": match authorized {

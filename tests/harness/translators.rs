@@ -9,7 +9,7 @@ use tollgate::plugin::router::Operation;
 use tollgate::plugin::translator::{
     AttemptContext, RequestKind, StreamFraming, TranslateError, UpstreamResponse, Usage,
 };
-use tollgate::plugin::{Binding, Kept, Limits, PluginRuntime, Role, RuntimeSettings, shipped};
+use tollgate::plugin::{Binding, Limits, PluginRuntime, Role, RuntimeSettings, shipped};
 use tollgate::sse::EventFramer;
 
 /// A shipped translator bound in a real plugin runtime, with its protocol's fixtures.
@@ -95,7 +95,7 @@ impl Plugin {
     pub async fn stream_fixture(&self, name: &str, include_usage: bool) -> Streamed {
         let mut session = self
             .binding
-            .open_stream(&context(true, include_usage, "{}"), &Kept::default())
+            .open_stream(&context(true, include_usage, "{}"))
             .await
             .expect("the stream opens");
         let mut framer = EventFramer::new(StreamFraming::Sse);
@@ -148,12 +148,7 @@ impl Plugin {
         };
         let answer = self
             .binding
-            .translate_response(
-                RequestKind::Chat,
-                &context(false, false, "{}"),
-                &response,
-                &Kept::default(),
-            )
+            .translate_response(RequestKind::Chat, &context(false, false, "{}"), &response)
             .await
             .expect("the plugin runs")
             .expect("the answer translates");

@@ -1,6 +1,6 @@
 //! The plugin runtime: one wasmtime engine, plugins compiled once (and cached on disk), and every call
-//! run in a store of its own request under a deadline and a memory cap, so no request sees another's
-//! state and a hostile plugin can neither hang nor crash the gateway.
+//! run in a fresh store under a deadline and a memory cap, so no request sees another's state and a
+//! hostile plugin can neither hang nor crash the gateway.
 //!
 //! In: plugin bytes (shipped, or a file an operator names) and typed calls from the stages.
 //! Out: typed results, or a [`PluginError`] naming plugin and role. Knows nothing about HTTP.
@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Instance, InstancePre, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+pub use sandbox::Limits;
 use sandbox::PluginState;
-pub use sandbox::{Kept, Limits};
 
 /// The role a plugin plays; one per plugin, fixed by the world it was built against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -481,9 +481,7 @@ impl PluginRuntime {
             Role::Translator => Exports::Translator(Box::new(
                 translator::TranslatorExports::new(pre).map_err(world)?,
             )),
-            Role::Billing => {
-                Exports::Billing(Box::new(billing::BillingExports::new(pre).map_err(world)?))
-            }
+            Role::Billing => Exports::Billing(billing::BillingPluginPre::new(pre).map_err(world)?),
         };
         Ok(CompiledPlugin {
             plugin,
@@ -582,7 +580,7 @@ fn listed(names: &[&str]) -> String {
 enum Exports {
     Router(router::RouterPluginPre<PluginState>),
     Translator(Box<translator::TranslatorExports>),
-    Billing(Box<billing::BillingExports>),
+    Billing(billing::BillingPluginPre<PluginState>),
 }
 
 /// A compiled plugin with the configuration and limits an operator bound it with.
@@ -626,8 +624,7 @@ impl Binding {
         &self.compiled.plugin
     }
 
-    /// A fresh store for a request's first call of the plugin: nothing survives from another
-    /// request.
+    /// A fresh store for one call or one stream: nothing survives from an earlier call.
     fn store(&self) -> wasmtime::Store<PluginState> {
         sandbox::store(
             self.runtime.engine(),
@@ -637,50 +634,6 @@ impl Binding {
             &self.limits,
             self.runtime.metrics.clone(),
         )
-    }
-}
-
-impl Binding {
-    /// Runs one export call on the instance this request keeps of the binding (or on a fresh one)
-    /// and keeps it for the request's next call, once its output passed the cap.
-    async fn call_kept<R>(
-        &self,
-        kept: &Kept,
-        pre: &InstancePre<PluginState>,
-        export: &'static str,
-        call: impl AsyncFnOnce(&mut Store<PluginState>, &Instance) -> wasmtime::Result<R>,
-        output_bytes: impl FnOnce(&R) -> usize,
-    ) -> Result<R, PluginError> {
-        let (mut store, instance) = self.kept_or_fresh(kept);
-        let (instance, value) = sandbox::bounded(&mut store, export, async |store| {
-            let instance = instance_in(store, pre, instance).await?;
-            let value = call(store, &instance).await?;
-            Ok((instance, value))
-        })
-        .await?;
-        sandbox::check_output(&store, export, output_bytes(&value))?;
-        kept.keep(store, instance);
-        Ok(value)
-    }
-
-    /// The store and instance the request keeps of this binding, else a fresh store.
-    fn kept_or_fresh(&self, kept: &Kept) -> (Store<PluginState>, Option<Instance>) {
-        match kept.take(&self.config) {
-            Some((store, instance)) => (store, Some(instance)),
-            None => (self.store(), None),
-        }
-    }
-}
-
-/// The kept instance, else a new one in `store`.
-async fn instance_in(
-    store: &mut Store<PluginState>,
-    pre: &InstancePre<PluginState>,
-    kept: Option<Instance>,
-) -> wasmtime::Result<Instance> {
-    match kept {
-        Some(instance) => Ok(instance),
-        None => pre.instantiate_async(store).await,
     }
 }
 

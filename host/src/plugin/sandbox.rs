@@ -1,11 +1,11 @@
 //! What a plugin runs inside: its store state, the host imports it may call, the WASI surface it is
 //! given (empty), its memory cap and its deadline.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
-use wasmtime::component::{HasSelf, Instance, Linker, ResourceTable};
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::cli::{WasiCli, WasiCliView};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -41,12 +41,11 @@ impl Default for Limits {
 /// How much of a plugin's stdout/stderr is kept for the log (a panic message fits).
 const CAPTURED_OUTPUT_BYTES: usize = 4096;
 
-/// A store's data: one request's (or one stream's) whole world of one plugin.
+/// A store's data: one plugin call's (or one stream's) whole world.
 pub struct PluginState {
     pub(super) plugin: PluginRef,
     pub(super) role: Role,
-    /// The binding's configuration; also tells which binding made the store (see [`Kept`]).
-    pub(super) config: Arc<str>,
+    config: Arc<str>,
     wasi: WasiCtx,
     table: ResourceTable,
     random: WasiRandomCtx,
@@ -272,34 +271,6 @@ pub(super) fn store(
     });
     store.set_epoch_deadline(1);
     store
-}
-
-/// The instance one request keeps of one plugin: the request's first call of the plugin makes it,
-/// its later calls of the same binding (billing's `authorize` then `charge`, a translator's request
-/// then its answer or stream) reuse it, and it ends with the request. It is never handed to another
-/// request, so requests stay as isolated as with an instance per call, at two instantiations fewer
-/// per request. A call that fails leaves nothing kept: a trapped instance is poisoned.
-#[derive(Default)]
-pub struct Kept(Mutex<Option<(Store<PluginState>, Instance)>>);
-
-impl Kept {
-    /// The kept store and instance, when the binding whose configuration is `config` made them.
-    pub(super) fn take(&self, config: &Arc<str>) -> Option<(Store<PluginState>, Instance)> {
-        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        kept.take()
-            .filter(|(store, _)| Arc::ptr_eq(&store.data().config, config))
-    }
-
-    /// Keeps a store and its instance for the request's next call, in place of any other.
-    pub(super) fn keep(&self, store: Store<PluginState>, instance: Instance) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((store, instance));
-    }
-
-    /// Ends the kept instance now rather than with the request: a stream may stay open for
-    /// minutes, and its billing instance would hold a pool slot and its memory all that time.
-    pub fn release(&self) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
-    }
 }
 
 /// The running time a deadline allows, in epoch ticks (at least one).

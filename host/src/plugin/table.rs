@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Binding, Kept, PluginError, Role};
+use super::{Binding, PluginError, Role};
 
 /// What a binding applies to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -187,8 +187,8 @@ pub struct BindingTable {
     defaults: HashMap<Scope, Arc<Binding>>,
 }
 
-/// The binding one request calls for one role, what to do if it fails, and the instance the
-/// request keeps of it.
+/// The binding one request calls for one role, and what to do if it fails.
+#[derive(Clone)]
 pub struct Resolved {
     /// The scope it was found under.
     pub scope: Scope,
@@ -200,8 +200,6 @@ pub struct Resolved {
     trips: UnboundedSender<CanaryTripped>,
     /// The global default to call instead if this binding fails and its policy is `open`.
     pub fallback: Option<Arc<Binding>>,
-    /// The request's instance of whichever binding served its last call.
-    pub kept: Kept,
 }
 
 /// A canary's failure share passed its threshold: what to roll back and why.
@@ -323,7 +321,6 @@ impl BindingTable {
                 canary,
                 trips: self.trips.clone(),
                 fallback,
-                kept: Kept::default(),
             });
         }
         Some(Resolved {
@@ -332,23 +329,22 @@ impl BindingTable {
             canary: None,
             trips: self.trips.clone(),
             fallback: None,
-            kept: Kept::default(),
         })
     }
 }
 
 impl Resolved {
-    /// Calls the binding (with the request's kept instance, for the calls that use one); counts
-    /// the call against a canary (reporting it when it passes its threshold); when the plugin
-    /// itself failed and the policy is `open`, calls the global default instead.
-    pub async fn call<'a, T, Fut>(
-        &'a self,
-        call: impl Fn(Arc<Binding>, &'a Kept) -> Fut,
+    /// Calls the binding; counts the call against a canary (reporting it when it passes its
+    /// threshold); when the plugin itself failed and the policy is `open`, calls the global default
+    /// instead.
+    pub async fn call<T, Fut>(
+        &self,
+        call: impl Fn(Arc<Binding>) -> Fut,
     ) -> Result<Called<T>, PluginError>
     where
         Fut: Future<Output = Result<T, PluginError>>,
     {
-        let outcome = call(self.binding.clone(), &self.kept).await;
+        let outcome = call(self.binding.clone()).await;
         if let Some(tripped) = self.tally(outcome.is_err()) {
             // The receiver lives as long as the gateway; a send after shutdown has no one to tell.
             let _ = self.trips.send(tripped);
@@ -369,7 +365,7 @@ impl Resolved {
                 let fallback = self.fallback.as_ref().expect("checked in the guard");
                 tracing::warn!(%error, fallback = %fallback.plugin(), "plugin failed; failing open");
                 fallback.runtime.metrics.fail_opens.inc();
-                let value = call(fallback.clone(), &self.kept).await?;
+                let value = call(fallback.clone()).await?;
                 Ok(Called {
                     value,
                     ran: fallback.clone(),

@@ -5,9 +5,9 @@
 //! it and must keep loading.
 
 use wasmtime::Store;
-use wasmtime::component::{Instance, InstancePre, ResourceAny};
+use wasmtime::component::{InstancePre, ResourceAny};
 
-use super::sandbox::{Kept, PluginState};
+use super::sandbox::PluginState;
 use super::{Binding, Exports, PluginError, Role, sandbox};
 
 wasmtime::component::bindgen!({
@@ -112,42 +112,40 @@ impl Binding {
         Ok((&exports.pre, indices))
     }
 
-    /// Builds the upstream request for one attempt. This and the attempt's later calls (the answer,
-    /// a failure, the stream) run on the instance the request keeps in `kept`.
+    /// Builds the upstream request for one attempt.
     pub async fn translate_request(
         &self,
         kind: RequestKind,
         context: &AttemptContext,
         body: &str,
-        kept: &Kept,
     ) -> Result<Result<UpstreamRequest, TranslateError>, PluginError> {
         let exports = self.translator_exports()?;
+        let mut store = self.store();
         let export = match kind {
             RequestKind::Chat => "translate-chat-request",
             RequestKind::Embeddings => "translate-embeddings-request",
         };
-        self.call_kept(
-            kept,
-            &exports.pre,
-            export,
-            async |store, instance| {
-                let translator = exports.translator.load(&mut *store, instance)?;
-                match kind {
-                    RequestKind::Chat => {
-                        translator
-                            .call_translate_chat_request(&mut *store, context, body)
-                            .await
-                    }
-                    RequestKind::Embeddings => {
-                        translator
-                            .call_translate_embeddings_request(&mut *store, context, body)
-                            .await
-                    }
+        let request = sandbox::bounded(&mut store, export, async |store| {
+            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            let translator = exports.translator.load(&mut *store, &instance)?;
+            match kind {
+                RequestKind::Chat => {
+                    translator
+                        .call_translate_chat_request(&mut *store, context, body)
+                        .await
                 }
-            },
-            |request| request.as_ref().map_or(0, request_bytes),
-        )
-        .await
+                RequestKind::Embeddings => {
+                    translator
+                        .call_translate_embeddings_request(&mut *store, context, body)
+                        .await
+                }
+            }
+        })
+        .await?;
+        if let Ok(request) = &request {
+            sandbox::check_output(&store, export, request_bytes(request))?;
+        }
+        Ok(request)
     }
 
     /// Reads a 2xx whole answer (chat or embeddings) into OpenAI's shape.
@@ -156,15 +154,16 @@ impl Binding {
         kind: RequestKind,
         context: &AttemptContext,
         response: &UpstreamResponse,
-        kept: &Kept,
     ) -> Result<Result<TranslatedAnswer, TranslateError>, PluginError> {
         let exports = self.translator_exports()?;
+        let mut store = self.store();
         let export = match kind {
             RequestKind::Chat => "translate-chat-response",
             RequestKind::Embeddings => "translate-embeddings-response",
         };
-        let answer = async |store: &mut Store<PluginState>, instance: &Instance| {
-            let translator = exports.translator.load(&mut *store, instance)?;
+        let answer = sandbox::bounded(&mut store, export, async |store| {
+            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            let translator = exports.translator.load(&mut *store, &instance)?;
             Ok(match kind {
                 RequestKind::Chat => translator
                     .call_translate_chat_response(&mut *store, context, response)
@@ -183,11 +182,12 @@ impl Binding {
                         served_model: answer.served_model,
                     }),
             })
-        };
-        self.call_kept(kept, &exports.pre, export, answer, |answer| {
-            answer.as_ref().map_or(0, |answer| answer.body.len())
         })
-        .await
+        .await?;
+        if let Ok(answer) = &answer {
+            sandbox::check_output(&store, export, answer.body.len())?;
+        }
+        Ok(answer)
     }
 
     /// Classifies a non-2xx answer.
@@ -195,37 +195,30 @@ impl Binding {
         &self,
         context: &AttemptContext,
         response: &UpstreamResponse,
-        kept: &Kept,
     ) -> Result<UpstreamFailure, PluginError> {
         let exports = self.translator_exports()?;
-        self.call_kept(
-            kept,
-            &exports.pre,
-            "read-failure",
-            async |store, instance| {
-                exports
-                    .translator
-                    .load(&mut *store, instance)?
-                    .call_read_failure(&mut *store, context, response)
-                    .await
-            },
-            |_| 0,
-        )
+        let mut store = self.store();
+        sandbox::bounded(&mut store, "read-failure", async |store| {
+            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            exports
+                .translator
+                .load(&mut *store, &instance)?
+                .call_read_failure(&mut *store, context, response)
+                .await
+        })
         .await
     }
 
-    /// Opens a stream translator for one streamed upstream answer, on the request's kept instance.
-    /// The session takes the store (and instance) over until dropped; every `push` gets the full
-    /// per-call deadline.
+    /// Opens a stream translator for one streamed upstream answer. It keeps its own store (and
+    /// instance) until dropped; every `push` gets the full per-call deadline.
     pub async fn open_stream(
         &self,
         context: &AttemptContext,
-        kept: &Kept,
     ) -> Result<StreamSession, PluginError> {
         let exports = self.translator_exports()?;
-        let (mut store, instance) = self.kept_or_fresh(kept);
+        let mut store = self.store();
         let (plugin, resource) = sandbox::bounded(&mut store, "stream-translator", async |store| {
-            let instance = super::instance_in(store, &exports.pre, instance).await?;
+            let instance = exports.pre.instantiate_async(&mut *store).await?;
             let plugin = exports.translator.load(&mut *store, &instance)?;
             let resource = plugin
                 .stream_translator()
@@ -326,30 +319,28 @@ impl Binding {
         Ok(converted)
     }
 
-    /// The upstream request for the client's own body, on a channel of the same protocol; on the
-    /// request's kept instance, like [`Binding::translate_request`].
+    /// The upstream request for the client's own body, on a channel of the same protocol.
     pub async fn forward_request(
         &self,
         endpoint: Endpoint,
         context: &AttemptContext,
         body: &str,
         client_headers: &[Header],
-        kept: &Kept,
     ) -> Result<Result<UpstreamRequest, TranslateError>, PluginError> {
         let (pre, indices) = self.inbound_exports()?;
-        self.call_kept(
-            kept,
-            pre,
-            "forward-request",
-            async |store, instance| {
-                indices
-                    .load(&mut *store, instance)?
-                    .call_forward_request(&mut *store, endpoint, context, body, client_headers)
-                    .await
-            },
-            |request| request.as_ref().map_or(0, request_bytes),
-        )
-        .await
+        let mut store = self.store();
+        let request = sandbox::bounded(&mut store, "forward-request", async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            indices
+                .load(&mut *store, &instance)?
+                .call_forward_request(&mut *store, endpoint, context, body, client_headers)
+                .await
+        })
+        .await?;
+        if let Ok(request) = &request {
+            sandbox::check_output(&store, "forward-request", request_bytes(request))?;
+        }
+        Ok(request)
     }
 
     /// Reads a same-protocol 2xx whole answer: passed through, usage read.
@@ -358,22 +349,21 @@ impl Binding {
         endpoint: Endpoint,
         context: &AttemptContext,
         response: &UpstreamResponse,
-        kept: &Kept,
     ) -> Result<Result<ForwardedAnswer, TranslateError>, PluginError> {
         let (pre, indices) = self.inbound_exports()?;
-        self.call_kept(
-            kept,
-            pre,
-            "read-forwarded-response",
-            async |store, instance| {
-                indices
-                    .load(&mut *store, instance)?
-                    .call_read_forwarded_response(&mut *store, endpoint, context, response)
-                    .await
-            },
-            |answer| answer.as_ref().map_or(0, |answer| answer.body.len()),
-        )
-        .await
+        let mut store = self.store();
+        let answer = sandbox::bounded(&mut store, "read-forwarded-response", async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            indices
+                .load(&mut *store, &instance)?
+                .call_read_forwarded_response(&mut *store, endpoint, context, response)
+                .await
+        })
+        .await?;
+        if let Ok(answer) = &answer {
+            sandbox::check_output(&store, "read-forwarded-response", answer.body.len())?;
+        }
+        Ok(answer)
     }
 
     /// An OpenAI `chat.completion` body in the plugin's protocol.
@@ -414,17 +404,15 @@ impl Binding {
         Ok(answer)
     }
 
-    /// Opens a same-protocol stream reader; like [`Binding::open_stream`], it takes the request's
-    /// kept instance over.
+    /// Opens a same-protocol stream reader; like [`Binding::open_stream`], it keeps its own store.
     pub async fn open_forwarded_stream(
         &self,
         context: &AttemptContext,
-        kept: &Kept,
     ) -> Result<ForwardedSession, PluginError> {
         let (pre, indices) = self.inbound_exports()?;
-        let (mut store, instance) = self.kept_or_fresh(kept);
+        let mut store = self.store();
         let (plugin, resource) = sandbox::bounded(&mut store, "forwarded-stream", async |store| {
-            let instance = super::instance_in(store, pre, instance).await?;
+            let instance = pre.instantiate_async(&mut *store).await?;
             let plugin = indices.load(&mut *store, &instance)?;
             let resource = plugin
                 .forwarded_stream()
