@@ -189,6 +189,29 @@ async fn no_call_finds_the_memory_of_an_earlier_one() {
 }
 
 #[tokio::test]
+async fn requests_waiting_on_their_upstream_hold_no_plugin_instance() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "max_instances = 6\n{}{}",
+        billing(1_000_000),
+        channel("primary", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    // A slow upstream and more requests waiting on it than the pool has instances: a request
+    // holds one only while a plugin runs, never across the upstream call.
+    sim.set_standing_fault(Some(tollgate_simulator::Fault {
+        delay_ms: Some(300),
+        ..Default::default()
+    }));
+    let body = chat("slow upstream");
+    let calls = (0..16).map(|_| gateway.post("/v1/chat/completions", &body, &[]));
+    for answer in futures::future::join_all(calls).await {
+        assert_eq!(answer.status, 200, "{}", answer.json);
+    }
+}
+
+#[tokio::test]
 async fn an_uploaded_endless_loop_is_cut_at_its_binding_deadline() {
     uploaded_router_is_contained("loop", json!({"deadline_ms": 100}), &["100 ms"]).await;
 }
