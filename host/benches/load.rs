@@ -30,8 +30,8 @@ const HELP: &str = "cargo bench -p tollgate --bench load -- [options]
                             another OpenAI-compatible endpoint (its chat-completions URL) to
                             measure beside the others, with the header carrying its key
   --streams N               instead of the matrix: hold N streams open through tollgate at once
-                            (each after its first chunk) and report the gateway's memory per
-                            open stream";
+                            (the upstream sending one chunk per second, for about half a minute)
+                            and report the gateway's memory per open stream and any error";
 
 /// One endpoint under load.
 struct Target {
@@ -196,13 +196,31 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 
 /// A `/proc/PID/status` figure, in KiB.
 fn status_kib(pid: u32, field: &str) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with(field))?;
+    proc_kib(pid, "status", field)
+}
+
+/// A figure of a `/proc/PID/FILE` made of `Field: N kB` lines, in KiB.
+fn proc_kib(pid: u32, file: &str, field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    let line = text.lines().find(|line| line.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Holds `count` streams open through the gateway at once, each after its first chunk (the
-/// simulator holds the rest), and reports the gateway's resident memory per open stream.
+/// Resident memory no other process or mapping shares: what the streams really cost. RSS counts
+/// a shared page once per mapping, and every plugin instance maps its plugin's data image.
+fn private_kib(pid: u32) -> Option<f64> {
+    Some(
+        proc_kib(pid, "smaps_rollup", "Private_Clean:")?
+            + proc_kib(pid, "smaps_rollup", "Private_Dirty:")?,
+    )
+}
+
+/// How long each held stream lasts: the upstream sends one chunk per second.
+const HELD_STREAM_CHUNKS: usize = 30;
+
+/// Holds `count` streams open through the gateway at once, the upstream sending one chunk per
+/// second for about half a minute, and reports the gateway's memory per open stream (resident and
+/// private) once all are open, then whether every stream ended complete.
 async fn open_streams(
     simulator: &Simulator,
     client: &reqwest::Client,
@@ -211,21 +229,32 @@ async fn open_streams(
 ) -> anyhow::Result<()> {
     let pid = target.pid.context("the gateway's pid")?;
     simulator.set_standing_fault(Some(tollgate_simulator::Fault {
-        hold_after_chunks: Some(1),
+        chunk_interval_ms: Some(1000),
         ..Default::default()
     }));
+    // The simulator echoes the last message a word per chunk.
+    let body = bytes::Bytes::from(
+        json!({
+            "model": target.model,
+            "stream": true,
+            "messages": [{"role": "user", "content": "word ".repeat(HELD_STREAM_CHUNKS)}],
+        })
+        .to_string(),
+    );
     let idle_kib = status_kib(pid, "VmRSS:").context("the gateway's RSS")?;
+    let idle_private_kib = private_kib(pid).context("the gateway's private memory")?;
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let (opened, mut first_chunks) = tokio::sync::mpsc::channel::<bool>(count.max(1));
     let mut streams = Vec::with_capacity(count);
     for _ in 0..count {
-        let (client, target, opened) = (client.clone(), target.clone(), opened.clone());
+        let (client, target, opened, body) =
+            (client.clone(), target.clone(), opened.clone(), body.clone());
         streams.push(tokio::spawn(async move {
             let mut request = client
                 .post(&target.url)
                 .header("content-type", "application/json")
-                .body(chat_body(&target.model, 1, true));
+                .body(body);
             if let Some((name, value)) = &target.header {
                 request = request.header(name, value);
             }
@@ -240,10 +269,15 @@ async fn open_streams(
             let first = matches!(body.next().await, Some(Ok(_)));
             let _ = opened.send(first).await;
             let mut complete = first;
+            let mut tail = Vec::new();
             while let Some(chunk) = body.next().await {
-                complete &= chunk.is_ok();
+                match chunk {
+                    Ok(bytes) => tail = bytes.to_vec(),
+                    Err(_) => complete = false,
+                }
             }
-            complete
+            // An error mid-stream arrives as an error event, not as `[DONE]`.
+            complete && String::from_utf8_lossy(&tail).contains("data: [DONE]")
         }));
     }
     drop(opened);
@@ -260,8 +294,8 @@ async fn open_streams(
     // Let the gateway settle (allocator, pending writes) before reading its memory.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let held_kib = status_kib(pid, "VmRSS:").context("the gateway's RSS")?;
+    let held_private_kib = private_kib(pid).context("the gateway's private memory")?;
     simulator.set_standing_fault(None);
-    simulator.release();
     let mut completed = 0;
     for stream in streams {
         completed += usize::from(stream.await.unwrap_or(false));
@@ -271,14 +305,17 @@ async fn open_streams(
         _ => "-".to_owned(),
     };
     println!(
-        "{count} streams held open at once through tollgate: {open} opened in {:.1} s, {failed} failed to open, {completed} completed after release",
-        opening.as_secs_f64()
+        "{count} streams held open at once through tollgate, one upstream chunk per second: {open} opened in {:.1} s, {failed} failed to open, {completed} ended complete ([DONE]) after {:.0} s",
+        opening.as_secs_f64(),
+        started.elapsed().as_secs_f64()
     );
+    let per_stream = |held: f64, idle: f64| (held - idle) / open.max(1) as f64;
     println!(
-        "gateway RSS {:.1} MiB idle, {:.1} MiB with them open: {:.1} KiB per open stream; CPU per stream {cpu}",
+        "gateway RSS {:.1} MiB idle, {:.1} MiB with them open: {:.1} KiB per open stream ({:.1} KiB private, not shared with other mappings); CPU per stream {cpu}",
         idle_kib / 1024.0,
         held_kib / 1024.0,
-        (held_kib - idle_kib) / open.max(1) as f64
+        per_stream(held_kib, idle_kib),
+        per_stream(held_private_kib, idle_private_kib)
     );
     Ok(())
 }

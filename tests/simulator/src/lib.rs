@@ -52,6 +52,8 @@ pub struct Fault {
     pub end_after_chunks: Option<usize>,
     /// Streams: after this many chunks, hold the rest until [`Simulator::release`] is called.
     pub hold_after_chunks: Option<usize>,
+    /// Streams: wait this long before each chunk after the first (a slow, steady upstream).
+    pub chunk_interval_ms: Option<u64>,
     /// Streams: send an OpenAI error event as the first event (status stays 200).
     pub error_event: bool,
     /// Leave `usage` out of the answer (the gateway must estimate).
@@ -363,6 +365,9 @@ fn event_stream(shared: Arc<Shared>, fault: Fault, frames: Vec<Bytes>) -> Respon
             tokio::time::sleep(Duration::from_millis(stall)).await;
         }
         for (index, frame) in frames.into_iter().enumerate() {
+            if let (Some(interval), 1..) = (fault.chunk_interval_ms, index) {
+                tokio::time::sleep(Duration::from_millis(interval)).await;
+            }
             if fault.hold_after_chunks == Some(index) {
                 shared.release.notified().await;
             }
