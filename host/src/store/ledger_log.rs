@@ -46,9 +46,10 @@ impl LedgerLog {
     /// still hold, oldest first.
     pub fn open(path: &Path) -> Result<(Self, Vec<Logged>), StoreError> {
         let mut pending = read_records(&sealed_path(path))?;
-        pending.extend(read_records(path)?);
+        let current = read_records(path)?;
+        let records = current.len();
+        pending.extend(current);
         let file = append_to(path)?;
-        let records = pending.len();
         Ok((
             Self {
                 path: path.to_owned(),
@@ -114,11 +115,6 @@ impl LedgerLog {
             }
             _ => Ok(()),
         }
-    }
-
-    /// Where the log lives.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

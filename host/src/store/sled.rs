@@ -1,14 +1,15 @@
 //! The sled backend. Keyspaces are sled trees; values are JSON; balances are i128 big-endian.
 
-use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use super::ledger_log::LedgerLog;
+use super::ledger_books::{self, Ledger};
 use super::{
-    ApiKey, MILLIS_PER_DAY, Reconciliation, Settlement, Store, StoreError, StoredBindingSlot,
-    StoredChannel, StoredPlugin, Tenant, TopUp, UsageRecord, UsageRecords,
+    ApiKey, Reconciliation, Settlement, Store, StoreError, StoredBindingSlot, StoredChannel,
+    StoredPlugin, Tenant, TopUp, UsageRecord, UsageRecords,
 };
 
 /// The default store: an embedded sled database in the data directory.
@@ -18,19 +19,13 @@ pub struct SledStore {
     keys: sled::Tree,
     /// Key id → SHA-256 of its secret.
     key_ids: sled::Tree,
-    balances: sled::Tree,
-    ledger: sled::Tree,
-    /// Request id → ledger key, for trace look-ups.
-    ledger_by_request: sled::Tree,
-    /// `applied_seq` → the sequence number of the last log record the trees took.
-    ledger_meta: sled::Tree,
-    /// Holds of the requests in flight and committed usage not yet in the trees, under one lock,
-    /// so a balance decision never sees half of a hold or of a commit.
-    books: std::sync::Mutex<Books>,
+    /// Balances, the usage ledger, key spend, and the books of holds and of committed records
+    /// on their way into those trees.
+    ledger: Arc<Ledger>,
+    /// Wakes the thread that moves committed records into the ledger's trees.
+    applier: SyncSender<()>,
     /// Top-up records, time-ordered.
     top_ups: sled::Tree,
-    /// (key id, UTC day) → what the key was charged that day (i128 big-endian).
-    key_spend: sled::Tree,
     /// Tenant → charges of pruned ledger records (i128 big-endian), for reconcile.
     archived_charges: sled::Tree,
     /// Channel name → channel created through the admin API (keys sealed).
@@ -57,236 +52,33 @@ impl SledStore {
                 },
                 other => StoreError::Backend(other.to_string()),
             })?;
-        let (log, logged) = LedgerLog::open(&data_dir.join("ledger.log"))?;
         let tree = |name: &str| db.open_tree(name).map_err(backend);
         // Data directories of 0.1 before holds moved to memory kept them in these trees.
         for retired in ["held", "holds"] {
             db.drop_tree(retired).map_err(backend)?;
         }
-        let store = Self {
+        // Records committed before a crash (or an unclean stop) that the trees may lack are
+        // applied here.
+        let ledger = Ledger::open(&db, data_dir.join("ledger.log"))?;
+        let applier = ledger_books::start_applier(&ledger)?;
+        Ok(Self {
             tenants: tree("tenants")?,
             keys: tree("api_keys")?,
             key_ids: tree("api_key_ids")?,
-            balances: tree("balances")?,
-            ledger: tree("ledger")?,
-            ledger_by_request: tree("ledger_by_request")?,
-            ledger_meta: tree("ledger_meta")?,
-            books: std::sync::Mutex::new(Books::new(log)),
+            ledger,
+            applier,
             top_ups: tree("top_ups")?,
-            key_spend: tree("key_spend")?,
             archived_charges: tree("archived_charges")?,
             api_channels: tree("api_channels")?,
             plugins: tree("plugins")?,
             plugin_bytes: tree("plugin_bytes")?,
             bindings: tree("bindings")?,
             db,
-        };
-        // Records committed before a crash (or an unclean stop) that the trees may lack.
-        let applied_seq = decode_seq(store.ledger_meta.get(APPLIED_SEQ).map_err(backend)?)?;
-        let mut books = store.books();
-        books.next_seq = applied_seq + 1;
-        for logged in &logged {
-            let mut owed = Owed::new(&logged.record)?;
-            owed.seq = logged.seq;
-            books.next_seq = books.next_seq.max(logged.seq.map_or(0, |seq| seq + 1));
-            books.owe(owed);
-        }
-        store.checkpoint(&mut books)?;
-        drop(books);
-        Ok(store)
-    }
-}
-
-/// Committed records the trees take in one transaction once this many wait.
-const APPLY_BATCH: usize = 1024;
-
-/// Where the ledger meta tree keeps the sequence number of the last record applied.
-const APPLIED_SEQ: &[u8] = b"applied_seq";
-
-/// A committed record as the trees will take it: encoded once, for the log and the ledger alike.
-struct Owed {
-    /// Its place in the ledger log, given at commit; `None` for a record of a log written before
-    /// records were numbered.
-    seq: Option<u64>,
-    unix_ms: u64,
-    request_id: String,
-    tenant: String,
-    encoded: Vec<u8>,
-    cost: i128,
-    spend_key: Vec<u8>,
-}
-
-impl Owed {
-    fn new(record: &UsageRecord) -> Result<Self, StoreError> {
-        Ok(Self {
-            seq: None,
-            unix_ms: record.unix_ms,
-            request_id: record.request_id.clone(),
-            tenant: record.tenant.clone(),
-            encoded: encode(record)?,
-            cost: i128::from(record.cost_picos.unwrap_or(0)),
-            spend_key: spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY),
         })
-    }
-
-    /// Time first, so the ledger reads in time order; then the sequence number, so two requests
-    /// a client sent with the same id in the same millisecond keep a record each.
-    fn ledger_key(&self) -> Vec<u8> {
-        let mut key = self.unix_ms.to_be_bytes().to_vec();
-        if let Some(seq) = self.seq {
-            key.extend_from_slice(&seq.to_be_bytes());
-        }
-        key.extend_from_slice(self.request_id.as_bytes());
-        key
-    }
-}
-
-/// What the books lock guards. Holds of the requests in flight live in memory (none survives a
-/// restart; no request does). Committed records are in the ledger log at once and reach the trees
-/// in batches, one transaction for many; until then their debits and key spend are counted here.
-struct Books {
-    /// Hold id → tenant and amount, until the request settles.
-    by_id: HashMap<String, (String, u64)>,
-    /// Tenant → the sum of its holds.
-    held: HashMap<String, i128>,
-    /// The write-ahead log of committed records.
-    log: LedgerLog,
-    /// Committed records not yet in the trees, oldest first.
-    unapplied: Vec<Owed>,
-    /// Tenant → the charges of `unapplied`.
-    unapplied_debits: HashMap<String, i128>,
-    /// Key-spend key → the charges of `unapplied`.
-    unapplied_spend: HashMap<Vec<u8>, i128>,
-    /// The sequence number the next committed record gets.
-    next_seq: u64,
-}
-
-impl Books {
-    fn new(log: LedgerLog) -> Self {
-        Self {
-            by_id: HashMap::new(),
-            held: HashMap::new(),
-            log,
-            unapplied: Vec::new(),
-            unapplied_debits: HashMap::new(),
-            unapplied_spend: HashMap::new(),
-            next_seq: 1,
-        }
-    }
-
-    /// Counts a committed record until the trees hold it.
-    fn owe(&mut self, owed: Owed) {
-        if owed.cost != 0 {
-            *self
-                .unapplied_debits
-                .entry(owed.tenant.clone())
-                .or_default() += owed.cost;
-            *self
-                .unapplied_spend
-                .entry(owed.spend_key.clone())
-                .or_default() += owed.cost;
-        }
-        self.unapplied.push(owed);
-    }
-
-    /// Releases a settled request's hold.
-    fn release(&mut self, hold_id: &str) {
-        if let Some((tenant, amount)) = self.by_id.remove(hold_id)
-            && let Some(held) = self.held.get_mut(&tenant)
-        {
-            *held -= i128::from(amount);
-            if *held == 0 {
-                self.held.remove(&tenant);
-            }
-        }
     }
 }
 
 impl SledStore {
-    fn books(&self) -> std::sync::MutexGuard<'_, Books> {
-        // Every update below is complete before the guard drops: a panicking holder cannot leave
-        // the maps disagreeing.
-        self.books
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The balance in the trees less the debits they do not hold yet.
-    fn balance_with(&self, books: &Books, tenant: &str) -> Result<i128, StoreError> {
-        let stored = decode_balance(self.balances.get(tenant).map_err(backend)?)?;
-        Ok(stored - books.unapplied_debits.get(tenant).copied().unwrap_or(0))
-    }
-
-    /// Moves the committed records the trees lack into them, in one transaction that also notes
-    /// the last sequence number applied: a record at or below it is skipped, so applying twice
-    /// changes nothing. Each tenant's balance and each key's spend is written once per batch.
-    fn apply(&self, books: &mut Books) -> Result<(), StoreError> {
-        if books.unapplied.is_empty() {
-            return Ok(());
-        }
-        (
-            &self.ledger,
-            &self.ledger_by_request,
-            &self.balances,
-            &self.key_spend,
-            &self.ledger_meta,
-        )
-            .transaction(|(ledger, by_request, balances, key_spend, meta)| {
-                let abort = ConflictableTransactionError::Abort;
-                let applied_seq = decode_seq(meta.get(APPLIED_SEQ)?).map_err(abort)?;
-                let mut last_seq = applied_seq;
-                let mut debits = HashMap::<&str, i128>::new();
-                let mut spend = HashMap::<&[u8], i128>::new();
-                for owed in &books.unapplied {
-                    let fresh = match owed.seq {
-                        Some(seq) => seq > applied_seq,
-                        None => by_request.get(owed.request_id.as_bytes())?.is_none(),
-                    };
-                    if !fresh {
-                        continue;
-                    }
-                    let key = owed.ledger_key();
-                    ledger.insert(key.as_slice(), owed.encoded.as_slice())?;
-                    by_request.insert(owed.request_id.as_bytes(), key)?;
-                    if owed.cost != 0 {
-                        *debits.entry(&owed.tenant).or_default() += owed.cost;
-                        *spend.entry(&owed.spend_key).or_default() += owed.cost;
-                    }
-                    last_seq = last_seq.max(owed.seq.unwrap_or(0));
-                }
-                for (tenant, cost) in debits {
-                    let current = decode_balance(balances.get(tenant)?).map_err(abort)?;
-                    balances.insert(tenant, (current - cost).to_be_bytes().to_vec())?;
-                }
-                for (key, cost) in spend {
-                    let spent = decode_balance(key_spend.get(key)?).map_err(abort)?;
-                    key_spend.insert(key, (spent + cost).to_be_bytes().to_vec())?;
-                }
-                meta.insert(APPLIED_SEQ, last_seq.to_be_bytes().to_vec())?;
-                Ok(())
-            })
-            .map_err(transaction_error)?;
-        books.unapplied.clear();
-        books.unapplied_debits.clear();
-        books.unapplied_spend.clear();
-        Ok(())
-    }
-
-    /// Applies what waits and seals the log's records (now in the trees). The part sealed last
-    /// time is dropped first, after a flush of the trees; sled flushes on its own every half
-    /// second, so that flush has rarely anything left to write.
-    fn checkpoint(&self, books: &mut Books) -> Result<(), StoreError> {
-        self.apply(books)?;
-        if books.log.len() == 0 {
-            return Ok(());
-        }
-        if LedgerLog::has_sealed(books.log.path()) {
-            self.db.flush().map_err(backend)?;
-            LedgerLog::drop_sealed(books.log.path())?;
-        }
-        books.log.seal()
-    }
-
     /// Runs an operator's change and flushes it: what the admin API acknowledges survives a
     /// crash. (Commits of usage records have their own log and never wait for a flush.)
     fn durable<T>(&self, change: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -297,8 +89,7 @@ impl SledStore {
 
     /// Brings the trees up to date before a read of the ledger or the balances.
     fn applied(&self) -> Result<(), StoreError> {
-        let mut books = self.books();
-        self.apply(&mut books)
+        self.ledger.apply_pending(false)
     }
 }
 
@@ -313,14 +104,14 @@ fn is_lock_conflict(error: &std::io::Error) -> bool {
         || error.to_string().contains("could not acquire lock")
 }
 
-fn transaction_error(error: TransactionError<StoreError>) -> StoreError {
+pub(super) fn transaction_error(error: TransactionError<StoreError>) -> StoreError {
     match error {
         TransactionError::Abort(error) => error,
         TransactionError::Storage(error) => backend(error),
     }
 }
 
-fn backend(error: sled::Error) -> StoreError {
+pub(super) fn backend(error: sled::Error) -> StoreError {
     StoreError::Backend(error.to_string())
 }
 
@@ -334,11 +125,11 @@ fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+pub(super) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|error| StoreError::Backend(error.to_string()))
 }
 
-fn decode_balance(bytes: Option<sled::IVec>) -> Result<i128, StoreError> {
+pub(super) fn decode_balance(bytes: Option<sled::IVec>) -> Result<i128, StoreError> {
     let Some(bytes) = bytes else { return Ok(0) };
     let raw: [u8; 16] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
         keyspace: "balances",
@@ -347,22 +138,11 @@ fn decode_balance(bytes: Option<sled::IVec>) -> Result<i128, StoreError> {
     Ok(i128::from_be_bytes(raw))
 }
 
-fn spend_key(key_id: &str, day: u64) -> Vec<u8> {
+pub(super) fn spend_key(key_id: &str, day: u64) -> Vec<u8> {
     let mut key = key_id.as_bytes().to_vec();
     key.push(0);
     key.extend_from_slice(&day.to_be_bytes());
     key
-}
-
-/// Ledger keys sort by time: arrival millis (big-endian) then the request id, unique per request.
-/// The ledger's last applied sequence number; 0 before any.
-fn decode_seq(bytes: Option<sled::IVec>) -> Result<u64, StoreError> {
-    let Some(bytes) = bytes else { return Ok(0) };
-    let raw: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-        keyspace: "ledger_meta",
-        reason: format!("{} bytes, expected 8", bytes.len()),
-    })?;
-    Ok(u64::from_be_bytes(raw))
 }
 
 impl Store for SledStore {
@@ -479,13 +259,13 @@ impl Store for SledStore {
     }
 
     fn balance_picos(&self, tenant: &str) -> Result<i128, StoreError> {
-        let books = self.books();
-        self.balance_with(&books, tenant)
+        let books = self.ledger.books();
+        self.ledger.balance_with(&books, tenant)
     }
 
     fn available_picos(&self, tenant: &str) -> Result<i128, StoreError> {
-        let books = self.books();
-        let balance = self.balance_with(&books, tenant)?;
+        let books = self.ledger.books();
+        let balance = self.ledger.balance_with(&books, tenant)?;
         Ok(balance - books.held.get(tenant).copied().unwrap_or(0))
     }
 
@@ -501,7 +281,7 @@ impl Store for SledStore {
             let value = encode(top_up)?;
             let mut key = top_up.unix_ms.to_be_bytes().to_vec();
             key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
-            (&self.top_ups, &self.balances)
+            (&self.top_ups, &self.ledger.balances)
                 .transaction(|(top_ups, balances)| {
                     top_ups.insert(key.as_slice(), value.as_slice())?;
                     let current = decode_balance(balances.get(top_up.tenant.as_bytes())?)
@@ -521,76 +301,44 @@ impl Store for SledStore {
         amount_picos: u64,
         seen_available: i128,
     ) -> Result<bool, StoreError> {
-        let mut books = self.books();
-        let balance = self.balance_with(&books, tenant)?;
+        let mut books = self.ledger.books();
+        let balance = self.ledger.balance_with(&books, tenant)?;
         let held = books.held.get(tenant).copied().unwrap_or(0);
         if balance - held != seen_available {
             return Ok(false);
         }
-        books
-            .held
-            .insert(tenant.to_owned(), held + i128::from(amount_picos));
-        books
-            .by_id
-            .insert(hold_id.to_owned(), (tenant.to_owned(), amount_picos));
+        books.hold(tenant, hold_id, amount_picos);
         Ok(true)
     }
 
     fn clear_holds(&self) -> Result<(), StoreError> {
-        let mut books = self.books();
-        books.by_id.clear();
-        books.held.clear();
+        self.ledger.books().clear_holds();
         Ok(())
     }
 
     fn commit_usages(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
-        let owed = settlements
-            .iter()
-            .map(|settlement| Owed::new(&settlement.record))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut books = self.books();
-        let first_seq = books.next_seq;
-        books.next_seq += owed.len() as u64;
         // Committed once logged: the trees take the records later, in a batch.
-        books.log.append(
-            owed.iter()
-                .zip(first_seq..)
-                .map(|(owed, seq)| (seq, owed.encoded.as_slice())),
-        )?;
-        for ((settlement, mut owed), seq) in settlements.iter().zip(owed).zip(first_seq..) {
-            owed.seq = Some(seq);
-            books.owe(owed);
-            if let Some(hold_id) = &settlement.hold_id {
-                books.release(hold_id);
-            }
-        }
-        if books.unapplied.len() >= APPLY_BATCH
-            && let Err(error) = self.checkpoint(&mut books)
-        {
-            // The records are committed (logged and counted); the next batch tries again.
-            tracing::warn!(%error, "ledger checkpoint failed");
+        if self.ledger.commit(settlements)? {
+            ledger_books::wake(&self.applier);
         }
         Ok(())
     }
 
     fn key_spend_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError> {
-        let key = spend_key(key_id, day);
-        let books = self.books();
-        let stored = decode_balance(self.key_spend.get(&key).map_err(backend)?)?;
-        Ok(stored + books.unapplied_spend.get(&key).copied().unwrap_or(0))
+        self.ledger.key_spend(&spend_key(key_id, day))
     }
 
     fn prune_usage(&self, before_unix_ms: u64) -> Result<u64, StoreError> {
         self.durable(|| {
             self.applied()?;
             let mut pruned = 0;
-            for entry in self.ledger.range(..before_unix_ms.to_be_bytes()) {
+            for entry in self.ledger.records.range(..before_unix_ms.to_be_bytes()) {
                 let (key, value) = entry.map_err(backend)?;
                 let record: UsageRecord = decode("ledger", &value)?;
                 let cost = i128::from(record.cost_picos.unwrap_or(0));
                 (
-                    &self.ledger,
-                    &self.ledger_by_request,
+                    &self.ledger.records,
+                    &self.ledger.by_request,
                     &self.archived_charges,
                 )
                     .transaction(|(ledger, by_request, archived)| {
@@ -757,6 +505,7 @@ impl Store for SledStore {
         }
         let range = self
             .ledger
+            .records
             .range(from_unix_ms.to_be_bytes()..to_unix_ms.to_be_bytes());
         Box::new(
             range
@@ -767,10 +516,11 @@ impl Store for SledStore {
 
     fn usage_by_request(&self, request_id: &str) -> Result<Option<UsageRecord>, StoreError> {
         self.applied()?;
-        let Some(key) = self.ledger_by_request.get(request_id).map_err(backend)? else {
+        let Some(key) = self.ledger.by_request.get(request_id).map_err(backend)? else {
             return Ok(None);
         };
         self.ledger
+            .records
             .get(key)
             .map_err(backend)?
             .map(|bytes| decode("ledger", &bytes))
@@ -782,10 +532,7 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        let mut books = self.books();
-        self.checkpoint(&mut books)?;
-        self.db.flush().map_err(backend)?;
-        LedgerLog::drop_sealed(books.log.path())
+        self.ledger.flush()
     }
 }
 
@@ -793,6 +540,7 @@ impl Store for SledStore {
 mod tests {
     use super::*;
     use crate::store::RecordedUsage;
+    use crate::store::ledger_books::APPLY_BATCH;
 
     fn record(request_id: &str, cost_picos: u64) -> UsageRecord {
         serde_json::from_value(serde_json::json!({
@@ -875,7 +623,7 @@ mod tests {
             assert!(store.usage_by_request(id).expect("read").is_some(), "{id}");
         }
         assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 350);
-        assert!(store.books().by_id.is_empty() && store.books().held.is_empty());
+        assert!(store.ledger.books().by_id.is_empty() && store.ledger.books().held.is_empty());
     }
 
     /// Opens the store again once the last one let go of its files (sled's threads release the
@@ -904,7 +652,9 @@ mod tests {
                 }])
                 .expect("committed");
             assert_eq!(store.balance_picos("acme").expect("read"), 700);
-            assert!(store.books().log.len() == 1 && store.books().unapplied.len() == 1);
+            assert!(
+                store.ledger.books().log.len() == 1 && store.ledger.books().unapplied.len() == 1
+            );
             // Dropped without a flush: the trees never saw the record, only the log did.
         }
         {
@@ -926,17 +676,18 @@ mod tests {
                 }])
                 .expect("committed");
             store.applied().expect("applied");
-            assert_eq!(store.books().log.len(), 1);
+            assert_eq!(store.ledger.books().log.len(), 1);
         }
-        let store = reopen(dir.path());
-        assert_eq!(store.balance_picos("acme").expect("read"), 600);
-        assert_eq!(
-            store.books().log.len(),
-            0,
-            "sealed once the trees hold its records"
-        );
-        let reconciled = store.reconcile().expect("reconciles");
-        assert_eq!(reconciled[0].difference_picos, 0, "{reconciled:?}");
+        for _ in 0..2 {
+            let store = reopen(dir.path());
+            assert_eq!(store.balance_picos("acme").expect("read"), 600);
+            assert!(
+                !dir.path().join("ledger.log.sealed").exists(),
+                "dropped at open: the trees hold its records"
+            );
+            let reconciled = store.reconcile().expect("reconciles");
+            assert_eq!(reconciled[0].difference_picos, 0, "{reconciled:?}");
+        }
     }
 
     #[test]
@@ -956,7 +707,11 @@ mod tests {
             }
             store.applied().expect("applied");
             assert_eq!(store.balance_picos("acme").expect("read"), 850);
-            assert_eq!(store.ledger.len(), 2, "two records, neither overwritten");
+            assert_eq!(
+                store.ledger.records.len(),
+                2,
+                "two records, neither overwritten"
+            );
             // Dropped without a flush: both records are in the trees and still in the log.
         }
         let store = reopen(dir.path());
@@ -965,7 +720,7 @@ mod tests {
             850,
             "replayed once"
         );
-        assert_eq!(store.ledger.len(), 2);
+        assert_eq!(store.ledger.records.len(), 2);
         assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 150);
         let reconciled = store.reconcile().expect("reconciles");
         assert_eq!(reconciled[0].difference_picos, 0, "{reconciled:?}");
@@ -988,7 +743,44 @@ mod tests {
     }
 
     #[test]
-    fn a_full_batch_goes_into_the_trees_and_empties_the_log() {
+    fn balances_read_while_batches_go_into_the_trees_never_count_a_debit_twice() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = store_with_credit(dir.path());
+        let commits = 3 * APPLY_BATCH;
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                for index in 0..commits {
+                    store
+                        .commit_usages(&[Settlement {
+                            record: record(&format!("r{index}"), 1),
+                            hold_id: None,
+                        }])
+                        .expect("committed");
+                }
+            });
+            // Each commit debits 1: a read between a batch's transaction and the books letting
+            // go of its debits would see the balance dip, then rise again.
+            let mut last = 1_000;
+            while !writer.is_finished() {
+                let balance = store.balance_picos("acme").expect("read");
+                assert!(balance <= last, "the balance rose from {last} to {balance}");
+                assert!(balance >= 1_000 - commits as i128, "{balance}");
+                last = balance;
+            }
+        });
+        assert_eq!(
+            store.balance_picos("acme").expect("read"),
+            1_000 - commits as i128
+        );
+        store.flush().expect("flushed");
+        assert_eq!(
+            decode_balance(store.ledger.balances.get("acme").expect("read")).expect("decodes"),
+            1_000 - commits as i128
+        );
+    }
+
+    #[test]
+    fn a_full_batch_goes_into_the_trees_in_the_background_and_empties_the_log() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = store_with_credit(dir.path());
         for index in 0..APPLY_BATCH {
@@ -999,17 +791,28 @@ mod tests {
                 }])
                 .expect("committed");
         }
-        assert_eq!(store.books().unapplied.len(), 0);
-        assert_eq!(store.books().log.len(), 0);
+        // No read asks for it: the applier thread takes the batch on its own.
+        let stored =
+            || decode_balance(store.ledger.balances.get("acme").expect("read")).expect("decodes");
+        for _ in 0..250 {
+            if stored() != 1_000 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(stored(), 1_000 - APPLY_BATCH as i128);
+        assert_eq!(store.ledger.books().unapplied.len(), 0);
+        assert_eq!(store.ledger.books().log.len(), 0);
         assert!(dir.path().join("ledger.log.sealed").exists(), "sealed");
+        assert_eq!(
+            store.balance_picos("acme").expect("read"),
+            stored(),
+            "counted once"
+        );
         store.flush().expect("flushed");
         assert!(
             !dir.path().join("ledger.log.sealed").exists(),
             "dropped once the trees are durable"
-        );
-        assert_eq!(
-            decode_balance(store.balances.get("acme").expect("read")).expect("decodes"),
-            1_000 - APPLY_BATCH as i128
         );
     }
 }

@@ -1,0 +1,400 @@
+//! The sled backend's books: holds of the requests in flight, and committed usage records on their
+//! way into the ledger trees. A commit is one append to the ledger log and a count in memory; a
+//! thread of its own moves the records into the trees in batches, so no request waits for sled
+//! and no commit waits for a batch.
+//!
+//! A batch goes in two steps. The records and their request-id index go in first, outside the
+//! books lock: their keys come from the records themselves, so writing them twice changes
+//! nothing. Then one transaction writes each tenant's balance, each key's spend and the last
+//! sequence number applied, under the books lock, so that no balance read sees a batch's debits
+//! both in the trees and in memory. At open, the log's records past that number are applied again.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use sled::transaction::{ConflictableTransactionError, Transactional};
+
+use super::ledger_log::{LedgerLog, Logged};
+use super::sled::{backend, decode_balance, encode, spend_key, transaction_error};
+use super::{MILLIS_PER_DAY, Settlement, StoreError, UsageRecord};
+
+/// Committed records wake the applier once this many wait.
+pub(super) const APPLY_BATCH: usize = 1024;
+
+/// Where the ledger meta tree keeps the sequence number of the last record applied.
+const APPLIED_SEQ: &[u8] = b"applied_seq";
+
+/// A committed record as the trees will take it: encoded once, for the log and the ledger alike.
+pub(super) struct Owed {
+    /// Its place in the ledger log, given at commit; `None` for a record of a log written before
+    /// records were numbered.
+    seq: Option<u64>,
+    unix_ms: u64,
+    request_id: String,
+    tenant: String,
+    encoded: Vec<u8>,
+    cost: i128,
+    spend_key: Vec<u8>,
+}
+
+impl Owed {
+    fn new(record: &UsageRecord) -> Result<Self, StoreError> {
+        Ok(Self {
+            seq: None,
+            unix_ms: record.unix_ms,
+            request_id: record.request_id.clone(),
+            tenant: record.tenant.clone(),
+            encoded: encode(record)?,
+            cost: i128::from(record.cost_picos.unwrap_or(0)),
+            spend_key: spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY),
+        })
+    }
+
+    /// Time first, so the ledger reads in time order; then the sequence number, so two requests
+    /// a client sent with the same id in the same millisecond keep a record each.
+    fn ledger_key(&self) -> Vec<u8> {
+        let mut key = self.unix_ms.to_be_bytes().to_vec();
+        if let Some(seq) = self.seq {
+            key.extend_from_slice(&seq.to_be_bytes());
+        }
+        key.extend_from_slice(self.request_id.as_bytes());
+        key
+    }
+}
+
+/// What the books lock guards. Holds of the requests in flight live in memory (none survives a
+/// restart; no request does). Committed records are in the ledger log at once and reach the trees
+/// in batches; until their balance transaction, their debits and key spend are counted here.
+pub(super) struct Books {
+    /// Hold id → tenant and amount, until the request settles.
+    pub(super) by_id: HashMap<String, (String, u64)>,
+    /// Tenant → the sum of its holds.
+    pub(super) held: HashMap<String, i128>,
+    /// The write-ahead log of committed records.
+    pub(super) log: LedgerLog,
+    /// Committed records no batch has taken yet, oldest first.
+    pub(super) unapplied: Vec<Owed>,
+    /// Tenant → the charges of committed records whose balance transaction has not run.
+    unapplied_debits: HashMap<String, i128>,
+    /// Key-spend key → the same for key spend.
+    unapplied_spend: HashMap<Vec<u8>, i128>,
+    /// The sequence number the next committed record gets.
+    next_seq: u64,
+    /// Whether every record of the log's sealed part is in the trees (so a flush makes it
+    /// redundant); false from a seal until that batch's transaction succeeded.
+    sealed_applied: bool,
+}
+
+impl Books {
+    /// Counts a committed record until its batch's transaction.
+    fn owe(&mut self, owed: Owed) {
+        if owed.cost != 0 {
+            *self
+                .unapplied_debits
+                .entry(owed.tenant.clone())
+                .or_default() += owed.cost;
+            *self
+                .unapplied_spend
+                .entry(owed.spend_key.clone())
+                .or_default() += owed.cost;
+        }
+        self.unapplied.push(owed);
+    }
+
+    /// Stops counting a batch's records in memory: the trees have them now.
+    fn settled(&mut self, batch: &[Owed]) {
+        for owed in batch.iter().filter(|owed| owed.cost != 0) {
+            subtract(&mut self.unapplied_debits, &owed.tenant, owed.cost);
+            subtract(&mut self.unapplied_spend, &owed.spend_key, owed.cost);
+        }
+    }
+
+    /// Places a hold.
+    pub(super) fn hold(&mut self, tenant: &str, hold_id: &str, amount: u64) {
+        *self.held.entry(tenant.to_owned()).or_default() += i128::from(amount);
+        self.by_id
+            .insert(hold_id.to_owned(), (tenant.to_owned(), amount));
+    }
+
+    /// Drops every hold.
+    pub(super) fn clear_holds(&mut self) {
+        self.by_id.clear();
+        self.held.clear();
+    }
+
+    /// Releases a settled request's hold.
+    fn release(&mut self, hold_id: &str) {
+        if let Some((tenant, amount)) = self.by_id.remove(hold_id)
+            && let Some(held) = self.held.get_mut(&tenant)
+        {
+            *held -= i128::from(amount);
+            if *held == 0 {
+                self.held.remove(&tenant);
+            }
+        }
+    }
+}
+
+fn subtract<K, Q>(counts: &mut HashMap<K, i128>, key: &Q, amount: i128)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    if let Some(count) = counts.get_mut(key) {
+        *count -= amount;
+        if *count == 0 {
+            counts.remove(key);
+        }
+    }
+}
+
+/// The ledger's trees and the books of what they do not hold yet, shared with the applier thread.
+pub(super) struct Ledger {
+    db: sled::Db,
+    pub(super) records: sled::Tree,
+    /// Request id → ledger key, for trace look-ups.
+    pub(super) by_request: sled::Tree,
+    pub(super) balances: sled::Tree,
+    /// (key id, UTC day) → what the key was charged that day (i128 big-endian).
+    pub(super) key_spend: sled::Tree,
+    /// `applied_seq` → the sequence number of the last log record the balances took.
+    meta: sled::Tree,
+    /// Holds and committed records under one lock, so a balance decision never sees half of a
+    /// hold or of a commit.
+    books: Mutex<Books>,
+    /// Held while a batch goes into the trees: one batch at a time, in order.
+    applying: Mutex<()>,
+    log_path: PathBuf,
+}
+
+impl Ledger {
+    /// Opens the ledger's trees and log, and applies what the log holds past the last batch.
+    pub(super) fn open(db: &sled::Db, log_path: PathBuf) -> Result<Arc<Self>, StoreError> {
+        let tree = |name: &str| db.open_tree(name).map_err(backend);
+        let (log, logged) = LedgerLog::open(&log_path)?;
+        let ledger = Self {
+            db: db.clone(),
+            records: tree("ledger")?,
+            by_request: tree("ledger_by_request")?,
+            balances: tree("balances")?,
+            key_spend: tree("key_spend")?,
+            meta: tree("ledger_meta")?,
+            books: Mutex::new(Books {
+                by_id: HashMap::new(),
+                held: HashMap::new(),
+                log,
+                unapplied: Vec::new(),
+                unapplied_debits: HashMap::new(),
+                unapplied_spend: HashMap::new(),
+                next_seq: 1,
+                sealed_applied: false,
+            }),
+            applying: Mutex::new(()),
+            log_path,
+        };
+        ledger.replay(&logged)?;
+        ledger.flush()?;
+        Ok(Arc::new(ledger))
+    }
+
+    /// Counts the records a crash (or an unclean stop) may have left out of the trees.
+    fn replay(&self, logged: &[Logged]) -> Result<(), StoreError> {
+        let applied_seq = decode_seq(self.meta.get(APPLIED_SEQ).map_err(backend)?)?;
+        let mut books = self.books();
+        books.next_seq = applied_seq + 1;
+        for logged in logged {
+            let mut owed = Owed::new(&logged.record)?;
+            owed.seq = logged.seq;
+            books.next_seq = books.next_seq.max(logged.seq.map_or(0, |seq| seq + 1));
+            books.owe(owed);
+        }
+        Ok(())
+    }
+
+    pub(super) fn books(&self) -> MutexGuard<'_, Books> {
+        // Every update of the books is complete before the guard drops: a panicking holder cannot
+        // leave the maps disagreeing.
+        self.books.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The balance in the trees less the debits they do not hold yet.
+    pub(super) fn balance_with(&self, books: &Books, tenant: &str) -> Result<i128, StoreError> {
+        let stored = decode_balance(self.balances.get(tenant).map_err(backend)?)?;
+        Ok(stored - books.unapplied_debits.get(tenant).copied().unwrap_or(0))
+    }
+
+    /// What a key was charged on a day, the trees' figure plus what they do not hold yet.
+    pub(super) fn key_spend(&self, key: &[u8]) -> Result<i128, StoreError> {
+        let books = self.books();
+        let stored = decode_balance(self.key_spend.get(key).map_err(backend)?)?;
+        Ok(stored + books.unapplied_spend.get(key).copied().unwrap_or(0))
+    }
+
+    /// Commits records: one append to the log, then counted in memory and their holds released.
+    /// Returns whether a batch is due.
+    pub(super) fn commit(&self, settlements: &[Settlement]) -> Result<bool, StoreError> {
+        let owed = settlements
+            .iter()
+            .map(|settlement| Ok((Owed::new(&settlement.record)?, &settlement.hold_id)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let mut books = self.books();
+        let first_seq = books.next_seq;
+        books.next_seq += owed.len() as u64;
+        books.log.append(
+            owed.iter()
+                .zip(first_seq..)
+                .map(|((owed, _), seq)| (seq, owed.encoded.as_slice())),
+        )?;
+        for ((mut owed, hold_id), seq) in owed.into_iter().zip(first_seq..) {
+            owed.seq = Some(seq);
+            books.owe(owed);
+            if let Some(hold_id) = hold_id {
+                books.release(hold_id);
+            }
+        }
+        Ok(books.unapplied.len() >= APPLY_BATCH)
+    }
+
+    /// Moves every committed record no batch has taken into the trees. With `seal`, the log's
+    /// part holding them is sealed, and the part sealed last time (applied, and now flushed) is
+    /// dropped: that keeps the log short. Reads of the ledger call it without sealing, so they
+    /// never wait for a flush.
+    pub(super) fn apply_pending(&self, seal: bool) -> Result<(), StoreError> {
+        let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
+        if seal && self.books().sealed_applied && LedgerLog::has_sealed(&self.log_path) {
+            // sled flushes on its own every half second: this rarely has anything left to write.
+            self.db.flush().map_err(backend)?;
+            LedgerLog::drop_sealed(&self.log_path)?;
+        }
+        let batch = {
+            let mut books = self.books();
+            if books.unapplied.is_empty() {
+                return Ok(());
+            }
+            if seal && books.log.len() > 0 && !LedgerLog::has_sealed(&self.log_path) {
+                books.log.seal()?;
+                books.sealed_applied = false;
+            }
+            std::mem::take(&mut books.unapplied)
+        };
+        if let Err(error) = self.apply(&batch) {
+            // Taken again by the next batch, in front of what came since.
+            let mut books = self.books();
+            let newer = std::mem::replace(&mut books.unapplied, batch);
+            books.unapplied.extend(newer);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// Writes one batch: records and index, then the balance transaction (see the module doc).
+    fn apply(&self, batch: &[Owed]) -> Result<(), StoreError> {
+        // Only this batch's applier writes the sequence number (the `applying` lock is held).
+        let applied_seq = decode_seq(self.meta.get(APPLIED_SEQ).map_err(backend)?)?;
+        let mut fresh = Vec::with_capacity(batch.len());
+        for owed in batch {
+            let new = match owed.seq {
+                Some(seq) => seq > applied_seq,
+                None => !self
+                    .by_request
+                    .contains_key(owed.request_id.as_bytes())
+                    .map_err(backend)?,
+            };
+            if new {
+                fresh.push(owed);
+            }
+        }
+        let mut records = sled::Batch::default();
+        let mut index = sled::Batch::default();
+        let mut debits = HashMap::<&str, i128>::new();
+        let mut spend = HashMap::<&[u8], i128>::new();
+        let mut last_seq = applied_seq;
+        for owed in &fresh {
+            let key = owed.ledger_key();
+            records.insert(key.as_slice(), owed.encoded.as_slice());
+            index.insert(owed.request_id.as_bytes(), key);
+            if owed.cost != 0 {
+                *debits.entry(&owed.tenant).or_default() += owed.cost;
+                *spend.entry(&owed.spend_key).or_default() += owed.cost;
+            }
+            last_seq = last_seq.max(owed.seq.unwrap_or(0));
+        }
+        self.records.apply_batch(records).map_err(backend)?;
+        self.by_request.apply_batch(index).map_err(backend)?;
+        let mut books = self.books();
+        (&self.balances, &self.key_spend, &self.meta)
+            .transaction(|(balances, key_spend, meta)| {
+                let abort = ConflictableTransactionError::Abort;
+                for (tenant, cost) in &debits {
+                    let current = decode_balance(balances.get(*tenant)?).map_err(abort)?;
+                    balances.insert(*tenant, (current - cost).to_be_bytes().to_vec())?;
+                }
+                for (key, cost) in &spend {
+                    let spent = decode_balance(key_spend.get(*key)?).map_err(abort)?;
+                    key_spend.insert(*key, (spent + cost).to_be_bytes().to_vec())?;
+                }
+                meta.insert(APPLIED_SEQ, last_seq.to_be_bytes().to_vec())?;
+                Ok(())
+            })
+            .map_err(transaction_error)?;
+        books.settled(batch);
+        books.sealed_applied = true;
+        Ok(())
+    }
+
+    /// Applies everything, flushes the trees and drops the log's sealed part: a clean stop.
+    pub(super) fn flush(&self) -> Result<(), StoreError> {
+        self.apply_pending(true)?;
+        self.db.flush().map_err(backend)?;
+        if self.books().sealed_applied {
+            LedgerLog::drop_sealed(&self.log_path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the thread that applies batches when a commit says one is due; it ends when the
+/// returned sender (the store's) is dropped.
+pub(super) fn start_applier(ledger: &Arc<Ledger>) -> Result<SyncSender<()>, StoreError> {
+    let (wake, wakes) = std::sync::mpsc::sync_channel(1);
+    let ledger = Arc::downgrade(ledger);
+    std::thread::Builder::new()
+        .name("ledger-apply".to_owned())
+        .spawn(move || apply_when_woken(&ledger, &wakes))
+        .map_err(|error| StoreError::Backend(format!("ledger applier thread: {error}")))?;
+    Ok(wake)
+}
+
+fn apply_when_woken(ledger: &Weak<Ledger>, wakes: &Receiver<()>) {
+    while wakes.recv().is_ok() {
+        let Some(ledger) = ledger.upgrade() else {
+            return;
+        };
+        if let Err(error) = ledger.apply_pending(true) {
+            // The records stay committed (logged and counted); the next batch tries again.
+            tracing::warn!(%error, "applying a ledger batch failed");
+        }
+    }
+}
+
+/// Wakes the applier; a wake already waiting covers this one.
+pub(super) fn wake(applier: &SyncSender<()>) {
+    match applier.try_send(()) {
+        Ok(()) | Err(TrySendError::Full(())) => {}
+        Err(TrySendError::Disconnected(())) => {
+            tracing::warn!("the ledger applier thread is gone; batches wait for the next read");
+        }
+    }
+}
+
+/// The ledger's last applied sequence number; 0 before any.
+fn decode_seq(bytes: Option<sled::IVec>) -> Result<u64, StoreError> {
+    let Some(bytes) = bytes else { return Ok(0) };
+    let raw: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+        keyspace: "ledger_meta",
+        reason: format!("{} bytes, expected 8", bytes.len()),
+    })?;
+    Ok(u64::from_be_bytes(raw))
+}
