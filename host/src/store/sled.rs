@@ -6,7 +6,7 @@ use std::sync::mpsc::SyncSender;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use super::ledger_books::{self, Ledger};
+use super::ledger_books::{self, Backlog, Ledger};
 use super::{
     ApiKey, Reconciliation, Settlement, Store, StoreError, StoredBindingSlot, StoredChannel,
     StoredPlugin, Tenant, TopUp, UsageRecord, UsageRecords,
@@ -318,8 +318,15 @@ impl Store for SledStore {
 
     fn commit_usages(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
         // Committed once logged: the trees take the records later, in a batch.
-        if self.ledger.commit(settlements)? {
-            ledger_books::wake(&self.applier);
+        match self.ledger.commit(settlements)? {
+            Backlog::Small => {}
+            Backlog::Due => ledger_books::wake(&self.applier),
+            Backlog::Full => {
+                if let Err(error) = self.ledger.apply_pending(false) {
+                    // The records stay committed (logged and counted); a later batch retries.
+                    tracing::warn!(%error, "applying the ledger backlog failed");
+                }
+            }
         }
         Ok(())
     }
@@ -540,7 +547,7 @@ impl Store for SledStore {
 mod tests {
     use super::*;
     use crate::store::RecordedUsage;
-    use crate::store::ledger_books::APPLY_BATCH;
+    use crate::store::ledger_books::{APPLY_BATCH, SEAL_RECORDS};
 
     fn record(request_id: &str, cost_picos: u64) -> UsageRecord {
         serde_json::from_value(serde_json::json!({
@@ -746,7 +753,7 @@ mod tests {
     fn balances_read_while_batches_go_into_the_trees_never_count_a_debit_twice() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = store_with_credit(dir.path());
-        let commits = 3 * APPLY_BATCH;
+        let commits = 3_000;
         std::thread::scope(|scope| {
             let writer = scope.spawn(|| {
                 for index in 0..commits {
@@ -780,35 +787,59 @@ mod tests {
     }
 
     #[test]
-    fn a_full_batch_goes_into_the_trees_in_the_background_and_empties_the_log() {
+    fn batches_go_into_the_trees_in_the_background_and_a_long_log_is_sealed_then_dropped() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = store_with_credit(dir.path());
-        for index in 0..APPLY_BATCH {
+        store
+            .top_up(&TopUp {
+                tenant: "acme".into(),
+                amount_picos: 1_000_000,
+                reason: "test".into(),
+                unix_ms: 0,
+            })
+            .expect("a top-up");
+        let commit = |index: usize| {
             store
                 .commit_usages(&[Settlement {
                     record: record(&format!("r{index}"), 1),
                     hold_id: None,
                 }])
                 .expect("committed");
-        }
-        // No read asks for it: the applier thread takes the batch on its own.
+        };
         let stored =
             || decode_balance(store.ledger.balances.get("acme").expect("read")).expect("decodes");
-        for _ in 0..250 {
-            if stored() != 1_000 {
-                break;
+        let eventually = |done: &dyn Fn() -> bool, what: &str| {
+            for _ in 0..500 {
+                if done() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert_eq!(stored(), 1_000 - APPLY_BATCH as i128);
-        assert_eq!(store.ledger.books().unapplied.len(), 0);
-        assert_eq!(store.ledger.books().log.len(), 0);
-        assert!(dir.path().join("ledger.log.sealed").exists(), "sealed");
+            panic!("not within 10 s: {what}");
+        };
+        (0..APPLY_BATCH).for_each(commit);
+        // No read asks for it: the applier thread takes the batch on its own.
+        eventually(
+            &|| stored() == 1_001_000 - APPLY_BATCH as i128,
+            "the batch in the trees",
+        );
         assert_eq!(
             store.balance_picos("acme").expect("read"),
             stored(),
             "counted once"
         );
+        (APPLY_BATCH..SEAL_RECORDS).for_each(commit);
+        eventually(
+            &|| dir.path().join("ledger.log.sealed").exists(),
+            "the log sealed",
+        );
+        // The last records may be fewer than a batch: a read takes them.
+        assert_eq!(
+            store.balance_picos("acme").expect("read"),
+            1_001_000 - SEAL_RECORDS as i128
+        );
+        store.applied().expect("applied");
+        assert_eq!(stored(), 1_001_000 - SEAL_RECORDS as i128);
         store.flush().expect("flushed");
         assert!(
             !dir.path().join("ledger.log.sealed").exists(),
