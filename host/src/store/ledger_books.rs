@@ -4,8 +4,8 @@
 //! and no commit waits for a batch.
 //!
 //! A batch goes in two steps. The records and their request-id index go in first, outside the
-//! books lock: their keys come from the records themselves, so writing them twice changes
-//! nothing. Then one transaction writes each tenant's balance, each key's spend and the last
+//! books lock and one insert at a time: their keys come from the records themselves, so writing
+//! them twice changes nothing. Then one transaction writes each tenant's balance, each key's spend and the last
 //! sequence number applied, under the books lock, so that no balance read sees a batch's debits
 //! both in the trees and in memory. At open, the log's records past that number are applied again.
 
@@ -330,23 +330,25 @@ impl Ledger {
                 fresh.push(owed);
             }
         }
-        let mut records = sled::Batch::default();
-        let mut index = sled::Batch::default();
         let mut debits = HashMap::<&str, i128>::new();
         let mut spend = HashMap::<&[u8], i128>::new();
         let mut last_seq = applied_seq;
         for owed in &fresh {
+            // One insert at a time: a sled batch would hold sled's global write lock throughout,
+            // and every read on the request path (keys, balances) would wait for it.
             let key = owed.ledger_key();
-            records.insert(key.as_slice(), owed.encoded.as_slice());
-            index.insert(owed.request_id.as_bytes(), key);
+            self.records
+                .insert(key.as_slice(), owed.encoded.as_slice())
+                .map_err(backend)?;
+            self.by_request
+                .insert(owed.request_id.as_bytes(), key)
+                .map_err(backend)?;
             if owed.cost != 0 {
                 *debits.entry(&owed.tenant).or_default() += owed.cost;
                 *spend.entry(&owed.spend_key).or_default() += owed.cost;
             }
             last_seq = last_seq.max(owed.seq.unwrap_or(0));
         }
-        self.records.apply_batch(records).map_err(backend)?;
-        self.by_request.apply_batch(index).map_err(backend)?;
         let mut books = self.books();
         (&self.balances, &self.key_spend, &self.meta)
             .transaction(|(balances, key_spend, meta)| {
