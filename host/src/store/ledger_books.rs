@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use sled::transaction::{ConflictableTransactionError, Transactional};
 
 use super::ledger_log::{LedgerLog, Logged};
-use super::sled::{backend, decode_balance, encode, spend_key, transaction_error};
+use super::sled::{backend, decode_balance, encode, fixed_width, spend_key, transaction_error};
 use super::{MILLIS_PER_DAY, Settlement, StoreError, UsageRecord};
 
 /// Committed records wake the applier once this many wait. Small batches keep each of its bursts
@@ -426,10 +426,5 @@ pub(super) fn wake(applier: &SyncSender<()>) {
 
 /// The ledger's last applied sequence number; 0 before any.
 fn decode_seq(bytes: Option<sled::IVec>) -> Result<u64, StoreError> {
-    let Some(bytes) = bytes else { return Ok(0) };
-    let raw: [u8; 8] = bytes.as_ref().try_into().map_err(|_| StoreError::Corrupt {
-        keyspace: "ledger_meta",
-        reason: format!("{} bytes, expected 8", bytes.len()),
-    })?;
-    Ok(u64::from_be_bytes(raw))
+    Ok(fixed_width("ledger_meta", bytes)?.map_or(0, u64::from_be_bytes))
 }
