@@ -272,7 +272,11 @@ async fn open_streams(
             let mut tail = Vec::new();
             while let Some(chunk) = body.next().await {
                 match chunk {
-                    Ok(bytes) => tail = bytes.to_vec(),
+                    Ok(bytes) => {
+                        // The end of the body, however the network split it.
+                        tail.extend_from_slice(&bytes);
+                        tail.drain(..tail.len().saturating_sub(64));
+                    }
                     Err(_) => complete = false,
                 }
             }

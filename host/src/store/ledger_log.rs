@@ -1,14 +1,15 @@
 //! The write-ahead log of committed usage records, for the sled backend: one line per record, its
 //! sequence number and its JSON, appended with one `write` per commit. A record is safe from a
 //! process crash the moment `commit_usages` returns, before the sled trees hold it; the trees take
-//! records in batches (one transaction for many, which also notes the last sequence number it
-//! applied), and once they are flushed the log's sealed part is deleted. At open, what the log
-//! still holds past that number is applied again. Request ids cannot serve for this: a client may
-//! send the same `x-request-id` twice, and both requests are charged.
+//! records in batches (`ledger_books`: the balances of a batch in one transaction, which also
+//! notes the last sequence number applied), and once they are flushed the log's sealed part is
+//! deleted. At open, what the log still holds past that number is applied again. Request ids
+//! cannot serve for this: a client may send the same `x-request-id` twice, and both requests are
+//! charged.
 //!
 //! Two files: `ledger.log` takes appends; `seal` renames it to `ledger.log.sealed` (and starts a
-//! new one) when its records are in the trees, and `drop_sealed` deletes that once the trees are
-//! flushed.
+//! new one) as a batch takes every record it holds, and `drop_sealed` deletes that once the batch
+//! is in the trees and they are flushed.
 //!
 //! Durability: the log is written to the operating system, not synced to the disk on every
 //! commit, so a killed or crashed gateway loses nothing; a crash of the machine itself can lose
@@ -87,9 +88,9 @@ impl LedgerLog {
         self.records
     }
 
-    /// Seals the records appended so far (every one of them is in the trees, not yet flushed)
-    /// and starts an empty log. While an earlier sealed part is still there (its drop failed),
-    /// nothing is sealed: the log keeps its records until a later checkpoint.
+    /// Seals the records appended so far (each one in the trees or in the batch being applied)
+    /// and starts an empty log. While an earlier sealed part is still there, nothing is sealed:
+    /// the log keeps its records until a later batch.
     pub fn seal(&mut self) -> Result<(), StoreError> {
         let sealed = sealed_path(&self.path);
         if sealed.exists() {
