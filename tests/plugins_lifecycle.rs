@@ -95,6 +95,33 @@ async fn a_plugin_built_against_the_previous_contract_still_loads_and_routes() {
 }
 
 #[tokio::test]
+async fn a_translator_built_against_the_previous_contract_still_serves() {
+    let (_sim, gateway) = two_channel_gateway().await;
+    let shipped = std::fs::read(harness::test_plugin("tollgate_translator_openai.wasm"))
+        .expect("the shipped translator is built");
+    let old = harness::built_against(&shipped, b"0.1.0");
+    let uploaded = gateway.upload_plugin("openai-0.1.0", old).await;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.json);
+    assert_eq!(uploaded.json["contract"], "0.1.0");
+    let bound = bind(
+        &gateway,
+        "/bindings?role=translator&protocol=openai&tenant=acme",
+        json!({"plugin": "openai-0.1.0"}),
+    )
+    .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+    let (answer, record) = routed(&gateway, &gateway.key).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert_eq!(
+        answer.json["choices"][0]["message"]["content"], "Echo: hi",
+        "{}",
+        answer.json
+    );
+    let plugins = record["plugins"].to_string();
+    assert!(plugins.contains("openai-0.1.0"), "{plugins}");
+}
+
+#[tokio::test]
 async fn upload_bind_rebind_under_load_rollback_and_restart() {
     let (_sim, mut gateway) = two_channel_gateway().await;
     let globex = second_tenant_key(&gateway).await;

@@ -5,7 +5,7 @@
 //! it and must keep loading.
 
 use wasmtime::Store;
-use wasmtime::component::{InstancePre, ResourceAny};
+use wasmtime::component::{ComponentExportIndex, InstancePre, ResourceAny};
 
 use super::sandbox::PluginState;
 use super::{Binding, Exports, PluginError, Role, sandbox};
@@ -35,6 +35,10 @@ pub(super) struct TranslatorExports {
     translator: translator::GuestIndices,
     /// `None` for a plugin built against 0.1.0, which has no client side.
     inbound: Option<inbound::GuestIndices>,
+    /// The two calls every whole chat answer makes, looked up on their own: loading the whole
+    /// interface type-checks every one of its functions on every instance.
+    chat_request: ComponentExportIndex,
+    chat_response: ComponentExportIndex,
 }
 
 impl TranslatorExports {
@@ -42,7 +46,18 @@ impl TranslatorExports {
     pub(super) fn new(pre: InstancePre<PluginState>) -> wasmtime::Result<Self> {
         let translator = translator::GuestIndices::new(&pre)?;
         let inbound = inbound::GuestIndices::new(&pre).ok();
+        let component = pre.component();
+        let interface = component
+            .get_export_index(None, "tollgate:plugin/translator@0.1.1")
+            .ok_or_else(|| wasmtime::format_err!("no `translator` export"))?;
+        let function = |name: &str| {
+            component
+                .get_export_index(Some(&interface), name)
+                .ok_or_else(|| wasmtime::format_err!("no `{name}` in `translator`"))
+        };
         Ok(Self {
+            chat_request: function("translate-chat-request")?,
+            chat_response: function("translate-chat-response")?,
             pre,
             translator,
             inbound,
@@ -127,15 +142,18 @@ impl Binding {
         };
         let request = sandbox::bounded(&mut store, export, async |store| {
             let instance = exports.pre.instantiate_async(&mut *store).await?;
-            let translator = exports.translator.load(&mut *store, &instance)?;
             match kind {
                 RequestKind::Chat => {
-                    translator
-                        .call_translate_chat_request(&mut *store, context, body)
-                        .await
+                    let call = instance.get_typed_func::<
+                        (&AttemptContext, &str),
+                        (Result<UpstreamRequest, TranslateError>,),
+                    >(&mut *store, &exports.chat_request)?;
+                    Ok(call.call_async(&mut *store, (context, body)).await?.0)
                 }
                 RequestKind::Embeddings => {
-                    translator
+                    exports
+                        .translator
+                        .load(&mut *store, &instance)?
                         .call_translate_embeddings_request(&mut *store, context, body)
                         .await
                 }
@@ -163,17 +181,24 @@ impl Binding {
         };
         let answer = sandbox::bounded(&mut store, export, async |store| {
             let instance = exports.pre.instantiate_async(&mut *store).await?;
-            let translator = exports.translator.load(&mut *store, &instance)?;
             Ok(match kind {
-                RequestKind::Chat => translator
-                    .call_translate_chat_response(&mut *store, context, response)
-                    .await?
-                    .map(|answer| TranslatedAnswer {
-                        body: answer.body,
-                        usage: answer.usage,
-                        served_model: answer.served_model,
-                    }),
-                RequestKind::Embeddings => translator
+                RequestKind::Chat => {
+                    let call = instance.get_typed_func::<
+                        (&AttemptContext, &UpstreamResponse),
+                        (Result<translator::ChatResponse, TranslateError>,),
+                    >(&mut *store, &exports.chat_response)?;
+                    call.call_async(&mut *store, (context, response))
+                        .await?
+                        .0
+                        .map(|answer| TranslatedAnswer {
+                            body: answer.body,
+                            usage: answer.usage,
+                            served_model: answer.served_model,
+                        })
+                }
+                RequestKind::Embeddings => exports
+                    .translator
+                    .load(&mut *store, &instance)?
                     .call_translate_embeddings_response(&mut *store, context, response)
                     .await?
                     .map(|answer| TranslatedAnswer {
