@@ -48,7 +48,10 @@ impl TranslatorExports {
         let inbound = inbound::GuestIndices::new(&pre).ok();
         let component = pre.component();
         let interface = component
-            .get_export_index(None, "tollgate:plugin/translator@0.1.1")
+            .get_export_index(
+                None,
+                format!("tollgate:plugin/translator@{}", super::CONTRACTS[0]),
+            )
             .ok_or_else(|| wasmtime::format_err!("no `translator` export"))?;
         let function = |name: &str| {
             component
