@@ -86,6 +86,23 @@ async fn gateway_for(sim: &Simulator, protocol: &str) -> (Gateway, Vec<(&'static
     (gateway, env)
 }
 
+/// A gateway with one Anthropic channel serving `test-model`.
+async fn anthropic_channel_gateway() -> (Simulator, Gateway) {
+    let sim = simulator().await;
+    let config = format!(
+        "{BILLING}{}",
+        protocol_channel(
+            "upstream",
+            "anthropic",
+            &sim.anthropic_base_url(),
+            1,
+            r#""test-model" = "claude-sim""#
+        )
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    (sim, gateway)
+}
+
 fn secret(created: &Value) -> String {
     created["secret"]
         .as_str()
@@ -395,18 +412,7 @@ async fn a_stream_failing_midway_ends_with_an_anthropic_error_event_on_either_ch
 
 #[tokio::test]
 async fn a_body_that_is_not_json_is_refused_in_anthropics_shape() {
-    let sim = simulator().await;
-    let config = format!(
-        "{BILLING}{}",
-        protocol_channel(
-            "upstream",
-            "anthropic",
-            &sim.anthropic_base_url(),
-            1,
-            r#""test-model" = "claude-sim""#
-        )
-    );
-    let gateway = start(&config).await.expect("the gateway starts");
+    let (sim, gateway) = anthropic_channel_gateway().await;
     for (path, body) in [
         ("/v1/messages", "{\"model\": \"test-model\", "),
         ("/v1/messages/count_tokens", "not json"),
@@ -431,18 +437,7 @@ async fn a_body_that_is_not_json_is_refused_in_anthropics_shape() {
 
 #[tokio::test]
 async fn a_protocol_whose_translator_has_no_client_side_is_refused_naming_why() {
-    let sim = simulator().await;
-    let config = format!(
-        "{BILLING}{}",
-        protocol_channel(
-            "upstream",
-            "anthropic",
-            &sim.anthropic_base_url(),
-            1,
-            r#""test-model" = "claude-sim""#
-        )
-    );
-    let gateway = start(&config).await.expect("the gateway starts");
+    let (sim, gateway) = anthropic_channel_gateway().await;
     // The `openai` translator, bound for the `anthropic` protocol, has no client side.
     let bound = gateway
         .admin(

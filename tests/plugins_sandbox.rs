@@ -181,8 +181,13 @@ async fn no_call_finds_the_memory_of_an_earlier_one() {
         .await;
     assert_eq!(bound.status, 200, "{}", bound.json);
     // Enough calls that pooled instance slots are reused many times over, concurrently too.
-    let body = chat("are you fresh?");
-    let calls = (0..40).map(|_| gateway.post("/v1/chat/completions", &body, &[]));
+    all_served_at_once(&gateway, "are you fresh?", 40).await;
+}
+
+/// Sends `count` chat requests at once; every one must be served.
+async fn all_served_at_once(gateway: &harness::Gateway, text: &str, count: usize) {
+    let body = chat(text);
+    let calls = (0..count).map(|_| gateway.post("/v1/chat/completions", &body, &[]));
     for answer in futures::future::join_all(calls).await {
         assert_eq!(answer.status, 200, "{}", answer.json);
     }
@@ -204,11 +209,7 @@ async fn requests_waiting_on_their_upstream_hold_no_plugin_instance() {
         delay_ms: Some(300),
         ..Default::default()
     }));
-    let body = chat("slow upstream");
-    let calls = (0..16).map(|_| gateway.post("/v1/chat/completions", &body, &[]));
-    for answer in futures::future::join_all(calls).await {
-        assert_eq!(answer.status, 200, "{}", answer.json);
-    }
+    all_served_at_once(&gateway, "slow upstream", 16).await;
 }
 
 #[tokio::test]

@@ -584,6 +584,23 @@ mod tests {
         .expect("a well-formed record")
     }
 
+    /// Commits one record with no hold.
+    fn commit(store: &SledStore, request_id: &str, cost_picos: u64) {
+        store
+            .commit_usages(&[Settlement {
+                record: record(request_id, cost_picos),
+                hold_id: None,
+            }])
+            .expect("committed");
+    }
+
+    /// `acme`'s balance is `picos`, and its books balance.
+    fn assert_books(store: &SledStore, picos: i128) {
+        assert_eq!(store.balance_picos("acme").expect("read"), picos);
+        let reconciled = store.reconcile().expect("reconciles");
+        assert_eq!(reconciled[0].difference_picos, 0, "{reconciled:?}");
+    }
+
     /// A store with tenant `acme` holding 1,000 picos.
     fn store_with_credit(dir: &Path) -> SledStore {
         let store = SledStore::open(dir).expect("the store opens");
@@ -662,12 +679,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temp dir");
         {
             let store = store_with_credit(dir.path());
-            store
-                .commit_usages(&[Settlement {
-                    record: record("logged-only", 300),
-                    hold_id: None,
-                }])
-                .expect("committed");
+            commit(&store, "logged-only", 300);
             assert_eq!(store.balance_picos("acme").expect("read"), 700);
             assert!(
                 store.ledger.books().log.len() == 1 && store.ledger.books().unapplied.len() == 1
@@ -686,24 +698,17 @@ mod tests {
             assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 300);
             // Applied to the trees (a read does that) but still in the log, as after a crash
             // between the two: the next open must not debit it again.
-            store
-                .commit_usages(&[Settlement {
-                    record: record("applied-and-logged", 100),
-                    hold_id: None,
-                }])
-                .expect("committed");
+            commit(&store, "applied-and-logged", 100);
             store.applied().expect("applied");
             assert_eq!(store.ledger.books().log.len(), 1);
         }
         for _ in 0..2 {
             let store = reopen(dir.path());
-            assert_eq!(store.balance_picos("acme").expect("read"), 600);
+            assert_books(&store, 600);
             assert!(
                 !dir.path().join("ledger.log.sealed").exists(),
                 "dropped at open: the trees hold its records"
             );
-            let reconciled = store.reconcile().expect("reconciles");
-            assert_eq!(reconciled[0].difference_picos, 0, "{reconciled:?}");
         }
     }
 
@@ -715,12 +720,7 @@ mod tests {
             // A client may send its own `x-request-id`, the same one twice; both records carry
             // the same time here too.
             for cost in [100, 50] {
-                store
-                    .commit_usages(&[Settlement {
-                        record: record("reused", cost),
-                        hold_id: None,
-                    }])
-                    .expect("committed");
+                commit(&store, "reused", cost);
             }
             store.applied().expect("applied");
             assert_eq!(store.balance_picos("acme").expect("read"), 850);
@@ -731,16 +731,11 @@ mod tests {
             );
             // Dropped without a flush: both records are in the trees and still in the log.
         }
+        // Replayed once.
         let store = reopen(dir.path());
-        assert_eq!(
-            store.balance_picos("acme").expect("read"),
-            850,
-            "replayed once"
-        );
+        assert_books(&store, 850);
         assert_eq!(store.ledger.records.len(), 2);
         assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 150);
-        let reconciled = store.reconcile().expect("reconciles");
-        assert_eq!(reconciled[0].difference_picos, 0, "{reconciled:?}");
     }
 
     #[test]
@@ -767,12 +762,7 @@ mod tests {
         std::thread::scope(|scope| {
             let writer = scope.spawn(|| {
                 for index in 0..commits {
-                    store
-                        .commit_usages(&[Settlement {
-                            record: record(&format!("r{index}"), 1),
-                            hold_id: None,
-                        }])
-                        .expect("committed");
+                    commit(&store, &format!("r{index}"), 1);
                 }
             });
             // Each commit debits 1: a read between a batch's transaction and the books letting
@@ -809,12 +799,7 @@ mod tests {
             })
             .expect("a top-up");
         let commit = |index: usize| {
-            store
-                .commit_usages(&[Settlement {
-                    record: record(&format!("r{index}"), 1),
-                    hold_id: None,
-                }])
-                .expect("committed");
+            commit(&store, &format!("r{index}"), 1);
         };
         let stored =
             || decode_balance(store.ledger.balances.get("acme").expect("read")).expect("decodes");
