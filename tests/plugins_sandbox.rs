@@ -204,12 +204,25 @@ async fn requests_waiting_on_their_upstream_hold_no_plugin_instance() {
     .await
     .expect("the gateway starts");
     // A slow upstream and more requests waiting on it than the pool has instances: a request
-    // holds one only while a plugin runs, never across the upstream call.
+    // holds one only while a plugin runs, never across the upstream call. The requests start
+    // 20 ms apart, so their plugin calls seldom overlap while all 16 wait on the upstream
+    // together (the last starts 300 ms in, the first answer comes at 800 ms).
     sim.set_standing_fault(Some(tollgate_simulator::Fault {
-        delay_ms: Some(300),
+        delay_ms: Some(800),
         ..Default::default()
     }));
-    all_served_at_once(&gateway, "slow upstream", 16).await;
+    let body = chat("slow upstream");
+    let calls = (0..16u64).map(|index| {
+        let body = &body;
+        let gateway = &gateway;
+        async move {
+            tokio::time::sleep(Duration::from_millis(20 * index)).await;
+            gateway.post("/v1/chat/completions", body, &[]).await
+        }
+    });
+    for answer in futures::future::join_all(calls).await {
+        assert_eq!(answer.status, 200, "{}", answer.json);
+    }
 }
 
 #[tokio::test]
