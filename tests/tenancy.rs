@@ -583,6 +583,18 @@ async fn channels_are_created_through_the_api_with_sealed_secrets() {
     )
     .await
     .assert_error(400, None);
+    let mut not_a_url = body.clone();
+    not_a_url["name"] = json!("broken");
+    not_a_url["base_url"] = json!("http://[::1/v1");
+    admin(
+        &gateway,
+        Method::POST,
+        "/channels",
+        Some(not_a_url),
+        ADMIN_TOKEN,
+    )
+    .await
+    .assert_error(400, None);
 
     let api_model =
         json!({"model": "api-model", "messages": [{"role": "user", "content": "via api"}]});

@@ -169,11 +169,7 @@ pub async fn send(
     first_byte: Duration,
 ) -> Result<reqwest::Response, UpstreamError> {
     let name = &channel.config.name;
-    let url = format!(
-        "{}{}",
-        channel.config.base_url.trim_end_matches('/'),
-        request.path
-    );
+    let url = upstream_url(&channel.base_url, &request.path);
     let method = match request.method {
         HttpMethod::Get => reqwest::Method::GET,
         HttpMethod::Post => reqwest::Method::POST,
@@ -217,6 +213,19 @@ pub async fn send(
         }),
         Ok(Ok(response)) => Ok(response),
     }
+}
+
+/// The translator's path (`/chat/completions`, `/models/m:streamGenerateContent?alt=sse`) under the
+/// channel's base URL, which keeps its own path (`/v1`).
+fn upstream_url(base_url: &reqwest::Url, path_and_query: &str) -> reqwest::Url {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let mut url = base_url.clone();
+    url.set_path(&format!("{}{path}", base_url.path().trim_end_matches('/')));
+    url.set_query(query);
+    url
 }
 
 /// Reads a whole answer (non-stream or error) within the total timeout and the size cap.
@@ -272,4 +281,31 @@ pub fn response_headers(response: &reqwest::Response) -> Vec<(String, String)> {
                 .map(|value| (name.as_str().to_owned(), value.to_owned()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_translators_path_and_query_go_under_the_base_urls_own_path() {
+        let url = |base: &str, path: &str| {
+            upstream_url(&reqwest::Url::parse(base).expect("base URL"), path).to_string()
+        };
+        assert_eq!(
+            url("http://127.0.0.1:9/v1", "/chat/completions"),
+            "http://127.0.0.1:9/v1/chat/completions"
+        );
+        assert_eq!(
+            url(
+                "https://api.example.com/v1beta/",
+                "/models/m:streamGenerateContent?alt=sse"
+            ),
+            "https://api.example.com/v1beta/models/m:streamGenerateContent?alt=sse"
+        );
+        assert_eq!(
+            url("http://upstream.internal", "/v1/messages"),
+            "http://upstream.internal/v1/messages"
+        );
+    }
 }

@@ -600,7 +600,8 @@ fn channel_body(
             Some("api_key_env"),
         ));
     }
-    if !(config.base_url.starts_with("http://") || config.base_url.starts_with("https://")) {
+    let is_http = config.base_url.starts_with("http://") || config.base_url.starts_with("https://");
+    if !is_http || reqwest::Url::parse(&config.base_url).is_err() {
         return Err(invalid(
             "`base_url` must be an http(s) URL".to_owned(),
             Some("base_url"),
