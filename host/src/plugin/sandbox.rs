@@ -9,7 +9,7 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::cli::{WasiCli, WasiCliView};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
-use wasmtime_wasi::random::{WasiRandom, WasiRandomCtx};
+use wasmtime_wasi::random::WasiRandom;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::router::tollgate::plugin::{host, types};
@@ -44,11 +44,12 @@ const CAPTURED_OUTPUT_BYTES: usize = 4096;
 /// A store's data: one plugin call's (or one stream's) whole world.
 pub struct PluginState {
     pub(super) plugin: PluginRef,
+    /// `plugin` as its metric label.
+    label: Arc<String>,
     pub(super) role: Role,
     config: Arc<str>,
     wasi: WasiCtx,
     table: ResourceTable,
-    random: WasiRandomCtx,
     output: MemoryOutputPipe,
     memory_cap: usize,
     memory_cap_hit: bool,
@@ -179,9 +180,9 @@ pub(super) fn check_output(
         .metrics
         .failures
         .get_or_create(&PluginLabels {
-            role: state.role.to_string(),
-            plugin: state.plugin.to_string(),
-            export: export.to_owned(),
+            role: state.role.name(),
+            plugin: state.label.clone(),
+            export,
         })
         .inc();
     Err(PluginError::OutputTooLarge {
@@ -216,9 +217,9 @@ pub(super) fn linker(engine: &Engine) -> Result<Linker<PluginState>, PluginError
         cli::terminal_stdin::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
         cli::terminal_stdout::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
         cli::terminal_stderr::add_to_linker::<PluginState, WasiCli>(l, PluginState::cli)?;
-        random::random::add_to_linker::<PluginState, WasiRandom>(l, |s| &mut s.random)?;
-        random::insecure::add_to_linker::<PluginState, WasiRandom>(l, |s| &mut s.random)?;
-        random::insecure_seed::add_to_linker::<PluginState, WasiRandom>(l, |s| &mut s.random)?;
+        random::random::add_to_linker::<PluginState, WasiRandom>(l, |s| s.wasi.random())?;
+        random::insecure::add_to_linker::<PluginState, WasiRandom>(l, |s| s.wasi.random())?;
+        random::insecure_seed::add_to_linker::<PluginState, WasiRandom>(l, |s| s.wasi.random())?;
         Ok(())
     })()
     .map_err(engine_error)?;
@@ -229,6 +230,7 @@ pub(super) fn linker(engine: &Engine) -> Result<Linker<PluginState>, PluginError
 pub(super) fn store(
     engine: &Engine,
     plugin: PluginRef,
+    label: Arc<String>,
     role: Role,
     config: Arc<str>,
     limits: &Limits,
@@ -241,11 +243,11 @@ pub(super) fn store(
         .build();
     let state = PluginState {
         plugin,
+        label,
         role,
         config,
         wasi,
         table: ResourceTable::new(),
-        random: WasiRandomCtx::default(),
         output,
         memory_cap: limits.memory_bytes,
         memory_cap_hit: false,
@@ -314,9 +316,9 @@ pub(super) async fn bounded<R>(
         .await;
     let state = store.data();
     let labels = PluginLabels {
-        role: state.role.to_string(),
-        plugin: state.plugin.to_string(),
-        export: export.to_owned(),
+        role: state.role.name(),
+        plugin: state.label.clone(),
+        export,
     };
     state
         .metrics
