@@ -301,7 +301,8 @@ impl Ledger {
                 books.log.seal()?;
                 books.sealed_applied = false;
             }
-            std::mem::take(&mut books.unapplied)
+            // Sized for the next batch: regrowing it from nothing faulted in fresh pages.
+            std::mem::replace(&mut books.unapplied, Vec::with_capacity(APPLY_BATCH))
         };
         if let Err(error) = self.apply(&batch) {
             // Taken again by the next batch, in front of what came since.
