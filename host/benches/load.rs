@@ -6,8 +6,9 @@
 //! time to first byte; the CPU time per request and peak RSS of the proxy processes; and the
 //! throughput ratio against the bare proxy.
 //!
-//! Run: `cargo bench -p tollgate --bench load` (see `--help` for concurrencies, sizes, duration and
-//! `--target NAME=URL[,HEADER=VALUE]` to measure another gateway in the same run).
+//! Run: `cargo bench -p tollgate --bench load` (see `--help` for concurrencies, sizes, duration,
+//! `--target NAME=URL[,HEADER=VALUE]` to measure another gateway in the same run, and
+//! `--gateway NAME=BINARY` to measure another build of tollgate beside this one).
 
 #![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 
@@ -29,6 +30,9 @@ const HELP: &str = "cargo bench -p tollgate --bench load -- [options]
   --target NAME=URL[,HEADER=VALUE]
                             another OpenAI-compatible endpoint (its chat-completions URL) to
                             measure beside the others, with the header carrying its key
+  --gateway NAME=BINARY     another tollgate binary (a build of another commit) started like this
+                            one and measured right after it in every cell: A/B of two builds in
+                            one run, where run-to-run drift of the machine would hide a few %
   --streams N               instead of the matrix: hold N streams open through tollgate at once
                             (the upstream sending one chunk per second, for about half a minute)
                             and report the gateway's memory per open stream and any error";
@@ -50,6 +54,8 @@ struct Options {
     run: Duration,
     modes: Vec<bool>,
     extra: Vec<Target>,
+    /// Other tollgate builds to start: name and binary.
+    gateways: Vec<(String, String)>,
     streams: Option<usize>,
 }
 
@@ -60,6 +66,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         run: Duration::from_secs(2),
         modes: vec![false, true],
         extra: Vec::new(),
+        gateways: Vec::new(),
         streams: None,
     };
     let mut args = args.iter();
@@ -102,6 +109,11 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                     pid: None,
                     model: "bench-model".to_owned(),
                 });
+            }
+            "--gateway" => {
+                let spec = value()?;
+                let (name, binary) = spec.split_once('=').context("--gateway NAME=BINARY")?;
+                options.gateways.push((name.to_owned(), binary.to_owned()));
             }
             "--help" | "-h" => {
                 println!("{HELP}");
@@ -456,11 +468,15 @@ async fn drive(
     run_result
 }
 
+/// Starts a tollgate binary with its own data directory under `dir`, named `name` in the figures.
 async fn start_tollgate(
     simulator: &Simulator,
     dir: &std::path::Path,
     max_instances: usize,
+    (name, binary): (&str, &str),
 ) -> anyhow::Result<(tokio::process::Child, Target)> {
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir)?;
     let config = dir.join("bench.toml");
     std::fs::write(
         &config,
@@ -487,7 +503,6 @@ models = {{ "bench-model" = "sim-model" }}
             base = simulator.openai_base_url()
         ),
     )?;
-    let binary = env!("CARGO_BIN_EXE_tollgate");
     let config_arg = config.to_str().context("utf-8 path")?;
     std::process::Command::new(binary)
         .args(["tenant", "create", "bench", "--config", config_arg])
@@ -511,7 +526,7 @@ models = {{ "bench-model" = "sim-model" }}
     Ok((
         child,
         Target {
-            name: "tollgate".to_owned(),
+            name: name.to_owned(),
             url: format!("{url}/v1/chat/completions"),
             header: Some(("authorization".to_owned(), format!("Bearer {key}"))),
             pid,
@@ -546,7 +561,20 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     // Each open stream holds a translator instance; other requests need a few more.
     let max_instances = options.streams.map_or(1000, |streams| streams + 1000);
-    let (_gateway, tollgate) = start_tollgate(&simulator, dir.path(), max_instances).await?;
+    let this_build = ("tollgate", env!("CARGO_BIN_EXE_tollgate"));
+    let (_gateway, tollgate) =
+        start_tollgate(&simulator, dir.path(), max_instances, this_build).await?;
+    // Kept until the end: dropping a child kills it.
+    let mut other_gateways = Vec::new();
+    let mut other_builds = Vec::new();
+    for (name, binary) in &options.gateways {
+        let (gateway, target) =
+            start_tollgate(&simulator, dir.path(), max_instances, (name, binary))
+                .await
+                .with_context(|| format!("starting {binary}"))?;
+        other_gateways.push(gateway);
+        other_builds.push(target);
+    }
     let mut proxy = tokio::process::Command::new(std::env::current_exe()?)
         .args(["--bare-proxy", &format!("http://{}", simulator.address())])
         .stdout(Stdio::piped())
@@ -570,6 +598,7 @@ async fn main() -> anyhow::Result<()> {
         },
         tollgate,
     ];
+    targets.extend(other_builds);
     targets.extend(options.extra);
     let targets: Vec<Arc<Target>> = targets.into_iter().map(Arc::new).collect();
     let client = reqwest::Client::builder()
