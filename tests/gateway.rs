@@ -474,3 +474,72 @@ async fn cli_says_plainly_when_a_gateway_holds_the_data_dir() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("in use by another process"), "{stderr}");
 }
+
+/// The soft limit of open files of a running process, and its hard limit.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("its limits");
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .expect("a line for open files");
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+#[tokio::test]
+async fn serve_raises_its_open_file_limit_and_says_when_it_caps_the_streams() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[plugins]\nmax_instances = 1000\ncache_dir = \"{}\"\n{}",
+            dir.path().join("data").display(),
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join("plugin-cache")
+                .display(),
+            billing(1_000_000)
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("gateway.log");
+    // Started the way many systems start a service: 1,024 files at most, 256 until raised.
+    let mut child = tokio::process::Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -Sn 256 && ulimit -Hn 1024 && exec \"$0\" serve --config \"$1\"",
+            harness::binary(),
+        ])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.starts_with("tollgate listening on ") {
+                return;
+            }
+        }
+        panic!(
+            "the gateway exited: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+    })
+    .await
+    .expect("listening within 60 s");
+    assert_eq!(open_file_limits(pid), (1024, 1024));
+    // 1,024 files hold ~480 streams, fewer than the 1,000 instances the pool is sized for.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("allows fewer open streams than `plugins.max_instances`"),
+        "{logged}"
+    );
+}

@@ -989,7 +989,45 @@ fn open_store(args: &DataDirArgs) -> anyhow::Result<SledStore> {
     Ok(SledStore::open(&data_dir)?)
 }
 
+/// Raises the soft open-file limit to the hard one, as Go's runtime does at start: every open
+/// stream holds two descriptors (the client's connection and the upstream's), and the soft limit
+/// of 1,024 many systems start services with would refuse connections past ~500 streams.
+fn raise_open_file_limit(max_instances: u32) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit is not a valid soft one for files; the kernel's usual cap is.
+    let wanted = limit.maximum.unwrap_or(1 << 20);
+    let raised = Rlimit {
+        current: Some(wanted),
+        maximum: limit.maximum,
+    };
+    let open_files = match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => Some(wanted),
+        Err(error) => {
+            tracing::warn!(%error, "could not raise the open-file limit");
+            limit.current
+        }
+    };
+    let Some(open_files) = open_files else {
+        return;
+    };
+    // Descriptors the gateway holds whatever the load: its store, log, listener, epoll.
+    let streams = open_files.saturating_sub(64) / 2;
+    if streams < u64::from(max_instances) {
+        tracing::warn!(
+            open_files,
+            streams,
+            max_instances,
+            "the open-file limit allows fewer open streams than `plugins.max_instances`: raise \
+             the hard limit (`ulimit -Hn`, systemd `LimitNOFILE=`)"
+        );
+    } else {
+        tracing::info!(open_files, streams, "open-file limit");
+    }
+}
+
 async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()> {
+    raise_open_file_limit(config.plugins.max_instances);
     let config_dir = config_path
         .and_then(Path::parent)
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
