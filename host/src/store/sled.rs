@@ -264,7 +264,9 @@ impl Store for SledStore {
             key.revoked = true;
             let mut cached = self.keys_read.writing();
             self.keys.insert(&hash, encode(&key)?).map_err(backend)?;
-            cached.retain(|sha256, _| sha256.as_slice() != &hash[..]);
+            if let Ok(sha256) = <[u8; 32]>::try_from(&hash[..]) {
+                cached.remove(&sha256);
+            }
             Ok(true)
         })
     }
