@@ -8,7 +8,8 @@
 //!
 //! Run: `cargo bench -p tollgate --bench load` (see `--help` for concurrencies, sizes, duration,
 //! `--target NAME=URL[,HEADER=VALUE]` to measure another gateway in the same run, and
-//! `--gateway NAME=BINARY` to measure another build of tollgate beside this one).
+//! `--gateway NAME=BINARY` to measure another build of tollgate beside this one, `--rounds N` for
+//! medians over N rounds).
 
 #![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 
@@ -27,6 +28,8 @@ const HELP: &str = "cargo bench -p tollgate --bench load -- [options]
   --sizes 1,16,128          request body sizes, KiB
   --seconds 2               measured time per run (after a short warm-up)
   --modes whole,stream      non-stream answers and/or streams
+  --rounds 1                measure every cell this many times, all targets in turn each round,
+                            and print each figure's median (errors summed)
   --target NAME=URL[,HEADER=VALUE]
                             another OpenAI-compatible endpoint (its chat-completions URL) to
                             measure beside the others, with the header carrying its key
@@ -53,6 +56,8 @@ struct Options {
     sizes_kib: Vec<usize>,
     run: Duration,
     modes: Vec<bool>,
+    /// Times every cell is measured; the medians are printed.
+    rounds: usize,
     extra: Vec<Target>,
     /// Other tollgate builds to start: name and binary.
     gateways: Vec<(String, String)>,
@@ -65,6 +70,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         sizes_kib: vec![1, 16, 128],
         run: Duration::from_secs(2),
         modes: vec![false, true],
+        rounds: 1,
         extra: Vec::new(),
         gateways: Vec::new(),
         streams: None,
@@ -92,6 +98,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             "--streams" => options.streams = Some(value()?.parse()?),
+            "--rounds" => options.rounds = value()?.parse::<usize>()?.max(1),
             "--target" => {
                 let spec = value()?;
                 let (name, rest) = spec.split_once('=').context("--target NAME=URL")?;
@@ -355,6 +362,64 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn micros(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e6
+}
+
+/// One target's figures in one cell, latencies in µs; over several rounds, each figure's median
+/// on its own (errors summed).
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    rate: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    /// Over going direct in the same round.
+    added_p50: f64,
+    added_p99: f64,
+    first_byte_p50: f64,
+    cpu_per_request: Option<f64>,
+    errors: usize,
+}
+
+impl Figures {
+    fn of(run: &Run, direct: Option<&Figures>) -> Self {
+        let p50 = micros(percentile(&run.latencies, 0.5));
+        let p99 = micros(percentile(&run.latencies, 0.99));
+        Self {
+            rate: run.requests as f64 / run.elapsed.as_secs_f64(),
+            p50,
+            p90: micros(percentile(&run.latencies, 0.9)),
+            p99,
+            added_p50: direct.map_or(0.0, |direct| p50 - direct.p50),
+            added_p99: direct.map_or(0.0, |direct| p99 - direct.p99),
+            first_byte_p50: micros(percentile(&run.first_bytes, 0.5)),
+            cpu_per_request: run
+                .cpu_seconds
+                .map(|seconds| seconds * 1e6 / run.requests.max(1) as f64),
+            errors: run.errors,
+        }
+    }
+
+    fn median(runs: &[Figures]) -> Self {
+        let median = |figure: fn(&Figures) -> f64| {
+            let mut values: Vec<f64> = runs.iter().map(figure).collect();
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied().unwrap_or_default()
+        };
+        Self {
+            rate: median(|f| f.rate),
+            p50: median(|f| f.p50),
+            p90: median(|f| f.p90),
+            p99: median(|f| f.p99),
+            added_p50: median(|f| f.added_p50),
+            added_p99: median(|f| f.added_p99),
+            first_byte_p50: median(|f| f.first_byte_p50),
+            cpu_per_request: runs
+                .iter()
+                .all(|f| f.cpu_per_request.is_some())
+                .then(|| median(|f| f.cpu_per_request.unwrap_or_default())),
+            errors: runs.iter().map(|f| f.errors).sum(),
+        }
+    }
 }
 
 /// A chat body of about `kib` KiB: the bulk in an earlier turn (a long context), a short last
@@ -638,39 +703,41 @@ async fn main() -> anyhow::Result<()> {
     for &stream in &options.modes {
         for &kib in &options.sizes_kib {
             for &concurrency in &options.concurrency {
-                let mut direct_p50_p99 = None;
-                let mut bare_rate = None;
-                for target in &targets {
-                    let run = drive(
-                        &client,
-                        target.clone(),
-                        concurrency,
-                        kib,
-                        stream,
-                        options.run,
-                    )
-                    .await;
-                    let rate = run.requests as f64 / run.elapsed.as_secs_f64();
-                    let (p50, p90, p99) = (
-                        percentile(&run.latencies, 0.5),
-                        percentile(&run.latencies, 0.9),
-                        percentile(&run.latencies, 0.99),
-                    );
-                    if target.name == "direct" {
-                        direct_p50_p99 = Some((p50, p99));
+                // Every round drives every target once, in order, so drift of the machine
+                // spreads over all of them alike.
+                let mut rounds: Vec<Vec<Figures>> = vec![Vec::new(); targets.len()];
+                for _ in 0..options.rounds {
+                    let mut direct = None;
+                    for (index, target) in targets.iter().enumerate() {
+                        let run = drive(
+                            &client,
+                            target.clone(),
+                            concurrency,
+                            kib,
+                            stream,
+                            options.run,
+                        )
+                        .await;
+                        let figures = Figures::of(&run, direct.as_ref());
+                        if target.name == "direct" {
+                            direct = Some(figures);
+                        }
+                        rounds[index].push(figures);
                     }
-                    if target.name == "bare-proxy" {
-                        bare_rate = Some(rate);
-                    }
-                    let (added_p50, added_p99) = direct_p50_p99
-                        .map(|(d50, d99)| (micros(p50) - micros(d50), micros(p99) - micros(d99)))
-                        .unwrap_or_default();
-                    let cpu = run
-                        .cpu_seconds
-                        .map(|seconds| format!("{:.0}", seconds * 1e6 / run.requests.max(1) as f64))
-                        .unwrap_or_else(|| "-".to_owned());
+                }
+                let medians: Vec<Figures> =
+                    rounds.iter().map(|runs| Figures::median(runs)).collect();
+                let bare_rate = targets
+                    .iter()
+                    .zip(&medians)
+                    .find(|(target, _)| target.name == "bare-proxy")
+                    .map(|(_, figures)| figures.rate);
+                for (target, figures) in targets.iter().zip(&medians) {
+                    let shown = |value: Option<f64>| {
+                        value.map_or_else(|| "-".to_owned(), |value| format!("{value:.0}"))
+                    };
                     let versus = bare_rate
-                        .map(|bare| format!("{:.0} %", rate / bare * 100.0))
+                        .map(|bare| format!("{:.0} %", figures.rate / bare * 100.0))
                         .unwrap_or_else(|| "-".to_owned());
                     println!(
                         "{:<11} {:<6} {:>4} {:>5} {:>8.0} {:>7.0} {:>7.0} {:>7.0} {:>8.0} {:>8.0} {:>8} {:>9} {:>7} {:>6}",
@@ -678,20 +745,16 @@ async fn main() -> anyhow::Result<()> {
                         if stream { "stream" } else { "whole" },
                         concurrency,
                         kib,
-                        rate,
-                        micros(p50),
-                        micros(p90),
-                        micros(p99),
-                        added_p50,
-                        added_p99,
-                        if stream {
-                            format!("{:.0}", micros(percentile(&run.first_bytes, 0.5)))
-                        } else {
-                            "-".to_owned()
-                        },
-                        cpu,
+                        figures.rate,
+                        figures.p50,
+                        figures.p90,
+                        figures.p99,
+                        figures.added_p50,
+                        figures.added_p99,
+                        shown(stream.then_some(figures.first_byte_p50)),
+                        shown(figures.cpu_per_request),
                         versus,
-                        run.errors,
+                        figures.errors,
                     );
                 }
             }
