@@ -559,42 +559,26 @@ async fn channels_are_created_through_the_api_with_sealed_secrets() {
     )
     .await
     .assert_error(409, Some("already_exists"));
-    let mut with_env = body.clone();
-    with_env["name"] = json!("env");
-    with_env["api_key_env"] = json!(["X"]);
-    admin(
-        &gateway,
-        Method::POST,
-        "/channels",
-        Some(with_env),
-        ADMIN_TOKEN,
-    )
-    .await
-    .assert_error(400, None);
-    let mut unknown_protocol = body.clone();
-    unknown_protocol["name"] = json!("other");
-    unknown_protocol["protocol"] = json!("carrier-pigeon");
-    admin(
-        &gateway,
-        Method::POST,
-        "/channels",
-        Some(unknown_protocol),
-        ADMIN_TOKEN,
-    )
-    .await
-    .assert_error(400, None);
-    let mut not_a_url = body.clone();
-    not_a_url["name"] = json!("broken");
-    not_a_url["base_url"] = json!("http://[::1/v1");
-    admin(
-        &gateway,
-        Method::POST,
-        "/channels",
-        Some(not_a_url),
-        ADMIN_TOKEN,
-    )
-    .await
-    .assert_error(400, None);
+    // Each refused with 400: secrets from the environment, a protocol nobody speaks, a base URL
+    // that does not parse.
+    for (name, field, value) in [
+        ("env", "api_key_env", json!(["X"])),
+        ("other", "protocol", json!("carrier-pigeon")),
+        ("broken", "base_url", json!("http://[::1/v1")),
+    ] {
+        let mut refused = body.clone();
+        refused["name"] = json!(name);
+        refused[field] = value;
+        admin(
+            &gateway,
+            Method::POST,
+            "/channels",
+            Some(refused),
+            ADMIN_TOKEN,
+        )
+        .await
+        .assert_error(400, None);
+    }
 
     let api_model =
         json!({"model": "api-model", "messages": [{"role": "user", "content": "via api"}]});

@@ -366,7 +366,7 @@ fn micros(duration: Duration) -> f64 {
 
 /// One target's figures in one cell, latencies in µs; over several rounds, each figure's median
 /// on its own (errors summed).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Figures {
     rate: f64,
     p50: f64,

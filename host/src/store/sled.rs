@@ -182,6 +182,18 @@ fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A tree's JSON value under `key`, decoded; `None` for an absent key.
+fn get_decoded<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    keyspace: &'static str,
+    key: impl AsRef<[u8]>,
+) -> Result<Option<T>, StoreError> {
+    tree.get(key)
+        .map_err(backend)?
+        .map(|bytes| decode(keyspace, &bytes))
+        .transpose()
+}
+
 pub(super) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|error| StoreError::Backend(error.to_string()))
 }
@@ -233,11 +245,7 @@ impl Store for SledStore {
         let Some(hash) = self.key_ids.get(key_id).map_err(backend)? else {
             return Ok(None);
         };
-        self.keys
-            .get(hash)
-            .map_err(backend)?
-            .map(|bytes| decode("api_keys", &bytes))
-            .transpose()
+        get_decoded(&self.keys, "api_keys", hash)
     }
 
     fn keys_of(&self, tenant: &str) -> Result<Vec<ApiKey>, StoreError> {
@@ -287,13 +295,8 @@ impl Store for SledStore {
     }
 
     fn tenant(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
-        self.tenants_read.get(name, || {
-            self.tenants
-                .get(name)
-                .map_err(backend)?
-                .map(|bytes| decode("tenants", &bytes))
-                .transpose()
-        })
+        self.tenants_read
+            .get(name, || get_decoded(&self.tenants, "tenants", name))
     }
 
     fn tenants(&self) -> Result<Vec<Tenant>, StoreError> {
@@ -329,11 +332,7 @@ impl Store for SledStore {
 
     fn key_by_secret_sha256(&self, secret_sha256: &[u8; 32]) -> Result<Option<ApiKey>, StoreError> {
         self.keys_read.get(secret_sha256, || {
-            self.keys
-                .get(secret_sha256)
-                .map_err(backend)?
-                .map(|bytes| decode("api_keys", &bytes))
-                .transpose()
+            get_decoded(&self.keys, "api_keys", secret_sha256)
         })
     }
 
@@ -481,11 +480,7 @@ impl Store for SledStore {
     }
 
     fn plugin(&self, sha256: &str) -> Result<Option<StoredPlugin>, StoreError> {
-        self.plugins
-            .get(sha256)
-            .map_err(backend)?
-            .map(|bytes| decode("plugins", &bytes))
-            .transpose()
+        get_decoded(&self.plugins, "plugins", sha256)
     }
 
     fn plugin_bytes(&self, sha256: &str) -> Result<Option<Vec<u8>>, StoreError> {
@@ -605,12 +600,7 @@ impl Store for SledStore {
         let Some(key) = self.ledger.by_request.get(request_id).map_err(backend)? else {
             return Ok(None);
         };
-        self.ledger
-            .records
-            .get(key)
-            .map_err(backend)?
-            .map(|bytes| decode("ledger", &bytes))
-            .transpose()
+        get_decoded(&self.ledger.records, "ledger", key)
     }
 
     fn check(&self) -> Result<(), StoreError> {
