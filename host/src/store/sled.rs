@@ -45,6 +45,13 @@ pub struct SledStore {
     bindings: sled::Tree,
 }
 
+/// sled's page cache. With its default (1 GiB) a gateway under load grows toward it with ledger
+/// pages it wrote and rarely reads again: after 30 s at concurrency 32, peak RSS 317 MiB and 351 µs
+/// of CPU per request, against 198 MiB and 307 µs with this. What the request path reads is small
+/// (balances; keys and tenants are kept decoded below); usage queries over old records read
+/// through the operating system's file cache.
+const CACHE_BYTES: u64 = 64 << 20;
+
 /// Entries of a tree that every request reads (its key, its tenant), kept decoded in memory: a tree
 /// read and a JSON decode per request cost ~2 % of the gateway's CPU. This process is the store's
 /// only writer, and a write replaces the tree's entry and drops the cached one under the same lock
@@ -100,6 +107,7 @@ impl SledStore {
         let db = sled::Config::new()
             .path(&path)
             .flush_every_ms(Some(500))
+            .cache_capacity(CACHE_BYTES)
             .open()
             .map_err(|error| match error {
                 sled::Error::Io(io) if is_lock_conflict(&io) => StoreError::Locked {
