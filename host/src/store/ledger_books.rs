@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use sled::transaction::{ConflictableTransactionError, Transactional};
 
 use super::ledger_log::{LedgerLog, Logged};
-use super::sled::{backend, decode_balance, encode, fixed_width, spend_key, transaction_error};
+use super::sled::{
+    backend, decode_balance, encode, encode_record, fixed_width, spend_key, transaction_error,
+};
 use super::{MILLIS_PER_DAY, Settlement, StoreError, UsageRecord};
 
 /// Committed records wake the applier once this many wait. Small batches keep each of its bursts
@@ -47,7 +49,7 @@ pub(super) const SEAL_RECORDS: usize = 16_384;
 /// Where the ledger meta tree keeps the sequence number of the last record applied.
 const APPLIED_SEQ: &[u8] = b"applied_seq";
 
-/// A committed record as the trees will take it: encoded once, for the log and the ledger alike.
+/// A committed record as the log and the trees will take it, encoded for each once.
 pub(super) struct Owed {
     /// Its place in the ledger log, given at commit; `None` for a record of a log written before
     /// records were numbered.
@@ -55,7 +57,10 @@ pub(super) struct Owed {
     unix_ms: u64,
     request_id: String,
     tenant: String,
+    /// JSON, for the log.
     encoded: Vec<u8>,
+    /// Compact, for the ledger tree.
+    stored: Vec<u8>,
     cost: i128,
     spend_key: Vec<u8>,
 }
@@ -68,6 +73,7 @@ impl Owed {
             request_id: record.request_id.clone(),
             tenant: record.tenant.clone(),
             encoded: encode(record)?,
+            stored: encode_record(record)?,
             cost: i128::from(record.cost_picos.unwrap_or(0)),
             spend_key: spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY),
         })
@@ -339,7 +345,7 @@ impl Ledger {
             // and every read on the request path (keys, balances) would wait for it.
             let key = owed.ledger_key();
             self.records
-                .insert(key.as_slice(), owed.encoded.as_slice())
+                .insert(key.as_slice(), owed.stored.as_slice())
                 .map_err(backend)?;
             self.by_request
                 .insert(owed.request_id.as_bytes(), key)

@@ -107,7 +107,8 @@ pub struct RecordedAttempt {
 }
 
 /// The ledger record of one request: who, what was asked, what answered, what it cost.
-/// Never holds prompt or completion text.
+/// Never holds prompt or completion text. The sled ledger stores it without field names
+/// (`sled::encode_record`): a change to its fields needs a new stored version there.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UsageRecord {
     /// When the request arrived, milliseconds since the Unix epoch.
