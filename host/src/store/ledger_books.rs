@@ -49,7 +49,7 @@ pub(super) const SEAL_RECORDS: usize = 16_384;
 /// Where the ledger meta tree keeps the sequence number of the last record applied.
 const APPLIED_SEQ: &[u8] = b"applied_seq";
 
-/// A committed record as the log and the trees will take it, encoded for each once.
+/// A committed record as the trees will take it.
 pub(super) struct Owed {
     /// Its place in the ledger log, given at commit; `None` for a record of a log written before
     /// records were numbered.
@@ -57,8 +57,6 @@ pub(super) struct Owed {
     unix_ms: u64,
     request_id: String,
     tenant: String,
-    /// JSON, for the log.
-    encoded: Vec<u8>,
     /// Compact, for the ledger tree.
     stored: Vec<u8>,
     cost: i128,
@@ -72,7 +70,6 @@ impl Owed {
             unix_ms: record.unix_ms,
             request_id: record.request_id.clone(),
             tenant: record.tenant.clone(),
-            encoded: encode(record)?,
             stored: encode_record(record)?,
             cost: i128::from(record.cost_picos.unwrap_or(0)),
             spend_key: spend_key(&record.key_id, record.unix_ms / MILLIS_PER_DAY),
@@ -261,6 +258,11 @@ impl Ledger {
 
     /// Commits records: one append to the log, then counted in memory and their holds released.
     pub(super) fn commit(&self, settlements: &[Settlement]) -> Result<Backlog, StoreError> {
+        // JSON for the log, encoded outside the books lock; the trees take the compact form.
+        let logged = settlements
+            .iter()
+            .map(|settlement| encode(&settlement.record))
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let owed = settlements
             .iter()
             .map(|settlement| Ok((Owed::new(&settlement.record)?, &settlement.hold_id)))
@@ -269,9 +271,9 @@ impl Ledger {
         let first_seq = books.next_seq;
         books.next_seq += owed.len() as u64;
         books.log.append(
-            owed.iter()
-                .zip(first_seq..)
-                .map(|((owed, _), seq)| (seq, owed.encoded.as_slice())),
+            (first_seq..)
+                .zip(&logged)
+                .map(|(seq, json)| (seq, json.as_slice())),
         )?;
         for ((mut owed, hold_id), seq) in owed.into_iter().zip(first_seq..) {
             owed.seq = Some(seq);
