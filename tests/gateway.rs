@@ -543,3 +543,83 @@ async fn serve_raises_its_open_file_limit_and_says_when_it_caps_the_streams() {
         "{logged}"
     );
 }
+
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("its threads")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn every_serving_worker_takes_connections_and_reaches_the_upstream() {
+    let sim = simulator().await;
+    let gateway =
+        harness::start_with_server("workers = 3\n", &config_with(&channel("primary", &sim, 1)))
+            .await
+            .unwrap();
+    let names = thread_names(gateway.pid());
+    let workers: Vec<&String> = names
+        .iter()
+        .filter(|name| name.starts_with("worker-"))
+        .collect();
+    // The main thread is worker 0: two more make three.
+    assert_eq!(workers.len(), 2, "{names:?}");
+    // The kernel spreads connections over the workers' sockets by their addresses: a worker that
+    // took connections but did not serve them would leave some of these hanging.
+    for attempt in 0..30 {
+        let fresh = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let response = fresh
+            .post(format!("{}/v1/chat/completions", gateway.url))
+            .bearer_auth(&gateway.key)
+            .json(&chat("hello"))
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("connection {attempt}: {error}"));
+        let answer = Answer::read(response).await;
+        assert_eq!(answer.status, 200, "connection {attempt}: {}", answer.json);
+    }
+    assert_eq!(sim.calls(), 30);
+}
+
+#[tokio::test]
+async fn a_second_gateway_cannot_take_a_port_in_use() {
+    let sim = simulator().await;
+    let first = start(&config_with(&channel("primary", &sim, 1)))
+        .await
+        .unwrap();
+    let address = first.url.trim_start_matches("http://").to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{address}\"\ndata_dir = \"{}\"\n\n[plugins]\ncache_dir = \"{}\"\n{}",
+            dir.path().join("data").display(),
+            std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join("plugin-cache")
+                .display(),
+            billing(1_000_000)
+        ),
+    )
+    .unwrap();
+    let second = tokio::process::Command::new(harness::binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), second)
+        .await
+        .expect("the second gateway gives up within 60 s instead of serving")
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("binding {address}")), "{stderr}");
+}

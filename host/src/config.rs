@@ -91,6 +91,20 @@ pub struct ServerConfig {
     /// Usage records older than this many days are removed, hourly (their charges stay in the
     /// books); none: kept until removed by an operator.
     pub ledger_retention_days: Option<u64>,
+    /// Threads serving requests; none: one per CPU. Each runs its own single-threaded runtime,
+    /// listener socket (`SO_REUSEPORT`: the kernel spreads connections over them) and upstream
+    /// connections, so a request's tasks never cross threads.
+    pub workers: Option<std::num::NonZeroUsize>,
+}
+
+impl ServerConfig {
+    /// The number of serving threads.
+    pub fn worker_count(&self) -> usize {
+        self.workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            std::num::NonZeroUsize::get,
+        )
+    }
 }
 
 impl Default for ServerConfig {
@@ -102,6 +116,7 @@ impl Default for ServerConfig {
             max_upstream_body_bytes: 32 << 20,
             failover_budget_ms: 60_000,
             ledger_retention_days: None,
+            workers: None,
         }
     }
 }

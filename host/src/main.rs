@@ -570,7 +570,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { config } => {
             let loaded = load_config(config.as_deref())?;
             let provider = init_tracing(Some(&loaded.telemetry))?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
@@ -1045,11 +1045,9 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
             );
         }
     }
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .with_context(|| format!("binding {}", config.server.listen))?;
-    let address = listener.local_addr()?;
-    console::line(&format!("tollgate listening on http://{address}"));
+    let mut listeners = bind_listeners(config.server.listen, config.server.worker_count())?;
+    let first = listeners.remove(0);
+    let address = first.local_addr()?;
     let store = gateway.store.clone();
     if let Some(days) = config.server.ledger_retention_days {
         let store = store.clone();
@@ -1068,21 +1066,46 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
         });
     }
     let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
-    // Small SSE frames must leave at once: Nagle's algorithm would hold them for the peer's ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::warn!(%error, "could not set TCP_NODELAY");
-        }
-    });
-    // Made into a service once: served as a plain `Router`, axum would rebuild its route table
-    // for every connection (30 KB each, held as long as the connection, e.g. by a stream).
-    axum::serve(
-        listener,
-        listen::app(gateway, admin_token).into_make_service(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("serving")?;
+    let app = listen::app(gateway, admin_token);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (ready, started) = std::sync::mpsc::channel();
+    let mut workers = Vec::new();
+    for (index, listener) in (1..).zip(listeners) {
+        // Built here, so a runtime that cannot start fails start-up instead of one thread.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a worker's runtime")?;
+        let (app, mut stopped, ready) = (app.clone(), stopped.clone(), ready.clone());
+        let worker = std::thread::Builder::new()
+            .name(format!("worker-{index}"))
+            .spawn(move || {
+                gateway::enter_worker(index);
+                let _ = ready.send(());
+                drop(ready);
+                runtime.block_on(serve_listener(listener, app, async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                }))
+            })
+            .context("starting a worker thread")?;
+        workers.push(worker);
+    }
+    drop(ready);
+    // Each worker says so once running (a worker that failed to start drops its sender unsent).
+    if started.iter().count() != workers.len() {
+        anyhow::bail!("a serving worker failed to start");
+    }
+    // Said once every worker serves: scripts and tests wait for this line.
+    console::line(&format!("tollgate listening on http://{address}"));
+    // This thread is worker 0; when it stops serving, for whatever reason, so do the others.
+    let served = serve_listener(first, app, shutdown_signal()).await;
+    let _ = stop.send(true);
+    for worker in workers {
+        worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("a serving worker panicked"))??;
+    }
+    served?;
     store.flush()?;
     Ok(())
 }
@@ -1116,6 +1139,58 @@ fn bootstrap(config: &Config, store: &dyn Store) -> anyhow::Result<()> {
     ));
     console::line(&secret);
     Ok(())
+}
+
+/// Binds `count` listening sockets to `address`, all with `SO_REUSEPORT`, so the kernel spreads
+/// incoming connections over the serving workers; port 0 picks one free port for all of them.
+fn bind_listeners(
+    address: std::net::SocketAddr,
+    count: usize,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    // A probe without `SO_REUSEPORT` first: with it alone, a second gateway started on a port in
+    // use would silently share that port's connections instead of failing to start.
+    let probe =
+        std::net::TcpListener::bind(address).with_context(|| format!("binding {address}"))?;
+    let mut bound = probe.local_addr()?;
+    drop(probe);
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = if bound.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }?;
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket
+            .bind(bound)
+            .with_context(|| format!("binding {bound}"))?;
+        let listener = socket.listen(1024)?;
+        bound = listener.local_addr()?;
+        listeners.push(listener.into_std()?);
+    }
+    Ok(listeners)
+}
+
+/// Serves the app on one worker's listener until `shutdown` completes and its connections close.
+async fn serve_listener(
+    listener: std::net::TcpListener,
+    app: axum::Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    // Small SSE frames must leave at once: Nagle's algorithm would hold them for the peer's ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::warn!(%error, "could not set TCP_NODELAY");
+        }
+    });
+    // Made into a service once: served as a plain `Router`, axum would rebuild its route table
+    // for every connection (30 KB each, held as long as the connection, e.g. by a stream).
+    axum::serve(listener, app.into_make_service())
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving")
 }
 
 async fn shutdown_signal() {

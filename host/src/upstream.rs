@@ -175,7 +175,7 @@ pub async fn send(
         HttpMethod::Post => reqwest::Method::POST,
     };
     let mut builder = channel
-        .http
+        .http()
         .request(method, url)
         .header(http::header::CONTENT_TYPE, "application/json");
     let auth_header = match &request.auth {

@@ -146,13 +146,18 @@ pub fn cli(args: &[&str]) -> anyhow::Result<std::process::Output> {
 /// lines may still set `[plugins]` keys since that table comes last), creates
 /// tenant `acme` and a key with the CLI, and starts `tollgate serve`.
 pub async fn start(body: &str) -> anyhow::Result<Gateway> {
+    start_with_server("", body).await
+}
+
+/// [`start`], with `server` (lines of `[server]` keys) added to the `[server]` table.
+pub async fn start_with_server(server: &str, body: &str) -> anyhow::Result<Gateway> {
     let data_dir = tempfile::tempdir()?;
     let cache_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
     let config = data_dir.path().join("tollgate.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[plugins]\ncache_dir = \"{}\"\n{body}",
+            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{server}\n[plugins]\ncache_dir = \"{}\"\n{body}",
             data_dir.path().join("data").display(),
             cache_dir.display()
         ),
@@ -224,6 +229,11 @@ async fn serve(config: &Path, log: &Path) -> anyhow::Result<(Child, String)> {
 }
 
 impl Gateway {
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the gateway runs until dropped")
+    }
+
     /// Kills the gateway with SIGKILL (no shutdown, no flush) and starts it again on the same data
     /// directory; `url` changes.
     pub async fn crash_and_restart(&mut self) -> anyhow::Result<()> {

@@ -31,12 +31,33 @@ pub struct Channel {
     /// `config.base_url`, parsed once: parsing a URL (its host above all) on every request cost
     /// 2 % of the gateway's CPU.
     pub base_url: reqwest::Url,
-    /// The HTTP client, with this channel's connect timeout.
-    pub http: reqwest::Client,
+    /// One HTTP client per serving worker, each with this channel's connect timeout: a pooled
+    /// connection is driven by the runtime that opened it, so a worker using another's connection
+    /// would wait on that thread (streams at concurrency 32 lost a third of their throughput so).
+    clients: Vec<reqwest::Client>,
     /// Live health and circuit breaker of the whole channel.
     pub health: Arc<ChannelHealth>,
     /// Live health and circuit breaker per public model it serves.
     pub model_health: HashMap<String, Arc<ChannelHealth>>,
+}
+
+thread_local! {
+    /// The serving worker this thread is; 0 on any other thread.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Declares this thread serving worker `index` (counted from 0, below `server.workers`), so the
+/// requests it serves use that worker's upstream connections. A thread is a worker for good: a
+/// worker's runtime is single-threaded, so none of its tasks ever moves to another thread.
+pub fn enter_worker(index: usize) {
+    WORKER.set(index);
+}
+
+impl Channel {
+    /// The HTTP client of the worker serving on this thread.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.clients[WORKER.get() % self.clients.len()]
+    }
 }
 
 /// One upstream key of a channel's pool. The secret is never logged or returned; the key is known
@@ -182,6 +203,8 @@ pub struct Gateway {
     config_channels: Vec<String>,
     /// Circuit-breaker settings, for channels created later.
     health: HealthConfig,
+    /// Serving threads, each with its own HTTP client per channel (`server.workers`).
+    workers: usize,
     /// Seals the keys of API channels; `None` without `TOLLGATE_MASTER_KEY`.
     pub sealer: Option<Sealer>,
 }
@@ -250,6 +273,7 @@ fn api_channel(
     stored: &StoredChannel,
     sealer: Option<&Sealer>,
     health: &HealthConfig,
+    workers: usize,
 ) -> Result<Channel, StartError> {
     let keys = stored
         .sealed_keys
@@ -262,7 +286,7 @@ fn api_channel(
             Ok((format!("api-key-{}", index + 1), sealer.open(sealed)?))
         })
         .collect::<Result<Vec<_>, StartError>>()?;
-    channel_with_keys(&stored.config, keys, health)
+    channel_with_keys(&stored.config, keys, health, workers)
 }
 
 impl Gateway {
@@ -276,7 +300,7 @@ impl Gateway {
             .cloned()
             .collect();
         for stored in self.store.api_channels()? {
-            let fresh = api_channel(&stored, self.sealer.as_ref(), &self.health)?;
+            let fresh = api_channel(&stored, self.sealer.as_ref(), &self.health, self.workers)?;
             let unchanged = current.iter().find(|channel| {
                 channel.config == fresh.config
                     && channel.keys.len() == fresh.keys.len()
@@ -387,16 +411,18 @@ impl Gateway {
             );
         }
         let sealer = Sealer::from_env()?;
+        let workers = config.server.worker_count();
         let mut channels = config
             .channels
             .iter()
-            .map(|channel| Ok(Arc::new(live_channel(channel, &config.health)?)))
+            .map(|channel| Ok(Arc::new(live_channel(channel, &config.health, workers)?)))
             .collect::<Result<Vec<_>, StartError>>()?;
         for stored in store.api_channels()? {
             channels.push(Arc::new(api_channel(
                 &stored,
                 sealer.as_ref(),
                 &config.health,
+                workers,
             )?));
         }
         let (trips, tripped) = tokio::sync::mpsc::unbounded_channel();
@@ -423,6 +449,7 @@ impl Gateway {
                 .map(|channel| channel.name.clone())
                 .collect(),
             health: config.health.clone(),
+            workers,
             sealer,
             runtime,
         });
@@ -481,7 +508,11 @@ fn plugin_bytes(
 }
 
 /// A channel of the configuration file: its keys come from the environment variables it names.
-fn live_channel(config: &ChannelConfig, health: &HealthConfig) -> Result<Channel, StartError> {
+fn live_channel(
+    config: &ChannelConfig,
+    health: &HealthConfig,
+    workers: usize,
+) -> Result<Channel, StartError> {
     let keys = config
         .api_key_env
         .iter()
@@ -492,14 +523,16 @@ fn live_channel(config: &ChannelConfig, health: &HealthConfig) -> Result<Channel
             Some((name.clone(), secret))
         })
         .collect();
-    channel_with_keys(config, keys, health)
+    channel_with_keys(config, keys, health, workers)
 }
 
-/// A channel with its key pool given as (id, secret) pairs.
+/// A channel with its key pool given as (id, secret) pairs, and an HTTP client for each of the
+/// `workers` serving threads.
 fn channel_with_keys(
     config: &ChannelConfig,
     keys: Vec<(String, String)>,
     health: &HealthConfig,
+    workers: usize,
 ) -> Result<Channel, StartError> {
     let keys = keys
         .into_iter()
@@ -514,20 +547,24 @@ fn channel_with_keys(
         base_url: config.base_url.clone(),
         reason: error.to_string(),
     })?;
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build()
-        .map_err(|source| StartError::HttpClient {
-            channel: config.name.clone(),
-            source,
-        })?;
+    let clients = (0..workers.max(1))
+        .map(|_| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build()
+                .map_err(|source| StartError::HttpClient {
+                    channel: config.name.clone(),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Channel {
         options_json: serde_json::to_string(&config.options).unwrap_or_else(|_| "{}".to_owned()),
         config: config.clone(),
         keys,
         base_url,
-        http,
+        clients,
         health: ChannelHealth::new(health.clone()),
         model_health: config
             .models
