@@ -1067,7 +1067,12 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
     }
     let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
     let app = listen::app(gateway, admin_token);
+    // Every worker stops accepting as soon as the signal comes, then finishes what it holds.
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = std::sync::Arc::new(stop);
+    let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
     let (ready, started) = std::sync::mpsc::channel();
     let mut workers = Vec::new();
     for (index, listener) in (1..).zip(listeners) {
@@ -1076,29 +1081,33 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
             .enable_all()
             .build()
             .context("starting a worker's runtime")?;
-        let (app, mut stopped, ready) = (app.clone(), stopped.clone(), ready.clone());
+        let (app, stopping, ready) = (app.clone(), until_stopped(stopped.clone()), ready.clone());
         let worker = std::thread::Builder::new()
             .name(format!("worker-{index}"))
             .spawn(move || {
                 gateway::enter_worker(index);
                 let _ = ready.send(());
                 drop(ready);
-                runtime.block_on(serve_listener(listener, app, async move {
-                    let _ = stopped.wait_for(|stop| *stop).await;
-                }))
+                runtime.block_on(serve_listener(listener, app, stopping))
             })
             .context("starting a worker thread")?;
         workers.push(worker);
     }
     drop(ready);
-    // Each worker says so once running (a worker that failed to start drops its sender unsent).
     if started.iter().count() != workers.len() {
-        anyhow::bail!("a serving worker failed to start");
+        anyhow::bail!("a serving worker's thread did not start");
     }
-    // Said once every worker serves: scripts and tests wait for this line.
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        }
+    });
+    // Said once every worker's thread runs: scripts and tests wait for this line.
     console::line(&format!("tollgate listening on http://{address}"));
-    // This thread is worker 0; when it stops serving, for whatever reason, so do the others.
-    let served = serve_listener(first, app, shutdown_signal()).await;
+    // This thread is worker 0. Should it stop serving for another reason, so do the others.
+    let served = serve_listener(first, app, until_stopped(stopped)).await;
     let _ = stop.send(true);
     for worker in workers {
         worker

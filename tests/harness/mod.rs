@@ -234,6 +234,23 @@ impl Gateway {
         self.child.id().expect("the gateway runs until dropped")
     }
 
+    /// Asks the gateway to stop (SIGTERM), as a service manager does.
+    pub fn terminate(&self) {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM was delivered");
+    }
+
+    /// Waits for the gateway's process to end, at most `within`.
+    pub async fn exit_status(&mut self, within: Duration) -> std::process::ExitStatus {
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the gateway exits in time")
+            .expect("its exit status")
+    }
+
     /// Kills the gateway with SIGKILL (no shutdown, no flush) and starts it again on the same data
     /// directory; `url` changes.
     pub async fn crash_and_restart(&mut self) -> anyhow::Result<()> {
