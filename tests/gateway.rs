@@ -493,17 +493,10 @@ fn open_file_limits(pid: u32) -> (u64, u64) {
 async fn serve_raises_its_open_file_limit_and_says_when_it_caps_the_streams() {
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\n[plugins]\nmax_instances = 1000\ncache_dir = \"{}\"\n{}",
-            dir.path().join("data").display(),
-            std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join("plugin-cache")
-                .display(),
-            billing(1_000_000)
-        ),
+    let config = harness::write_config(
+        dir.path(),
+        "listen = \"127.0.0.1:0\"\n",
+        &format!("max_instances = 1000\n{}", billing(1_000_000)),
     )
     .unwrap();
     let log = dir.path().join("gateway.log");
@@ -544,6 +537,15 @@ async fn serve_raises_its_open_file_limit_and_says_when_it_caps_the_streams() {
     );
 }
 
+/// A client that opens a new connection for every request, so the kernel picks a worker each time.
+fn fresh_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("a plain client builds")
+}
+
 /// The names of a process's threads.
 fn thread_names(pid: u32) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -570,12 +572,7 @@ async fn every_serving_worker_takes_connections_and_reaches_the_upstream() {
     // The kernel spreads connections over the workers' sockets by their addresses: a worker that
     // took connections but did not serve them would leave some of these hanging.
     for attempt in 0..30 {
-        let fresh = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
-        let response = fresh
+        let response = fresh_client()
             .post(format!("{}/v1/chat/completions", gateway.url))
             .bearer_auth(&gateway.key)
             .json(&chat("hello"))
@@ -596,17 +593,10 @@ async fn a_second_gateway_cannot_take_a_port_in_use() {
         .unwrap();
     let address = first.url.trim_start_matches("http://").to_owned();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"{address}\"\ndata_dir = \"{}\"\n\n[plugins]\ncache_dir = \"{}\"\n{}",
-            dir.path().join("data").display(),
-            std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join("plugin-cache")
-                .display(),
-            billing(1_000_000)
-        ),
+    let config = harness::write_config(
+        dir.path(),
+        &format!("listen = \"{address}\"\n"),
+        &billing(1_000_000),
     )
     .unwrap();
     let second = tokio::process::Command::new(harness::binary())
@@ -631,13 +621,6 @@ async fn on_sigterm_every_worker_stops_taking_connections_and_open_streams_finis
         harness::start_with_server("workers = 3\n", &config_with(&channel("primary", &sim, 1)))
             .await
             .unwrap();
-    let fresh_client = || {
-        reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap()
-    };
     // Streams held open on fresh connections, so every worker (the kernel picks one per
     // connection; 24 miss one of 3 with odds of 1 in 5,000) has one in flight when the signal
     // comes: a worker left without one would otherwise stop at once and hide one that did not.

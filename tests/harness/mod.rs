@@ -149,18 +149,31 @@ pub async fn start(body: &str) -> anyhow::Result<Gateway> {
     start_with_server("", body).await
 }
 
-/// [`start`], with `server` (lines of `[server]` keys) added to the `[server]` table.
-pub async fn start_with_server(server: &str, body: &str) -> anyhow::Result<Gateway> {
-    let data_dir = tempfile::tempdir()?;
-    let cache_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
-    let config = data_dir.path().join("tollgate.toml");
+/// Writes `dir/tollgate.toml`: the `[server]` table with `server`'s lines and a data directory in
+/// `dir`, then `[plugins]` with the shared plugin cache, then `body` (whose first lines may still
+/// set `[plugins]` keys). Returns its path.
+pub fn write_config(dir: &Path, server: &str, body: &str) -> anyhow::Result<PathBuf> {
+    let config = dir.join("tollgate.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n{server}\n[plugins]\ncache_dir = \"{}\"\n{body}",
-            data_dir.path().join("data").display(),
-            cache_dir.display()
+            "[server]\n{server}data_dir = \"{}\"\n\n[plugins]\ncache_dir = \"{}\"\n{body}",
+            dir.join("data").display(),
+            Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join("plugin-cache")
+                .display()
         ),
+    )?;
+    Ok(config)
+}
+
+/// [`start`], with `server` (lines of `[server]` keys) added to the `[server]` table.
+pub async fn start_with_server(server: &str, body: &str) -> anyhow::Result<Gateway> {
+    let data_dir = tempfile::tempdir()?;
+    let config = write_config(
+        data_dir.path(),
+        &format!("listen = \"127.0.0.1:0\"\n{server}"),
+        body,
     )?;
     let config_arg = config.to_str().context("utf-8 temp path")?;
     let created = cli(&["tenant", "create", "acme", "--config", config_arg])?;
