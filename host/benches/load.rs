@@ -234,6 +234,13 @@ fn private_kib(pid: u32) -> Option<f64> {
     )
 }
 
+/// Proportional set size: each resident page divided by the number of mappings that share it.
+/// The plugin's data image, mapped once per instance, counts once here, where RSS counts it per
+/// instance.
+fn proportional_kib(pid: u32) -> Option<f64> {
+    proc_kib(pid, "smaps_rollup", "Pss:")
+}
+
 /// How long each held stream lasts: the upstream sends one chunk per second.
 const HELD_STREAM_CHUNKS: usize = 30;
 
@@ -262,6 +269,7 @@ async fn open_streams(
     );
     let idle_kib = status_kib(pid, "VmRSS:").context("the gateway's RSS")?;
     let idle_private_kib = private_kib(pid).context("the gateway's private memory")?;
+    let idle_proportional_kib = proportional_kib(pid).context("the gateway's PSS")?;
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let (opened, mut first_chunks) = tokio::sync::mpsc::channel::<bool>(count.max(1));
@@ -318,6 +326,7 @@ async fn open_streams(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let held_kib = status_kib(pid, "VmRSS:").context("the gateway's RSS")?;
     let held_private_kib = private_kib(pid).context("the gateway's private memory")?;
+    let held_proportional_kib = proportional_kib(pid).context("the gateway's PSS")?;
     simulator.set_standing_fault(None);
     let mut completed = 0;
     for stream in streams {
@@ -334,10 +343,11 @@ async fn open_streams(
     );
     let per_stream = |held: f64, idle: f64| (held - idle) / open.max(1) as f64;
     println!(
-        "gateway RSS {:.1} MiB idle, {:.1} MiB with them open: {:.1} KiB per open stream ({:.1} KiB private, not shared with other mappings); CPU per stream {cpu}",
+        "gateway RSS {:.1} MiB idle, {:.1} MiB with them open: {:.1} KiB per open stream ({:.1} KiB proportional (PSS), {:.1} KiB private, not shared with other mappings); CPU per stream {cpu}",
         idle_kib / 1024.0,
         held_kib / 1024.0,
         per_stream(held_kib, idle_kib),
+        per_stream(held_proportional_kib, idle_proportional_kib),
         per_stream(held_private_kib, idle_private_kib)
     );
     Ok(())

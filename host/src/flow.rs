@@ -239,20 +239,35 @@ pub async fn run(
         Reply::Streaming(open) => {
             let (sender, receiver) = mpsc::channel(32);
             tokio::spawn(
-                async move {
-                    let outcome = stream::pump(*open, sender).await;
-                    match (outcome.cut, outcome.client_gone) {
-                        (Some(_), _) => admission.failed(Instant::now(), true),
-                        (None, true) => admission.neutral(),
-                        (None, false) => admission.succeeded(started.elapsed(), ttfb),
-                    }
-                    settle_stream(&gateway, context, outcome).await;
-                }
-                .in_current_span(),
+                carry_stream(gateway, context, open, sender, admission, started, ttfb)
+                    .in_current_span(),
             );
             Ok((Delivery::Stream(receiver), served))
         }
     }
+}
+
+/// Pumps a stream to the client, then prices and records it. Every held stream keeps this
+/// future, so it is kept small: the pricing and recording state is boxed when the stream ends,
+/// and as an `async fn` it measured 4.5 KiB, where the `async move` block it replaced measured
+/// 6.3 KiB (13.9 KiB before the boxing).
+async fn carry_stream(
+    gateway: Arc<Gateway>,
+    context: RequestContext,
+    open: Box<stream::OpenStream>,
+    sender: mpsc::Sender<Bytes>,
+    admission: Admission,
+    started: Instant,
+    ttfb: Duration,
+) {
+    let outcome = stream::pump(*open, sender).await;
+    match (outcome.cut, outcome.client_gone) {
+        (Some(_), _) => admission.failed(Instant::now(), true),
+        (None, true) => admission.neutral(),
+        (None, false) => admission.succeeded(started.elapsed(), ttfb),
+    }
+    let settling = Box::pin(settle_stream(&gateway, context, outcome));
+    settling.await;
 }
 
 /// Counts the prompt's tokens for a client protocol's count endpoint. The planned channels of the

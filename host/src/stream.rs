@@ -311,35 +311,71 @@ pub async fn open(
 /// the relay's trailing frames and the protocol's end. A failure after the first frame cannot
 /// change the status any more: the client gets one error event in its dialect and the stream closes.
 pub async fn pump(mut stream: OpenStream, client: mpsc::Sender<Bytes>) -> StreamOutcome {
-    let mut outcome = StreamOutcome::default();
-    let channel = stream.events.channel.clone();
+    let outcome = StreamOutcome::default();
+    let ending = relay_events(&mut stream, &client).await;
+    // A held stream keeps only the relaying loop's state: the ending's plugin calls are boxed,
+    // so they take memory when the stream ends, not all its life (2.6 KiB for this future; 4.9
+    // KiB with them inline).
+    match ending {
+        Ending::Drained => Box::pin(end(stream, outcome, &client)).await,
+        Ending::ClientGone => {
+            let mut outcome = Box::pin(finish_quietly(stream, outcome)).await;
+            outcome.client_gone = true;
+            outcome
+        }
+        Ending::Cut(error) => Box::pin(cut(stream, outcome, &client, error)).await,
+    }
+}
+
+/// How the relaying of upstream events stopped.
+enum Ending {
+    /// The upstream ended its stream.
+    Drained,
+    /// The client went away.
+    ClientGone,
+    /// The upstream or the relay failed.
+    Cut(ApiError),
+}
+
+/// Sends the first frames, then relays each upstream event until the upstream, the client or a
+/// failure stops it.
+async fn relay_events(stream: &mut OpenStream, client: &mpsc::Sender<Bytes>) -> Ending {
     for frame in std::mem::take(&mut stream.first_frames) {
         if client.send(frame).await.is_err() {
-            outcome.client_gone = true;
-            return finish_quietly(stream, outcome).await;
+            return Ending::ClientGone;
         }
     }
     loop {
         let event = match stream.events.next(stream.idle, TimeoutPhase::Idle).await {
             Ok(Some(event)) => event,
-            Ok(None) => break,
-            Err(error) => return cut(stream, outcome, &client, ApiError::from(error)).await,
+            Ok(None) => return Ending::Drained,
+            Err(error) => return Ending::Cut(ApiError::from(error)),
         };
+        let channel = &stream.events.channel;
         let frames = match stream
             .relay
-            .push(&channel, &event, &mut stream.finished)
+            .push(channel, &event, &mut stream.finished)
             .await
         {
             Ok(frames) => frames,
-            Err(error) => return cut(stream, outcome, &client, ApiError::from(error)).await,
+            Err(error) => return Ending::Cut(ApiError::from(error)),
         };
         for frame in frames {
             if client.send(frame).await.is_err() {
-                outcome.client_gone = true;
-                return finish_quietly(stream, outcome).await;
+                return Ending::ClientGone;
             }
         }
     }
+}
+
+/// Ends a stream the upstream ended: the relay's trailing frames, then an error event if the
+/// answer stopped before its finish.
+async fn end(
+    mut stream: OpenStream,
+    mut outcome: StreamOutcome,
+    client: &mpsc::Sender<Bytes>,
+) -> StreamOutcome {
+    let channel = stream.events.channel.clone();
     let dialect = stream.dialect;
     match stream
         .relay
@@ -361,12 +397,12 @@ pub async fn pump(mut stream: OpenStream, client: mpsc::Sender<Bytes>) -> Stream
                     channel,
                     reason: "the stream ended before the answer finished".to_owned(),
                 };
-                send_error(&client, &mut outcome, ApiError::from(error), dialect).await;
+                send_error(client, &mut outcome, ApiError::from(error), dialect).await;
             }
             outcome
         }
         Err(error) => {
-            send_error(&client, &mut outcome, ApiError::from(error), dialect).await;
+            send_error(client, &mut outcome, ApiError::from(error), dialect).await;
             outcome
         }
     }
