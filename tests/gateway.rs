@@ -615,6 +615,44 @@ async fn a_second_gateway_cannot_take_a_port_in_use() {
 }
 
 #[tokio::test]
+async fn a_client_that_never_finishes_its_request_head_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sim = simulator().await;
+    let gateway = harness::start_with_server(
+        "header_read_timeout_ms = 300\n",
+        &config_with(&channel("primary", &sim, 1)),
+    )
+    .await
+    .unwrap();
+    let address = gateway.url.trim_start_matches("http://");
+    // The request line and one header, then nothing more.
+    let mut trickling = tokio::net::TcpStream::connect(address).await.unwrap();
+    trickling
+        .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: tollgate\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(20), trickling.read_to_end(&mut answer)).await;
+    assert!(
+        closed.is_ok(),
+        "the gateway must close a connection whose head is unfinished after 300 ms"
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(!answer.contains(" 200 "), "{answer}");
+    assert_eq!(sim.calls(), 0, "nothing reached the upstream");
+    // A whole request, sent in time on a fresh connection, is served as always.
+    let served = fresh_client()
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(&gateway.key)
+        .json(&chat("hello"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+}
+
+#[tokio::test]
 async fn on_sigterm_every_worker_stops_taking_connections_and_open_streams_finish() {
     let sim = simulator().await;
     let mut gateway =

@@ -95,6 +95,10 @@ pub struct ServerConfig {
     /// listener socket (`SO_REUSEPORT`: the kernel spreads connections over them) and upstream
     /// connections, so a request's tasks never cross threads.
     pub workers: Option<std::num::NonZeroUsize>,
+    /// A client that has not sent a whole request head this long after its connection opened (or
+    /// after its previous request, on a kept-alive connection) is disconnected, in milliseconds:
+    /// a client that trickles headers, or sends none, cannot hold a connection open for ever.
+    pub header_read_timeout_ms: std::num::NonZeroU64,
 }
 
 impl ServerConfig {
@@ -117,6 +121,7 @@ impl Default for ServerConfig {
             failover_budget_ms: 60_000,
             ledger_retention_days: None,
             workers: None,
+            header_read_timeout_ms: std::num::NonZeroU64::new(30_000).expect("30,000 is not zero"),
         }
     }
 }
@@ -371,5 +376,28 @@ impl Config {
             }
         }
         Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_head_timeout_defaults_to_30_s_and_refuses_zero() {
+        let default = Config::parse("", "test").expect("an empty file is the defaults");
+        assert_eq!(default.server.header_read_timeout_ms.get(), 30_000);
+        let set = Config::parse("[server]\nheader_read_timeout_ms = 250\n", "test")
+            .expect("a positive timeout parses");
+        assert_eq!(set.server.header_read_timeout_ms.get(), 250);
+        let Err(ConfigError::Parse { source, .. }) =
+            Config::parse("[server]\nheader_read_timeout_ms = 0\n", "test")
+        else {
+            panic!("a zero timeout must be refused");
+        };
+        assert!(
+            source.to_string().contains("header_read_timeout_ms"),
+            "the error names the key: {source}"
+        );
     }
 }

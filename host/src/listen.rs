@@ -1,5 +1,6 @@
-//! Listen: the HTTP surface. The axum router, the request id, the body cap, the request span, and
-//! the handlers that turn HTTP into a [`RequestContext`] and a [`Delivery`] back into HTTP.
+//! Listen: the HTTP surface. The connection loop, the axum router, the request id, the body cap,
+//! the request span, and the handlers that turn HTTP into a [`RequestContext`] and a
+//! [`Delivery`] back into HTTP.
 //!
 //! In: HTTP requests. Out: OpenAI-shaped responses (Anthropic-shaped on `/v1/messages`), or an
 //! [`ApiError`] rendered by `error.rs` in the endpoint's dialect. Next: auth, then `inbound` for
@@ -41,6 +42,84 @@ const ANTHROPIC_MESSAGES: ClientProtocol = ClientProtocol {
     header_prefix: "anthropic-",
     dialect: Dialect::AnthropicMessages,
 };
+
+/// Serves `app` on one worker's listener until `shutdown` completes, then lets every open
+/// connection finish what it holds (a stream runs to its end) before it returns.
+///
+/// HTTP/1.1 only, and hyper directly: `axum::serve` first reads 24 bytes to tell HTTP/2 from
+/// HTTP/1.1, and hands them back to hyper, which then grew the connection's read buffer from 8 to
+/// 16 KiB at its next read, for as long as the connection lived (a stream's, say).
+pub async fn serve_listener(
+    listener: std::net::TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    // Every connection holds a receiver: the stop reaches them all, and the sender sees when the
+    // last has closed.
+    let (stop, stopping) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(error) => {
+                pause_after(error).await;
+                continue;
+            }
+        };
+        // Small SSE frames must leave at once: Nagle's algorithm would hold them for the peer's ACK.
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::warn!(%error, "could not set TCP_NODELAY");
+        }
+        let connection = http.serve_connection(
+            hyper_util::rt::TokioIo::new(tcp),
+            hyper_util::service::TowerToHyperService::new(app.clone()),
+        );
+        let mut stopping = stopping.clone();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                _ = stopping.changed() => {
+                    // Ends the connection once its request in flight, if any, is answered.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = served {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    drop(stopping);
+    stop.send_replace(());
+    stop.closed().await;
+    Ok(())
+}
+
+/// After a failed accept. A connection that failed before it was accepted is skipped; anything
+/// else (out of file descriptors, most likely) is logged and waited out for a second, so the
+/// loop does not spin while nothing can be accepted.
+async fn pause_after(error: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+    ) {
+        return;
+    }
+    tracing::error!(%error, "accepting a connection failed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
 
 /// The gateway's HTTP application.
 pub fn app(gateway: Arc<Gateway>, admin_token: Option<String>) -> Router {

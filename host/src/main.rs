@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use clap::{Parser, Subcommand};
 
 use tollgate::config::{self, Config};
@@ -1073,6 +1072,8 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
     let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
+    let header_read_timeout =
+        std::time::Duration::from_millis(config.server.header_read_timeout_ms.get());
     let (ready, started) = std::sync::mpsc::channel();
     let mut workers = Vec::new();
     for (index, listener) in (1..).zip(listeners) {
@@ -1088,7 +1089,14 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
                 gateway::enter_worker(index);
                 let _ = ready.send(());
                 drop(ready);
-                runtime.block_on(serve_listener(listener, app, stopping))
+                runtime
+                    .block_on(listen::serve_listener(
+                        listener,
+                        app,
+                        header_read_timeout,
+                        stopping,
+                    ))
+                    .context("serving")
             })
             .context("starting a worker thread")?;
         workers.push(worker);
@@ -1107,7 +1115,9 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
     // Said once every worker's thread runs: scripts and tests wait for this line.
     console::line(&format!("tollgate listening on http://{address}"));
     // This thread is worker 0. Should it stop serving for another reason, so do the others.
-    let served = serve_listener(first, app, until_stopped(stopped)).await;
+    let served = listen::serve_listener(first, app, header_read_timeout, until_stopped(stopped))
+        .await
+        .context("serving");
     let _ = stop.send(true);
     for worker in workers {
         worker
@@ -1179,27 +1189,6 @@ fn bind_listeners(
         listeners.push(listener.into_std()?);
     }
     Ok(listeners)
-}
-
-/// Serves the app on one worker's listener until `shutdown` completes and its connections close.
-async fn serve_listener(
-    listener: std::net::TcpListener,
-    app: axum::Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    // Small SSE frames must leave at once: Nagle's algorithm would hold them for the peer's ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::warn!(%error, "could not set TCP_NODELAY");
-        }
-    });
-    // Made into a service once: served as a plain `Router`, axum would rebuild its route table
-    // for every connection (30 KB each, held as long as the connection, e.g. by a stream).
-    axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving")
 }
 
 async fn shutdown_signal() {
