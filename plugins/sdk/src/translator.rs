@@ -28,6 +28,29 @@ pub fn failure_message(message: Option<String>, status: u16) -> String {
         .unwrap_or_else(|| format!("upstream answered HTTP {status}"))
 }
 
+/// The delay of a `retry-after` header in milliseconds: its delay-seconds, with a fraction as some
+/// upstreams send (`2`, `1.5`; digits past milliseconds are dropped). `None` for anything else,
+/// an HTTP date included. Read without float parsing, whose tables would add 10 KiB to the memory
+/// image of every instance of the plugin.
+pub fn retry_after_ms(value: &str) -> Option<u64> {
+    let value = value.trim();
+    let (seconds, fraction) = value.split_once('.').unwrap_or((value, ""));
+    let all_digits = |text: &str| text.bytes().all(|byte| byte.is_ascii_digit());
+    if seconds.is_empty() || !all_digits(seconds) || !all_digits(fraction) {
+        return None;
+    }
+    let millis = fraction
+        .bytes()
+        .chain(std::iter::repeat(b'0'))
+        .take(3)
+        .fold(0, |millis, digit| millis * 10 + u64::from(digit - b'0'));
+    seconds
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1000)?
+        .checked_add(millis)
+}
+
 /// The usage of a stream at its end. A stream that `ended` (its upstream said so) has the reported
 /// usage; one cut before that is charged for at least what was delivered (about four bytes of
 /// text a token) on top of whatever was reported, flagged as an estimate (the host counts the
@@ -407,4 +430,32 @@ macro_rules! export_translator {
         #[cfg(target_arch = "wasm32")]
         $crate::wit::translator::export_translator_world!(TollgateTranslatorExport with_types_in $crate::wit::translator);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_after_ms;
+
+    #[test]
+    fn retry_after_reads_whole_and_fractional_seconds_only() {
+        assert_eq!(retry_after_ms("2"), Some(2_000));
+        assert_eq!(retry_after_ms(" 20 "), Some(20_000));
+        assert_eq!(retry_after_ms("1.5"), Some(1_500));
+        assert_eq!(retry_after_ms("0.25"), Some(250));
+        assert_eq!(retry_after_ms("3.0004"), Some(3_000));
+        assert_eq!(retry_after_ms("7."), Some(7_000));
+        for refused in [
+            "",
+            ".5",
+            "-1",
+            "+1",
+            "1e3",
+            "inf",
+            "NaN",
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+        ] {
+            assert_eq!(retry_after_ms(refused), None, "{refused:?}");
+        }
+        assert_eq!(retry_after_ms("18446744073709551615"), None, "overflow");
+    }
 }

@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 use tollgate_plugin_sdk::translator::{
-    FailureClass, UpstreamFailure, UpstreamResponse, failure_message,
+    FailureClass, UpstreamFailure, UpstreamResponse, failure_message, retry_after_ms,
 };
 
 /// Anthropic's error body.
@@ -30,13 +30,10 @@ pub fn read_failure(response: &UpstreamResponse) -> UpstreamFailure {
     let detail = serde_json::from_slice::<ErrorBody>(&response.body)
         .map(|body| body.error)
         .unwrap_or_default();
-    let retry_after_ms = response.headers.iter().find_map(|(name, value)| {
-        (name == "retry-after")
-            .then(|| value.trim().parse::<f64>().ok())
-            .flatten()
-            .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
-            .map(|seconds| (seconds * 1000.0) as u64)
-    });
+    let retry_after_ms = response
+        .headers
+        .iter()
+        .find_map(|(name, value)| (name == "retry-after").then(|| retry_after_ms(value))?);
     failure(response.status, detail, retry_after_ms)
 }
 

@@ -6,13 +6,12 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use tollgate_plugin_sdk::export_translator;
 use tollgate_plugin_sdk::translator::{
     AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, FailureClass, HttpMethod,
     InvalidRequest, StreamEnd, StreamEvent, StreamFraming, StreamTranslate, TranslateError,
     Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse, Usage, failure_message,
-    stream_usage, unreported_usage,
+    retry_after_ms, stream_usage, unreported_usage,
 };
 
 /// Channel options an operator may attach to an OpenAI channel.
@@ -116,8 +115,9 @@ struct OpenAiDelta {
 struct OpenAiError {
     #[serde(default)]
     message: Option<String>,
+    /// A string or a number, kept as its JSON text.
     #[serde(default)]
-    code: Option<Value>,
+    code: Option<Box<RawValue>>,
     #[serde(default)]
     param: Option<String>,
     #[serde(default, rename = "type")]
@@ -139,19 +139,20 @@ impl Translator for OpenAi {
         context: AttemptContext,
         body: String,
     ) -> Result<UpstreamRequest, TranslateError> {
-        let model = raw(&Value::String(context.upstream_model.clone()))?;
+        let model = raw(&context.upstream_model)?;
         let mut request = parse_object(&body)?;
         request.insert("model".to_owned(), &model);
         let include_usage;
         if context.stream {
             // Always ask for usage: the host bills streams from it. The usage chunk is withheld
-            // from clients that did not ask for it (see `OpenAiStream::push`).
-            let mut options: Map<String, Value> = request
+            // from clients that did not ask for it (see `OpenAiStream::push`). The client's other
+            // stream options pass as it wrote them.
+            let mut options: BTreeMap<String, Box<RawValue>> = request
                 .get("stream_options")
                 .and_then(|options| serde_json::from_str(options.get()).ok())
                 .unwrap_or_default();
-            options.insert("include_usage".to_owned(), Value::Bool(true));
-            include_usage = raw(&Value::Object(options))?;
+            options.insert("include_usage".to_owned(), raw(&true)?);
+            include_usage = raw(&options)?;
             request.insert("stream_options".to_owned(), &include_usage);
         }
         upstream_request(&context, "/chat/completions", &request)
@@ -173,7 +174,7 @@ impl Translator for OpenAi {
         context: AttemptContext,
         body: String,
     ) -> Result<UpstreamRequest, TranslateError> {
-        let model = raw(&Value::String(context.upstream_model.clone()))?;
+        let model = raw(&context.upstream_model)?;
         let mut request = parse_object(&body)?;
         request.insert("model".to_owned(), &model);
         upstream_request(&context, "/embeddings", &request)
@@ -201,11 +202,7 @@ impl Translator for OpenAi {
                 .iter()
                 .find_map(|(name, value)| match name.as_str() {
                     "retry-after-ms" => value.trim().parse::<u64>().ok(),
-                    "retry-after" => value
-                        .trim()
-                        .parse::<f64>()
-                        .ok()
-                        .map(|seconds| (seconds * 1000.0) as u64),
+                    "retry-after" => retry_after_ms(value),
                     _ => None,
                 });
         failure(response.status, error, retry_after_ms)
@@ -241,9 +238,12 @@ fn parse_object(body: &str) -> Result<BTreeMap<String, &RawValue>, TranslateErro
     })
 }
 
-/// A value as raw JSON text, to replace a field of the client's body.
-fn raw(value: &Value) -> Result<Box<RawValue>, TranslateError> {
-    RawValue::from_string(value.to_string())
+/// A value as raw JSON text, to replace a field of the client's body. Never a `serde_json::Value`:
+/// writing one links float formatting, whose tables (17 KiB) would sit in the memory image of
+/// every instance, a held stream's included.
+fn raw(value: &impl serde::Serialize) -> Result<Box<RawValue>, TranslateError> {
+    serde_json::to_string(value)
+        .and_then(RawValue::from_string)
         .map_err(|error| TranslateError::MalformedResponse(error.to_string()))
 }
 
@@ -275,11 +275,14 @@ fn upstream_request(
 
 /// Maps an OpenAI error (from a status or a stream's error event) onto a failure class.
 fn failure(status: u16, error: OpenAiError, retry_after_ms: Option<u64>) -> UpstreamFailure {
-    let code = match &error.code {
-        Some(Value::String(code)) => Some(code.clone()),
-        Some(Value::Number(code)) => Some(code.to_string()),
-        _ => None,
-    };
+    let code = error.code.as_deref().map(RawValue::get).and_then(|code| {
+        if code.starts_with('"') {
+            serde_json::from_str::<String>(code).ok()
+        } else {
+            code.starts_with(|first: char| first == '-' || first.is_ascii_digit())
+                .then(|| code.to_owned())
+        }
+    });
     let class = match status {
         401 | 403 => FailureClass::Authentication,
         429 => FailureClass::RateLimited,
@@ -387,7 +390,7 @@ mod tests {
             r#"{"model":"m","messages":[],"stream":true,"extra":1}"#.into(),
         )
         .unwrap();
-        let body: Value = serde_json::from_slice(&request.body).unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
         assert_eq!(body["model"], "up-m");
         assert_eq!(body["stream_options"]["include_usage"], true);
         assert_eq!(body["extra"], 1);
@@ -411,7 +414,7 @@ mod tests {
         ] {
             assert!(sent.contains(untouched), "{untouched} in {sent}");
         }
-        let sent: Value = serde_json::from_str(&sent).unwrap();
+        let sent: serde_json::Value = serde_json::from_str(&sent).unwrap();
         assert_eq!(sent["model"], "up-m");
         assert_eq!(
             sent["stream_options"],
