@@ -238,9 +238,9 @@ fn parse_object(body: &str) -> Result<BTreeMap<String, &RawValue>, TranslateErro
     })
 }
 
-/// A value as raw JSON text, to replace a field of the client's body. Never a `serde_json::Value`:
-/// writing one links float formatting, whose tables (17 KiB) would sit in the memory image of
-/// every instance, a held stream's included.
+/// A value as raw JSON text, to replace a field of the client's body. Fields are never rebuilt
+/// through a `serde_json::Value`, so what the client wrote passes as written (a number is not
+/// reformatted through a float).
 fn raw(value: &impl serde::Serialize) -> Result<Box<RawValue>, TranslateError> {
     serde_json::to_string(value)
         .and_then(RawValue::from_string)
@@ -404,13 +404,15 @@ mod tests {
 
     #[test]
     fn the_clients_body_goes_upstream_as_written_but_for_model_and_stream_options() {
-        let body = r#"{"model":"m","temperature":1.50e0,"future":{"b":[1,  2],"a":"\u00e9"},"stream":true,"stream_options":{"keep":1},"messages":[{"role":"user","content":"hi"}]}"#;
+        let body = r#"{"model":"m","temperature":1.50e0,"future":{"b":[1,  2],"a":"\u00e9"},"stream":true,"stream_options":{"keep":1.50e0},"messages":[{"role":"user","content":"hi"}]}"#;
         let request = OpenAi::chat_request(context(true, false), body.to_owned()).unwrap();
         let sent = String::from_utf8(request.body).unwrap();
         for untouched in [
             r#""temperature":1.50e0"#,
             r#""future":{"b":[1,  2],"a":"\u00e9"}"#,
             r#""messages":[{"role":"user","content":"hi"}]"#,
+            // Inside the one object the translator rewrites, too.
+            r#""keep":1.50e0"#,
         ] {
             assert!(sent.contains(untouched), "{untouched} in {sent}");
         }
@@ -418,7 +420,7 @@ mod tests {
         assert_eq!(sent["model"], "up-m");
         assert_eq!(
             sent["stream_options"],
-            serde_json::json!({"keep": 1, "include_usage": true})
+            serde_json::json!({"keep": 1.5, "include_usage": true})
         );
         let refused = OpenAi::chat_request(context(false, false), "[1]".to_owned());
         assert!(matches!(refused, Err(TranslateError::InvalidRequest(_))));
