@@ -41,7 +41,11 @@ async fn contained(
 
 /// A router bound in the configuration file that misbehaves on `x-tollgate-hostile: 1` is
 /// contained, and the next request is served.
-async fn hostile_router_is_contained(file: &str, deadline_ms: u64, expected_words: &[&str]) {
+async fn hostile_router_is_contained(
+    file: &str,
+    deadline_ms: u64,
+    expected_words: &[&str],
+) -> harness::Gateway {
     let sim = simulator().await;
     let config = format!(
         "[bindings.router]\nplugin = \"{}\"\ndeadline_ms = {deadline_ms}\n{}{}",
@@ -66,21 +70,29 @@ async fn hostile_router_is_contained(file: &str, deadline_ms: u64, expected_word
         gateway.log()
     );
     assert_eq!(next.json["choices"][0]["message"]["content"], "Echo: after");
+    gateway
 }
 
 #[tokio::test]
 async fn a_trapping_router_gets_a_500_naming_it() {
-    hostile_router_is_contained(
+    let gateway = hostile_router_is_contained(
         "tollgate_test_plugin_trap.wasm",
         1000,
         &["router", "tollgate_test_plugin_trap@"],
     )
     .await;
+    // The plugin's own panic message reaches the operator's log, through the WASI stderr the
+    // sandbox makes on the plugin's first write.
+    assert!(
+        gateway.log().contains("this test plugin traps on request"),
+        "{}",
+        gateway.log()
+    );
 }
 
 #[tokio::test]
 async fn an_endless_router_is_cut_at_its_deadline() {
-    hostile_router_is_contained(
+    let _gateway = hostile_router_is_contained(
         "tollgate_test_plugin_endless_loop.wasm",
         200,
         &["router", "tollgate_test_plugin_endless_loop@", "200 ms"],

@@ -23,7 +23,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use sandbox::Limits;
-use sandbox::PluginState;
+use sandbox::{PluginIdentity, PluginState};
 
 /// The role a plugin plays; one per plugin, fixed by the world it was built against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -376,11 +376,11 @@ impl PluginRuntime {
                 PluginError::Unfit { name, reason } => PluginError::Invalid { name, role, reason },
                 other => other,
             })?;
-        if compiled.role != role {
+        if compiled.role() != role {
             return Err(PluginError::Invalid {
                 name: name.to_owned(),
                 role,
-                reason: format!("it is a {} plugin", compiled.role),
+                reason: format!("it is a {} plugin", compiled.role()),
             });
         }
         Ok(compiled)
@@ -492,9 +492,12 @@ impl PluginRuntime {
             Role::Billing => Exports::Billing(billing::BillingPluginPre::new(pre).map_err(world)?),
         };
         Ok(CompiledPlugin {
-            label: Arc::new(plugin.to_string()),
-            plugin,
-            role,
+            identity: Arc::new(PluginIdentity {
+                label: Arc::new(plugin.to_string()),
+                plugin,
+                role,
+                metrics: self.metrics.clone(),
+            }),
             contract: contract.to_owned(),
             exports,
         })
@@ -551,10 +554,8 @@ impl PluginRuntime {
 /// A compiled plugin ready to instantiate: `InstancePre` per role world, so each call pays only for
 /// instantiation (about 12 µs), never for linking.
 pub struct CompiledPlugin {
-    plugin: PluginRef,
-    /// `plugin` as its metric label.
-    label: Arc<String>,
-    role: Role,
+    /// Its name, hash, role and metric label, shared with every store it runs in.
+    identity: Arc<PluginIdentity>,
     contract: String,
     exports: Exports,
 }
@@ -562,12 +563,12 @@ pub struct CompiledPlugin {
 impl CompiledPlugin {
     /// Its name and hash.
     pub fn plugin(&self) -> &PluginRef {
-        &self.plugin
+        &self.identity.plugin
     }
 
     /// The role its exports play.
     pub fn role(&self) -> Role {
-        self.role
+        self.identity.role
     }
 
     /// The WIT package version it was built against.
@@ -617,14 +618,14 @@ impl Binding {
             limits,
             runtime,
         };
-        let verdict = match binding.compiled.role {
+        let verdict = match binding.compiled.role() {
             Role::Router => binding.router_validate_config().await?,
             Role::Translator => binding.translator_validate_config().await?,
             Role::Billing => binding.billing_validate_config().await?,
         };
         verdict.map_err(|message| PluginError::Config {
-            plugin: binding.compiled.plugin.clone(),
-            role: binding.compiled.role,
+            plugin: binding.compiled.plugin().clone(),
+            role: binding.compiled.role(),
             message,
         })?;
         Ok(binding)
@@ -632,19 +633,16 @@ impl Binding {
 
     /// The bound plugin's name and hash.
     pub fn plugin(&self) -> &PluginRef {
-        &self.compiled.plugin
+        self.compiled.plugin()
     }
 
     /// A fresh store for one call or one stream: nothing survives from an earlier call.
     fn store(&self) -> wasmtime::Store<PluginState> {
         sandbox::store(
             self.runtime.engine(),
-            self.compiled.plugin.clone(),
-            self.compiled.label.clone(),
-            self.compiled.role,
+            self.compiled.identity.clone(),
             self.config.clone(),
             &self.limits,
-            self.runtime.metrics.clone(),
         )
     }
 }
@@ -655,7 +653,11 @@ impl Binding {
     fn wrong_role(&self, expected: Role) -> PluginError {
         PluginError::Unbound {
             role: expected,
-            what: format!("{} (a {} plugin)", self.compiled.plugin, self.compiled.role),
+            what: format!(
+                "{} (a {} plugin)",
+                self.compiled.plugin(),
+                self.compiled.role()
+            ),
         }
     }
 }

@@ -36,6 +36,8 @@ pub struct LedgerLog {
     file: File,
     /// Records appended since the log was last sealed.
     records: usize,
+    /// The lines of one append, kept between appends: every commit writes one.
+    lines: Vec<u8>,
 }
 
 fn io_error(path: &Path, error: std::io::Error) -> StoreError {
@@ -56,6 +58,7 @@ impl LedgerLog {
                 path: path.to_owned(),
                 file,
                 records,
+                lines: Vec::new(),
             },
             pending,
         ))
@@ -67,17 +70,17 @@ impl LedgerLog {
         &mut self,
         encoded: impl Iterator<Item = (u64, &'a [u8])>,
     ) -> Result<(), StoreError> {
-        let mut lines = Vec::new();
+        self.lines.clear();
         let mut records = 0;
         for (seq, record) in encoded {
-            lines.extend_from_slice(seq.to_string().as_bytes());
-            lines.push(b' ');
-            lines.extend_from_slice(record);
-            lines.push(b'\n');
+            // Writing into a `Vec` cannot fail.
+            let _ = write!(self.lines, "{seq} ");
+            self.lines.extend_from_slice(record);
+            self.lines.push(b'\n');
             records += 1;
         }
         self.file
-            .write_all(&lines)
+            .write_all(&self.lines)
             .map_err(|error| io_error(&self.path, error))?;
         self.records += records;
         Ok(())
