@@ -289,25 +289,34 @@ impl Ledger {
         })
     }
 
-    /// Moves every committed record no batch has taken into the trees. With `seal`, the log's
-    /// part holding them is sealed, and the part sealed last time (applied, and now flushed) is
-    /// dropped: that keeps the log short. Reads of the ledger call it without sealing, so they
-    /// never wait for a flush.
-    pub(super) fn apply_pending(&self, seal: bool) -> Result<(), StoreError> {
+    /// Moves every committed record no batch has taken into the trees. With `seal_at`, the part
+    /// sealed last time (applied, and now flushed) is dropped, and the log is sealed if it holds
+    /// at least that many records, counted when the batch is taken: that keeps the log short.
+    /// Reads of the ledger call it without sealing, so they never wait for a flush.
+    pub(super) fn apply_pending(&self, seal_at: Option<usize>) -> Result<(), StoreError> {
         let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
-        if seal && self.books().sealed_applied && LedgerLog::has_sealed(&self.log_path) {
+        let long = |books: &Books| seal_at.is_some_and(|records| books.log.len() >= records.max(1));
+        let dropping = {
+            let books = self.books();
+            long(&books) && books.sealed_applied
+        };
+        if dropping && LedgerLog::has_sealed(&self.log_path) {
             // sled flushes on its own every half second: this rarely has anything left to write.
             self.db.flush().map_err(backend)?;
             LedgerLog::drop_sealed(&self.log_path)?;
         }
         let batch = {
             let mut books = self.books();
+            // Sealed even when nothing waits: a commit that met a full backlog may have applied
+            // every record itself (without sealing, on the request path), and no later batch
+            // may come to seal a log that keeps growing.
+            if long(&books) && !LedgerLog::has_sealed(&self.log_path) {
+                books.log.seal()?;
+                // With `applying` held, a record is either waiting or already in the trees.
+                books.sealed_applied = books.unapplied.is_empty();
+            }
             if books.unapplied.is_empty() {
                 return Ok(());
-            }
-            if seal && books.log.len() > 0 && !LedgerLog::has_sealed(&self.log_path) {
-                books.log.seal()?;
-                books.sealed_applied = false;
             }
             // Sized for the next batch: regrowing it from nothing faulted in fresh pages.
             std::mem::replace(&mut books.unapplied, Vec::with_capacity(APPLY_BATCH))
@@ -381,7 +390,7 @@ impl Ledger {
 
     /// Applies everything, flushes the trees and drops the log's sealed part: a clean stop.
     pub(super) fn flush(&self) -> Result<(), StoreError> {
-        self.apply_pending(true)?;
+        self.apply_pending(Some(1))?;
         self.db.flush().map_err(backend)?;
         if self.books().sealed_applied {
             LedgerLog::drop_sealed(&self.log_path)?;
@@ -413,8 +422,7 @@ fn apply_when_woken(ledger: &Weak<Ledger>, wakes: &Receiver<()>) {
         let Some(ledger) = ledger.upgrade() else {
             return;
         };
-        let seal = ledger.books().log.len() >= SEAL_RECORDS;
-        if let Err(error) = ledger.apply_pending(seal) {
+        if let Err(error) = ledger.apply_pending(Some(SEAL_RECORDS)) {
             // The records stay committed (logged and counted); the next batch tries again.
             tracing::warn!(%error, "applying a ledger batch failed");
         }

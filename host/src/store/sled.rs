@@ -154,7 +154,7 @@ impl SledStore {
 
     /// Brings the trees up to date before a read of the ledger or the balances.
     fn applied(&self) -> Result<(), StoreError> {
-        self.ledger.apply_pending(false)
+        self.ledger.apply_pending(None)
     }
 }
 
@@ -433,7 +433,7 @@ impl Store for SledStore {
             Backlog::Small => {}
             Backlog::Due => ledger_books::wake(&self.applier),
             Backlog::Full => {
-                if let Err(error) = self.ledger.apply_pending(false) {
+                if let Err(error) = self.ledger.apply_pending(None) {
                     // The records stay committed (logged and counted); a later batch retries.
                     tracing::warn!(%error, "applying the ledger backlog failed");
                 }
@@ -654,7 +654,7 @@ impl Store for SledStore {
 mod tests {
     use super::*;
     use crate::store::RecordedUsage;
-    use crate::store::ledger_books::{APPLY_BATCH, SEAL_RECORDS};
+    use crate::store::ledger_books::{APPLY_BATCH, Ledger, SEAL_RECORDS};
 
     fn record(request_id: &str, cost_picos: u64) -> UsageRecord {
         serde_json::from_value(serde_json::json!({
@@ -968,6 +968,39 @@ mod tests {
         assert_eq!(
             decode_balance(store.ledger.balances.get("acme").expect("read")).expect("decodes"),
             1_000 - commits as i128
+        );
+    }
+
+    #[test]
+    fn a_long_log_is_sealed_even_when_a_commit_applied_all_its_records() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .open()
+            .expect("sled opens");
+        // No applier thread: the test plays it.
+        let ledger = Ledger::open(&db, dir.path().join("ledger.log")).expect("the ledger opens");
+        let sealed = dir.path().join("ledger.log.sealed");
+        for index in 0..SEAL_RECORDS {
+            ledger
+                .commit(&[Settlement {
+                    record: record(&format!("r{index}"), 1),
+                    hold_id: None,
+                }])
+                .expect("committed");
+        }
+        // A commit that met a full backlog applies it all itself, never sealing.
+        ledger.apply_pending(None).expect("applied");
+        assert!(!sealed.exists());
+        // The applier, woken by an earlier batch, finds nothing left to apply.
+        ledger
+            .apply_pending(Some(SEAL_RECORDS))
+            .expect("nothing to apply");
+        assert!(sealed.exists(), "the long log is sealed");
+        ledger.flush().expect("flushed");
+        assert!(
+            !sealed.exists(),
+            "dropped: every record of it is in the trees"
         );
     }
 
