@@ -139,8 +139,8 @@ impl ResourceLimiter for PluginState {
 
 impl host::Host for PluginState {
     fn log(&mut self, level: host::LogLevel, message: String) {
-        let plugin = self.identity.plugin.to_string();
-        let role = self.identity.role.to_string();
+        let plugin = self.identity.label.as_str();
+        let role = self.identity.role.name();
         match level {
             host::LogLevel::Trace => tracing::trace!(plugin, role, message, "plugin log"),
             host::LogLevel::Debug => tracing::debug!(plugin, role, message, "plugin log"),
