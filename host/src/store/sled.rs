@@ -370,14 +370,12 @@ impl Store for SledStore {
     }
 
     fn balance_picos(&self, tenant: &str) -> Result<i128, StoreError> {
-        let books = self.ledger.books();
-        self.ledger.balance_with(&books, tenant)
+        Ok(self.ledger.books().balance(tenant))
     }
 
     fn available_picos(&self, tenant: &str) -> Result<i128, StoreError> {
         let books = self.ledger.books();
-        let balance = self.ledger.balance_with(&books, tenant)?;
-        Ok(balance - books.held.get(tenant).copied().unwrap_or(0))
+        Ok(books.balance(tenant) - books.held.get(tenant).copied().unwrap_or(0))
     }
 
     fn top_up(&self, top_up: &TopUp) -> Result<i128, StoreError> {
@@ -392,7 +390,7 @@ impl Store for SledStore {
             let value = encode(top_up)?;
             let mut key = top_up.unix_ms.to_be_bytes().to_vec();
             key.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
-            (&self.top_ups, &self.ledger.balances)
+            let updated = (&self.top_ups, &self.ledger.balances)
                 .transaction(|(top_ups, balances)| {
                     top_ups.insert(key.as_slice(), value.as_slice())?;
                     let current = decode_balance(balances.get(top_up.tenant.as_bytes())?)
@@ -401,7 +399,9 @@ impl Store for SledStore {
                     balances.insert(top_up.tenant.as_bytes(), updated.to_be_bytes().to_vec())?;
                     Ok(updated)
                 })
-                .map_err(transaction_error)
+                .map_err(transaction_error)?;
+            self.ledger.credited(&top_up.tenant, top_up.amount_picos);
+            Ok(updated)
         })
     }
 
@@ -413,7 +413,7 @@ impl Store for SledStore {
         seen_available: i128,
     ) -> Result<bool, StoreError> {
         let mut books = self.ledger.books();
-        let balance = self.ledger.balance_with(&books, tenant)?;
+        let balance = books.balance(tenant);
         let held = books.held.get(tenant).copied().unwrap_or(0);
         if balance - held != seen_available {
             return Ok(false);
@@ -950,25 +950,178 @@ mod tests {
                     commit(&store, &format!("r{index}"), 1);
                 }
             });
-            // Each commit debits 1: a read between a batch's transaction and the books letting
-            // go of its debits would see the balance dip, then rise again.
+            // Each commit debits 1 and adds 1 to the key's spend: a read that counted a batch
+            // twice, or not at all, would see a figure dip, then come back.
             let mut last = 1_000;
+            let mut last_spent = 0;
             while !writer.is_finished() {
                 let balance = store.balance_picos("acme").expect("read");
                 assert!(balance <= last, "the balance rose from {last} to {balance}");
                 assert!(balance >= 1_000 - commits as i128, "{balance}");
                 last = balance;
+                let spent = store.key_spend_picos("key_1", 20_000).expect("read");
+                assert!(
+                    spent >= last_spent,
+                    "the spend fell from {last_spent} to {spent}"
+                );
+                assert!(spent <= commits as i128, "{spent}");
+                last_spent = spent;
             }
         });
         assert_eq!(
             store.balance_picos("acme").expect("read"),
             1_000 - commits as i128
         );
+        assert_eq!(
+            store.key_spend_picos("key_1", 20_000).expect("read"),
+            commits as i128
+        );
         store.flush().expect("flushed");
         assert_eq!(
             decode_balance(store.ledger.balances.get("acme").expect("read")).expect("decodes"),
             1_000 - commits as i128
         );
+        drop(store);
+        let store = reopen(dir.path());
+        assert_eq!(
+            store.balance_picos("acme").expect("read"),
+            1_000 - commits as i128
+        );
+        assert_eq!(
+            store.key_spend_picos("key_1", 20_000).expect("read"),
+            commits as i128
+        );
+    }
+
+    #[test]
+    fn a_read_between_a_batch_transaction_and_the_books_counts_its_charges_once() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let db = sled::Config::new()
+            .path(dir.path().join("db"))
+            .open()
+            .expect("sled opens");
+        let ledger = Ledger::open(&db, dir.path().join("ledger.log")).expect("the ledger opens");
+        ledger
+            .commit(&[Settlement {
+                record: record("r1", 7),
+                hold_id: None,
+            }])
+            .expect("committed");
+        // The applier's steps, with reads where another thread's could fall.
+        let batch = std::mem::take(&mut ledger.books().unapplied);
+        let charges = ledger.write_records(&batch).expect("written");
+        ledger.pin_key_spend(&charges).expect("pinned");
+        let spend_written = ledger.write_balances(&charges).expect("transaction");
+        let spend = spend_key("key_1", 20_000);
+        assert_eq!(
+            decode_balance(ledger.key_spend.get(&spend).expect("read")).expect("decodes"),
+            7,
+            "the tree holds the charge"
+        );
+        // A key read for the first time now is not read from the tree, which holds the charge
+        // that the books still count as unapplied.
+        assert_eq!(ledger.key_spend(&spend).expect("read"), 7);
+        assert_eq!(ledger.books().balance("acme"), -7);
+        ledger.settle(&charges, &spend_written);
+        assert_eq!(ledger.key_spend(&spend).expect("read"), 7);
+        assert_eq!(ledger.books().balance("acme"), -7);
+    }
+
+    #[test]
+    fn the_books_keep_key_spend_of_two_days_and_read_older_days_from_the_tree() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = store_with_credit(dir.path());
+        let charge_on = |day: u64, key_id: &str| {
+            let mut record = record(&format!("{key_id}-{day}"), 5);
+            record.unix_ms = day * crate::store::MILLIS_PER_DAY;
+            record.key_id = key_id.to_owned();
+            store
+                .commit_usages(&[Settlement {
+                    record,
+                    hold_id: None,
+                }])
+                .expect("committed");
+            store.applied().expect("applied");
+        };
+        charge_on(20_000, "old");
+        charge_on(20_001, "yesterday");
+        let kept = || store.ledger.books().stored_spend.len();
+        assert_eq!(kept(), 2);
+        charge_on(20_002, "today");
+        assert_eq!(kept(), 2, "day 20,000 left the books");
+        assert_eq!(store.key_spend_picos("old", 20_000).expect("read"), 5);
+        assert_eq!(store.key_spend_picos("yesterday", 20_001).expect("read"), 5);
+        assert_eq!(store.key_spend_picos("today", 20_002).expect("read"), 5);
+    }
+
+    #[test]
+    fn top_ups_between_batches_are_each_counted_once() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = store_with_credit(dir.path());
+        let (commits, top_ups) = (3_000, 60);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for index in 0..commits {
+                    commit(&store, &format!("r{index}"), 1);
+                }
+            });
+            for _ in 0..top_ups {
+                store
+                    .top_up(&TopUp {
+                        tenant: "acme".into(),
+                        amount_picos: 1_000,
+                        reason: "test".into(),
+                        unix_ms: 0,
+                    })
+                    .expect("a top-up");
+            }
+        });
+        let expected = 1_000 + top_ups * 1_000 - commits;
+        assert_books(&store, expected);
+        drop(store);
+        assert_books(&reopen(dir.path()), expected);
+    }
+
+    #[test]
+    fn balances_and_a_known_key_spend_are_read_while_a_sled_transaction_runs() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = store_with_credit(dir.path());
+        commit(&store, "r1", 10);
+        store.applied().expect("applied");
+        assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 10);
+        let (started, running) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let store = &store;
+        std::thread::scope(|scope| {
+            // Any sled transaction stops every reader of every tree until it ends.
+            scope.spawn(move || {
+                store
+                    .bindings
+                    .transaction(|_| {
+                        let _ = started.send(());
+                        let _ = released.recv_timeout(std::time::Duration::from_secs(10));
+                        Ok::<_, ConflictableTransactionError<()>>(())
+                    })
+                    .expect("the transaction commits");
+            });
+            running
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the transaction runs");
+            let (read, reads) = std::sync::mpsc::channel();
+            scope.spawn(move || {
+                let _ = read.send((
+                    store.available_picos("acme").expect("read"),
+                    store.place_hold("acme", "h1", 5, 990).expect("placed"),
+                    store.key_spend_picos("key_1", 20_000).expect("read"),
+                ));
+            });
+            let answered = reads.recv_timeout(std::time::Duration::from_secs(5));
+            let _ = release.send(());
+            assert_eq!(
+                answered.expect("answered while the transaction runs"),
+                (990, true, 10)
+            );
+        });
     }
 
     #[test]
