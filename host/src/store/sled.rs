@@ -914,6 +914,51 @@ mod tests {
     /// version. Changing `UsageRecord` (a field added, removed or retyped) breaks this test, and
     /// needs a new `COMPACT_RECORD` byte with the old layout still decoded under the old one.
     #[test]
+    fn ledger_keys_are_time_and_number_and_records_under_longer_keys_still_read_and_prune() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = store_with_credit(dir.path());
+        commit(&store, "new", 10);
+        store.applied().expect("applied");
+        let at = record("new", 10).unix_ms;
+        let key = store
+            .ledger
+            .by_request
+            .get("new")
+            .expect("read")
+            .expect("indexed");
+        let number = u64::from_be_bytes(key[8..].try_into().expect("16 bytes"));
+        assert_eq!(&key[..8], at.to_be_bytes().as_slice(), "time first");
+        assert!(number > 0, "then the record's number");
+        // A record stored by the version whose keys ended with the request id.
+        let mut older = at.to_be_bytes().to_vec();
+        older.extend_from_slice(&number.to_be_bytes());
+        older.extend_from_slice(b"old");
+        store
+            .ledger
+            .records
+            .insert(
+                older.as_slice(),
+                encode_record(&record("old", 40)).expect("encodes"),
+            )
+            .expect("written");
+        store
+            .ledger
+            .by_request
+            .insert("old", older.as_slice())
+            .expect("written");
+        assert!(store.usage_by_request("old").expect("read").is_some());
+        let listed: Vec<String> = store
+            .usage_between(at, at + 1)
+            .map(|record| record.map(|record| record.request_id))
+            .collect::<Result<_, _>>()
+            .expect("every record decodes");
+        assert_eq!(listed, ["new", "old"], "in time, then number, order");
+        assert_eq!(store.prune_usage(at + 1).expect("pruned"), 2);
+        assert!(store.usage_by_request("old").expect("read").is_none());
+        assert!(store.usage_by_request("new").expect("read").is_none());
+    }
+
+    #[test]
     fn a_compact_record_stored_by_this_version_still_decodes() {
         const STORED: &str = "018080cea6a53206676f6c64656e0461636d65056b65795f310463686174016d00016d0163000000000000000000017b0001c8010000066f70656e616900";
         let now = hex::encode(encode_record(&record("golden", 123)).expect("encodes"));
