@@ -691,6 +691,25 @@ mod tests {
             .expect("committed");
     }
 
+    /// A ledger with no applier thread: the test plays it.
+    fn ledger_without_applier(dir: &Path) -> std::sync::Arc<Ledger> {
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .open()
+            .expect("sled opens");
+        Ledger::open(&db, dir.join("ledger.log")).expect("the ledger opens")
+    }
+
+    /// Commits one record with no hold to a bare ledger.
+    fn commit_to(ledger: &Ledger, request_id: &str, cost_picos: u64) {
+        ledger
+            .commit(&[Settlement {
+                record: record(request_id, cost_picos),
+                hold_id: None,
+            }])
+            .expect("committed");
+    }
+
     /// `acme`'s balance is `picos`, and its books balance.
     fn assert_books(store: &SledStore, picos: i128) {
         assert_eq!(store.balance_picos("acme").expect("read"), picos);
@@ -1041,17 +1060,8 @@ mod tests {
     #[test]
     fn a_read_between_a_batch_transaction_and_the_books_counts_its_charges_once() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .expect("sled opens");
-        let ledger = Ledger::open(&db, dir.path().join("ledger.log")).expect("the ledger opens");
-        ledger
-            .commit(&[Settlement {
-                record: record("r1", 7),
-                hold_id: None,
-            }])
-            .expect("committed");
+        let ledger = ledger_without_applier(dir.path());
+        commit_to(&ledger, "r1", 7);
         // The applier's steps, with reads where another thread's could fall.
         let batch = std::mem::take(&mut ledger.books().unapplied);
         let charges = ledger.write_records(&batch).expect("written");
@@ -1172,20 +1182,10 @@ mod tests {
     #[test]
     fn a_long_log_is_sealed_even_when_a_commit_applied_all_its_records() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let db = sled::Config::new()
-            .path(dir.path().join("db"))
-            .open()
-            .expect("sled opens");
-        // No applier thread: the test plays it.
-        let ledger = Ledger::open(&db, dir.path().join("ledger.log")).expect("the ledger opens");
+        let ledger = ledger_without_applier(dir.path());
         let sealed = dir.path().join("ledger.log.sealed");
         for index in 0..SEAL_RECORDS {
-            ledger
-                .commit(&[Settlement {
-                    record: record(&format!("r{index}"), 1),
-                    hold_id: None,
-                }])
-                .expect("committed");
+            commit_to(&ledger, &format!("r{index}"), 1);
         }
         // A commit that met a full backlog applies it all itself, never sealing.
         ledger.apply_pending(None).expect("applied");
