@@ -35,7 +35,14 @@ fn main() -> Result<(), String> {
         .parent()
         .ok_or("host/ has a parent directory")?
         .to_path_buf();
-    for watched in ["wit", "plugins", "tests/plugins", "examples", "Cargo.lock"] {
+    for watched in [
+        "wit",
+        "plugins",
+        "tests/plugins",
+        "examples",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!(
             "cargo:rerun-if-changed={}",
             workspace.join(watched).display()

@@ -95,3 +95,75 @@ pub fn find(role: Role, name: &str) -> Option<&'static ShippedPlugin> {
         .iter()
         .find(|plugin| plugin.role == role && plugin.name == name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE_BYTES: u64 = 4096;
+
+    /// The pages a core module's initialised data spans, the largest over the component's modules:
+    /// wasmtime maps that span (its memory image) into every instance.
+    fn data_image_pages(component: &[u8]) -> u64 {
+        let mut largest = 0;
+        let mut span: Option<(u64, u64)> = None;
+        for payload in wasmparser::Parser::new(0).parse_all(component) {
+            match payload.expect("a shipped plugin parses") {
+                wasmparser::Payload::DataSection(reader) => {
+                    for data in reader {
+                        let data = data.expect("a data segment parses");
+                        let wasmparser::DataKind::Active { offset_expr, .. } = data.kind else {
+                            continue;
+                        };
+                        let Some(Ok(wasmparser::Operator::I32Const { value })) =
+                            offset_expr.get_operators_reader().into_iter().next()
+                        else {
+                            panic!("an active segment at a constant offset");
+                        };
+                        let start = u64::from(value.cast_unsigned());
+                        let end = start + data.data.len() as u64;
+                        span =
+                            Some(span.map_or((start, end), |(low, high)| {
+                                (low.min(start), high.max(end))
+                            }));
+                    }
+                }
+                wasmparser::Payload::End(_) => {
+                    if let Some((low, high)) = span.take() {
+                        let pages = high.div_ceil(PAGE_BYTES) - low / PAGE_BYTES;
+                        largest = largest.max(pages);
+                    }
+                }
+                _ => {}
+            }
+        }
+        largest
+    }
+
+    /// Every open stream holds a translator instance, and resident memory counts the pages of its
+    /// data image once per instance (the kernel maps all of them on the first read). These are the
+    /// sizes they were brought down to; growing one costs that much per open stream, so it needs a
+    /// reason. What they guard: zmij (serde_json's float formatting) built for size, whose tables
+    /// otherwise add 15 KiB to every translator, and no float parsing (10 KiB of tables).
+    #[test]
+    fn shipped_translators_data_images_stay_within_their_page_budgets() {
+        let budgets = [("openai", 6), ("anthropic", 9), ("gemini", 8)];
+        for (name, budget) in budgets {
+            let plugin = find(Role::Translator, name).expect("a shipped translator");
+            let pages = data_image_pages(plugin.bytes);
+            assert!(
+                (1..=budget).contains(&pages),
+                "{name}'s data image spans {pages} pages of 4 KiB, over its budget of {budget}"
+            );
+        }
+        let translators = SHIPPED
+            .iter()
+            .filter(|plugin| plugin.role == Role::Translator)
+            .count();
+        assert_eq!(
+            translators,
+            budgets.len(),
+            "every shipped translator has a budget"
+        );
+    }
+}
