@@ -407,6 +407,12 @@ async fn a_stream_failing_midway_ends_with_an_anthropic_error_event_on_either_ch
         assert_eq!(record["error_class"], "stream_cut", "{protocol}: {record}");
         assert_eq!(record["protocol_in"], "anthropic");
         assert_eq!(record["protocol_out"], protocol);
+        if protocol == "openai" {
+            // Cut before its usage chunk: the host counts the prompt ("one two three four five
+            // six") once the stream has ended, from the body the stream kept.
+            assert_eq!(record["usage"]["estimated"], true, "{record}");
+            assert_eq!(record["usage"]["input_tokens"], 6, "{record}");
+        }
     }
 }
 

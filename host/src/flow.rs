@@ -237,6 +237,12 @@ pub async fn run(
             Ok((Delivery::Json(answer.body), served))
         }
         Reply::Streaming(open) => {
+            // The client's own body served the attempts. A stream keeps its context until it
+            // ends, and the prompt settling may have to count is `request.body`: one copy of a
+            // long context per open stream is enough.
+            if let Some(inbound) = context.inbound.as_mut() {
+                inbound.body = String::new();
+            }
             let (sender, receiver) = mpsc::channel(32);
             tokio::spawn(
                 carry_stream(gateway, context, open, sender, admission, started, ttfb)
