@@ -37,7 +37,8 @@ pub struct Inbound {
     pub dialect: Dialect,
     /// Which of its endpoints was called.
     pub endpoint: Endpoint,
-    /// The client's body, as it came: what a channel of the same protocol receives.
+    /// The client's body, as it came: what a channel of the same protocol receives. Emptied once
+    /// a stream opens, when no attempt needs it any more.
     pub body: String,
     /// The client's protocol headers (names lowercase).
     pub headers: Vec<Header>,
