@@ -514,9 +514,7 @@ struct TimeOrderedRequestId;
 impl MakeRequestId for TimeOrderedRequestId {
     fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
         let id = uuid::Uuid::now_v7().to_string();
-        axum::http::HeaderValue::from_str(&id)
-            .ok()
-            .map(RequestId::new)
+        HeaderValue::from_str(&id).ok().map(RequestId::new)
     }
 }
 

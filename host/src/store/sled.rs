@@ -717,6 +717,18 @@ mod tests {
         assert_eq!(reconciled[0].difference_picos, 0, "{reconciled:?}");
     }
 
+    /// Tops `acme` up by `picos`.
+    fn credit(store: &SledStore, picos: i128) {
+        store
+            .top_up(&TopUp {
+                tenant: "acme".into(),
+                amount_picos: picos,
+                reason: "test".into(),
+                unix_ms: 0,
+            })
+            .expect("a top-up");
+    }
+
     /// A store with tenant `acme` holding 1,000 picos.
     fn store_with_credit(dir: &Path) -> SledStore {
         let store = SledStore::open(dir).expect("the store opens");
@@ -728,14 +740,7 @@ mod tests {
                 max_concurrency: None,
             })
             .expect("a tenant");
-        store
-            .top_up(&TopUp {
-                tenant: "acme".into(),
-                amount_picos: 1_000,
-                reason: "test".into(),
-                unix_ms: 0,
-            })
-            .expect("a top-up");
+        credit(&store, 1_000);
         store
     }
 
@@ -1121,14 +1126,7 @@ mod tests {
                 }
             });
             for _ in 0..top_ups {
-                store
-                    .top_up(&TopUp {
-                        tenant: "acme".into(),
-                        amount_picos: 1_000,
-                        reason: "test".into(),
-                        unix_ms: 0,
-                    })
-                    .expect("a top-up");
+                credit(&store, 1_000);
             }
         });
         let expected = 1_000 + top_ups * 1_000 - commits;
@@ -1206,14 +1204,7 @@ mod tests {
     fn batches_go_into_the_trees_in_the_background_and_a_long_log_is_sealed_then_dropped() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = store_with_credit(dir.path());
-        store
-            .top_up(&TopUp {
-                tenant: "acme".into(),
-                amount_picos: 1_000_000,
-                reason: "test".into(),
-                unix_ms: 0,
-            })
-            .expect("a top-up");
+        credit(&store, 1_000_000);
         let commit = |index: usize| {
             commit(&store, &format!("r{index}"), 1);
         };
