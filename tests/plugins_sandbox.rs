@@ -206,6 +206,60 @@ async fn all_served_at_once(gateway: &harness::Gateway, text: &str, count: usize
 }
 
 #[tokio::test]
+async fn a_gateway_with_idle_moments_makes_plugin_instances_ahead_of_their_calls() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel("primary", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    let before = instances_made(&gateway).await;
+    let requests = 10;
+    for index in 0..requests {
+        let answer = gateway
+            .post(
+                "/v1/chat/completions",
+                &chat(&format!("one at a time {index}")),
+                &[],
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.json);
+        // Time for the request's stores to be dropped and its plugins' next instances made.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = instances_made(&gateway).await;
+    let (ahead, in_call) = (after.0 - before.0, after.1 - before.1);
+    // Five calls a request (route, authorize, translate the request and the answer, charge),
+    // each in an instance of its own, whichever way it was made.
+    assert!(
+        ahead + in_call >= 5 * requests,
+        "{ahead} made ahead, {in_call} in calls"
+    );
+    // The first call to each of the three plugins in a request finds an instance ready.
+    assert!(
+        in_call <= 2 * requests,
+        "{ahead} made ahead, {in_call} in calls"
+    );
+}
+
+/// The gateway's counts of plugin instances made ahead of their calls and in them.
+async fn instances_made(gateway: &harness::Gateway) -> (u64, u64) {
+    let metrics = gateway.metrics().await;
+    let count = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} is in the metrics: {metrics}"))
+    };
+    (
+        count("tollgate_plugin_instances_made_ahead_total"),
+        count("tollgate_plugin_instances_made_in_call_total"),
+    )
+}
+
+#[tokio::test]
 async fn requests_waiting_on_their_upstream_hold_no_plugin_instance() {
     let sim = simulator().await;
     let gateway = start(&format!(

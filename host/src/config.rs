@@ -130,7 +130,8 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
-    /// Plugin instances alive at once (concurrent calls plus open streams).
+    /// Plugin instances alive at once: concurrent calls plus open streams, plus up to a sixteenth
+    /// of it each for instances made ahead of their calls and for stores waiting to be dropped.
     pub max_instances: u32,
     /// Largest memory any plugin may be given, in MiB (reserved per pool slot).
     pub max_memory_mib: usize,

@@ -159,7 +159,7 @@ impl Metrics {
         );
         registry.register(
             "plugin_call_duration_seconds",
-            "Plugin calls, instantiation included",
+            "Plugin calls, instantiation included when the call made its instance",
             plugins.calls.clone(),
         );
         registry.register(
@@ -176,6 +176,16 @@ impl Metrics {
             "plugin_canary_rollbacks",
             "Canaries rolled back by themselves for failing too often",
             plugins.canary_rollbacks.clone(),
+        );
+        registry.register(
+            "plugin_instances_made_ahead",
+            "Plugin instances made off the request's path, before the call that used them",
+            plugins.made_ahead.clone(),
+        );
+        registry.register(
+            "plugin_instances_made_in_call",
+            "Plugin instances a call made itself, none being ready",
+            plugins.made_in_call.clone(),
         );
         Self {
             registry,

@@ -22,12 +22,13 @@ impl Binding {
         &self,
         request: &AuthorizeRequest,
     ) -> Result<Result<Hold, BillingDenial>, PluginError> {
-        let Exports::Billing(pre) = &self.compiled.exports else {
+        let Exports::Billing(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Billing));
         };
         let mut store = self.store();
         sandbox::bounded(&mut store, "authorize", async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
+            let plugin = indices.load(&mut *store, &instance)?;
             plugin
                 .tollgate_plugin_billing()
                 .call_authorize(&mut *store, request)
@@ -41,12 +42,13 @@ impl Binding {
         &self,
         request: &ChargeRequest,
     ) -> Result<Result<Price, BillingError>, PluginError> {
-        let Exports::Billing(pre) = &self.compiled.exports else {
+        let Exports::Billing(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Billing));
         };
         let mut store = self.store();
         let price = sandbox::bounded(&mut store, "charge", async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
+            let plugin = indices.load(&mut *store, &instance)?;
             plugin
                 .tollgate_plugin_billing()
                 .call_charge(&mut *store, request)
@@ -66,12 +68,13 @@ impl Binding {
     }
 
     pub(super) async fn billing_validate_config(&self) -> Result<Result<(), String>, PluginError> {
-        let Exports::Billing(pre) = &self.compiled.exports else {
+        let Exports::Billing(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Billing));
         };
         let mut store = self.store();
         sandbox::bounded(&mut store, "validate-config", async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
+            let plugin = indices.load(&mut *store, &instance)?;
             plugin
                 .tollgate_plugin_billing()
                 .call_validate_config(&mut *store, &self.config)

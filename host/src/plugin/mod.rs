@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use sandbox::Limits;
-use sandbox::{PluginIdentity, PluginState};
+use sandbox::{PluginIdentity, PluginState, PluginStore, Standby};
 
 /// The role a plugin plays; one per plugin, fixed by the world it was built against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -261,7 +261,7 @@ pub struct PluginLabels {
 /// Plugin call durations and failures, registered by the gateway's metrics.
 #[derive(Clone)]
 pub struct PluginMetrics {
-    /// Call durations, instantiation included, seconds.
+    /// Call durations, seconds, instantiation included when the call made its instance.
     pub calls: prometheus_client::metrics::family::Family<
         PluginLabels,
         prometheus_client::metrics::histogram::Histogram,
@@ -276,6 +276,10 @@ pub struct PluginMetrics {
     pub fail_opens: prometheus_client::metrics::counter::Counter,
     /// Canaries rolled back for their failure rate.
     pub canary_rollbacks: prometheus_client::metrics::counter::Counter,
+    /// Instances made ahead of the call that used them, off the request's path.
+    pub made_ahead: prometheus_client::metrics::counter::Counter,
+    /// Instances a call had to make itself, none being ready.
+    pub made_in_call: prometheus_client::metrics::counter::Counter,
 }
 
 impl PluginMetrics {
@@ -290,6 +294,8 @@ impl PluginMetrics {
             failures: Default::default(),
             fail_opens: Default::default(),
             canary_rollbacks: Default::default(),
+            made_ahead: Default::default(),
+            made_in_call: Default::default(),
         }
     }
 }
@@ -302,6 +308,7 @@ pub struct PluginRuntime {
     /// Part of every cache file name, so an artifact from another engine build is never loaded.
     engine_key: String,
     metrics: PluginMetrics,
+    standby_counts: Arc<sandbox::StandbyCounts>,
 }
 
 /// How often the epoch advances; a deadline is counted in these ticks of running time.
@@ -357,6 +364,7 @@ impl PluginRuntime {
             cache_dir: settings.cache_dir.clone(),
             engine_key,
             metrics: PluginMetrics::new(),
+            standby_counts: Arc::new(sandbox::StandbyCounts::new(settings.max_instances)),
         }))
     }
 
@@ -485,11 +493,13 @@ impl PluginRuntime {
         let world =
             |e: wasmtime::Error| unfit(format!("it does not match the {role} world: {e:#}"));
         let exports = match role {
-            Role::Router => Exports::Router(router::RouterPluginPre::new(pre).map_err(world)?),
+            Role::Router => Exports::Router(router::RouterPluginIndices::new(&pre).map_err(world)?),
             Role::Translator => Exports::Translator(Box::new(
-                translator::TranslatorExports::new(pre).map_err(world)?,
+                translator::TranslatorExports::new(&pre).map_err(world)?,
             )),
-            Role::Billing => Exports::Billing(billing::BillingPluginPre::new(pre).map_err(world)?),
+            Role::Billing => {
+                Exports::Billing(billing::BillingPluginIndices::new(&pre).map_err(world)?)
+            }
         };
         Ok(CompiledPlugin {
             identity: Arc::new(PluginIdentity {
@@ -499,6 +509,7 @@ impl PluginRuntime {
                 metrics: self.metrics.clone(),
             }),
             contract: contract.to_owned(),
+            pre,
             exports,
         })
     }
@@ -541,10 +552,6 @@ impl PluginRuntime {
         unsafe { Component::deserialize_file(&self.engine, path) }.ok()
     }
 
-    pub(crate) fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
     /// Plugin call figures, for the gateway's metrics.
     pub fn metrics(&self) -> &PluginMetrics {
         &self.metrics
@@ -557,6 +564,7 @@ pub struct CompiledPlugin {
     /// Its name, hash, role and metric label, shared with every store it runs in.
     identity: Arc<PluginIdentity>,
     contract: String,
+    pre: InstancePre<PluginState>,
     exports: Exports,
 }
 
@@ -589,10 +597,11 @@ fn listed(names: &[&str]) -> String {
         .join(", ")
 }
 
+/// Where a role's exports are in every instance, found once at load.
 enum Exports {
-    Router(router::RouterPluginPre<PluginState>),
+    Router(router::RouterPluginIndices),
     Translator(Box<translator::TranslatorExports>),
-    Billing(billing::BillingPluginPre<PluginState>),
+    Billing(billing::BillingPluginIndices),
 }
 
 /// A compiled plugin with the configuration and limits an operator bound it with.
@@ -600,8 +609,8 @@ pub struct Binding {
     compiled: CompiledPlugin,
     /// The configuration JSON text the plugin reads through `host.config`.
     config: Arc<str>,
-    limits: Limits,
     runtime: Arc<PluginRuntime>,
+    standby: Arc<Standby>,
 }
 
 impl Binding {
@@ -612,11 +621,20 @@ impl Binding {
         config: String,
         limits: Limits,
     ) -> Result<Self, PluginError> {
+        let config: Arc<str> = Arc::from(config);
+        let standby = Arc::new(Standby::new(
+            runtime.engine.clone(),
+            compiled.pre.clone(),
+            compiled.identity.clone(),
+            config.clone(),
+            limits,
+            runtime.standby_counts.clone(),
+        ));
         let binding = Self {
             compiled,
-            config: Arc::from(config),
-            limits,
+            config,
             runtime,
+            standby,
         };
         let verdict = match binding.compiled.role() {
             Role::Router => binding.router_validate_config().await?,
@@ -637,13 +655,8 @@ impl Binding {
     }
 
     /// A fresh store for one call or one stream: nothing survives from an earlier call.
-    fn store(&self) -> wasmtime::Store<PluginState> {
-        sandbox::store(
-            self.runtime.engine(),
-            self.compiled.identity.clone(),
-            self.config.clone(),
-            &self.limits,
-        )
+    fn store(&self) -> PluginStore {
+        self.standby.store()
     }
 }
 

@@ -23,12 +23,13 @@ impl Binding {
         facts: &RequestFacts,
         channels: &[Channel],
     ) -> Result<Result<Vec<Attempt>, RouteError>, PluginError> {
-        let Exports::Router(pre) = &self.compiled.exports else {
+        let Exports::Router(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Router));
         };
         let mut store = self.store();
         let plan = sandbox::bounded(&mut store, "plan", async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
+            let plugin = indices.load(&mut *store, &instance)?;
             plugin
                 .tollgate_plugin_router()
                 .call_plan(&mut *store, facts, channels)
@@ -47,12 +48,13 @@ impl Binding {
     }
 
     pub(super) async fn router_validate_config(&self) -> Result<Result<(), String>, PluginError> {
-        let Exports::Router(pre) = &self.compiled.exports else {
+        let Exports::Router(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Router));
         };
         let mut store = self.store();
         sandbox::bounded(&mut store, "validate-config", async |store| {
-            let plugin = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
+            let plugin = indices.load(&mut *store, &instance)?;
             plugin
                 .tollgate_plugin_router()
                 .call_validate_config(&mut *store, &self.config)

@@ -4,10 +4,9 @@
 //! struct, because `inbound` is optional: translators built against contract 0.1.0 do not export
 //! it and must keep loading.
 
-use wasmtime::Store;
 use wasmtime::component::{ComponentExportIndex, InstancePre, ResourceAny};
 
-use super::sandbox::PluginState;
+use super::sandbox::{PluginState, PluginStore};
 use super::{Binding, Exports, PluginError, Role, sandbox};
 
 wasmtime::component::bindgen!({
@@ -31,7 +30,6 @@ use exports::tollgate::plugin::{inbound, translator};
 
 /// A translator's exports, found once at load.
 pub(super) struct TranslatorExports {
-    pre: InstancePre<PluginState>,
     translator: translator::GuestIndices,
     /// `None` for a plugin built against 0.1.0, which has no client side.
     inbound: Option<inbound::GuestIndices>,
@@ -43,9 +41,9 @@ pub(super) struct TranslatorExports {
 
 impl TranslatorExports {
     /// Finds the exports of a component that exports `translator`.
-    pub(super) fn new(pre: InstancePre<PluginState>) -> wasmtime::Result<Self> {
-        let translator = translator::GuestIndices::new(&pre)?;
-        let inbound = inbound::GuestIndices::new(&pre).ok();
+    pub(super) fn new(pre: &InstancePre<PluginState>) -> wasmtime::Result<Self> {
+        let translator = translator::GuestIndices::new(pre)?;
+        let inbound = inbound::GuestIndices::new(pre).ok();
         let component = pre.component();
         let interface = component
             .get_export_index(
@@ -61,7 +59,6 @@ impl TranslatorExports {
         Ok(Self {
             chat_request: function("translate-chat-request")?,
             chat_response: function("translate-chat-response")?,
-            pre,
             translator,
             inbound,
         })
@@ -113,9 +110,7 @@ impl Binding {
             .is_ok_and(|exports| exports.inbound.is_some())
     }
 
-    fn inbound_exports(
-        &self,
-    ) -> Result<(&InstancePre<PluginState>, &inbound::GuestIndices), PluginError> {
+    fn inbound_exports(&self) -> Result<&inbound::GuestIndices, PluginError> {
         let exports = self.translator_exports()?;
         let indices = exports
             .inbound
@@ -127,7 +122,7 @@ impl Binding {
                     self.plugin()
                 ),
             })?;
-        Ok((&exports.pre, indices))
+        Ok(indices)
     }
 
     /// Builds the upstream request for one attempt.
@@ -144,7 +139,7 @@ impl Binding {
             RequestKind::Embeddings => "translate-embeddings-request",
         };
         let request = sandbox::bounded(&mut store, export, async |store| {
-            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             match kind {
                 RequestKind::Chat => {
                     let call = instance.get_typed_func::<
@@ -183,7 +178,7 @@ impl Binding {
             RequestKind::Embeddings => "translate-embeddings-response",
         };
         let answer = sandbox::bounded(&mut store, export, async |store| {
-            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             Ok(match kind {
                 RequestKind::Chat => {
                     let call = instance.get_typed_func::<
@@ -227,7 +222,7 @@ impl Binding {
         let exports = self.translator_exports()?;
         let mut store = self.store();
         sandbox::bounded(&mut store, "read-failure", async |store| {
-            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             exports
                 .translator
                 .load(&mut *store, &instance)?
@@ -246,7 +241,7 @@ impl Binding {
         let exports = self.translator_exports()?;
         let mut store = self.store();
         let (plugin, resource) = sandbox::bounded(&mut store, "stream-translator", async |store| {
-            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = exports.translator.load(&mut *store, &instance)?;
             let resource = plugin
                 .stream_translator()
@@ -268,7 +263,7 @@ impl Binding {
         let exports = self.translator_exports()?;
         let mut store = self.store();
         sandbox::bounded(&mut store, "validate-config", async |store| {
-            let instance = exports.pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             exports
                 .translator
                 .load(&mut *store, &instance)?
@@ -282,7 +277,7 @@ impl Binding {
 /// One live `stream-translator` resource with the store that owns it. Dropping the session drops the
 /// store and with it the instance.
 pub struct StreamSession {
-    store: Store<PluginState>,
+    store: PluginStore,
     plugin: translator::Guest,
     resource: ResourceAny,
 }
@@ -331,10 +326,10 @@ impl Binding {
         endpoint: Endpoint,
         body: &str,
     ) -> Result<Result<String, InvalidRequest>, PluginError> {
-        let (pre, indices) = self.inbound_exports()?;
+        let indices = self.inbound_exports()?;
         let mut store = self.store();
         let converted = sandbox::bounded(&mut store, "to-openai-request", async |store| {
-            let instance = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             indices
                 .load(&mut *store, &instance)?
                 .call_to_openai_request(&mut *store, endpoint, body)
@@ -355,10 +350,10 @@ impl Binding {
         body: &str,
         client_headers: &[Header],
     ) -> Result<Result<UpstreamRequest, TranslateError>, PluginError> {
-        let (pre, indices) = self.inbound_exports()?;
+        let indices = self.inbound_exports()?;
         let mut store = self.store();
         let request = sandbox::bounded(&mut store, "forward-request", async |store| {
-            let instance = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             indices
                 .load(&mut *store, &instance)?
                 .call_forward_request(&mut *store, endpoint, context, body, client_headers)
@@ -378,10 +373,10 @@ impl Binding {
         context: &AttemptContext,
         response: &UpstreamResponse,
     ) -> Result<Result<ForwardedAnswer, TranslateError>, PluginError> {
-        let (pre, indices) = self.inbound_exports()?;
+        let indices = self.inbound_exports()?;
         let mut store = self.store();
         let answer = sandbox::bounded(&mut store, "read-forwarded-response", async |store| {
-            let instance = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             indices
                 .load(&mut *store, &instance)?
                 .call_read_forwarded_response(&mut *store, endpoint, context, response)
@@ -400,10 +395,10 @@ impl Binding {
         context: &AttemptContext,
         body: &str,
     ) -> Result<Result<String, TranslateError>, PluginError> {
-        let (pre, indices) = self.inbound_exports()?;
+        let indices = self.inbound_exports()?;
         let mut store = self.store();
         let converted = sandbox::bounded(&mut store, "from-openai-response", async |store| {
-            let instance = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             indices
                 .load(&mut *store, &instance)?
                 .call_from_openai_response(&mut *store, context, body)
@@ -418,10 +413,10 @@ impl Binding {
 
     /// The count-tokens answer for the host's own count.
     pub async fn count_tokens_answer(&self, input_tokens: u64) -> Result<String, PluginError> {
-        let (pre, indices) = self.inbound_exports()?;
+        let indices = self.inbound_exports()?;
         let mut store = self.store();
         let answer = sandbox::bounded(&mut store, "count-tokens-answer", async |store| {
-            let instance = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             indices
                 .load(&mut *store, &instance)?
                 .call_count_tokens_answer(&mut *store, input_tokens)
@@ -437,10 +432,10 @@ impl Binding {
         &self,
         context: &AttemptContext,
     ) -> Result<ForwardedSession, PluginError> {
-        let (pre, indices) = self.inbound_exports()?;
+        let indices = self.inbound_exports()?;
         let mut store = self.store();
         let (plugin, resource) = sandbox::bounded(&mut store, "forwarded-stream", async |store| {
-            let instance = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = indices.load(&mut *store, &instance)?;
             let resource = plugin
                 .forwarded_stream()
@@ -461,10 +456,10 @@ impl Binding {
         &self,
         context: &AttemptContext,
     ) -> Result<ConvertedSession, PluginError> {
-        let (pre, indices) = self.inbound_exports()?;
+        let indices = self.inbound_exports()?;
         let mut store = self.store();
         let (plugin, resource) = sandbox::bounded(&mut store, "openai-stream", async |store| {
-            let instance = pre.instantiate_async(&mut *store).await?;
+            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = indices.load(&mut *store, &instance)?;
             let resource = plugin
                 .openai_stream()
@@ -490,7 +485,7 @@ fn events_bytes(events: &[StreamEvent]) -> usize {
 
 /// One live `forwarded-stream` resource with the store that owns it.
 pub struct ForwardedSession {
-    store: Store<PluginState>,
+    store: PluginStore,
     plugin: inbound::Guest,
     resource: ResourceAny,
 }
@@ -532,7 +527,7 @@ impl ForwardedSession {
 
 /// One live `openai-stream` resource with the store that owns it.
 pub struct ConvertedSession {
-    store: Store<PluginState>,
+    store: PluginStore,
     plugin: inbound::Guest,
     resource: ResourceAny,
 }
