@@ -1,5 +1,9 @@
 //! Cost of one plugin call of each role through the real runtime: a fresh instance from the cached
-//! `InstancePre` plus the call, as every request pays it. Run: `cargo bench -p tollgate --bench plugin_calls`.
+//! `InstancePre`, the call, and dropping its store. Run: `cargo bench -p tollgate --bench plugin_calls`.
+//!
+//! The runtime is single-threaded, as the gateway's workers are, and never idle: the calls never
+//! wait, so the tasks that would drop stores and make instances ahead never run, and each call
+//! makes its instance and drops its store itself, as on a saturated worker.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +41,10 @@ fn chat_body(bytes: usize) -> String {
 }
 
 fn benchmarks(criterion: &mut Criterion) {
-    let tokio = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
     let cache = tempfile::tempdir().expect("a temp dir");
     let runtime = PluginRuntime::new(&RuntimeSettings {
         max_instances: 100,
