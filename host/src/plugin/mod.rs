@@ -564,6 +564,7 @@ pub struct CompiledPlugin {
     /// Its name, hash, role and metric label, shared with every store it runs in.
     identity: Arc<PluginIdentity>,
     contract: String,
+    /// Linked once: every instance of the plugin is made from it.
     pre: InstancePre<PluginState>,
     exports: Exports,
 }
