@@ -6,9 +6,10 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::{
-    SECOND_UPSTREAM_KEY, UPSTREAM_KEY, billing, channel, channel_with, chat, simulator, start,
+    SECOND_UPSTREAM_KEY, SseReader, UPSTREAM_KEY, billing, channel, channel_with, chat, simulator,
+    start,
 };
-use tollgate_simulator::Fault;
+use tollgate_simulator::{Fault, Simulator, TlsIdentity};
 
 fn fault(status: u16) -> Fault {
     Fault {
@@ -628,4 +629,105 @@ async fn a_stream_that_goes_quiet_is_cut_at_the_idle_timeout() {
     assert!(text.contains("\"code\":\"upstream_timeout\""), "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
     sim.release();
+}
+
+/// Hosted providers speak HTTPS and offer HTTP/2, which caps the requests one connection carries
+/// at once (about a hundred); this upstream allows one. A stream running there must not hold back
+/// the next request, as it would if the gateway sent both on one HTTP/2 connection.
+#[tokio::test]
+async fn a_running_stream_does_not_hold_back_the_next_request_to_an_https_upstream() {
+    let sim = Simulator::start_tls(
+        ([127, 0, 0, 1], 0).into(),
+        vec![UPSTREAM_KEY.to_owned()],
+        &TlsIdentity {
+            certificate_chain_pem: include_bytes!("fixtures/tls/upstream.pem"),
+            private_key_pem: include_bytes!("fixtures/tls/upstream.key"),
+        },
+        1,
+    )
+    .await
+    .expect("the TLS simulator binds a loopback port");
+    let ca_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tls/ca.pem");
+    let config = format!(
+        "{}{}",
+        billing(1_000_000),
+        channel_with(
+            "hosted",
+            &sim,
+            1,
+            &format!(
+                "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nca_file = {ca_file:?}\nfirst_byte_timeout_ms = 3000"
+            ),
+        )
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    sim.push_fault(Fault {
+        hold_after_chunks: Some(1),
+        ..Fault::default()
+    });
+    let mut body = chat("one two three");
+    body["stream"] = serde_json::json!(true);
+    let running = gateway.post_stream(&body).await;
+    assert_eq!(running.status(), 200);
+    let mut running = SseReader::new(running);
+    let first = running
+        .next(Duration::from_secs(10))
+        .await
+        .expect("the stream's first chunk");
+    assert!(first.contains("chat.completion.chunk"), "{first}");
+
+    let next = gateway
+        .post("/v1/chat/completions", &chat("four five"), &[])
+        .await;
+    assert_eq!(next.status, 200, "{}", next.json);
+    assert_eq!(
+        next.json["choices"][0]["message"]["content"], "Echo: four five",
+        "{}",
+        next.json
+    );
+
+    sim.release();
+    let rest = running.rest().await;
+    assert_eq!(rest.last().map(String::as_str), Some("[DONE]"), "{rest:?}");
+    assert_eq!(sim.calls(), 2);
+}
+
+/// A channel's `ca_file` that cannot be read stops start-up with a message naming the channel and
+/// the file, instead of a gateway whose every call to that upstream fails its TLS handshake.
+#[tokio::test]
+async fn a_channel_whose_ca_file_is_missing_stops_the_gateway_at_start() {
+    let sim = simulator().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let config = harness::write_config(
+        dir.path(),
+        "listen = \"127.0.0.1:0\"\n",
+        &format!(
+            "{}{}",
+            billing(1_000_000),
+            channel_with(
+                "private",
+                &sim,
+                1,
+                "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nca_file = \"no-such-ca.pem\""
+            )
+        ),
+    )
+    .expect("the config is written");
+    let served = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(harness::binary())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the gateway exits instead of serving")
+    .expect("the gateway runs");
+    assert!(!served.status.success());
+    let stderr = String::from_utf8_lossy(&served.stderr);
+    assert!(
+        stderr.contains("channel `private`: `ca_file` \"no-such-ca.pem\" cannot be used"),
+        "{stderr}"
+    );
 }

@@ -560,11 +560,12 @@ async fn channels_are_created_through_the_api_with_sealed_secrets() {
     .await
     .assert_error(409, Some("already_exists"));
     // Each refused with 400: secrets from the environment, a protocol nobody speaks, a base URL
-    // that does not parse.
+    // that does not parse, a CA file the gateway cannot read.
     for (name, field, value) in [
         ("env", "api_key_env", json!(["X"])),
         ("other", "protocol", json!("carrier-pigeon")),
         ("broken", "base_url", json!("http://[::1/v1")),
+        ("untrusted", "ca_file", json!("/no/such/ca.pem")),
     ] {
         let mut refused = body.clone();
         refused["name"] = json!(name);

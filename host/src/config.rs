@@ -264,6 +264,11 @@ pub struct ChannelConfig {
     /// Label shown in logs and `/v1/models` owners, e.g. to mark a simulated upstream.
     #[serde(default)]
     pub label: Option<String>,
+    /// A PEM file of root certificates this channel trusts beside the built-in web roots: the
+    /// CA of a private upstream (a self-hosted model server behind an internal CA). Read when the
+    /// channel is loaded; a relative path is read from the gateway's working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Timeout to establish the connection, in milliseconds.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,

@@ -607,6 +607,11 @@ fn channel_body(
             Some("base_url"),
         ));
     }
+    if let Some(path) = &config.ca_file
+        && let Err(error) = crate::gateway::trusted_roots(&config.name, path)
+    {
+        return Err(invalid(error.to_string(), Some("ca_file")));
+    }
     Ok((config, api_keys))
 }
 

@@ -256,6 +256,16 @@ pub enum StartError {
         #[source]
         source: reqwest::Error,
     },
+    /// A channel's `ca_file` cannot be read, or holds no certificate.
+    #[error("channel `{channel}`: `ca_file` {path:?} cannot be used: {reason}")]
+    CaFile {
+        /// The channel.
+        channel: String,
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// A channel's `base_url` is not a URL.
     #[error("channel `{channel}`: `base_url` {base_url:?} is not a URL: {reason}")]
     BaseUrl {
@@ -266,6 +276,25 @@ pub enum StartError {
         /// Why it does not parse.
         reason: String,
     },
+}
+
+/// The certificates of a channel's `ca_file`.
+pub fn trusted_roots(
+    channel: &str,
+    path: &std::path::Path,
+) -> Result<Vec<reqwest::Certificate>, StartError> {
+    let unusable = |reason: String| StartError::CaFile {
+        channel: channel.to_owned(),
+        path: path.display().to_string(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|error| unusable(error.to_string()))?;
+    let roots =
+        reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| unusable(error.to_string()))?;
+    if roots.is_empty() {
+        return Err(unusable("it holds no PEM certificate".to_owned()));
+    }
+    Ok(roots)
 }
 
 /// A channel created through the admin API: its sealed keys opened under the master key.
@@ -547,16 +576,28 @@ fn channel_with_keys(
         base_url: config.base_url.clone(),
         reason: error.to_string(),
     })?;
+    let roots = match &config.ca_file {
+        Some(path) => trusted_roots(&config.name, path)?,
+        None => Vec::new(),
+    };
     let clients = (0..workers.max(1))
         .map(|_| {
-            reqwest::Client::builder()
+            // HTTP/1.1 only, though providers offer HTTP/2 by ALPN: an HTTP/2 client keeps one
+            // connection per upstream and never opens a second when the provider's limit of
+            // concurrent streams on it (about a hundred) is reached (hyperium/hyper#2197), so
+            // requests past it would wait for a running stream to end, as long as minutes.
+            // HTTP/1.1 opens a connection per request in flight and keeps them for reuse.
+            let mut client = reqwest::Client::builder()
+                .http1_only()
                 .connect_timeout(Duration::from_millis(config.connect_timeout_ms))
-                .pool_idle_timeout(Duration::from_secs(90))
-                .build()
-                .map_err(|source| StartError::HttpClient {
-                    channel: config.name.clone(),
-                    source,
-                })
+                .pool_idle_timeout(Duration::from_secs(90));
+            for root in &roots {
+                client = client.add_root_certificate(root.clone());
+            }
+            client.build().map_err(|source| StartError::HttpClient {
+                channel: config.name.clone(),
+                source,
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Channel {

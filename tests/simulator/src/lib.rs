@@ -96,6 +96,16 @@ struct Shared {
 pub struct Simulator {
     shared: Arc<Shared>,
     address: SocketAddr,
+    /// `http`, or `https` when started with [`Simulator::start_tls`].
+    scheme: &'static str,
+}
+
+/// The certificate chain and key a TLS simulator presents, both PEM.
+pub struct TlsIdentity<'a> {
+    /// The server's certificate, then any intermediates.
+    pub certificate_chain_pem: &'a [u8],
+    /// Its private key (PKCS#8).
+    pub private_key_pem: &'a [u8],
 }
 
 impl Simulator {
@@ -117,7 +127,55 @@ impl Simulator {
             // The simulator lives as long as its runtime; a serve error ends it quietly.
             let _ = axum::serve(listener, app).await;
         });
-        Ok(Self { shared, address })
+        Ok(Self {
+            shared,
+            address,
+            scheme: "http",
+        })
+    }
+
+    /// Starts a simulator that speaks HTTPS, as hosted providers do: it offers HTTP/2 and
+    /// HTTP/1.1 by ALPN, and lets an HTTP/2 connection carry at most `streams_per_connection`
+    /// requests at once (hosted providers allow about a hundred).
+    pub async fn start_tls(
+        address: SocketAddr,
+        api_keys: Vec<String>,
+        identity: &TlsIdentity<'_>,
+        streams_per_connection: u32,
+    ) -> std::io::Result<Self> {
+        let acceptor = tls_acceptor(identity)?;
+        let shared = Arc::new(Shared {
+            api_keys,
+            ..Shared::default()
+        });
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        let address = listener.local_addr()?;
+        let service = hyper_util::service::TowerToHyperService::new(router(shared.clone()));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, service) = (acceptor.clone(), service.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut server = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    server
+                        .http2()
+                        .max_concurrent_streams(streams_per_connection);
+                    let _ = server
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            shared,
+            address,
+            scheme: "https",
+        })
     }
 
     /// From now on, remember of each request only its path (`seen` and `calls` still count it):
@@ -133,19 +191,19 @@ impl Simulator {
         self.address
     }
 
-    /// Base URL of its OpenAI API (`http://addr/v1`).
+    /// Base URL of its OpenAI API (`http://addr/v1`, or `https://`).
     pub fn openai_base_url(&self) -> String {
-        format!("http://{}/v1", self.address)
+        format!("{}://{}/v1", self.scheme, self.address)
     }
 
-    /// Base URL of its Gemini API (`http://addr/gemini/v1beta`).
+    /// Base URL of its Gemini API (`http://addr/gemini/v1beta`, or `https://`).
     pub fn gemini_base_url(&self) -> String {
-        format!("http://{}/gemini/v1beta", self.address)
+        format!("{}://{}/gemini/v1beta", self.scheme, self.address)
     }
 
-    /// Base URL of its Anthropic API (`http://addr/anthropic/v1`).
+    /// Base URL of its Anthropic API (`http://addr/anthropic/v1`, or `https://`).
     pub fn anthropic_base_url(&self) -> String {
-        format!("http://{}/anthropic/v1", self.address)
+        format!("{}://{}/anthropic/v1", self.scheme, self.address)
     }
 
     /// Queues a fault for the next request.
@@ -172,6 +230,31 @@ impl Simulator {
     pub fn calls(&self) -> usize {
         lock(&self.shared.seen).len()
     }
+}
+
+/// The TLS side of [`Simulator::start_tls`]: `identity`, HTTP/2 preferred by ALPN.
+fn tls_acceptor(identity: &TlsIdentity<'_>) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |error: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, error.to_string())
+    };
+    let chain = CertificateDer::pem_slice_iter(identity.certificate_chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| invalid(&error))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(identity.private_key_pem).map_err(|error| invalid(&error))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|error| invalid(&error))?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|error| invalid(&error))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
