@@ -46,8 +46,9 @@ thread_local! {
     static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Declares this thread serving worker `index` (counted from 0, below `server.workers`), so the
-/// requests it serves use that worker's upstream connections. A thread is a worker for good: a
+/// Declares this thread serving worker `index` (counted from 1, as the threads are named), so
+/// the requests it serves use that worker's upstream connections (client `index` modulo the
+/// worker count; threads that serve no requests use client 0). A thread is a worker for good: a
 /// worker's runtime is single-threaded, so none of its tasks ever moves to another thread.
 pub fn enter_worker(index: usize) {
     WORKER.set(index);
