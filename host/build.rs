@@ -23,6 +23,7 @@ const GUESTS: &[&str] = &[
     "tollgate-test-plugin-trap",
     "tollgate-test-plugin-endless-loop",
     "tollgate-test-plugin-billing-trap",
+    "tollgate-test-plugin-billing-instance-probe",
     "tollgate-test-plugin-scripted-router",
     "tollgate-test-plugin-reads-files",
     "tollgate-test-plugin-not-a-plugin",

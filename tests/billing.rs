@@ -1,6 +1,6 @@
 //! End-to-end billing: holds keep concurrent requests from overdrawing a balance, the books
-//! balance to the pico after concurrent mixed load, and a billing plugin that fails to price still
-//! leaves the usage recorded.
+//! balance to the pico after concurrent mixed load, a billing plugin that fails to price still
+//! leaves the usage recorded, and no billing call finds another's state in its instance.
 
 mod harness;
 
@@ -323,6 +323,49 @@ async fn usage_is_recorded_unpriced_when_the_billing_plugin_traps() {
         !output.status.success(),
         "reconcile fails while a record is unpriced"
     );
+}
+
+#[tokio::test]
+async fn no_billing_call_finds_another_calls_state_in_its_instance() {
+    let sim = simulator().await;
+    let config = format!(
+        "[bindings.billing]\nplugin = \"{}\"\n{}",
+        test_plugin("tollgate_test_plugin_billing_instance_probe.wasm").display(),
+        channel("only", &sim, 1)
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    // Concurrent whole requests and streams: a call finding another request's mark in its
+    // instance refuses the request (429) or leaves it unpriced.
+    let bodies: Vec<Value> = (0..24)
+        .map(|index| chat(&format!("whole {index}")))
+        .collect();
+    let wholes = bodies
+        .iter()
+        .map(|body| gateway.post("/v1/chat/completions", body, &[]));
+    let streams =
+        (0..8).map(|index| harness::stream_chat(&gateway, streamed(&format!("stream {index}"))));
+    let (wholes, streams) = futures::join!(
+        futures::future::join_all(wholes),
+        futures::future::join_all(streams)
+    );
+    let mut records = Vec::new();
+    for answer in &wholes {
+        assert_eq!(answer.status, 200, "{}", answer.json);
+        records.push(gateway.record(&answer.request_id()).await);
+    }
+    for (chunks, request_id) in &streams {
+        assert_eq!(chunks.last(), Some(&Value::Null), "ends with [DONE]");
+        records.push(gateway.record_eventually(request_id).await);
+    }
+    // Nor does a charge find its own request's authorize: an instance serves one call, so a
+    // request waiting on its upstream holds none.
+    for record in &records {
+        assert_eq!(record["cost_picos"], 0, "priced: {record}");
+        assert_eq!(
+            record["line_items"][0]["kind"], "fresh-instance",
+            "{record}"
+        );
+    }
 }
 
 #[tokio::test]
