@@ -647,7 +647,7 @@ async fn a_running_stream_does_not_hold_back_the_next_request_to_an_https_upstre
     )
     .await
     .expect("the TLS simulator binds a loopback port");
-    let ca_file = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tls/ca.pem");
+    // Named relative to the configuration file, which the gateway does not run beside.
     let config = format!(
         "{}{}",
         billing(1_000_000),
@@ -655,12 +655,13 @@ async fn a_running_stream_does_not_hold_back_the_next_request_to_an_https_upstre
             "hosted",
             &sim,
             1,
-            &format!(
-                "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nca_file = {ca_file:?}\nfirst_byte_timeout_ms = 3000"
-            ),
+            "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nca_file = \"ca.pem\"\nfirst_byte_timeout_ms = 3000",
         )
     );
-    let gateway = start(&config).await.expect("the gateway starts");
+    let ca = include_bytes!("fixtures/tls/ca.pem");
+    let gateway = harness::start_beside(&[("ca.pem", ca)], "", &config)
+        .await
+        .expect("the gateway starts");
     sim.push_fault(Fault {
         hold_after_chunks: Some(1),
         ..Fault::default()
@@ -726,8 +727,13 @@ async fn a_channel_whose_ca_file_is_missing_stops_the_gateway_at_start() {
     .expect("the gateway runs");
     assert!(!served.status.success());
     let stderr = String::from_utf8_lossy(&served.stderr);
+    // The path it looked at: beside the configuration file.
+    let looked_at = dir.path().join("no-such-ca.pem");
     assert!(
-        stderr.contains("channel `private`: `ca_file` \"no-such-ca.pem\" cannot be used"),
+        stderr.contains(&format!(
+            "channel `private`: `ca_file` {:?} cannot be used",
+            looked_at.display().to_string()
+        )),
         "{stderr}"
     );
 }

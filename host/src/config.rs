@@ -266,7 +266,7 @@ pub struct ChannelConfig {
     pub label: Option<String>,
     /// A PEM file of root certificates this channel trusts beside the built-in web roots: the
     /// CA of a private upstream (a self-hosted model server behind an internal CA). Read when the
-    /// channel is loaded; a relative path is read from the gateway's working directory.
+    /// channel is loaded; a relative path is read from the configuration file's directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<std::path::PathBuf>,
     /// Timeout to establish the connection, in milliseconds.
@@ -366,7 +366,16 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string())
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        // Found beside the file, as plugin files are, whatever directory the gateway runs in.
+        if let Some(dir) = path.parent() {
+            for channel in &mut config.channels {
+                if let Some(ca_file) = &mut channel.ca_file {
+                    *ca_file = dir.join(&*ca_file);
+                }
+            }
+        }
+        Ok(config)
     }
 
     /// Parses configuration text; `origin` names it in errors.

@@ -169,7 +169,19 @@ pub fn write_config(dir: &Path, server: &str, body: &str) -> anyhow::Result<Path
 
 /// [`start`], with `server` (lines of `[server]` keys) added to the `[server]` table.
 pub async fn start_with_server(server: &str, body: &str) -> anyhow::Result<Gateway> {
+    start_beside(&[], server, body).await
+}
+
+/// [`start_with_server`], with `files` (name, contents) written beside the configuration file.
+pub async fn start_beside(
+    files: &[(&str, &[u8])],
+    server: &str,
+    body: &str,
+) -> anyhow::Result<Gateway> {
     let data_dir = tempfile::tempdir()?;
+    for (name, contents) in files {
+        std::fs::write(data_dir.path().join(name), contents)?;
+    }
     let config = write_config(
         data_dir.path(),
         &format!("listen = \"127.0.0.1:0\"\n{server}"),
