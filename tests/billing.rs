@@ -299,15 +299,21 @@ async fn two_requests_sent_with_the_same_request_id_are_both_charged() {
     );
 }
 
-#[tokio::test]
-async fn usage_is_recorded_unpriced_when_the_billing_plugin_traps() {
+/// A gateway whose billing plugin is the test plugin `file`, with one channel to the simulator.
+async fn billed_by(file: &str) -> (tollgate_simulator::Simulator, harness::Gateway) {
     let sim = simulator().await;
     let config = format!(
         "[bindings.billing]\nplugin = \"{}\"\n{}",
-        test_plugin("tollgate_test_plugin_billing_trap.wasm").display(),
+        test_plugin(file).display(),
         channel("only", &sim, 1)
     );
     let gateway = start(&config).await.expect("the gateway starts");
+    (sim, gateway)
+}
+
+#[tokio::test]
+async fn usage_is_recorded_unpriced_when_the_billing_plugin_traps() {
+    let (_sim, gateway) = billed_by("tollgate_test_plugin_billing_trap.wasm").await;
     let answer = gateway
         .post("/v1/chat/completions", &chat("still served"), &[])
         .await;
@@ -327,13 +333,7 @@ async fn usage_is_recorded_unpriced_when_the_billing_plugin_traps() {
 
 #[tokio::test]
 async fn no_billing_call_finds_another_calls_state_in_its_instance() {
-    let sim = simulator().await;
-    let config = format!(
-        "[bindings.billing]\nplugin = \"{}\"\n{}",
-        test_plugin("tollgate_test_plugin_billing_instance_probe.wasm").display(),
-        channel("only", &sim, 1)
-    );
-    let gateway = start(&config).await.expect("the gateway starts");
+    let (_sim, gateway) = billed_by("tollgate_test_plugin_billing_instance_probe.wasm").await;
     // Concurrent whole requests and streams: a call finding another request's mark in its
     // instance refuses the request (429) or leaves it unpriced.
     let bodies: Vec<Value> = (0..24)
