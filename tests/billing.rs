@@ -88,7 +88,11 @@ async fn holds_keep_concurrent_requests_from_overdrawing() {
         hold_after_chunks: Some(2),
         ..Fault::default()
     }));
+    // Each asks for at most 100 output tokens: its hold is 100 micros.
+    let mut capped_stream = streamed("x");
+    capped_stream["max_tokens"] = json!(100);
     let requests = (0..12).map(|_| {
+        let capped_stream = &capped_stream;
         let http = gateway.http.clone();
         let url = format!("{}/v1/chat/completions", gateway.url);
         let key = gateway.key.clone();
@@ -96,7 +100,7 @@ async fn holds_keep_concurrent_requests_from_overdrawing() {
             let response = http
                 .post(url)
                 .bearer_auth(key)
-                .json(&streamed("x"))
+                .json(&capped_stream)
                 .send()
                 .await
                 .expect("answers");

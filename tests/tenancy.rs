@@ -216,23 +216,15 @@ async fn key_terms_are_enforced_before_any_upstream_call() {
         "one request comes back every 30 s: {retry_after}"
     );
 
-    // Each call costs 3 × 0.15 + 4 × 0.6 = 2.85 micros: the third passes the 5-micro daily cap.
+    // A daily spend cap must have room for a request's hold (a bound on its prompt, here about
+    // 80 tokens at 0.15 micros, and its output allowance), as a balance must: a 5-micro cap has
+    // none, and the request never reaches the upstream (tests/money.rs counts a cap to the pico).
     let capped = new_key(&gateway, "acme", json!({"daily_spend_cap_micros": 5})).await;
-    assert_eq!(
-        call_with(&gateway, &capped, &chat("hello there world"))
-            .await
-            .status,
-        200
-    );
-    assert_eq!(
-        call_with(&gateway, &capped, &chat("hello there world"))
-            .await
-            .status,
-        200
-    );
+    let calls = sim.calls();
     call_with(&gateway, &capped, &chat("hello there world"))
         .await
         .assert_error(429, Some("insufficient_quota"));
+    assert_eq!(sim.calls(), calls, "refused before any upstream call");
 
     let few_tokens = new_key(&gateway, "acme", json!({"tpm": 40})).await;
     let long_prompt = chat(&"many words here ".repeat(20));
@@ -241,8 +233,8 @@ async fn key_terms_are_enforced_before_any_upstream_call() {
         .assert_error(429, Some("rate_limit_exceeded"));
     assert_eq!(
         sim.calls(),
-        4,
-        "only the four allowed requests reached the upstream"
+        2,
+        "only the two allowed requests reached the upstream"
     );
 }
 

@@ -1,17 +1,22 @@
 //! Bill: the tenant's billing plugin authorizes a request before the upstream call and prices it
 //! after. The plugin only computes amounts; record moves the money.
 //!
-//! In: the [`RequestContext`] (and, for `charge`, the final usage). Out: a hold amount, or a
-//! [`BillingError`] (`insufficient_quota` denials); after the call a [`Priced`] result, which is
-//! never an error: a pricing failure leaves the record unpriced for reconciliation. Next: record.
+//! In: the [`RequestContext`] (and, for `charge`, the final usage). Out: a [`Grant`] (the hold and
+//! the output it covers), or a [`BillingError`] (`insufficient_quota` denials); after the call a
+//! [`Priced`] result, never past the hold, and never an error: a pricing failure leaves the record
+//! unpriced for reconciliation. Next: record.
 
 use crate::flow::RequestContext;
 use crate::gateway::Gateway;
 use crate::plugin::PluginError;
 use crate::plugin::billing::{AuthorizeRequest, BillingDenial, CallOutcome, ChargeRequest, Price};
+use crate::plugin::router::Operation;
 use crate::plugin::table::Called;
 use crate::plugin::translator::Usage;
+use crate::request::ClientRequest;
 use crate::store::StoreError;
+use crate::store::{HoldOutcome, HoldRequest};
+use crate::tokens;
 
 /// Why a request may not go ahead.
 #[derive(Debug, thiserror::Error)]
@@ -45,57 +50,230 @@ pub struct Priced {
     pub failure: Option<String>,
     /// The plugin that priced it, when it differs from the one that authorized (a fail-open).
     pub trace: Option<String>,
+    /// What the plugin priced past the request's hold: the charge stops at the hold (`price`
+    /// then says the hold, its line items what the plugin priced) and this is written off.
+    pub written_off_picos: u64,
 }
 
 /// How often authorization is retried when concurrent requests keep changing the balance between
 /// the plugin's decision and the hold.
 const HOLD_ATTEMPTS: usize = 64;
 
-/// Asks the billing plugin whether the request may go ahead and places its hold; returns the
-/// hold's id. The hold is placed only if the available balance is still the one the plugin decided
-/// on, so concurrent requests can never overdraw it together.
+/// Picos per micro-unit.
+const PICOS_PER_MICRO: i128 = 1_000_000;
+
+/// The margin on a tokenizer count that stands in for the byte bound near a tenant's floor: the
+/// o200k count of the prompt's text times 3/2. Providers' own tokenizers count other numbers (up
+/// to about a third more for Anthropic's on code and non-English text); what a provider reports
+/// past the hold is written off, never charged past it.
+const COUNTED_MARGIN: (u64, u64) = (3, 2);
+
+/// What authorization granted a request.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The hold's id, which the settlement releases.
+    pub hold_id: String,
+    /// What the hold reserves, in picos: the most the request is ever charged.
+    pub hold_picos: u64,
+    /// The output tokens the hold covers (chat; `None` for embeddings).
+    pub output_allowance: Option<u64>,
+    /// Set when the allowance is below the model's limit and the client set no cap of its own:
+    /// the cap the upstream request must carry.
+    pub upstream_cap: Option<u64>,
+}
+
+/// Asks the billing plugin whether the request may go ahead and places its hold. The hold covers
+/// a bound on the prompt and the client's output cap, or the model's output limit; the hold is
+/// placed only if the available balance is still the one the plugin decided on (and the key's
+/// daily spend cap, counting the holds in flight, has room), so concurrent requests can never
+/// overdraw a balance or a cap together.
+///
+/// Near the floor, when the plugin refuses that: the prompt is counted with the tokenizer (plus
+/// [`COUNTED_MARGIN`]) instead of bounded by its bytes, and a request without its own cap gets the
+/// largest output the plugin allows, found by bisection (at most about 17 decisions), which flow
+/// then puts in the upstream request. A request whose own cap does not fit is refused.
 pub async fn authorize(
     gateway: &Gateway,
     context: &mut RequestContext,
-) -> Result<String, BillingError> {
-    let tenant = &context.caller.tenant;
-    if let Some(cap_micros) = context.caller.daily_spend_cap_micros {
-        let today = context.received_unix_ms / crate::store::MILLIS_PER_DAY;
-        let spent = gateway
-            .store
-            .key_spend_picos(&context.caller.key_id, today)?;
-        // Checked against what was charged so far: requests in flight may still pass the cap by
-        // their own cost.
-        if spent >= i128::from(cap_micros) * 1_000_000 {
-            return Err(BillingError::BudgetExceeded(
-                "This key reached its daily spend cap; it resets at midnight UTC.".to_owned(),
-            ));
-        }
-    }
+) -> Result<Grant, BillingError> {
+    let limits = gateway.model_limits(&context.request.model);
+    let chat = context.request.operation == Operation::Chat;
+    let client_cap = context.request.max_output_tokens;
+    let output_wanted = if chat {
+        client_cap.unwrap_or(limits.max_output_tokens)
+    } else {
+        0
+    };
+    let within_context = |tokens: u64| {
+        limits
+            .max_input_tokens
+            .map_or(tokens, |cap| tokens.min(cap))
+    };
+    let byte_bound = within_context(context.request.prompt_bound_tokens);
+    let key_cap = context.caller.daily_spend_cap_micros.map(|cap| {
+        (
+            i128::from(cap) * PICOS_PER_MICRO,
+            context.received_unix_ms / crate::store::MILLIS_PER_DAY,
+        )
+    });
     let hold_id = uuid::Uuid::new_v4().to_string();
-    for round in 0..HOLD_ATTEMPTS {
-        let available = gateway.store.available_picos(tenant)?;
-        let called = decide(context, available).await?;
-        if round == 0 {
-            context.plugins.push(called.trace);
-        }
-        let amount = called.value?;
-        if gateway
+    let mut counted_bound = None;
+    let mut judge = Judge {
+        context,
+        available: 0,
+        cap_room: None,
+        traced: false,
+    };
+    for _ in 0..HOLD_ATTEMPTS {
+        judge.available = gateway
             .store
-            .place_hold(tenant, &hold_id, amount, available)?
-        {
-            return Ok(hold_id);
+            .available_picos(&judge.context.caller.tenant)?;
+        judge.cap_room = match key_cap {
+            Some((cap, day)) => Some(
+                cap - gateway
+                    .store
+                    .key_committed_picos(&judge.context.caller.key_id, day)?,
+            ),
+            None => None,
+        };
+        let sized = match judge.verdict(byte_bound, output_wanted).await? {
+            Verdict::Allowed(amount) => Sized {
+                amount,
+                output: output_wanted,
+            },
+            Verdict::Refused(refusal) => return Err(refusal),
+            Verdict::Short(shortfall) => {
+                let counted = *counted_bound.get_or_insert_with(|| {
+                    within_context(counted_prompt_bound(&judge.context.request))
+                });
+                let can_shrink_output = chat && client_cap.is_none();
+                judge
+                    .fit(byte_bound.min(counted), output_wanted, can_shrink_output)
+                    .await?
+                    .ok_or(shortfall)?
+            }
+        };
+        let placed = gateway.store.place_hold(&HoldRequest {
+            tenant: &judge.context.caller.tenant,
+            key_id: &judge.context.caller.key_id,
+            hold_id: &hold_id,
+            amount_picos: sized.amount,
+            seen_available: judge.available,
+            key_cap,
+        })?;
+        if placed == HoldOutcome::Placed {
+            return Ok(Grant {
+                hold_id,
+                hold_picos: sized.amount,
+                output_allowance: chat.then_some(sized.output),
+                upstream_cap: (chat && sized.output < output_wanted).then_some(sized.output),
+            });
         }
         tokio::task::yield_now().await;
     }
     Err(BillingError::Contended)
 }
 
-/// One authorization decision of the plugin, on the given available balance. The outer error is
-/// the plugin's failure, the inner one its refusal.
+/// The prompt bound near a tenant's floor: the tokenizer's count of every string with
+/// [`COUNTED_MARGIN`], media at their fixed bounds.
+fn counted_prompt_bound(request: &ClientRequest) -> u64 {
+    let Ok(body) = serde_json::from_str::<serde_json::Value>(&request.body) else {
+        return request.prompt_bound_tokens;
+    };
+    let (times, per) = COUNTED_MARGIN;
+    crate::request::prompt_bound(&body, &|text: &str| {
+        (tokens::count(text) * times).div_ceil(per)
+    })
+}
+
+/// A hold's size: its amount and the output tokens it covers.
+struct Sized {
+    amount: u64,
+    output: u64,
+}
+
+/// What the plugin (and the key's cap) say to one estimate.
+enum Verdict {
+    /// Allowed, with the hold's amount in picos.
+    Allowed(u64),
+    /// Refused for want of balance or cap room: a smaller estimate may pass.
+    Short(BillingError),
+    /// Refused for another reason.
+    Refused(BillingError),
+}
+
+/// Asks the billing plugin about estimates on one available balance.
+struct Judge<'a> {
+    context: &'a mut RequestContext,
+    available: i128,
+    /// What the key's daily spend cap has left, counting holds in flight.
+    cap_room: Option<i128>,
+    traced: bool,
+}
+
+impl Judge<'_> {
+    async fn verdict(&mut self, prompt: u64, output: u64) -> Result<Verdict, BillingError> {
+        let called = decide(self.context, self.available, prompt, output).await?;
+        if !self.traced {
+            self.context.plugins.push(called.trace);
+            self.traced = true;
+        }
+        Ok(match called.value {
+            Ok(amount) if self.cap_room.is_some_and(|room| i128::from(amount) > room) => {
+                Verdict::Short(BillingError::BudgetExceeded(
+                    "This key reached its daily spend cap; it resets at midnight UTC.".to_owned(),
+                ))
+            }
+            Ok(amount) => Verdict::Allowed(amount),
+            Err(shortfall @ BillingError::InsufficientBalance(_)) => Verdict::Short(shortfall),
+            Err(refusal) => Verdict::Refused(refusal),
+        })
+    }
+
+    /// The prompt with the whole output wanted, else (when it may shrink) the largest output the
+    /// plugin allows with it; `None` when nothing fits.
+    async fn fit(
+        &mut self,
+        prompt: u64,
+        output_wanted: u64,
+        can_shrink_output: bool,
+    ) -> Result<Option<Sized>, BillingError> {
+        match self.verdict(prompt, output_wanted).await? {
+            Verdict::Allowed(amount) => {
+                return Ok(Some(Sized {
+                    amount,
+                    output: output_wanted,
+                }));
+            }
+            Verdict::Refused(refusal) => return Err(refusal),
+            Verdict::Short(_) if !can_shrink_output => return Ok(None),
+            Verdict::Short(_) => {}
+        }
+        // Bisection over [1, output_wanted): the plugin's amount grows with the output.
+        let (mut allowed, mut refused) = (0, output_wanted);
+        let mut best = None;
+        while refused - allowed > 1 {
+            let output = allowed + (refused - allowed) / 2;
+            match self.verdict(prompt, output).await? {
+                Verdict::Allowed(amount) => {
+                    allowed = output;
+                    best = Some(Sized { amount, output });
+                }
+                Verdict::Short(_) => refused = output,
+                Verdict::Refused(refusal) => return Err(refusal),
+            }
+        }
+        Ok(best)
+    }
+}
+
+/// One authorization decision of the plugin on an estimate and an available balance. The outer
+/// error is the plugin's failure, the inner one its refusal.
 async fn decide(
     context: &RequestContext,
     available: i128,
+    prompt_tokens: u64,
+    output_tokens: u64,
 ) -> Result<Called<Result<u64, BillingError>>, BillingError> {
     let balance = available;
     let request = AuthorizeRequest {
@@ -105,10 +283,10 @@ async fn decide(
         operation: context.request.operation,
         model: context.request.model.clone(),
         estimated_usage: Usage {
-            input_tokens: context.request.estimated_input_tokens,
+            input_tokens: prompt_tokens,
             cache_read_tokens: 0,
             cache_write_tokens: 0,
-            output_tokens: context.request.max_output_tokens.unwrap_or(0),
+            output_tokens,
             reasoning_tokens: 0,
             estimated: true,
         },
@@ -139,8 +317,25 @@ async fn decide(
     })
 }
 
-/// Prices a finished call. Never fails the request: the usage is recorded either way.
+/// Prices a finished call, never past its hold. Never fails the request: the usage is recorded
+/// either way.
 pub async fn charge(context: &RequestContext, usage: &Usage, outcome: CallOutcome) -> Priced {
+    let mut priced = price(context, usage, outcome).await;
+    if let (Some(price), Some(grant)) = (priced.price.as_mut(), context.grant.as_ref())
+        && price.amount_picos > grant.hold_picos
+    {
+        priced.written_off_picos = price.amount_picos - grant.hold_picos;
+        price.amount_picos = grant.hold_picos;
+        tracing::warn!(
+            written_off_picos = priced.written_off_picos,
+            "the upstream's usage was priced past the hold; the excess is written off"
+        );
+    }
+    priced
+}
+
+/// The billing plugin's price of a finished call.
+async fn price(context: &RequestContext, usage: &Usage, outcome: CallOutcome) -> Priced {
     let request = ChargeRequest {
         request_id: context.request_id.clone(),
         tenant: context.caller.tenant.clone(),
@@ -164,22 +359,21 @@ pub async fn charge(context: &RequestContext, usage: &Usage, outcome: CallOutcom
         Ok(called) => called,
         Err(error) => {
             return Priced {
-                price: None,
                 failure: Some(error.to_string()),
-                trace: None,
+                ..Priced::default()
             };
         }
     };
     match called.value {
         Ok(price) => Priced {
             price: Some(price),
-            failure: None,
             trace: Some(called.trace),
+            ..Priced::default()
         },
         Err(error) => Priced {
-            price: None,
             failure: Some(format!("{error:?}")),
             trace: Some(called.trace),
+            ..Priced::default()
         },
     }
 }

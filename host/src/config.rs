@@ -71,6 +71,44 @@ pub struct ModelConfig {
     /// Served instead when every route to this model fails (degradation). The record marks it and
     /// the response carries `x-tollgate-degraded`.
     pub fallback: Option<String>,
+    /// The most output tokens the model writes in one answer: a request without its own cap is
+    /// held for this many (default [`DEFAULT_MAX_OUTPUT_TOKENS`]), and a cap the host puts in the
+    /// upstream request for a tenant near its floor never exceeds it.
+    pub max_output_tokens: Option<u64>,
+    /// The model's context window in tokens: the prompt bound a hold rests on never exceeds it
+    /// (an upstream refuses a longer prompt). None: no cap.
+    pub max_input_tokens: Option<u64>,
+}
+
+/// Output tokens held for a request without a cap to a model without `max_output_tokens`.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 32_768;
+
+/// The token limits of one public model, as the hold uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelLimits {
+    /// See [`ModelConfig::max_output_tokens`].
+    pub max_output_tokens: u64,
+    /// See [`ModelConfig::max_input_tokens`].
+    pub max_input_tokens: Option<u64>,
+}
+
+impl ModelConfig {
+    /// This model's limits, with the defaults filled in.
+    pub fn limits(&self) -> ModelLimits {
+        ModelLimits {
+            max_output_tokens: self.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS),
+            max_input_tokens: self.max_input_tokens,
+        }
+    }
+}
+
+impl Default for ModelLimits {
+    fn default() -> Self {
+        Self {
+            max_output_tokens: DEFAULT_MAX_OUTPUT_TOKENS,
+            max_input_tokens: None,
+        }
+    }
 }
 
 /// `[server]`.

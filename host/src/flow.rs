@@ -65,8 +65,9 @@ pub struct RequestContext {
     /// The model the client asked for, when every route to it failed and its fallback served
     /// instead (`request.model` then names the fallback).
     pub degraded_from: Option<String>,
-    /// The id of this request's balance hold, once billing placed one (released by record).
-    pub hold_id: Option<String>,
+    /// This request's balance hold, once billing placed one (released by record), with the output
+    /// it covers.
+    pub grant: Option<bill::Grant>,
     /// The request's slot under its key's and tenant's limits, held until it ends.
     pub permit: Option<LimitPermit>,
     /// Plugins that ran (`name@sha`, marked when a canary ran or a fallback served), for the
@@ -83,6 +84,10 @@ pub struct RequestContext {
     pub inbound: Option<Inbound>,
     /// The protocol of the channel that answered.
     pub served_protocol: Option<String>,
+    /// The attempt under way, for the record of a request the client abandons during it.
+    pub attempt_in_flight: Option<RecordedAttempt>,
+    /// Whether a request went to an upstream: one the client abandons is then charged its prompt.
+    pub reached_upstream: bool,
 }
 
 impl RequestContext {
@@ -112,7 +117,7 @@ impl RequestContext {
             routed_model: None,
             upstream_wait: Duration::ZERO,
             degraded_from: None,
-            hold_id: None,
+            grant: None,
             permit: None,
             plugins: Vec::new(),
             bindings,
@@ -120,6 +125,8 @@ impl RequestContext {
             billing,
             inbound: None,
             served_protocol: None,
+            attempt_in_flight: None,
+            reached_upstream: false,
         })
     }
 
@@ -181,25 +188,28 @@ pub struct Served {
 }
 
 /// Runs a chat-completions or embeddings request through every stage. Failures are recorded
-/// before they are returned, so the ledger holds one record per authenticated request.
+/// before they are returned, so the ledger holds one record per authenticated request; a request
+/// the client abandons is settled by [`Unsettled`].
 pub async fn run(
     gateway: Arc<Gateway>,
-    mut context: RequestContext,
+    context: RequestContext,
 ) -> Result<(Delivery, Served), ApiError> {
-    let answered = match deliver(&gateway, &mut context).await {
+    let mut unsettled = Unsettled::new(gateway.clone(), context);
+    let context = unsettled.context();
+    let answered = match deliver(&gateway, context).await {
         Ok(answered) => answered,
         Err(error) => {
             let usage = zero_usage();
             let status = error.status_code();
             finish(
                 &gateway,
-                &mut context,
+                context,
                 &usage,
                 &Priced::default(),
                 status,
                 Some(error.class()),
-            )
-            .await;
+            );
+            unsettled.settled();
             return Err(error);
         }
     };
@@ -232,11 +242,15 @@ pub async fn run(
     match reply {
         Reply::Whole(answer) => {
             admission.succeeded(started.elapsed(), ttfb);
-            let priced = bill::charge(&context, &answer.usage, CallOutcome::Complete).await;
-            finish(&gateway, &mut context, &answer.usage, &priced, 200, None).await;
+            unsettled.usage = Some(answer.usage);
+            let context = unsettled.context();
+            let priced = bill::charge(context, &answer.usage, CallOutcome::Complete).await;
+            finish(&gateway, context, &answer.usage, &priced, 200, None);
+            unsettled.settled();
             Ok((Delivery::Json(answer.body), served))
         }
         Reply::Streaming(open) => {
+            let mut context = unsettled.hand_over();
             // The client's own body served the attempts. A stream keeps its context until it
             // ends, and the prompt settling may have to count is `request.body`: one copy of a
             // long context per open stream is enough.
@@ -251,6 +265,95 @@ pub async fn run(
             Ok((Delivery::Stream(receiver), served))
         }
     }
+}
+
+/// A request on its way, until it is settled (priced and recorded) or handed to the task that
+/// carries its stream. The client's connection owns the request's future, and drops it when the
+/// client goes away: nothing after the pending `await` runs, the upstream call in it is dropped
+/// (cancelled), and this guard hands the request to a task that settles it as `client_closed`.
+struct Unsettled {
+    gateway: Arc<Gateway>,
+    context: Option<RequestContext>,
+    /// The usage of a whole answer that came while it is being priced.
+    usage: Option<Usage>,
+    span: tracing::Span,
+}
+
+impl Unsettled {
+    fn new(gateway: Arc<Gateway>, context: RequestContext) -> Self {
+        Self {
+            gateway,
+            context: Some(context),
+            usage: None,
+            span: tracing::Span::current(),
+        }
+    }
+
+    fn context(&mut self) -> &mut RequestContext {
+        self.context
+            .as_mut()
+            .expect("a request is settled or handed over once, at the end of `run`")
+    }
+
+    /// The request was recorded.
+    fn settled(mut self) {
+        self.context = None;
+    }
+
+    /// The request goes on in another task, which settles it.
+    fn hand_over(mut self) -> RequestContext {
+        self.context
+            .take()
+            .expect("a request is settled or handed over once, at the end of `run`")
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        let Some(context) = self.context.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(request_id = %context.request_id, "an abandoned request could not be settled: no runtime");
+            return;
+        };
+        let settling = settle_abandoned(self.gateway.clone(), context, self.usage.take());
+        runtime.spawn(settling.instrument(self.span.clone()));
+    }
+}
+
+/// Settles a request its client abandoned before its answer: recorded as 499 `client_closed`,
+/// priced as a cut stream (its prompt, counted, once it reached an upstream; a whole answer that
+/// came meanwhile, in full), its hold released.
+async fn settle_abandoned(
+    gateway: Arc<Gateway>,
+    mut context: RequestContext,
+    usage: Option<Usage>,
+) {
+    if let Some(mut attempt) = context.attempt_in_flight.take() {
+        attempt.error_class = Some("client_closed".to_owned());
+        context.attempts.push(attempt);
+    }
+    let usage = usage.unwrap_or_else(|| {
+        if !context.reached_upstream {
+            return zero_usage();
+        }
+        Usage {
+            input_tokens: tokens::prompt_tokens(context.request.operation, &context.request.body),
+            estimated: true,
+            ..zero_usage()
+        }
+    });
+    let priced = bill::charge(&context, &usage, CallOutcome::Cut).await;
+    tracing::info!("the client went away before its answer; settled");
+    finish(
+        &gateway,
+        &mut context,
+        &usage,
+        &priced,
+        499,
+        Some("client_closed"),
+    );
 }
 
 /// Pumps a stream to the client, then prices and records it. Every held stream keeps this
@@ -353,7 +456,11 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
         &context.request,
     )?);
     let plan = route::plan(gateway, context).await?;
-    context.hold_id = Some(bill::authorize(gateway, context).await?);
+    let grant = bill::authorize(gateway, context).await?;
+    if let Some(cap) = grant.upstream_cap {
+        context.request.cap_output(cap);
+    }
+    context.grant = Some(grant);
     let deadline = context.received_at + gateway.failover_budget;
     let last_error = match run_plan(gateway, context, &plan, deadline).await {
         Ok(answered) => return Ok(answered),
@@ -460,9 +567,19 @@ async fn attempt_channel(
             channel = %channel.config.name,
             attempt = context.attempts.len() + 1
         );
+        context.attempt_in_flight = Some(RecordedAttempt {
+            channel: channel.config.name.clone(),
+            key: key.map(|index| channel.keys[index].id.clone()),
+            upstream_model: attempt.upstream_model.clone(),
+            status: None,
+            error_class: None,
+            latency_ms: 0,
+            ttfb_ms: None,
+        });
         let result = try_attempt(gateway, context, attempt, key)
             .instrument(span)
             .await;
+        context.attempt_in_flight = None;
         let latency = now.elapsed();
         let latency_ms = latency.as_millis() as u64;
         let key_id = key.map(|index| channel.keys[index].id.clone());
@@ -618,6 +735,7 @@ async fn try_attempt(
     let key = key.map(|index| &channel.keys[index]);
     let waiting = Instant::now();
     let first_byte = channel.first_byte_timeout(&context.request.model);
+    context.reached_upstream = true;
     let sent = upstream::send(channel, key, upstream_request, first_byte).await;
     context.upstream_wait += waiting.elapsed();
     let response = sent?;
@@ -627,6 +745,10 @@ async fn try_attempt(
             dialect: context.dialect(),
             max_error_body_bytes: gateway.max_upstream_body_bytes,
             prompt_estimate: context.request.estimated_input_tokens,
+            output_allowance: context
+                .grant
+                .as_ref()
+                .and_then(|grant| grant.output_allowance),
         };
         let relay = async || -> Result<stream::Relay, TranslateError> {
             if forwarded.is_some() {
@@ -731,11 +853,11 @@ async fn settle_stream(
         (None, false) => (CallOutcome::Complete, None),
     };
     let priced = bill::charge(&context, &usage, call_outcome).await;
-    finish(gateway, &mut context, &usage, &priced, 200, class).await;
+    finish(gateway, &mut context, &usage, &priced, 200, class);
 }
 
 /// Writes the request's usage record. A failed write is logged loudly: the answer is already out.
-async fn finish(
+fn finish(
     gateway: &Gateway,
     context: &mut RequestContext,
     usage: &Usage,
@@ -763,7 +885,7 @@ async fn finish(
         &usage_record,
         context.received_at.elapsed(),
     );
-    let hold_id = context.hold_id.clone();
+    let hold_id = context.grant.as_ref().map(|grant| grant.hold_id.clone());
     if let Err(error) = gateway.ledger.commit(usage_record, hold_id) {
         tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
     }

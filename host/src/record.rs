@@ -91,6 +91,7 @@ pub fn usage_record(
         status,
         error_class: error_class.map(str::to_owned),
         plugins: context.plugins.clone(),
+        written_off_picos: priced.written_off_picos,
     }
 }
 

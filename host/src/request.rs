@@ -1,6 +1,12 @@
 //! What the client asked, read from its OpenAI-shaped body before auth hands over to route: the
-//! model, stream flags, output cap and a prompt-size estimate. The body itself stays opaque text
-//! for the translator; nothing here is stored.
+//! model, stream flags, output cap, a prompt-size estimate and a prompt-size bound. The body itself
+//! stays opaque text for the translator; nothing here is stored.
+//!
+//! The bound is what holds rest on, so it must hold under every provider's tokenizer, which the
+//! host does not have: every tokenizer in use is byte-level (BPE over UTF-8 bytes, or
+//! SentencePiece with byte fallback), so a text never makes more tokens than it has bytes. Media
+//! are not text: an image or a file counts a fixed number of tokens, documented in the README's
+//! money section, and is never fetched to be sized.
 
 use serde_json::Value;
 
@@ -19,10 +25,13 @@ pub struct ClientRequest {
     pub stream: bool,
     /// `stream_options.include_usage: true`.
     pub include_usage: bool,
-    /// `max_completion_tokens`, else `max_tokens`.
+    /// `max_completion_tokens`, else `max_tokens`: the client's cap on output tokens.
     pub max_output_tokens: Option<u64>,
-    /// Prompt tokens estimated by the host (about four bytes of text per token).
+    /// Prompt tokens estimated by the host (about four bytes of text per token), for rate limits
+    /// and for the usage shown when an upstream reports none.
     pub estimated_input_tokens: u64,
+    /// Prompt tokens no provider counts more of (see the module doc), for holds.
+    pub prompt_bound_tokens: u64,
     /// Embeddings: `encoding_format: "base64"`.
     pub base64_embeddings: bool,
 }
@@ -82,10 +91,10 @@ pub fn read(
                 .and_then(|options| options.get("include_usage"))
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            let max_output_tokens = fields
-                .get("max_completion_tokens")
-                .or_else(|| fields.get("max_tokens"))
-                .and_then(Value::as_u64);
+            let max_output_tokens = match output_cap(fields, "max_completion_tokens")? {
+                Some(cap) => Some(cap),
+                None => output_cap(fields, "max_tokens")?,
+            };
             let estimate = messages.iter().map(estimate_tokens).sum::<u64>() + 3;
             (stream, include_usage, max_output_tokens, estimate)
         }
@@ -96,6 +105,7 @@ pub fn read(
             (false, false, None, estimate_tokens(input))
         }
     };
+    let prompt_bound_tokens = prompt_bound(json, &|text: &str| text.len() as u64);
     let base64_embeddings = operation == Operation::Embeddings
         && fields.get("encoding_format").and_then(Value::as_str) == Some("base64");
     Ok(ClientRequest {
@@ -107,7 +117,83 @@ pub fn read(
         include_usage,
         max_output_tokens,
         estimated_input_tokens,
+        prompt_bound_tokens,
     })
+}
+
+impl ClientRequest {
+    /// Puts an output cap the client did not set into its body, as `max_completion_tokens` (the
+    /// translators map it to their protocol's field): the hold covers no more output than this.
+    /// A client's own cap is never raised: a request whose cap does not fit is refused instead.
+    pub fn cap_output(&mut self, cap: u64) {
+        let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(&self.body) else {
+            return;
+        };
+        fields.insert("max_completion_tokens".to_owned(), Value::from(cap));
+        self.body = Value::Object(fields).to_string();
+        self.max_output_tokens = Some(cap);
+    }
+}
+
+/// A client's output cap: absent or `null`, or a positive integer; anything else is a 400 naming
+/// the field (a cap the host ignored would leave the hold without its bound).
+fn output_cap(
+    fields: &serde_json::Map<String, Value>,
+    field: &str,
+) -> Result<Option<u64>, InvalidBody> {
+    match fields.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => match value.as_u64() {
+            Some(cap) if cap > 0 => Ok(Some(cap)),
+            _ => Err(invalid(
+                format!("`{field}` must be a positive integer."),
+                field,
+            )),
+        },
+    }
+}
+
+/// Tokens an image counts in a prompt bound, whatever its size: the most any provider documents
+/// for one image is below it (OpenAI's patch-based models about 2,500, Anthropic's about 1,600 at
+/// 1.15 megapixels, Gemini's tiles 258 each up to a few thousand).
+pub const IMAGE_BOUND_TOKENS: u64 = 10_000;
+
+/// Tokens a file (a PDF or another document) counts in a prompt bound: 100 pages, the page limit
+/// of OpenAI's and Anthropic's chat APIs, at 4,000 tokens a page (text and page image). A model's
+/// `max_input_tokens` caps the whole bound when it is configured.
+pub const FILE_BOUND_TOKENS: u64 = 400_000;
+
+/// Tokens of formatting around the prompt's parts that no text accounts for: per object (a
+/// message's role and separators), per array item, and once for the answer's priming.
+const OBJECT_OVERHEAD_TOKENS: u64 = 4;
+const ITEM_OVERHEAD_TOKENS: u64 = 1;
+const REQUEST_OVERHEAD_TOKENS: u64 = 16;
+
+/// A bound on the prompt tokens of a body, every string (keys too: tool schemas become text) by
+/// `measure`, plus the formatting overheads, with images and files at their fixed bounds. With
+/// `measure` the UTF-8 length it holds for every byte-level tokenizer; `bill` also calls it with
+/// a tokenizer count and a margin, when the balance is too low for the byte bound.
+pub fn prompt_bound(body: &Value, measure: &dyn Fn(&str) -> u64) -> u64 {
+    fn walk(value: &Value, measure: &dyn Fn(&str) -> u64) -> u64 {
+        match value {
+            Value::String(text) => measure(text),
+            Value::Number(number) => measure(&number.to_string()).max(1),
+            Value::Bool(_) | Value::Null => 1,
+            Value::Array(items) => items
+                .iter()
+                .map(|item| walk(item, measure).saturating_add(ITEM_OVERHEAD_TOKENS))
+                .fold(0, u64::saturating_add),
+            Value::Object(fields) => match fields.get("type").and_then(Value::as_str) {
+                Some("image_url" | "image") => IMAGE_BOUND_TOKENS,
+                Some("file" | "document") => FILE_BOUND_TOKENS,
+                _ => fields
+                    .iter()
+                    .map(|(key, value)| measure(key).saturating_add(walk(value, measure)))
+                    .fold(OBJECT_OVERHEAD_TOKENS, u64::saturating_add),
+            },
+        }
+    }
+    walk(body, measure).saturating_add(REQUEST_OVERHEAD_TOKENS)
 }
 
 /// Rough token count of a JSON value's text: four bytes per token, plus a little per item, as
@@ -138,6 +224,43 @@ mod tests {
         assert!(request.stream && request.include_usage);
         assert_eq!(request.max_output_tokens, Some(9));
         assert!(request.estimated_input_tokens >= 3);
+    }
+
+    #[test]
+    fn an_output_cap_that_is_not_a_positive_integer_is_refused_by_name() {
+        for (body, field) in [
+            (r#""max_tokens":0"#, "max_tokens"),
+            (r#""max_tokens":-5"#, "max_tokens"),
+            (r#""max_completion_tokens":1.5"#, "max_completion_tokens"),
+            (r#""max_completion_tokens":"9""#, "max_completion_tokens"),
+        ] {
+            let json =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],{body}}}"#);
+            let error = chat(&json).expect_err(body);
+            assert_eq!(error.param.as_deref(), Some(field), "{body}");
+        }
+        let null =
+            chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":null}"#);
+        assert_eq!(null.expect("null is no cap").max_output_tokens, None);
+    }
+
+    #[test]
+    fn the_prompt_bound_is_at_least_the_text_bytes_and_counts_media_at_their_bound() {
+        let cjk = "漢字".repeat(1_000);
+        let body = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"{cjk}"}},{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"https://example.com/a.png"}}}},{{"type":"file","file":{{"file_id":"file-1"}}}}]}}]}}"#
+        );
+        let request = chat(&body).expect("a valid body");
+        assert!(
+            request.prompt_bound_tokens
+                >= cjk.len() as u64 + IMAGE_BOUND_TOKENS + FILE_BOUND_TOKENS
+        );
+        // The cheap estimate is no bound: a CJK character is about one token, and three bytes.
+        assert!(request.estimated_input_tokens < cjk.chars().count() as u64);
+        assert!(
+            request.prompt_bound_tokens
+                < cjk.len() as u64 + IMAGE_BOUND_TOKENS + FILE_BOUND_TOKENS + 200
+        );
     }
 
     #[test]

@@ -151,6 +151,51 @@ pub fn carries_finish_reason(payload: &str) -> bool {
     false
 }
 
+/// Keys under which streamed answers carry generated text, in OpenAI's chunks and in the
+/// events of the protocols a stream passes through in (`text`, `partial_json`, `thinking`).
+const TEXT_KEYS: [&[u8]; 8] = [
+    b"content",
+    b"text",
+    b"partial_json",
+    b"thinking",
+    b"arguments",
+    b"refusal",
+    b"reasoning_content",
+    b"reasoning",
+];
+
+/// Bytes of generated text a frame carries: the string values under [`TEXT_KEYS`], escapes
+/// counted as written. The host counts a stream's output with it as it goes out (four bytes a
+/// token), whatever the protocol. A byte scan, not a parse: it runs on every frame.
+pub fn text_bytes(frame: &[u8]) -> u64 {
+    let mut total = 0;
+    let mut under_text_key = false;
+    let mut at = 0;
+    while let Some(open) = frame[at..].iter().position(|&byte| byte == b'"') {
+        let start = at + open + 1;
+        let mut end = start;
+        while end < frame.len() && frame[end] != b'"' {
+            end += if frame[end] == b'\\' { 2 } else { 1 };
+        }
+        let end = end.min(frame.len());
+        let string = &frame[start..end];
+        at = (end + 1).min(frame.len());
+        let after = frame[at..]
+            .iter()
+            .find(|byte| !byte.is_ascii_whitespace())
+            .copied();
+        if after == Some(b':') {
+            under_text_key = TEXT_KEYS.contains(&string);
+        } else {
+            if under_text_key {
+                total += string.len() as u64;
+            }
+            under_text_key = false;
+        }
+    }
+    total
+}
+
 /// The frame that ends an OpenAI stream.
 pub const DONE_FRAME: &str = "data: [DONE]\n\n";
 
@@ -222,6 +267,18 @@ mod tests {
             r#"{"choices":[{"delta":{"content":"finish_reason"},"finish_reason":null}]}"#
         ));
         assert!(!carries_finish_reason(r#"{"choices":[],"usage":{}}"#));
+    }
+
+    #[test]
+    fn text_is_counted_under_its_keys_in_every_protocol_and_nothing_else_is() {
+        let openai = r#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null}]}"#;
+        assert_eq!(text_bytes(openai.as_bytes()), 5);
+        let tool = r#"data: {"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"get","arguments":"{\"city\":"}}]}}]}"#;
+        assert_eq!(text_bytes(tool.as_bytes()), br#"{\"city\":"#.len() as u64);
+        let anthropic = "event: content_block_delta\ndata: {\"type\": \"content_block_delta\", \"index\": 0, \"delta\": {\"type\": \"text_delta\", \"text\": \"漢字\"}}\n\n";
+        assert_eq!(text_bytes(anthropic.as_bytes()), "漢字".len() as u64);
+        let role = r#"data: {"choices":[{"delta":{"role":"assistant","content":""}}],"usage":{"prompt_tokens":9}}"#;
+        assert_eq!(text_bytes(role.as_bytes()), 0);
     }
 
     #[test]

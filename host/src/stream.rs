@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
+use crate::bill::BillingError;
 use crate::error::{ApiError, Dialect};
 use crate::gateway::Channel;
 use crate::plugin::Binding;
@@ -22,7 +23,7 @@ use crate::plugin::translator::{
     AttemptContext, ConvertedSession, ForwardedSession, StreamEvent, StreamFraming, StreamSession,
     Usage,
 };
-use crate::sse::{DONE_FRAME, EventFramer, carries_finish_reason, data_frame, event_frame};
+use crate::sse::{self, DONE_FRAME, EventFramer, carries_finish_reason, data_frame, event_frame};
 use crate::translate::{self, TranslateError};
 use crate::upstream::{self, TimeoutPhase, UpstreamError};
 
@@ -235,6 +236,10 @@ pub struct OpenStream {
     idle: Duration,
     dialect: Dialect,
     prompt_estimate: u64,
+    /// Bytes of generated text sent to the client so far.
+    delivered_text_bytes: u64,
+    /// Past this many bytes of text the stream is cut (see [`StreamShape::output_allowance`]).
+    max_text_bytes: u64,
 }
 
 /// How one stream is read and written.
@@ -247,6 +252,18 @@ pub struct StreamShape {
     pub max_error_body_bytes: usize,
     /// The prompt tokens a converted stream reports when the upstream reported none.
     pub prompt_estimate: u64,
+    /// The output tokens the request's hold covers. An upstream that writes past its cap is cut
+    /// once the text sent passes a quarter more than that at four bytes a token (the margin keeps
+    /// an answer that honours its cap, in words longer than four bytes a token, whole); what it
+    /// wrote past the hold is written off, never charged.
+    pub output_allowance: Option<u64>,
+}
+
+/// The text bytes past which a stream with this allowance is cut.
+fn max_text_bytes(output_allowance: Option<u64>) -> u64 {
+    output_allowance.map_or(u64::MAX, |tokens| {
+        tokens.saturating_mul(5).saturating_add(64)
+    })
 }
 
 /// How a pumped stream ended.
@@ -260,6 +277,8 @@ pub struct StreamOutcome {
     pub cut: Option<&'static str>,
     /// The client went away before the end.
     pub client_gone: bool,
+    /// Bytes of generated text the client was sent.
+    pub delivered_text_bytes: u64,
 }
 
 /// Opens a streamed response with its relay and waits for its first content, within the channel's
@@ -304,6 +323,8 @@ pub async fn open(
         idle: Duration::from_millis(channel.config.idle_timeout_ms),
         dialect: shape.dialect,
         prompt_estimate: shape.prompt_estimate,
+        delivered_text_bytes: 0,
+        max_text_bytes: max_text_bytes(shape.output_allowance),
     })
 }
 
@@ -311,8 +332,11 @@ pub async fn open(
 /// the relay's trailing frames and the protocol's end. A failure after the first frame cannot
 /// change the status any more: the client gets one error event in its dialect and the stream closes.
 pub async fn pump(mut stream: OpenStream, client: mpsc::Sender<Bytes>) -> StreamOutcome {
-    let outcome = StreamOutcome::default();
     let ending = relay_events(&mut stream, &client).await;
+    let outcome = StreamOutcome {
+        delivered_text_bytes: stream.delivered_text_bytes,
+        ..StreamOutcome::default()
+    };
     // A held stream keeps only the relaying loop's state: the ending's plugin calls are boxed,
     // so they take memory when the stream ends, not all its life (2.6 KiB for this future; 4.9
     // KiB with them inline).
@@ -337,16 +361,21 @@ enum Ending {
     Cut(ApiError),
 }
 
-/// Sends the first frames, then relays each upstream event until the upstream, the client or a
-/// failure stops it.
+/// Sends the first frames, then relays each upstream event until the upstream, the client, a
+/// failure or the output allowance stops it.
 async fn relay_events(stream: &mut OpenStream, client: &mpsc::Sender<Bytes>) -> Ending {
-    for frame in std::mem::take(&mut stream.first_frames) {
-        if client.send(frame).await.is_err() {
-            return Ending::ClientGone;
-        }
+    let first_frames = std::mem::take(&mut stream.first_frames);
+    if let Some(ending) = send_frames(stream, client, first_frames).await {
+        return ending;
     }
     loop {
-        let event = match stream.events.next(stream.idle, TimeoutPhase::Idle).await {
+        // A client that goes away while the upstream is silent is noticed at once: the upstream
+        // call ends with it.
+        let next = tokio::select! {
+            next = stream.events.next(stream.idle, TimeoutPhase::Idle) => next,
+            () = client.closed() => return Ending::ClientGone,
+        };
+        let event = match next {
             Ok(Some(event)) => event,
             Ok(None) => return Ending::Drained,
             Err(error) => return Ending::Cut(ApiError::from(error)),
@@ -360,12 +389,34 @@ async fn relay_events(stream: &mut OpenStream, client: &mpsc::Sender<Bytes>) -> 
             Ok(frames) => frames,
             Err(error) => return Ending::Cut(ApiError::from(error)),
         };
-        for frame in frames {
-            if client.send(frame).await.is_err() {
-                return Ending::ClientGone;
-            }
+        if let Some(ending) = send_frames(stream, client, frames).await {
+            return ending;
         }
     }
+}
+
+/// Sends frames, counting their text; a frame that would take the text past the allowance is not
+/// sent, and the stream is cut instead.
+async fn send_frames(
+    stream: &mut OpenStream,
+    client: &mpsc::Sender<Bytes>,
+    frames: Vec<Bytes>,
+) -> Option<Ending> {
+    for frame in frames {
+        let text = sse::text_bytes(&frame);
+        if stream.delivered_text_bytes + text > stream.max_text_bytes {
+            return Some(Ending::Cut(ApiError::Billing(
+                BillingError::InsufficientBalance(
+                    "The answer reached the output this request's balance covers.".to_owned(),
+                ),
+            )));
+        }
+        stream.delivered_text_bytes += text;
+        if client.send(frame).await.is_err() {
+            return Some(Ending::ClientGone);
+        }
+    }
+    None
 }
 
 /// Ends a stream the upstream ended: the relay's trailing frames, then an error event if the

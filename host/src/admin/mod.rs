@@ -411,6 +411,7 @@ async fn reconcile(State(state): State<AdminState>) -> Result<Response, ApiError
                 "charges_picos": book.charges_picos.to_string(),
                 "difference_picos": book.difference_picos.to_string(),
                 "unpriced_records": book.unpriced_records,
+                "written_off_picos": book.written_off_picos.to_string(),
             })
         })
         .collect();

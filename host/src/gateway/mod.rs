@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{BindingConfig, ChannelConfig, Config, PluginsConfig};
+use crate::config::{BindingConfig, ChannelConfig, Config, ModelLimits, PluginsConfig};
 use crate::health::{ChannelHealth, HealthConfig};
 use crate::limit::Limiter;
 use crate::metrics::Metrics;
@@ -198,6 +198,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Public model → the model to serve instead when every route to it fails.
     pub fallbacks: HashMap<String, String>,
+    /// Public model → its token limits, for those `[models]` configures.
+    model_limits: HashMap<String, ModelLimits>,
     /// Per-key and per-tenant limit state.
     pub limiter: Limiter,
     /// Names of the configuration file's channels (the admin API cannot change them).
@@ -472,6 +474,11 @@ impl Gateway {
                 .iter()
                 .filter_map(|(model, settings)| Some((model.clone(), settings.fallback.clone()?)))
                 .collect(),
+            model_limits: config
+                .models
+                .iter()
+                .map(|(model, settings)| (model.clone(), settings.limits()))
+                .collect(),
             limiter: Limiter::default(),
             config_channels: config
                 .channels
@@ -486,6 +493,11 @@ impl Gateway {
         Self::watch_canaries(Arc::downgrade(&gateway), tripped);
         gateway.load_stored_bindings().await?;
         Ok(gateway)
+    }
+
+    /// A public model's token limits (the defaults for a model `[models]` does not name).
+    pub fn model_limits(&self, model: &str) -> ModelLimits {
+        self.model_limits.get(model).copied().unwrap_or_default()
     }
 
     /// The largest plugin the admin API accepts, in bytes.

@@ -104,10 +104,12 @@ impl Owed {
 /// in batches; until their balance transaction, their debits and key spend are counted here.
 /// Beside them, the figures the trees hold, which the request path reads instead of sled.
 pub(super) struct Books {
-    /// Hold id → tenant and amount, until the request settles.
-    pub(super) by_id: HashMap<String, (String, u64)>,
+    /// Hold id → what it holds, until the request settles.
+    pub(super) by_id: HashMap<String, PlacedHold>,
     /// Tenant → the sum of its holds.
     pub(super) held: HashMap<String, i128>,
+    /// API key id → the sum of its requests' holds, which its daily spend cap counts.
+    pub(super) held_by_key: HashMap<String, i128>,
     /// The write-ahead log of committed records.
     pub(super) log: LedgerLog,
     /// Committed records no batch has taken yet, oldest first.
@@ -186,29 +188,41 @@ impl Books {
     }
 
     /// Places a hold.
-    pub(super) fn hold(&mut self, tenant: &str, hold_id: &str, amount: u64) {
-        *self.held.entry(tenant.to_owned()).or_default() += i128::from(amount);
-        self.by_id
-            .insert(hold_id.to_owned(), (tenant.to_owned(), amount));
+    pub(super) fn hold(&mut self, hold_id: &str, hold: PlacedHold) {
+        *self.held.entry(hold.tenant.clone()).or_default() += i128::from(hold.amount);
+        *self.held_by_key.entry(hold.key_id.clone()).or_default() += i128::from(hold.amount);
+        self.by_id.insert(hold_id.to_owned(), hold);
     }
 
     /// Drops every hold.
     pub(super) fn clear_holds(&mut self) {
         self.by_id.clear();
         self.held.clear();
+        self.held_by_key.clear();
     }
 
     /// Releases a settled request's hold.
     fn release(&mut self, hold_id: &str) {
-        if let Some((tenant, amount)) = self.by_id.remove(hold_id)
-            && let Some(held) = self.held.get_mut(&tenant)
-        {
-            *held -= i128::from(amount);
-            if *held == 0 {
-                self.held.remove(&tenant);
-            }
+        if let Some(hold) = self.by_id.remove(hold_id) {
+            subtract(
+                &mut self.held,
+                hold.tenant.as_str(),
+                i128::from(hold.amount),
+            );
+            subtract(
+                &mut self.held_by_key,
+                hold.key_id.as_str(),
+                i128::from(hold.amount),
+            );
         }
     }
+}
+
+/// One request's hold in the books.
+pub(super) struct PlacedHold {
+    pub(super) tenant: String,
+    pub(super) key_id: String,
+    pub(super) amount: u64,
 }
 
 /// What a batch charges: as the books counted it (every record), and as its transaction writes
@@ -304,6 +318,7 @@ impl Ledger {
             books: Mutex::new(Books {
                 by_id: HashMap::new(),
                 held: HashMap::new(),
+                held_by_key: HashMap::new(),
                 log,
                 unapplied: Vec::new(),
                 unapplied_debits: HashMap::new(),
@@ -351,9 +366,9 @@ impl Ledger {
             .or_default() += amount;
     }
 
-    /// What a key was charged on a day, the trees' figure plus what they do not hold yet.
-    pub(super) fn key_spend(&self, key: &[u8]) -> Result<i128, StoreError> {
-        let mut books = self.books();
+    /// What a key was charged on a day, the trees' figure plus what they do not hold yet, with
+    /// `books` locked by the caller.
+    pub(super) fn key_spend(&self, books: &mut Books, key: &[u8]) -> Result<i128, StoreError> {
         let stored = match books.stored_spend.get(key) {
             Some(spent) => *spent,
             None => {

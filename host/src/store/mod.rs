@@ -156,6 +156,12 @@ pub struct UsageRecord {
     /// The protocol of the channel that answered (`None` when none did).
     #[serde(default)]
     pub protocol_out: Option<String>,
+    /// What the billing plugin priced past the request's hold, in picos: not charged (a request
+    /// is never charged more than its hold, so no balance goes below its floor) and written off,
+    /// for the operator and reconcile. Last, so the compact form of the records stored before it
+    /// decodes with it appended (see `sled::decode_record`).
+    #[serde(default)]
+    pub written_off_picos: u64,
 }
 
 fn openai_protocol() -> String {
@@ -190,6 +196,8 @@ pub struct Reconciliation {
     pub difference_picos: i128,
     /// Ledger records that could not be priced (the billing plugin failed); they need an operator.
     pub unpriced_records: u64,
+    /// What was priced past the requests' holds and not charged, in picos.
+    pub written_off_picos: i128,
 }
 
 /// A channel created through the admin API, as stored: its configuration and its keys, sealed.
@@ -273,6 +281,36 @@ pub struct Settlement {
     pub hold_id: Option<String>,
 }
 
+/// A hold a request asks for before its upstream call.
+#[derive(Debug, Clone)]
+pub struct HoldRequest<'a> {
+    /// The tenant whose balance it holds.
+    pub tenant: &'a str,
+    /// The API key the request came with.
+    pub key_id: &'a str,
+    /// The hold's id, which the request's settlement names.
+    pub hold_id: &'a str,
+    /// What to hold, in picos.
+    pub amount_picos: u64,
+    /// The tenant's available amount the billing plugin decided on: the hold is placed only if it
+    /// is still that, so that concurrent requests cannot overdraw the balance together.
+    pub seen_available: i128,
+    /// The key's daily spend cap, in picos, with the UTC day it counts: the hold is placed only
+    /// if the key's charges that day plus its holds in flight plus this one stay within it.
+    pub key_cap: Option<(i128, u64)>,
+}
+
+/// Whether a hold was placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldOutcome {
+    /// It was.
+    Placed,
+    /// The available amount changed since the plugin decided: decide again.
+    BalanceChanged,
+    /// The key's daily spend cap has no room for it.
+    OverKeyCap,
+}
+
 /// A lazy sequence of ledger records.
 pub type UsageRecords = Box<dyn Iterator<Item = Result<UsageRecord, StoreError>> + Send>;
 
@@ -342,24 +380,17 @@ pub trait Store: Send + Sync {
     /// Adds to a tenant's balance and records the top-up with its reason, atomically. The tenant
     /// must exist.
     fn top_up(&self, top_up: &TopUp) -> Result<i128, StoreError>;
-    /// Places a hold of `amount_picos` under `hold_id`, but only if the tenant's available amount is
-    /// still `seen_available` (what the billing plugin decided on). `false`: it changed; decide
-    /// again.
-    fn place_hold(
-        &self,
-        tenant: &str,
-        hold_id: &str,
-        amount_picos: u64,
-        seen_available: i128,
-    ) -> Result<bool, StoreError>;
+    /// Places a request's hold, atomically with the checks of [`HoldRequest`].
+    fn place_hold(&self, hold: &HoldRequest<'_>) -> Result<HoldOutcome, StoreError>;
     /// Drops every hold: at start-up no request is in flight.
     fn clear_holds(&self) -> Result<(), StoreError>;
     /// For each settlement, appends the record to the ledger, debits its cost from the tenant's
     /// balance and releases the request's hold (if it names one); all of them atomically. When it
     /// returns, the records survive a crash of the gateway's process.
     fn commit_usages(&self, settlements: &[Settlement]) -> Result<(), StoreError>;
-    /// What a key has been charged on a UTC day (days since the Unix epoch), in picos.
-    fn key_spend_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError>;
+    /// What a key has been charged on a UTC day (days since the Unix epoch) plus the holds of its
+    /// requests in flight, in picos: what its daily spend cap counts.
+    fn key_committed_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError>;
     /// Removes the ledger records that arrived before `before_unix_ms`, folding their charges into
     /// the tenant's archived total (so reconcile still balances); returns how many went.
     fn prune_usage(&self, before_unix_ms: u64) -> Result<u64, StoreError>;

@@ -9,10 +9,10 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use super::ledger_books::{self, Backlog, Ledger};
+use super::ledger_books::{self, Backlog, Ledger, PlacedHold};
 use super::{
-    ApiKey, Reconciliation, Settlement, Store, StoreError, StoredBindingSlot, StoredChannel,
-    StoredPlugin, Tenant, TopUp, UsageRecord, UsageRecords,
+    ApiKey, HoldOutcome, HoldRequest, Reconciliation, Settlement, Store, StoreError,
+    StoredBindingSlot, StoredChannel, StoredPlugin, Tenant, TopUp, UsageRecord, UsageRecords,
 };
 
 /// The default store: an embedded sled database in the data directory.
@@ -209,7 +209,11 @@ pub(super) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreErr
 /// The first byte of a usage record stored compactly in the ledger tree. Records written before
 /// are JSON, whose first byte is `{`. The compact form has no field names, so a change to
 /// `UsageRecord`'s fields needs a new byte here, with records of the old one still decoded.
-const COMPACT_RECORD: u8 = 1;
+const COMPACT_RECORD: u8 = 2;
+
+/// The compact form before `written_off_picos`. postcard writes fields in order, so such a record
+/// with a zero written-off (one byte, 0) appended is the same record in today's form.
+const COMPACT_RECORD_BEFORE_WRITE_OFFS: u8 = 1;
 
 /// A usage record as the ledger tree keeps it: the version byte, then postcard. Its JSON is several
 /// times longer (~920 bytes for a one-attempt request) and sled's work per insert grows with the
@@ -222,13 +226,19 @@ pub(super) fn encode_record(record: &UsageRecord) -> Result<Vec<u8>, StoreError>
 
 /// Reads a ledger tree value, compact or JSON.
 fn decode_record(bytes: &[u8]) -> Result<UsageRecord, StoreError> {
-    let Some((&COMPACT_RECORD, compact)) = bytes.split_first() else {
-        return decode("ledger", bytes);
-    };
-    postcard::from_bytes(compact).map_err(|error| StoreError::Corrupt {
+    let corrupt = |error: postcard::Error| StoreError::Corrupt {
         keyspace: "ledger",
         reason: error.to_string(),
-    })
+    };
+    match bytes.split_first() {
+        Some((&COMPACT_RECORD, compact)) => postcard::from_bytes(compact).map_err(corrupt),
+        Some((&COMPACT_RECORD_BEFORE_WRITE_OFFS, compact)) => {
+            let mut current = compact.to_vec();
+            current.push(0);
+            postcard::from_bytes(&current).map_err(corrupt)
+        }
+        _ => decode("ledger", bytes),
+    }
 }
 
 pub(super) fn decode_balance(bytes: Option<sled::IVec>) -> Result<i128, StoreError> {
@@ -405,21 +415,31 @@ impl Store for SledStore {
         })
     }
 
-    fn place_hold(
-        &self,
-        tenant: &str,
-        hold_id: &str,
-        amount_picos: u64,
-        seen_available: i128,
-    ) -> Result<bool, StoreError> {
+    fn place_hold(&self, hold: &HoldRequest<'_>) -> Result<HoldOutcome, StoreError> {
         let mut books = self.ledger.books();
-        let balance = books.balance(tenant);
-        let held = books.held.get(tenant).copied().unwrap_or(0);
-        if balance - held != seen_available {
-            return Ok(false);
+        let balance = books.balance(hold.tenant);
+        let held = books.held.get(hold.tenant).copied().unwrap_or(0);
+        if balance - held != hold.seen_available {
+            return Ok(HoldOutcome::BalanceChanged);
         }
-        books.hold(tenant, hold_id, amount_picos);
-        Ok(true)
+        if let Some((cap_picos, day)) = hold.key_cap {
+            let spent = self
+                .ledger
+                .key_spend(&mut books, &spend_key(hold.key_id, day))?;
+            let key_held = books.held_by_key.get(hold.key_id).copied().unwrap_or(0);
+            if spent + key_held + i128::from(hold.amount_picos) > cap_picos {
+                return Ok(HoldOutcome::OverKeyCap);
+            }
+        }
+        books.hold(
+            hold.hold_id,
+            PlacedHold {
+                tenant: hold.tenant.to_owned(),
+                key_id: hold.key_id.to_owned(),
+                amount: hold.amount_picos,
+            },
+        );
+        Ok(HoldOutcome::Placed)
     }
 
     fn clear_holds(&self) -> Result<(), StoreError> {
@@ -442,8 +462,10 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn key_spend_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError> {
-        self.ledger.key_spend(&spend_key(key_id, day))
+    fn key_committed_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError> {
+        let mut books = self.ledger.books();
+        let spent = self.ledger.key_spend(&mut books, &spend_key(key_id, day))?;
+        Ok(spent + books.held_by_key.get(key_id).copied().unwrap_or(0))
     }
 
     fn prune_usage(&self, before_unix_ms: u64) -> Result<u64, StoreError> {
@@ -583,6 +605,7 @@ impl Store for SledStore {
                     charges_picos: 0,
                     difference_picos: 0,
                     unpriced_records: 0,
+                    written_off_picos: 0,
                 };
                 (tenant.name, entry)
             })
@@ -596,6 +619,7 @@ impl Store for SledStore {
         for record in self.usage_between(0, u64::MAX) {
             let record = record?;
             if let Some(entry) = books.get_mut(&record.tenant) {
+                entry.written_off_picos += i128::from(record.written_off_picos);
                 match record.cost_picos {
                     Some(cost) => entry.charges_picos += i128::from(cost),
                     None if record.status == 200 => entry.unpriced_records += 1,
@@ -748,12 +772,13 @@ mod tests {
     fn a_group_commit_records_debits_and_releases_every_hold_at_once() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let store = store_with_credit(dir.path());
-        assert!(store.place_hold("acme", "h1", 300, 1_000).expect("placed"));
-        assert!(
-            !store.place_hold("acme", "h2", 200, 1_000).expect("checked"),
+        assert_eq!(hold(&store, "h1", 300, 1_000, None), HoldOutcome::Placed);
+        assert_eq!(
+            hold(&store, "h2", 200, 1_000, None),
+            HoldOutcome::BalanceChanged,
             "a decision on a stale available amount is refused"
         );
-        assert!(store.place_hold("acme", "h2", 200, 700).expect("placed"));
+        assert_eq!(hold(&store, "h2", 200, 700, None), HoldOutcome::Placed);
         assert_eq!(store.available_picos("acme").expect("read"), 500);
 
         store
@@ -777,8 +802,61 @@ mod tests {
         for id in ["r1", "r2"] {
             assert!(store.usage_by_request(id).expect("read").is_some(), "{id}");
         }
-        assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 350);
-        assert!(store.ledger.books().by_id.is_empty() && store.ledger.books().held.is_empty());
+        assert_eq!(
+            store.key_committed_picos("key_1", 20_000).expect("read"),
+            350
+        );
+        let books = store.ledger.books();
+        assert!(books.by_id.is_empty() && books.held.is_empty() && books.held_by_key.is_empty());
+    }
+
+    fn hold(
+        store: &SledStore,
+        hold_id: &str,
+        amount_picos: u64,
+        seen_available: i128,
+        key_cap: Option<(i128, u64)>,
+    ) -> HoldOutcome {
+        store
+            .place_hold(&HoldRequest {
+                tenant: "acme",
+                key_id: "key_1",
+                hold_id,
+                amount_picos,
+                seen_available,
+                key_cap,
+            })
+            .expect("the books answer")
+    }
+
+    #[test]
+    fn a_key_cap_counts_the_holds_in_flight_with_the_day_charges() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let store = store_with_credit(dir.path());
+        commit(&store, "r0", 100);
+        let cap = Some((400, 20_000));
+        assert_eq!(hold(&store, "h1", 200, 900, cap), HoldOutcome::Placed);
+        assert_eq!(
+            hold(&store, "h2", 101, 700, cap),
+            HoldOutcome::OverKeyCap,
+            "100 charged and 200 held leave 100 of the cap"
+        );
+        assert_eq!(hold(&store, "h2", 100, 700, cap), HoldOutcome::Placed);
+        assert_eq!(
+            store.key_committed_picos("key_1", 20_000).expect("read"),
+            400
+        );
+        store
+            .commit_usages(&[Settlement {
+                record: record("r1", 50),
+                hold_id: Some("h1".into()),
+            }])
+            .expect("committed");
+        assert_eq!(
+            store.key_committed_picos("key_1", 20_000).expect("read"),
+            250,
+            "the settled request counts its cost, not its hold"
+        );
     }
 
     /// Opens the store again once the last one let go of its files (sled's threads release the
@@ -816,7 +894,10 @@ mod tests {
                     .is_some()
             );
             assert_eq!(store.balance_picos("acme").expect("read"), 700);
-            assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 300);
+            assert_eq!(
+                store.key_committed_picos("key_1", 20_000).expect("read"),
+                300
+            );
             // Applied to the trees (a read does that) but still in the log, as after a crash
             // between the two: the next open must not debit it again.
             commit(&store, "applied-and-logged", 100);
@@ -856,7 +937,10 @@ mod tests {
         let store = reopen(dir.path());
         assert_books(&store, 850);
         assert_eq!(store.ledger.records.len(), 2);
-        assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 150);
+        assert_eq!(
+            store.key_committed_picos("key_1", 20_000).expect("read"),
+            150
+        );
     }
 
     #[test]
@@ -984,6 +1068,18 @@ mod tests {
 
     #[test]
     fn a_compact_record_stored_by_this_version_still_decodes() {
+        const STORED: &str = "028080cea6a53206676f6c64656e0461636d65056b65795f310463686174016d00016d0163000000000000000000017b0001c8010000066f70656e6169004d";
+        let mut golden = record("golden", 123);
+        golden.written_off_picos = 77;
+        let now = hex::encode(encode_record(&golden).expect("encodes"));
+        let bytes = hex::decode(STORED).expect("hex");
+        let decoded = decode_record(&bytes)
+            .unwrap_or_else(|error| panic!("{error}; this version stores {now}"));
+        assert_eq!(decoded, golden, "this version stores {now}");
+    }
+
+    #[test]
+    fn a_compact_record_stored_before_write_offs_still_decodes() {
         const STORED: &str = "018080cea6a53206676f6c64656e0461636d65056b65795f310463686174016d00016d0163000000000000000000017b0001c8010000066f70656e616900";
         let now = hex::encode(encode_record(&record("golden", 123)).expect("encodes"));
         let bytes = hex::decode(STORED).expect("hex");
@@ -1028,7 +1124,7 @@ mod tests {
                 assert!(balance <= last, "the balance rose from {last} to {balance}");
                 assert!(balance >= 1_000 - commits as i128, "{balance}");
                 last = balance;
-                let spent = store.key_spend_picos("key_1", 20_000).expect("read");
+                let spent = store.key_committed_picos("key_1", 20_000).expect("read");
                 assert!(
                     spent >= last_spent,
                     "the spend fell from {last_spent} to {spent}"
@@ -1042,7 +1138,7 @@ mod tests {
             1_000 - commits as i128
         );
         assert_eq!(
-            store.key_spend_picos("key_1", 20_000).expect("read"),
+            store.key_committed_picos("key_1", 20_000).expect("read"),
             commits as i128
         );
         store.flush().expect("flushed");
@@ -1057,9 +1153,14 @@ mod tests {
             1_000 - commits as i128
         );
         assert_eq!(
-            store.key_spend_picos("key_1", 20_000).expect("read"),
+            store.key_committed_picos("key_1", 20_000).expect("read"),
             commits as i128
         );
+    }
+
+    fn key_spend(ledger: &Ledger, key: &[u8]) -> i128 {
+        let mut books = ledger.books();
+        ledger.key_spend(&mut books, key).expect("read")
     }
 
     #[test]
@@ -1080,10 +1181,10 @@ mod tests {
         );
         // A key read for the first time now is not read from the tree, which holds the charge
         // that the books still count as unapplied.
-        assert_eq!(ledger.key_spend(&spend).expect("read"), 7);
+        assert_eq!(key_spend(&ledger, &spend), 7);
         assert_eq!(ledger.books().balance("acme"), -7);
         ledger.settle(&charges, &spend_written);
-        assert_eq!(ledger.key_spend(&spend).expect("read"), 7);
+        assert_eq!(key_spend(&ledger, &spend), 7);
         assert_eq!(ledger.books().balance("acme"), -7);
     }
 
@@ -1109,9 +1210,14 @@ mod tests {
         assert_eq!(kept(), 2);
         charge_on(20_002, "today");
         assert_eq!(kept(), 2, "day 20,000 left the books");
-        assert_eq!(store.key_spend_picos("old", 20_000).expect("read"), 5);
-        assert_eq!(store.key_spend_picos("yesterday", 20_001).expect("read"), 5);
-        assert_eq!(store.key_spend_picos("today", 20_002).expect("read"), 5);
+        assert_eq!(store.key_committed_picos("old", 20_000).expect("read"), 5);
+        assert_eq!(
+            store
+                .key_committed_picos("yesterday", 20_001)
+                .expect("read"),
+            5
+        );
+        assert_eq!(store.key_committed_picos("today", 20_002).expect("read"), 5);
     }
 
     #[test]
@@ -1141,7 +1247,10 @@ mod tests {
         let store = store_with_credit(dir.path());
         commit(&store, "r1", 10);
         store.applied().expect("applied");
-        assert_eq!(store.key_spend_picos("key_1", 20_000).expect("read"), 10);
+        assert_eq!(
+            store.key_committed_picos("key_1", 20_000).expect("read"),
+            10
+        );
         let (started, running) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let store = &store;
@@ -1164,15 +1273,15 @@ mod tests {
             scope.spawn(move || {
                 let _ = read.send((
                     store.available_picos("acme").expect("read"),
-                    store.place_hold("acme", "h1", 5, 990).expect("placed"),
-                    store.key_spend_picos("key_1", 20_000).expect("read"),
+                    hold(store, "h1", 5, 990, Some((1_000, 20_000))),
+                    store.key_committed_picos("key_1", 20_000).expect("read"),
                 ));
             });
             let answered = reads.recv_timeout(std::time::Duration::from_secs(5));
             let _ = release.send(());
             assert_eq!(
                 answered.expect("answered while the transaction runs"),
-                (990, true, 10)
+                (990, HoldOutcome::Placed, 15)
             );
         });
     }

@@ -39,7 +39,8 @@ struct PriceTable {
     /// How far below zero a tenant's balance may go, in micro-units (0: prepaid only).
     #[serde(default)]
     credit_limit_micros: u64,
-    /// Output tokens assumed for the hold when the client sets no cap.
+    /// Output tokens assumed for the hold when the host's estimate has none (embeddings; for
+    /// chat the host sends the client's cap or the model's output limit).
     #[serde(default = "default_hold_output_tokens")]
     hold_output_tokens: u64,
 }

@@ -64,6 +64,9 @@ pub struct Fault {
     pub served_model: Option<String>,
     /// A standing fault applies only to requests for this model (queued faults ignore it).
     pub only_model: Option<String>,
+    /// OpenAI: answer in full whatever `max_completion_tokens` or `max_tokens` says (an upstream
+    /// that does not honour the cap; by default the reply stops there with `length`).
+    pub ignore_output_cap: bool,
 }
 
 /// What the simulator saw of one request.
@@ -89,6 +92,8 @@ struct Shared {
     standing_fault: Mutex<Option<Fault>>,
     /// Keep only the path of each request seen (benchmarks send too many to keep their bodies).
     forget_contents: std::sync::atomic::AtomicBool,
+    /// Requests whose caller went away before their answer ended.
+    abandoned: std::sync::atomic::AtomicUsize,
 }
 
 /// A running simulator.
@@ -229,6 +234,14 @@ impl Simulator {
     /// Number of requests to model endpoints seen so far.
     pub fn calls(&self) -> usize {
         lock(&self.shared.seen).len()
+    }
+
+    /// Requests whose caller (the gateway) went away before their answer ended: it closed the
+    /// connection during a delay or a stall, or stopped reading a stream.
+    pub fn abandoned(&self) -> usize {
+        self.shared
+            .abandoned
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -423,7 +436,10 @@ async fn admit(
     };
     let fault = queued.or_else(standing).unwrap_or_default();
     if let Some(delay) = fault.delay_ms {
+        // Dropped with the handler when the caller closes its connection during the wait.
+        let waiting = Abandoned::armed(shared);
         tokio::time::sleep(Duration::from_millis(delay)).await;
+        waiting.disarm();
     }
     if let Some(status) = fault.status {
         return Err(dialect.fault(status, fault.retry_after_s));
@@ -432,6 +448,33 @@ async fn admit(
         return Err(dialect.unparseable());
     }
     Ok((parsed, fault))
+}
+
+/// Counts a request as abandoned when dropped armed.
+struct Abandoned<'a> {
+    shared: Option<&'a Shared>,
+}
+
+impl<'a> Abandoned<'a> {
+    fn armed(shared: &'a Shared) -> Self {
+        Self {
+            shared: Some(shared),
+        }
+    }
+
+    fn disarm(mut self) {
+        self.shared = None;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared {
+            shared
+                .abandoned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 pub(crate) fn words(text: &str) -> u64 {
@@ -452,7 +495,15 @@ fn event_stream(shared: Arc<Shared>, fault: Fault, frames: Vec<Bytes>) -> Respon
                 tokio::time::sleep(Duration::from_millis(interval)).await;
             }
             if fault.hold_after_chunks == Some(index) {
-                shared.release.notified().await;
+                tokio::select! {
+                    () = shared.release.notified() => {}
+                    () = sender.closed() => {
+                        shared
+                            .abandoned
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                }
             }
             if fault.end_after_chunks == Some(index) {
                 return;
@@ -468,6 +519,9 @@ fn event_stream(shared: Arc<Shared>, fault: Fault, frames: Vec<Bytes>) -> Respon
                 return;
             }
             if sender.send(Ok(frame)).await.is_err() {
+                shared
+                    .abandoned
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
         }

@@ -79,15 +79,36 @@ struct Reply {
     text: Option<String>,
     calls: Vec<Call>,
     completion_tokens: u64,
+    /// The reply stopped at the request's output cap.
+    truncated: bool,
 }
 
 impl Reply {
     fn finish_reason(&self) -> &'static str {
-        if self.calls.is_empty() {
+        if self.truncated {
+            "length"
+        } else if self.calls.is_empty() {
             "stop"
         } else {
             "tool_calls"
         }
+    }
+
+    /// Stops the reply at `cap` tokens (words), as OpenAI stops at `max_completion_tokens`.
+    fn cap(&mut self, cap: u64) {
+        if self.completion_tokens <= cap {
+            return;
+        }
+        let text = self.text.take().unwrap_or_default();
+        let kept: String = text
+            .split_inclusive(' ')
+            .filter(|piece| !piece.trim().is_empty())
+            .take(usize::try_from(cap).unwrap_or(usize::MAX))
+            .collect();
+        self.text = Some(kept);
+        self.calls.clear();
+        self.completion_tokens = cap;
+        self.truncated = true;
     }
 }
 
@@ -257,6 +278,7 @@ fn reply(body: &Value, seed: usize) -> Result<Reply, Response> {
         text,
         calls,
         completion_tokens,
+        truncated: false,
     })
 }
 
@@ -299,6 +321,13 @@ pub(crate) async fn chat_completions(
     };
     if let Some(served) = &fault.served_model {
         reply.model = served.clone();
+    }
+    let cap = request
+        .get("max_completion_tokens")
+        .or_else(|| request.get("max_tokens"))
+        .and_then(Value::as_u64);
+    if let Some(cap) = cap.filter(|_| !fault.ignore_output_cap) {
+        reply.cap(cap);
     }
     let id = format!("chatcmpl-sim{seed:08x}");
     if request.get("stream").and_then(Value::as_bool) == Some(true) {
