@@ -353,3 +353,62 @@ config = {{ models = {{ "test-model" = {{ input = 0, output = 1000000 }} }} }}
         .sum();
     assert_eq!(spent, 100_000_000, "the cap, to the pico");
 }
+
+#[tokio::test]
+async fn streams_at_the_edge_of_the_plugin_pool_are_all_priced() {
+    let sim = simulator().await;
+    // A pool of 16 instances: each open stream holds one.
+    let gateway = start(&format!(
+        "max_instances = 16\n{}{}",
+        harness::billing(0),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    top_up(&gateway, 1_000_000).await;
+    sim.set_standing_fault(Some(Fault {
+        hold_after_chunks: Some(1),
+        ..Fault::default()
+    }));
+    let mut body = chat("keep this open");
+    body["stream"] = json!(true);
+    let mut open = Vec::new();
+    let mut refused = None;
+    for _ in 0..40 {
+        let response = gateway.post_stream(&body).await;
+        if response.status() != 200 {
+            refused = Some(harness::Answer::read(response).await);
+            break;
+        }
+        let mut reader = SseReader::new(response);
+        assert!(reader.next(Duration::from_secs(20)).await.is_some());
+        open.push(reader);
+    }
+    let refused = refused.expect("the pool fills before 40 streams");
+    assert!(open.len() >= 4, "{} streams opened", open.len());
+    // A full pool is the gateway's load: 503, to retry shortly.
+    refused.assert_error(503, Some("gateway_busy"));
+    assert!(refused.headers.contains_key("retry-after"));
+    sim.set_standing_fault(None);
+    sim.release();
+    for mut reader in open {
+        assert_eq!(
+            reader.rest().await.last().map(String::as_str),
+            Some("[DONE]")
+        );
+    }
+    settled_balance(&gateway).await;
+    let served: Vec<Value> = records(&gateway)
+        .await
+        .into_iter()
+        .filter(|record| record["status"] == 200)
+        .collect();
+    let unpriced: Vec<&Value> = served
+        .iter()
+        .filter(|record| !record["cost_picos"].is_u64())
+        .map(|record| &record["request_id"])
+        .collect();
+    assert!(unpriced.is_empty(), "served but never priced: {unpriced:?}");
+    let books = reconcile(&gateway).await;
+    assert_eq!(books["tenants"][0]["unpriced_records"], 0, "{books}");
+}

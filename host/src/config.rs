@@ -169,7 +169,8 @@ impl Default for ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
     /// Plugin instances alive at once: concurrent calls plus open streams, plus up to a sixteenth
-    /// of it each for instances made ahead of their calls and for stores waiting to be dropped.
+    /// of it each for instances made ahead of their calls and for stores waiting to be dropped,
+    /// plus a thirty-second (2 to 32) only pricing may use.
     pub max_instances: u32,
     /// Largest memory any plugin may be given, in MiB (reserved per pool slot).
     pub max_memory_mib: usize,

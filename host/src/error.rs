@@ -151,6 +151,17 @@ fn rendered(
 }
 
 fn plugin_rendered(error: &PluginError) -> Rendered {
+    if let PluginError::PoolFull { .. } = error {
+        return Rendered {
+            retry_after_ms: Some(1000),
+            ..rendered(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("gateway_busy"),
+                "The gateway is at its limit of requests in flight; retry shortly.".to_owned(),
+            )
+        };
+    }
     let message = match (error.culprit(), error) {
         (Some((plugin, role)), PluginError::Deadline { after, .. }) => {
             format!(
@@ -472,6 +483,7 @@ impl ApiError {
             | ApiError::Billing(BillingError::Plugin(error))
             | ApiError::Translate(TranslateError::Plugin(error))
             | ApiError::Plugin(error) => match error.culprit().map(|(_, role)| role) {
+                _ if matches!(error, PluginError::PoolFull { .. }) => "gateway_busy",
                 Some(Role::Router) => "plugin_router",
                 Some(Role::Translator) => "plugin_translator",
                 Some(Role::Billing) => "plugin_billing",
@@ -755,6 +767,12 @@ mod tests {
                 429,
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
+            ),
+            (
+                PluginError::PoolFull { role: Role::Router }.into(),
+                503,
+                "server_error",
+                Some("gateway_busy"),
             ),
             (
                 UpstreamError::NoUsableKey {

@@ -1,6 +1,13 @@
 //! Bindings of `world billing-plugin` and the typed calls the bill stage makes.
 
+use std::time::Duration;
+
 use super::{Binding, Exports, PluginError, Role, sandbox};
+
+/// How long pricing waits for a pool slot at most, and between tries: the reserve is sized so it
+/// never waits; a pool taken whole still prices the call once anything ends.
+const MOST_SETTLEMENT_WAIT: Duration = Duration::from_secs(30);
+const SETTLEMENT_RETRY: Duration = Duration::from_millis(10);
 
 wasmtime::component::bindgen!({
     world: "billing-plugin",
@@ -25,7 +32,7 @@ impl Binding {
         let Exports::Billing(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Billing));
         };
-        let mut store = self.store();
+        let mut store = self.store()?;
         sandbox::bounded(&mut store, "authorize", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = indices.load(&mut *store, &instance)?;
@@ -37,15 +44,32 @@ impl Binding {
         .await
     }
 
-    /// Asks the billing plugin to price a finished call.
+    /// Asks the billing plugin to price a finished call. Pricing draws on the pool's reserve, and
+    /// waits for a slot while even that is in use: a request that was served is always priced.
     pub async fn charge(
+        &self,
+        request: &ChargeRequest,
+    ) -> Result<Result<Price, BillingError>, PluginError> {
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.charge_once(request).await {
+                Err(PluginError::PoolFull { .. }) if waited < MOST_SETTLEMENT_WAIT => {
+                    tokio::time::sleep(SETTLEMENT_RETRY).await;
+                    waited += SETTLEMENT_RETRY;
+                }
+                priced => return priced,
+            }
+        }
+    }
+
+    async fn charge_once(
         &self,
         request: &ChargeRequest,
     ) -> Result<Result<Price, BillingError>, PluginError> {
         let Exports::Billing(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Billing));
         };
-        let mut store = self.store();
+        let mut store = self.settlement_store();
         let price = sandbox::bounded(&mut store, "charge", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = indices.load(&mut *store, &instance)?;
@@ -71,7 +95,7 @@ impl Binding {
         let Exports::Billing(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Billing));
         };
-        let mut store = self.store();
+        let mut store = self.store()?;
         sandbox::bounded(&mut store, "validate-config", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = indices.load(&mut *store, &instance)?;

@@ -197,6 +197,13 @@ pub enum PluginError {
         /// What lacks a binding (a protocol name, a tenant).
         what: String,
     },
+    /// Every plugin instance the pool may lend to this kind of call is in use (open streams and
+    /// calls in flight): the gateway's load, not the plugin's fault.
+    #[error("no plugin instance is free for a {role} call: the pool is in use")]
+    PoolFull {
+        /// The role called.
+        role: Role,
+    },
     /// The engine or the compile cache failed.
     #[error("plugin engine: {0}")]
     Engine(String),
@@ -215,6 +222,7 @@ impl PluginError {
             PluginError::Invalid { .. }
             | PluginError::Unfit { .. }
             | PluginError::Unbound { .. }
+            | PluginError::PoolFull { .. }
             | PluginError::Engine(_) => None,
         }
     }
@@ -230,6 +238,7 @@ impl PluginError {
             PluginError::Trap { .. } => "trap",
             PluginError::Contract { .. } => "contract",
             PluginError::Unbound { .. } => "unbound",
+            PluginError::PoolFull { .. } => "pool_full",
             PluginError::Engine(_) => "engine",
         }
     }
@@ -656,8 +665,17 @@ impl Binding {
     }
 
     /// A fresh store for one call or one stream: nothing survives from an earlier call.
-    fn store(&self) -> PluginStore {
-        self.standby.store()
+    /// A store for a call or a stream, within the pool's share for them.
+    fn store(&self) -> Result<PluginStore, PluginError> {
+        self.standby.store().ok_or(PluginError::PoolFull {
+            role: self.compiled.role(),
+        })
+    }
+
+    /// A store for pricing a finished call, which may use the pool's reserve (see
+    /// `sandbox::StandbyCounts`).
+    fn settlement_store(&self) -> PluginStore {
+        self.standby.settlement_store()
     }
 }
 

@@ -26,7 +26,7 @@ impl Binding {
         let Exports::Router(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Router));
         };
-        let mut store = self.store();
+        let mut store = self.store()?;
         let plan = sandbox::bounded(&mut store, "plan", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = indices.load(&mut *store, &instance)?;
@@ -51,7 +51,7 @@ impl Binding {
         let Exports::Router(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Router));
         };
-        let mut store = self.store();
+        let mut store = self.store()?;
         sandbox::bounded(&mut store, "validate-config", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = indices.load(&mut *store, &instance)?;

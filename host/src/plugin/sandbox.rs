@@ -320,24 +320,44 @@ const MAX_READY: usize = 64;
 /// within it (8 measured the same).
 const MAX_RETIRING: usize = 4;
 
-/// What every binding's [`Standby`] shares: how many ready instances and stores still to drop the
-/// runtime holds. Both hold pool slots, so each may take a sixteenth of the pool at most: a pool
-/// of fewer than 16 instances has neither.
+/// What every binding's [`Standby`] shares: how many ready instances, stores still to drop and
+/// stores lent to calls the runtime holds. Ready instances and stores to drop hold pool slots, so
+/// each may take a sixteenth of the pool at most: a pool of fewer than 16 instances has neither.
+///
+/// Calls and streams may hold what is left but a reserve, which only pricing may use: a request
+/// that was served must be priced, and a pool full of open streams (a stalled provider holds
+/// them) would otherwise leave the streams that end unpriced. Pricing never holds an instance
+/// across an upstream wait, so a small reserve drains as fast as it fills.
 pub(super) struct StandbyCounts {
     ready: AtomicUsize,
     most_ready: usize,
     retiring: AtomicUsize,
     most_retiring: usize,
+    /// Stores lent to calls and streams (not to pricing).
+    lent: AtomicUsize,
+    most_lent: usize,
+}
+
+/// The pool slots only pricing may use: a thirty-second of the pool, at least 2 and at most 32.
+fn settlement_reserve(max_instances: usize) -> usize {
+    (max_instances / 32).clamp(2, 32)
 }
 
 impl StandbyCounts {
     pub(super) fn new(max_instances: u32) -> Self {
-        let sixteenth = max_instances as usize / 16;
+        let max_instances = max_instances as usize;
+        let sixteenth = max_instances / 16;
+        let most_ready = MAX_READY.min(sixteenth);
+        let most_retiring = MAX_RETIRING.min(sixteenth);
         Self {
             ready: AtomicUsize::new(0),
-            most_ready: MAX_READY.min(sixteenth),
+            most_ready,
             retiring: AtomicUsize::new(0),
-            most_retiring: MAX_RETIRING.min(sixteenth),
+            most_retiring,
+            lent: AtomicUsize::new(0),
+            most_lent: max_instances
+                .saturating_sub(most_ready + most_retiring + settlement_reserve(max_instances))
+                .max(1),
         }
     }
 }
@@ -382,8 +402,24 @@ impl Standby {
         }
     }
 
-    /// A store for one call or one stream: a ready one if there is one, else a new, empty one.
-    pub(super) fn store(self: &Arc<Self>) -> PluginStore {
+    /// A store for one call or one stream: a ready one if there is one, else a new, empty one;
+    /// `None` when calls and streams hold their whole share of the pool.
+    pub(super) fn store(self: &Arc<Self>) -> Option<PluginStore> {
+        let counts = &self.counts;
+        counts
+            .lent
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |lent| {
+                (lent < counts.most_lent).then_some(lent + 1)
+            })
+            .ok()?;
+        let mut store = self.settlement_store();
+        store.lent = true;
+        Some(store)
+    }
+
+    /// A store for pricing a finished call: not counted against the share of calls and streams,
+    /// so it may use the reserve.
+    pub(super) fn settlement_store(self: &Arc<Self>) -> PluginStore {
         let ready = {
             let mut ready = self.ready.lock().unwrap_or_else(PoisonError::into_inner);
             match std::mem::replace(&mut *ready, Ready::Vacant) {
@@ -409,6 +445,7 @@ impl Standby {
         PluginStore {
             store: Some(store),
             standby: self.clone(),
+            lent: false,
         }
     }
 
@@ -481,6 +518,8 @@ pub(super) struct PluginStore {
     /// `Some` until dropped.
     store: Option<Store<PluginState>>,
     standby: Arc<Standby>,
+    /// Counted among the stores lent to calls and streams.
+    lent: bool,
 }
 
 impl Deref for PluginStore {
@@ -503,6 +542,10 @@ impl DerefMut for PluginStore {
 
 impl Drop for PluginStore {
     fn drop(&mut self) {
+        if self.lent {
+            // A store waiting to be dropped keeps its slot, counted among the retiring instead.
+            self.standby.counts.lent.fetch_sub(1, Ordering::Relaxed);
+        }
         let Some(store) = self.store.take() else {
             return;
         };
@@ -607,6 +650,14 @@ pub(super) async fn bounded<R>(
     }
     if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
         return Err(deadline());
+    }
+    if error
+        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+        .is_some()
+    {
+        return Err(PluginError::PoolFull {
+            role: state.identity.role,
+        });
     }
     Err(PluginError::Trap {
         plugin: state.identity.plugin.clone(),

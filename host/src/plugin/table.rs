@@ -345,7 +345,11 @@ impl Resolved {
         Fut: Future<Output = Result<T, PluginError>>,
     {
         let outcome = call(self.binding.clone()).await;
-        if let Some(tripped) = self.tally(outcome.is_err()) {
+        // A full pool is the gateway's load, not the plugin's failure.
+        let failed = outcome
+            .as_ref()
+            .is_err_and(|error| !matches!(error, PluginError::PoolFull { .. }));
+        if let Some(tripped) = self.tally(failed) {
             // The receiver lives as long as the gateway; a send after shutdown has no one to tell.
             let _ = self.trips.send(tripped);
         }

@@ -133,7 +133,7 @@ impl Binding {
         body: &str,
     ) -> Result<Result<UpstreamRequest, TranslateError>, PluginError> {
         let exports = self.translator_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let export = match kind {
             RequestKind::Chat => "translate-chat-request",
             RequestKind::Embeddings => "translate-embeddings-request",
@@ -172,7 +172,7 @@ impl Binding {
         response: &UpstreamResponse,
     ) -> Result<Result<TranslatedAnswer, TranslateError>, PluginError> {
         let exports = self.translator_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let export = match kind {
             RequestKind::Chat => "translate-chat-response",
             RequestKind::Embeddings => "translate-embeddings-response",
@@ -220,7 +220,7 @@ impl Binding {
         response: &UpstreamResponse,
     ) -> Result<UpstreamFailure, PluginError> {
         let exports = self.translator_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         sandbox::bounded(&mut store, "read-failure", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             exports
@@ -239,7 +239,7 @@ impl Binding {
         context: &AttemptContext,
     ) -> Result<StreamSession, PluginError> {
         let exports = self.translator_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let (plugin, resource) = sandbox::bounded(&mut store, "stream-translator", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = exports.translator.load(&mut *store, &instance)?;
@@ -261,7 +261,7 @@ impl Binding {
         &self,
     ) -> Result<Result<(), String>, PluginError> {
         let exports = self.translator_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         sandbox::bounded(&mut store, "validate-config", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             exports
@@ -327,7 +327,7 @@ impl Binding {
         body: &str,
     ) -> Result<Result<String, InvalidRequest>, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let converted = sandbox::bounded(&mut store, "to-openai-request", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             indices
@@ -351,7 +351,7 @@ impl Binding {
         client_headers: &[Header],
     ) -> Result<Result<UpstreamRequest, TranslateError>, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let request = sandbox::bounded(&mut store, "forward-request", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             indices
@@ -374,7 +374,7 @@ impl Binding {
         response: &UpstreamResponse,
     ) -> Result<Result<ForwardedAnswer, TranslateError>, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let answer = sandbox::bounded(&mut store, "read-forwarded-response", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             indices
@@ -396,7 +396,7 @@ impl Binding {
         body: &str,
     ) -> Result<Result<String, TranslateError>, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let converted = sandbox::bounded(&mut store, "from-openai-response", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             indices
@@ -414,7 +414,7 @@ impl Binding {
     /// The count-tokens answer for the host's own count.
     pub async fn count_tokens_answer(&self, input_tokens: u64) -> Result<String, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let answer = sandbox::bounded(&mut store, "count-tokens-answer", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             indices
@@ -433,7 +433,7 @@ impl Binding {
         context: &AttemptContext,
     ) -> Result<ForwardedSession, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let (plugin, resource) = sandbox::bounded(&mut store, "forwarded-stream", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = indices.load(&mut *store, &instance)?;
@@ -457,7 +457,7 @@ impl Binding {
         context: &AttemptContext,
     ) -> Result<ConvertedSession, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store();
+        let mut store = self.store()?;
         let (plugin, resource) = sandbox::bounded(&mut store, "openai-stream", async |store| {
             let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
             let plugin = indices.load(&mut *store, &instance)?;
