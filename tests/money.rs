@@ -412,3 +412,76 @@ async fn streams_at_the_edge_of_the_plugin_pool_are_all_priced() {
     let books = reconcile(&gateway).await;
     assert_eq!(books["tenants"][0]["unpriced_records"], 0, "{books}");
 }
+
+#[tokio::test]
+async fn streams_open_at_a_crash_are_charged_once_at_the_next_start() {
+    const STREAMS: usize = 16;
+    let sim = simulator().await;
+    let mut gateway = start(&format!(
+        "{}{}",
+        harness::billing(0),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    top_up(&gateway, 1_000_000).await;
+    // Slow streams: a word every 200 ms, about five seconds each.
+    sim.set_standing_fault(Some(Fault {
+        chunk_interval_ms: Some(200),
+        ..Fault::default()
+    }));
+    let mut body = chat(&"slow ".repeat(24));
+    body["stream"] = json!(true);
+    let mut open = Vec::new();
+    for _ in 0..STREAMS {
+        let response = gateway.post_stream(&body).await;
+        assert_eq!(response.status(), 200);
+        let request_id = response.headers()["x-request-id"]
+            .to_str()
+            .expect("ASCII")
+            .to_owned();
+        open.push((request_id, SseReader::new(response)));
+    }
+    for (_, reader) in &mut open {
+        // The role chunk, then content.
+        for _ in 0..3 {
+            assert!(reader.next(Duration::from_secs(10)).await.is_some());
+        }
+    }
+    gateway
+        .crash_and_restart()
+        .await
+        .expect("the gateway restarts");
+    let ids: Vec<String> = open.into_iter().map(|(id, _)| id).collect();
+    let charged = |records: &[Value], id: &str| -> Vec<Value> {
+        records
+            .iter()
+            .filter(|record| record["request_id"] == id)
+            .cloned()
+            .collect()
+    };
+    let records_now = records(&gateway).await;
+    for id in &ids {
+        let recovered = charged(&records_now, id);
+        assert_eq!(recovered.len(), 1, "{id} is charged once: {recovered:?}");
+        let record = &recovered[0];
+        assert_eq!(record["error_class"], "recovered", "{record}");
+        assert_eq!(record["status"], 200, "it delivered content: {record}");
+        assert!(
+            record["usage"]["output_tokens"].as_u64() > Some(0),
+            "what it delivered is charged: {record}"
+        );
+        assert!(record["cost_picos"].as_u64() > Some(0), "{record}");
+    }
+    assert_eq!(reconcile(&gateway).await["balanced"], true);
+    // Charged once, whatever follows.
+    gateway
+        .crash_and_restart()
+        .await
+        .expect("the gateway restarts");
+    let records_again = records(&gateway).await;
+    for id in &ids {
+        assert_eq!(charged(&records_again, id).len(), 1, "{id}");
+    }
+    assert_eq!(balance(&gateway).await.0, settled_balance(&gateway).await);
+}

@@ -36,6 +36,8 @@ const HELP: &str = "cargo bench -p tollgate --bench load -- [options]
   --gateway NAME=BINARY     another tollgate binary (a build of another commit) started like this
                             one and measured right after it in every cell: A/B of two builds in
                             one run, where run-to-run drift of the machine would hide a few %
+  --ledger-sync-batch       also start this build with `server.ledger_sync = \"batch\"` (named
+                            tollgate-batch) and measure it right after the default one
   --streams N               instead of the matrix: hold N streams open through tollgate at once
                             (the upstream sending one chunk per second, for about half a minute)
                             and report the gateway's memory per open stream and any error";
@@ -61,6 +63,8 @@ struct Options {
     extra: Vec<Target>,
     /// Other tollgate builds to start: name and binary.
     gateways: Vec<(String, String)>,
+    /// Also measure this build with its ledger log synced in batches.
+    ledger_sync_batch: bool,
     streams: Option<usize>,
 }
 
@@ -73,6 +77,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         rounds: 1,
         extra: Vec::new(),
         gateways: Vec::new(),
+        ledger_sync_batch: false,
         streams: None,
     };
     let mut args = args.iter();
@@ -98,6 +103,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             "--streams" => options.streams = Some(value()?.parse()?),
+            "--ledger-sync-batch" => options.ledger_sync_batch = true,
             "--rounds" => options.rounds = value()?.parse::<usize>()?.max(1),
             "--target" => {
                 let spec = value()?;
@@ -549,6 +555,7 @@ async fn start_tollgate(
     dir: &std::path::Path,
     max_instances: usize,
     (name, binary): (&str, &str),
+    server_lines: &str,
 ) -> anyhow::Result<(tokio::process::Child, Target)> {
     let dir = dir.join(name);
     std::fs::create_dir_all(&dir)?;
@@ -559,6 +566,7 @@ async fn start_tollgate(
             r#"[server]
 listen = "127.0.0.1:0"
 data_dir = "{data}"
+{server_lines}
 
 [plugins]
 max_instances = {max_instances}
@@ -638,15 +646,27 @@ async fn main() -> anyhow::Result<()> {
     let max_instances = options.streams.map_or(1000, |streams| streams + 1000);
     let this_build = ("tollgate", env!("CARGO_BIN_EXE_tollgate"));
     let (_gateway, tollgate) =
-        start_tollgate(&simulator, dir.path(), max_instances, this_build).await?;
+        start_tollgate(&simulator, dir.path(), max_instances, this_build, "").await?;
     // Kept until the end: dropping a child kills it.
     let mut other_gateways = Vec::new();
     let mut other_builds = Vec::new();
+    let mut variants: Vec<(&str, &str, &str)> = Vec::new();
+    if options.ledger_sync_batch {
+        variants.push(("tollgate-batch", this_build.1, "ledger_sync = \"batch\""));
+    }
     for (name, binary) in &options.gateways {
-        let (gateway, target) =
-            start_tollgate(&simulator, dir.path(), max_instances, (name, binary))
-                .await
-                .with_context(|| format!("starting {binary}"))?;
+        variants.push((name, binary, ""));
+    }
+    for (name, binary, server_lines) in variants {
+        let (gateway, target) = start_tollgate(
+            &simulator,
+            dir.path(),
+            max_instances,
+            (name, binary),
+            server_lines,
+        )
+        .await
+        .with_context(|| format!("starting {binary}"))?;
         other_gateways.push(gateway);
         other_builds.push(target);
     }

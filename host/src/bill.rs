@@ -11,11 +11,11 @@ use crate::gateway::Gateway;
 use crate::plugin::PluginError;
 use crate::plugin::billing::{AuthorizeRequest, BillingDenial, CallOutcome, ChargeRequest, Price};
 use crate::plugin::router::Operation;
-use crate::plugin::table::Called;
+use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::Usage;
 use crate::request::ClientRequest;
 use crate::store::StoreError;
-use crate::store::{HoldOutcome, HoldRequest};
+use crate::store::{HoldOutcome, HoldRequest, OpenedRequest};
 use crate::tokens;
 
 /// Why a request may not go ahead.
@@ -320,22 +320,6 @@ async fn decide(
 /// Prices a finished call, never past its hold. Never fails the request: the usage is recorded
 /// either way.
 pub async fn charge(context: &RequestContext, usage: &Usage, outcome: CallOutcome) -> Priced {
-    let mut priced = price(context, usage, outcome).await;
-    if let (Some(price), Some(grant)) = (priced.price.as_mut(), context.grant.as_ref())
-        && price.amount_picos > grant.hold_picos
-    {
-        priced.written_off_picos = price.amount_picos - grant.hold_picos;
-        price.amount_picos = grant.hold_picos;
-        tracing::warn!(
-            written_off_picos = priced.written_off_picos,
-            "the upstream's usage was priced past the hold; the excess is written off"
-        );
-    }
-    priced
-}
-
-/// The billing plugin's price of a finished call.
-async fn price(context: &RequestContext, usage: &Usage, outcome: CallOutcome) -> Priced {
     let request = ChargeRequest {
         request_id: context.request_id.clone(),
         tenant: context.caller.tenant.clone(),
@@ -348,12 +332,51 @@ async fn price(context: &RequestContext, usage: &Usage, outcome: CallOutcome) ->
         latency_ms: context.elapsed_ms(),
         outcome,
     };
-    let called = context
-        .billing
-        .call(|billing| {
-            let request = &request;
-            async move { billing.charge(request).await }
-        })
+    let hold = context.grant.as_ref().map(|grant| grant.hold_picos);
+    within_hold(price(&context.billing, &request).await, hold)
+}
+
+/// Prices a request a stopped gateway left open (see `flow::recover`) as a cut call, never past
+/// its hold.
+pub async fn charge_recovered(billing: &Resolved, opened: &OpenedRequest, usage: &Usage) -> Priced {
+    let request = ChargeRequest {
+        request_id: opened.request_id.clone(),
+        tenant: opened.tenant.clone(),
+        key_id: opened.key_id.clone(),
+        operation: if opened.operation == "embeddings" {
+            Operation::Embeddings
+        } else {
+            Operation::Chat
+        },
+        model_asked: opened.model_asked.clone(),
+        model_served: String::new(),
+        channel: opened.channel.clone(),
+        usage: *usage,
+        latency_ms: 0,
+        outcome: CallOutcome::Cut,
+    };
+    within_hold(price(billing, &request).await, Some(opened.hold_picos))
+}
+
+/// Stops a price at the hold, writing off the rest.
+fn within_hold(mut priced: Priced, hold_picos: Option<u64>) -> Priced {
+    if let (Some(price), Some(hold_picos)) = (priced.price.as_mut(), hold_picos)
+        && price.amount_picos > hold_picos
+    {
+        priced.written_off_picos = price.amount_picos - hold_picos;
+        price.amount_picos = hold_picos;
+        tracing::warn!(
+            written_off_picos = priced.written_off_picos,
+            "the upstream's usage was priced past the hold; the excess is written off"
+        );
+    }
+    priced
+}
+
+/// The billing plugin's price of a finished call.
+async fn price(billing: &Resolved, request: &ChargeRequest) -> Priced {
+    let called = billing
+        .call(|billing| async move { billing.charge(request).await })
         .await;
     let called = match called {
         Ok(called) => called,

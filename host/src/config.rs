@@ -137,6 +137,10 @@ pub struct ServerConfig {
     /// after its previous request, on a kept-alive connection) is disconnected, in milliseconds:
     /// a client that trickles headers, or sends none, cannot hold a connection open for ever.
     pub header_read_timeout_ms: std::num::NonZeroU64,
+    /// How the ledger log reaches the disk: `"none"` (written to the operating system at commit;
+    /// a machine that loses power loses what it had not written out) or `"batch"` (commits that
+    /// arrive together share one `fdatasync` before their answers go out).
+    pub ledger_sync: crate::store::LedgerSync,
 }
 
 impl ServerConfig {
@@ -160,6 +164,7 @@ impl Default for ServerConfig {
             ledger_retention_days: None,
             workers: None,
             header_read_timeout_ms: std::num::NonZeroU64::new(30_000).expect("30,000 is not zero"),
+            ledger_sync: crate::store::LedgerSync::default(),
         }
     }
 }

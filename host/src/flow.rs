@@ -32,7 +32,7 @@ use crate::plugin::{PluginError, Role};
 use crate::record;
 use crate::request::ClientRequest;
 use crate::route::{self, PlannedAttempt};
-use crate::store::{RecordedAttempt, UsageRecord};
+use crate::store::{Durable, OpenedRequest, RecordedAttempt, Settlement, StoreError, UsageRecord};
 use crate::stream;
 use crate::tokens;
 use crate::translate::{self, TranslateError};
@@ -201,7 +201,7 @@ pub async fn run(
         Err(error) => {
             let usage = zero_usage();
             let status = error.status_code();
-            finish(
+            let durable = finish(
                 &gateway,
                 context,
                 &usage,
@@ -210,6 +210,7 @@ pub async fn run(
                 Some(error.class()),
             );
             unsettled.settled();
+            durable.wait().await;
             return Err(error);
         }
     };
@@ -245,8 +246,10 @@ pub async fn run(
             unsettled.usage = Some(answer.usage);
             let context = unsettled.context();
             let priced = bill::charge(context, &answer.usage, CallOutcome::Complete).await;
-            finish(&gateway, context, &answer.usage, &priced, 200, None);
+            let durable = finish(&gateway, context, &answer.usage, &priced, 200, None);
             unsettled.settled();
+            // The ledger commit stays before the answer (with `ledger_sync = "batch"`, its sync).
+            durable.wait().await;
             Ok((Delivery::Json(answer.body), served))
         }
         Reply::Streaming(open) => {
@@ -346,14 +349,15 @@ async fn settle_abandoned(
     });
     let priced = bill::charge(&context, &usage, CallOutcome::Cut).await;
     tracing::info!("the client went away before its answer; settled");
-    finish(
+    // No answer waits for this record.
+    drop(finish(
         &gateway,
         &mut context,
         &usage,
         &priced,
         499,
         Some("client_closed"),
-    );
+    ));
 }
 
 /// Pumps a stream to the client, then prices and records it. Every held stream keeps this
@@ -735,7 +739,10 @@ async fn try_attempt(
     let key = key.map(|index| &channel.keys[index]);
     let waiting = Instant::now();
     let first_byte = channel.first_byte_timeout(&context.request.model);
-    context.reached_upstream = true;
+    if !context.reached_upstream {
+        context.reached_upstream = true;
+        note_opened(gateway, context, channel, attempt);
+    }
     let sent = upstream::send(channel, key, upstream_request, first_byte).await;
     context.upstream_wait += waiting.elapsed();
     let response = sent?;
@@ -749,6 +756,11 @@ async fn try_attempt(
                 .grant
                 .as_ref()
                 .and_then(|grant| grant.output_allowance),
+            progress: context.grant.as_ref().map(|grant| stream::ProgressMarks {
+                store: gateway.store.clone(),
+                hold_id: grant.hold_id.clone(),
+                marked: None,
+            }),
         };
         let relay = async || -> Result<stream::Relay, TranslateError> {
             if forwarded.is_some() {
@@ -812,6 +824,73 @@ async fn try_attempt(
     Ok(reply)
 }
 
+/// Charges the requests the gateway left open when it last stopped (killed, crashed, or the
+/// machine lost power): each went to an upstream and has no record. The rule is a cut stream's:
+/// the prompt (the host's estimate, four bytes a token) and the text its last progress mark
+/// proves delivered (four bytes a token), never more than its hold; the record says `recovered`.
+/// Runs at start-up, before the gateway serves. Returns how many it settled.
+pub async fn recover(gateway: &Gateway) -> Result<usize, StoreError> {
+    let unsettled = gateway.store.unsettled_requests()?;
+    let bindings = gateway.bindings();
+    for (opened, delivered) in &unsettled {
+        let usage = Usage {
+            input_tokens: opened.prompt_tokens,
+            output_tokens: delivered.div_ceil(4),
+            estimated: true,
+            ..zero_usage()
+        };
+        let priced = match Gateway::resolve(&bindings, &opened.tenant, Role::Billing, None) {
+            Ok(billing) => bill::charge_recovered(&billing, opened, &usage).await,
+            Err(error) => Priced {
+                failure: Some(error.to_string()),
+                ..Priced::default()
+            },
+        };
+        let record = record::recovered_record(opened, &usage, &priced, *delivered);
+        tracing::warn!(request_id = %opened.request_id, tenant = %opened.tenant, cost_picos = ?record.cost_picos, "charged a request the last run left open");
+        // Recovery runs before serving: nothing waits for its durability.
+        drop(gateway.store.commit_usages(&[Settlement {
+            record,
+            hold_id: Some(opened.hold_id.clone()),
+        }])?);
+    }
+    Ok(unsettled.len())
+}
+
+/// Notes in the ledger log that the request goes to an upstream: should the gateway stop before
+/// its record, the next start charges it (see [`recover`]).
+fn note_opened(
+    gateway: &Gateway,
+    context: &RequestContext,
+    channel: &crate::gateway::Channel,
+    attempt: &PlannedAttempt,
+) {
+    let Some(grant) = &context.grant else {
+        return;
+    };
+    let opened = OpenedRequest {
+        hold_id: grant.hold_id.clone(),
+        hold_picos: grant.hold_picos,
+        unix_ms: context.received_unix_ms,
+        request_id: context.request_id.clone(),
+        tenant: context.caller.tenant.clone(),
+        key_id: context.caller.key_id.clone(),
+        operation: record::operation_name(context.request.operation).to_owned(),
+        model_asked: context.request.model.clone(),
+        channel: channel.config.name.clone(),
+        upstream_model: attempt.upstream_model.clone(),
+        protocol_in: record::protocol_in(context).to_owned(),
+        protocol_out: channel.config.protocol.clone(),
+        stream: context.request.stream,
+        prompt_tokens: context.request.estimated_input_tokens,
+        plugins: context.plugins.clone(),
+    };
+    if let Err(error) = gateway.store.open_request(&opened) {
+        // The record still settles it; only a crash before then would leave it unbilled.
+        tracing::error!(%error, "the request could not be noted as opened");
+    }
+}
+
 /// Finishes an OpenAI-shaped whole answer: usage the upstream did not report is counted with the
 /// tokenizer (both sides) and written into the body, base64 embeddings encoded.
 fn complete_answer(context: &RequestContext, answer: &mut translate::Answer) {
@@ -853,10 +932,12 @@ async fn settle_stream(
         (None, false) => (CallOutcome::Complete, None),
     };
     let priced = bill::charge(&context, &usage, call_outcome).await;
-    finish(gateway, &mut context, &usage, &priced, 200, class);
+    // The stream's answer is out already.
+    drop(finish(gateway, &mut context, &usage, &priced, 200, class));
 }
 
-/// Writes the request's usage record. A failed write is logged loudly: the answer is already out.
+/// Writes the request's usage record; what it returns resolves once the record is durable. A
+/// failed write is logged loudly: the answer goes out anyway.
 fn finish(
     gateway: &Gateway,
     context: &mut RequestContext,
@@ -864,7 +945,7 @@ fn finish(
     priced: &Priced,
     status: u16,
     class: Option<&str>,
-) {
+) -> Durable {
     if let Some(failure) = &priced.failure {
         tracing::error!(
             failure,
@@ -886,9 +967,13 @@ fn finish(
         context.received_at.elapsed(),
     );
     let hold_id = context.grant.as_ref().map(|grant| grant.hold_id.clone());
-    if let Err(error) = gateway.ledger.commit(usage_record, hold_id) {
-        tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
-    }
+    gateway
+        .ledger
+        .commit(usage_record, hold_id)
+        .unwrap_or_else(|error| {
+            tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
+            Durable::now()
+        })
 }
 
 /// Counts a finished request in the metrics. `elapsed` is its duration at full precision (the

@@ -985,7 +985,11 @@ fn open_store(args: &DataDirArgs) -> anyhow::Result<SledStore> {
     };
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    Ok(SledStore::open(&data_dir)?)
+    // The CLI commits no usage records: the log is never synced by it.
+    Ok(SledStore::open(
+        &data_dir,
+        tollgate::store::LedgerSync::None,
+    )?)
 }
 
 /// Raises the soft open-file limit to the hard one, as Go's runtime does at start: every open
@@ -1031,6 +1035,13 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
         .and_then(Path::parent)
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let gateway = gateway::Gateway::start(&config, &config_dir).await?;
+    let recovered = tollgate::flow::recover(&gateway).await?;
+    if recovered > 0 {
+        tracing::warn!(
+            recovered,
+            "charged the requests the last run left in flight"
+        );
+    }
     bootstrap(&config, gateway.store.as_ref())?;
     for channel in gateway.channels().iter() {
         let label = channel.config.label.as_deref().unwrap_or("");

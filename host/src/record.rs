@@ -6,10 +6,14 @@
 
 use crate::bill::Priced;
 use crate::flow::RequestContext;
+use crate::plugin::router::Operation;
 use crate::plugin::translator::Usage;
 use std::sync::Arc;
 
-use crate::store::{RecordedLineItem, RecordedUsage, Settlement, Store, StoreError, UsageRecord};
+use crate::store::{
+    Durable, OpenedRequest, RecordedAttempt, RecordedLineItem, RecordedUsage, Settlement, Store,
+    StoreError, UsageRecord,
+};
 
 /// Why a record could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -38,11 +42,7 @@ pub fn usage_record(
         request_id: context.request_id.clone(),
         tenant: context.caller.tenant.clone(),
         key_id: context.caller.key_id.clone(),
-        operation: match context.request.operation {
-            crate::plugin::router::Operation::Chat => "chat",
-            crate::plugin::router::Operation::Embeddings => "embeddings",
-        }
-        .to_owned(),
+        operation: operation_name(context.request.operation).to_owned(),
         model_asked: context
             .degraded_from
             .clone()
@@ -54,45 +54,108 @@ pub fn usage_record(
         model_served: context.served_model.clone().unwrap_or_default(),
         channel: context.served_channel.clone().unwrap_or_default(),
         model_mismatch: model_mismatch(context),
-        protocol_in: context
-            .inbound
-            .as_ref()
-            .map_or("openai", |inbound| inbound.protocol)
-            .to_owned(),
+        protocol_in: protocol_in(context).to_owned(),
         protocol_out: context.served_protocol.clone(),
         stream: context.request.stream,
         attempts: context.attempts.clone(),
-        usage: RecordedUsage {
-            input_tokens: usage.input_tokens,
-            cache_read_tokens: usage.cache_read_tokens,
-            cache_write_tokens: usage.cache_write_tokens,
-            output_tokens: usage.output_tokens,
-            reasoning_tokens: usage.reasoning_tokens,
-            estimated: usage.estimated,
-        },
+        usage: recorded_usage(usage),
         cost_picos: priced.price.as_ref().map(|price| price.amount_picos),
-        line_items: priced
-            .price
-            .as_ref()
-            .map(|price| {
-                price
-                    .line_items
-                    .iter()
-                    .map(|item| RecordedLineItem {
-                        kind: item.kind.clone(),
-                        tokens: item.tokens,
-                        price_per_million_micros: item.price_per_million_micros,
-                        amount_picos: item.amount_picos,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        line_items: line_items(priced),
         latency_ms: context.elapsed_ms(),
         status,
         error_class: error_class.map(str::to_owned),
         plugins: context.plugins.clone(),
         written_off_picos: priced.written_off_picos,
     }
+}
+
+/// The record of a request a stopped gateway left open, charged at the next start: `error_class`
+/// says `recovered`; the status is the one the client saw, 200 once text went out (a stream),
+/// else 502 (its connection closed without an answer).
+pub fn recovered_record(
+    opened: &OpenedRequest,
+    usage: &Usage,
+    priced: &Priced,
+    delivered_text_bytes: u64,
+) -> UsageRecord {
+    UsageRecord {
+        unix_ms: opened.unix_ms,
+        request_id: opened.request_id.clone(),
+        tenant: opened.tenant.clone(),
+        key_id: opened.key_id.clone(),
+        operation: opened.operation.clone(),
+        model_asked: opened.model_asked.clone(),
+        degraded_to: None,
+        model_served: String::new(),
+        channel: opened.channel.clone(),
+        model_mismatch: false,
+        protocol_in: opened.protocol_in.clone(),
+        protocol_out: Some(opened.protocol_out.clone()),
+        stream: opened.stream,
+        attempts: vec![RecordedAttempt {
+            channel: opened.channel.clone(),
+            key: None,
+            upstream_model: opened.upstream_model.clone(),
+            status: None,
+            error_class: Some("recovered".to_owned()),
+            latency_ms: 0,
+            ttfb_ms: None,
+        }],
+        usage: recorded_usage(usage),
+        cost_picos: priced.price.as_ref().map(|price| price.amount_picos),
+        line_items: line_items(priced),
+        latency_ms: 0,
+        status: if delivered_text_bytes > 0 { 200 } else { 502 },
+        error_class: Some("recovered".to_owned()),
+        plugins: opened.plugins.clone(),
+        written_off_picos: priced.written_off_picos,
+    }
+}
+
+/// An operation as records name it.
+pub fn operation_name(operation: Operation) -> &'static str {
+    match operation {
+        Operation::Chat => "chat",
+        Operation::Embeddings => "embeddings",
+    }
+}
+
+/// The protocol the client spoke.
+pub fn protocol_in(context: &RequestContext) -> &'static str {
+    context
+        .inbound
+        .as_ref()
+        .map_or("openai", |inbound| inbound.protocol)
+}
+
+fn recorded_usage(usage: &Usage) -> RecordedUsage {
+    RecordedUsage {
+        input_tokens: usage.input_tokens,
+        cache_read_tokens: usage.cache_read_tokens,
+        cache_write_tokens: usage.cache_write_tokens,
+        output_tokens: usage.output_tokens,
+        reasoning_tokens: usage.reasoning_tokens,
+        estimated: usage.estimated,
+    }
+}
+
+fn line_items(priced: &Priced) -> Vec<RecordedLineItem> {
+    priced
+        .price
+        .as_ref()
+        .map(|price| {
+            price
+                .line_items
+                .iter()
+                .map(|item| RecordedLineItem {
+                    kind: item.kind.clone(),
+                    tokens: item.tokens,
+                    price_per_million_micros: item.price_per_million_micros,
+                    amount_picos: item.amount_picos,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Whether the upstream answered with another model than the route asked for. Providers answer
@@ -120,8 +183,12 @@ impl LedgerWriter {
     }
 
     /// Commits one request's record (debiting its cost and releasing its hold) and returns once
-    /// it is committed.
-    pub fn commit(&self, record: UsageRecord, hold_id: Option<String>) -> Result<(), RecordError> {
+    /// it is committed, with what says when it is durable.
+    pub fn commit(
+        &self,
+        record: UsageRecord,
+        hold_id: Option<String>,
+    ) -> Result<Durable, RecordError> {
         let request_id = record.request_id.clone();
         self.store
             .commit_usages(&[Settlement { record, hold_id }])

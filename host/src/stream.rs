@@ -9,7 +9,8 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -24,6 +25,7 @@ use crate::plugin::translator::{
     Usage,
 };
 use crate::sse::{self, DONE_FRAME, EventFramer, carries_finish_reason, data_frame, event_frame};
+use crate::store::Store;
 use crate::translate::{self, TranslateError};
 use crate::upstream::{self, TimeoutPhase, UpstreamError};
 
@@ -240,6 +242,42 @@ pub struct OpenStream {
     delivered_text_bytes: u64,
     /// Past this many bytes of text the stream is cut (see [`StreamShape::output_allowance`]).
     max_text_bytes: u64,
+    /// Where the stream's progress is noted, and when it was last.
+    progress: Option<ProgressMarks>,
+}
+
+/// Notes in the ledger log how much text a stream delivered, so that a crash mid-stream charges
+/// what the client was sent: on the first content, then whenever another [`MARK_EVERY_BYTES`]
+/// went out or a second passed with more.
+pub struct ProgressMarks {
+    /// The store whose log takes the marks.
+    pub store: Arc<dyn Store>,
+    /// The request's hold, which names it in the log.
+    pub hold_id: String,
+    /// Text bytes at the last mark, and when it was written.
+    pub marked: Option<(u64, Instant)>,
+}
+
+/// Text bytes between progress marks, at most (with a second between them, at most).
+const MARK_EVERY_BYTES: u64 = 4096;
+
+impl ProgressMarks {
+    fn note(&mut self, delivered: u64) {
+        let due = match self.marked {
+            None => delivered > 0,
+            Some((bytes, at)) => {
+                delivered >= bytes + MARK_EVERY_BYTES
+                    || (delivered > bytes && at.elapsed() >= Duration::from_secs(1))
+            }
+        };
+        if !due {
+            return;
+        }
+        self.marked = Some((delivered, Instant::now()));
+        if let Err(error) = self.store.mark_progress(&self.hold_id, delivered) {
+            tracing::warn!(%error, "a stream's progress could not be noted");
+        }
+    }
 }
 
 /// How one stream is read and written.
@@ -257,6 +295,8 @@ pub struct StreamShape {
     /// an answer that honours its cap, in words longer than four bytes a token, whole); what it
     /// wrote past the hold is written off, never charged.
     pub output_allowance: Option<u64>,
+    /// Where its progress is noted (a request with a hold).
+    pub progress: Option<ProgressMarks>,
 }
 
 /// The text bytes past which a stream with this allowance is cut.
@@ -325,6 +365,7 @@ pub async fn open(
         prompt_estimate: shape.prompt_estimate,
         delivered_text_bytes: 0,
         max_text_bytes: max_text_bytes(shape.output_allowance),
+        progress: shape.progress,
     })
 }
 
@@ -415,6 +456,9 @@ async fn send_frames(
         if client.send(frame).await.is_err() {
             return Some(Ending::ClientGone);
         }
+    }
+    if let Some(progress) = stream.progress.as_mut() {
+        progress.note(stream.delivered_text_bytes);
     }
     None
 }

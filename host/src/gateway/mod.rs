@@ -372,7 +372,10 @@ impl Gateway {
                 config.server.data_dir.display()
             )))
         })?;
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.server.data_dir)?);
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(
+            &config.server.data_dir,
+            config.server.ledger_sync,
+        )?);
         // Holds belong to requests in flight, and none survives a restart.
         store.clear_holds()?;
         let runtime = PluginRuntime::new(&RuntimeSettings {

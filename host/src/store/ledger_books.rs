@@ -22,11 +22,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use sled::transaction::{ConflictableTransactionError, Transactional};
 
-use super::ledger_log::{LedgerLog, Logged};
+use super::ledger_log::{self, LedgerLog, Logged};
 use super::sled::{
     backend, decode_balance, encode, encode_record, fixed_width, spend_key, transaction_error,
 };
-use super::{MILLIS_PER_DAY, Settlement, StoreError, UsageRecord};
+use super::{
+    Durable, LedgerSync, MILLIS_PER_DAY, OpenedRequest, Settlement, StoreError, UsageRecord,
+};
 
 /// Committed records wake the applier once this many wait. Small batches keep each of its bursts
 /// short (it shares the cores with the requests); the cost per record hardly depends on it.
@@ -134,6 +136,10 @@ pub(super) struct Books {
     /// Whether every record of the log's sealed part is in the trees (so a flush makes it
     /// redundant); false from a seal until that batch's transaction succeeded.
     sealed_applied: bool,
+    /// Requests that went to an upstream and have no record yet, by hold id: their note in the
+    /// log (JSON) and the text bytes their last progress mark says they delivered. Noted again
+    /// in the new log at a seal.
+    opened: HashMap<String, (Vec<u8>, u64)>,
 }
 
 impl Books {
@@ -288,13 +294,29 @@ pub(super) struct Ledger {
     /// Held while a batch goes into the trees: one batch at a time, in order.
     applying: Mutex<()>,
     log_path: PathBuf,
+    /// Requests the log says were opened and never settled, until the gateway takes them.
+    unsettled: Mutex<Vec<(OpenedRequest, u64)>>,
+    /// With `ledger_sync = "batch"`, what syncs the log.
+    syncer: Option<Arc<Syncer>>,
 }
 
 impl Ledger {
     /// Opens the ledger's trees and log, and applies what the log holds past the last batch.
-    pub(super) fn open(db: &sled::Db, log_path: PathBuf) -> Result<Arc<Self>, StoreError> {
+    pub(super) fn open(
+        db: &sled::Db,
+        log_path: PathBuf,
+        sync: LedgerSync,
+    ) -> Result<Arc<Self>, StoreError> {
         let tree = |name: &str| db.open_tree(name).map_err(backend);
-        let (log, logged) = LedgerLog::open(&log_path)?;
+        let (log, contents) = LedgerLog::open(&log_path)?;
+        let unsettled = contents.unsettled();
+        let opened = unsettled
+            .iter()
+            .map(|(opened, delivered)| Ok((opened.hold_id.clone(), (encode(opened)?, *delivered))))
+            .collect::<Result<_, StoreError>>()?;
+        if sync == LedgerSync::Batch {
+            ledger_log::sync_directory(&log_path)?;
+        }
         let balances = tree("balances")?;
         let stored_balances = balances
             .iter()
@@ -328,13 +350,50 @@ impl Ledger {
                 spend_day: 0,
                 next_seq: 1,
                 sealed_applied: false,
+                opened,
             }),
             applying: Mutex::new(()),
             log_path,
+            unsettled: Mutex::new(unsettled),
+            syncer: (sync == LedgerSync::Batch).then(|| Arc::new(Syncer::default())),
         };
-        ledger.replay(&logged)?;
+        ledger.replay(&contents.records)?;
         ledger.flush()?;
-        Ok(Arc::new(ledger))
+        let ledger = Arc::new(ledger);
+        if let Some(syncer) = &ledger.syncer {
+            start_syncer(&ledger, syncer.clone())?;
+        }
+        Ok(ledger)
+    }
+
+    /// The requests opened and never settled before this start; taken once.
+    pub(super) fn take_unsettled(&self) -> Vec<(OpenedRequest, u64)> {
+        std::mem::take(
+            &mut *self
+                .unsettled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Notes a request that goes to an upstream.
+    pub(super) fn open_request(&self, opened: &OpenedRequest) -> Result<(), StoreError> {
+        let json = encode(opened)?;
+        let mut books = self.books();
+        books.log.append_opened(&opened.hold_id, &json, 0)?;
+        books.opened.insert(opened.hold_id.clone(), (json, 0));
+        Ok(())
+    }
+
+    /// Notes an opened request's progress; nothing for a request not open (settled already).
+    pub(super) fn mark_progress(&self, hold_id: &str, delivered: u64) -> Result<(), StoreError> {
+        let mut books = self.books();
+        let Books { log, opened, .. } = &mut *books;
+        let Some((_, marked)) = opened.get_mut(hold_id) else {
+            return Ok(());
+        };
+        *marked = delivered;
+        log.append_progress(hold_id, delivered)
     }
 
     /// Counts the records a crash (or an unclean stop) may have left out of the trees.
@@ -383,7 +442,11 @@ impl Ledger {
     }
 
     /// Commits records: one append to the log, then counted in memory and their holds released.
-    pub(super) fn commit(&self, settlements: &[Settlement]) -> Result<Backlog, StoreError> {
+    /// Returns what waits to be applied, and when the records are durable.
+    pub(super) fn commit(
+        &self,
+        settlements: &[Settlement],
+    ) -> Result<(Backlog, Durable), StoreError> {
         // JSON for the log, encoded outside the books lock; the trees take the compact form.
         let logged = settlements
             .iter()
@@ -396,10 +459,21 @@ impl Ledger {
         let mut books = self.books();
         let first_seq = books.next_seq;
         books.next_seq += owed.len() as u64;
+        let last_seq = books.next_seq - 1;
+        // A record settles its request's note in the log, if the request was opened.
+        let settles: Vec<Option<&str>> = owed
+            .iter()
+            .map(|(_, hold_id)| {
+                hold_id
+                    .as_deref()
+                    .filter(|hold_id| books.opened.remove(*hold_id).is_some())
+            })
+            .collect();
         books.log.append(
             (first_seq..)
+                .zip(&settles)
                 .zip(&logged)
-                .map(|(seq, json)| (seq, json.as_slice())),
+                .map(|((seq, settles), json)| (seq, *settles, json.as_slice())),
         )?;
         for ((mut owed, hold_id), seq) in owed.into_iter().zip(first_seq..) {
             owed.seq = Some(seq);
@@ -408,11 +482,17 @@ impl Ledger {
                 books.release(hold_id);
             }
         }
-        Ok(match books.unapplied.len() {
+        let backlog = match books.unapplied.len() {
             waiting if waiting >= MAX_WAITING => Backlog::Full,
             waiting if waiting >= APPLY_BATCH => Backlog::Due,
             _ => Backlog::Small,
-        })
+        };
+        drop(books);
+        let durable = match &self.syncer {
+            Some(syncer) => syncer.want(last_seq),
+            None => Durable::now(),
+        };
+        Ok((backlog, durable))
     }
 
     /// Moves every committed record no batch has taken into the trees. With `seal_at`, the part
@@ -437,7 +517,12 @@ impl Ledger {
             // every record itself (without sealing, on the request path), and no later batch
             // may come to seal a log that keeps growing.
             if long(&books) && !LedgerLog::has_sealed(&self.log_path) {
-                books.log.seal()?;
+                let Books { log, opened, .. } = &mut *books;
+                if log.seal(self.syncer.is_some())? {
+                    for (hold_id, (json, delivered)) in opened.iter() {
+                        log.append_opened(hold_id, json, *delivered)?;
+                    }
+                }
                 // With `applying` held, a record is either waiting or already in the trees.
                 books.sealed_applied = books.unapplied.is_empty();
             }
@@ -598,6 +683,85 @@ fn apply_when_woken(ledger: &Weak<Ledger>, wakes: &Receiver<()>) {
             // The records stay committed (logged and counted); the next batch tries again.
             tracing::warn!(%error, "applying a ledger batch failed");
         }
+    }
+}
+
+/// Syncs the ledger log for commits that wait for it (`ledger_sync = "batch"`): one thread, one
+/// `fdatasync` at a time, covering every commit written before it began: commits that arrive
+/// while a sync runs share the next one (a group commit).
+#[derive(Default)]
+pub(super) struct Syncer {
+    /// The highest sequence number a commit waits for.
+    wanted: Mutex<u64>,
+    wake: std::sync::Condvar,
+    /// The highest sequence number synced.
+    synced: tokio::sync::watch::Sender<u64>,
+}
+
+impl Syncer {
+    /// Asks for a sync through `seq` (already written); resolves when one is done.
+    fn want(&self, seq: u64) -> Durable {
+        let receiver = self.synced.subscribe();
+        if *receiver.borrow() >= seq {
+            return Durable::now();
+        }
+        {
+            let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+            *wanted = (*wanted).max(seq);
+        }
+        self.wake.notify_one();
+        Durable::synced(seq, receiver)
+    }
+}
+
+/// Starts the thread that syncs the log; it ends with the ledger.
+fn start_syncer(ledger: &Arc<Ledger>, syncer: Arc<Syncer>) -> Result<(), StoreError> {
+    let ledger = Arc::downgrade(ledger);
+    std::thread::Builder::new()
+        .name("ledger-sync".to_owned())
+        .spawn(move || sync_when_wanted(&ledger, &syncer))
+        .map(drop)
+        .map_err(|error| StoreError::Backend(format!("ledger sync thread: {error}")))
+}
+
+fn sync_when_wanted(ledger: &Weak<Ledger>, syncer: &Syncer) {
+    let mut wanted = syncer.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        let synced = *syncer.synced.borrow();
+        if *wanted <= synced {
+            // Woken by a commit, or each second to see whether the ledger is gone.
+            wanted = syncer
+                .wake
+                .wait_timeout(wanted, std::time::Duration::from_secs(1))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            if Weak::strong_count(ledger) == 0 {
+                return;
+            }
+            continue;
+        }
+        let target = *wanted;
+        drop(wanted);
+        let Some(ledger) = ledger.upgrade() else {
+            return;
+        };
+        // Every record through `target` was written before it was wanted: to this file, or to
+        // a part sealed since, which the seal synced.
+        let file = ledger.books().log.file().try_clone();
+        drop(ledger);
+        match file.and_then(|file| file.sync_data()) {
+            Ok(()) => {
+                syncer
+                    .synced
+                    .send_modify(|synced| *synced = (*synced).max(target));
+            }
+            Err(error) => {
+                // The commits keep waiting; the next round tries again.
+                tracing::error!(%error, "syncing the ledger log failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        wanted = syncer.wanted.lock().unwrap_or_else(PoisonError::into_inner);
     }
 }
 

@@ -272,6 +272,42 @@ pub struct StoredBindingSlot {
     pub canary_rolled_back: Option<String>,
 }
 
+/// A request that went to an upstream, as the ledger log notes it until its record settles it:
+/// what a record needs should the gateway stop before that (see `flow::recover`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OpenedRequest {
+    /// The request's hold; its record names it.
+    pub hold_id: String,
+    /// What the hold reserves, in picos: the most the request may be charged.
+    pub hold_picos: u64,
+    /// When the request arrived, milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+    /// The request id.
+    pub request_id: String,
+    /// Tenant name.
+    pub tenant: String,
+    /// API key id.
+    pub key_id: String,
+    /// `chat` or `embeddings`.
+    pub operation: String,
+    /// Public model name asked for.
+    pub model_asked: String,
+    /// The channel it went to first.
+    pub channel: String,
+    /// The upstream model name asked of that channel.
+    pub upstream_model: String,
+    /// The client's protocol.
+    pub protocol_in: String,
+    /// The channel's protocol.
+    pub protocol_out: String,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// The host's estimate of the prompt's tokens (four bytes a token).
+    pub prompt_tokens: u64,
+    /// The plugins that ran so far.
+    pub plugins: Vec<String>,
+}
+
 /// A finished request's record and the hold it releases.
 #[derive(Debug, Clone)]
 pub struct Settlement {
@@ -309,6 +345,49 @@ pub enum HoldOutcome {
     BalanceChanged,
     /// The key's daily spend cap has no room for it.
     OverKeyCap,
+}
+
+/// A commit's durability: resolves once the records are as safe as `server.ledger_sync` makes
+/// them (at once with `none`; once synced to the disk with `batch`).
+#[must_use = "a whole answer waits for its record to be durable before it goes out"]
+pub struct Durable {
+    /// The sequence number to wait for, and the synced one, with `batch`.
+    synced: Option<(u64, tokio::sync::watch::Receiver<u64>)>,
+}
+
+impl Durable {
+    /// Already durable.
+    pub fn now() -> Self {
+        Self { synced: None }
+    }
+
+    /// Durable once `synced` reaches `seq`.
+    fn synced(seq: u64, synced: tokio::sync::watch::Receiver<u64>) -> Self {
+        Self {
+            synced: Some((seq, synced)),
+        }
+    }
+
+    /// Waits for the sync that covers the commit.
+    pub async fn wait(self) {
+        let Some((seq, mut synced)) = self.synced else {
+            return;
+        };
+        // An error means the syncing thread is gone: the store is closing.
+        let _ = synced.wait_for(|synced| *synced >= seq).await;
+    }
+}
+
+/// How the ledger log reaches the disk (`server.ledger_sync`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerSync {
+    /// Written to the operating system at commit, never synced by the gateway: a killed gateway
+    /// loses nothing, a machine that loses power loses what the system had not written out.
+    #[default]
+    None,
+    /// Commits that arrive together share one `fdatasync` before their answers go out.
+    Batch,
 }
 
 /// A lazy sequence of ledger records.
@@ -385,9 +464,20 @@ pub trait Store: Send + Sync {
     /// Drops every hold: at start-up no request is in flight.
     fn clear_holds(&self) -> Result<(), StoreError>;
     /// For each settlement, appends the record to the ledger, debits its cost from the tenant's
-    /// balance and releases the request's hold (if it names one); all of them atomically. When it
-    /// returns, the records survive a crash of the gateway's process.
-    fn commit_usages(&self, settlements: &[Settlement]) -> Result<(), StoreError>;
+    /// balance and releases the request's hold (if it names one), settling the request if it was
+    /// opened; all of them atomically. When it returns, the records survive a crash of the
+    /// gateway's process; once the returned [`Durable`] resolves, a crash of the machine too (as
+    /// far as `server.ledger_sync` promises).
+    fn commit_usages(&self, settlements: &[Settlement]) -> Result<Durable, StoreError>;
+    /// Notes a request that goes to an upstream, so that a crash before its record leaves it
+    /// to be charged at the next start (see [`Store::unsettled_requests`]).
+    fn open_request(&self, opened: &OpenedRequest) -> Result<(), StoreError>;
+    /// Notes how many bytes of text an opened request's stream delivered so far.
+    fn mark_progress(&self, hold_id: &str, delivered_text_bytes: u64) -> Result<(), StoreError>;
+    /// The requests opened and never settled before this store was opened (the gateway stopped
+    /// while they were in flight), each with the text bytes its last progress mark noted. Taken
+    /// once: later calls answer none.
+    fn unsettled_requests(&self) -> Result<Vec<(OpenedRequest, u64)>, StoreError>;
     /// What a key has been charged on a UTC day (days since the Unix epoch) plus the holds of its
     /// requests in flight, in picos: what its daily spend cap counts.
     fn key_committed_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError>;

@@ -11,8 +11,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use super::ledger_books::{self, Backlog, Ledger, PlacedHold};
 use super::{
-    ApiKey, HoldOutcome, HoldRequest, Reconciliation, Settlement, Store, StoreError,
-    StoredBindingSlot, StoredChannel, StoredPlugin, Tenant, TopUp, UsageRecord, UsageRecords,
+    ApiKey, Durable, HoldOutcome, HoldRequest, LedgerSync, OpenedRequest, Reconciliation,
+    Settlement, Store, StoreError, StoredBindingSlot, StoredChannel, StoredPlugin, Tenant, TopUp,
+    UsageRecord, UsageRecords,
 };
 
 /// The default store: an embedded sled database in the data directory.
@@ -101,8 +102,8 @@ impl<K: Eq + Hash, V: Clone> ReadThrough<K, V> {
 }
 
 impl SledStore {
-    /// Opens (or creates) the database under `data_dir`.
-    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the database under `data_dir`, its ledger log synced as `sync` says.
+    pub fn open(data_dir: &Path, sync: LedgerSync) -> Result<Self, StoreError> {
         let path = data_dir.join("sled");
         let db = sled::Config::new()
             .path(&path)
@@ -122,7 +123,7 @@ impl SledStore {
         }
         // Records committed before a crash (or an unclean stop) that the trees may lack are
         // applied here.
-        let ledger = Ledger::open(&db, data_dir.join("ledger.log"))?;
+        let ledger = Ledger::open(&db, data_dir.join("ledger.log"), sync)?;
         let applier = ledger_books::start_applier(&ledger)?;
         Ok(Self {
             tenants: tree("tenants")?,
@@ -447,9 +448,10 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn commit_usages(&self, settlements: &[Settlement]) -> Result<(), StoreError> {
+    fn commit_usages(&self, settlements: &[Settlement]) -> Result<Durable, StoreError> {
         // Committed once logged: the trees take the records later, in a batch.
-        match self.ledger.commit(settlements)? {
+        let (backlog, durable) = self.ledger.commit(settlements)?;
+        match backlog {
             Backlog::Small => {}
             Backlog::Due => ledger_books::wake(&self.applier),
             Backlog::Full => {
@@ -459,7 +461,19 @@ impl Store for SledStore {
                 }
             }
         }
-        Ok(())
+        Ok(durable)
+    }
+
+    fn open_request(&self, opened: &OpenedRequest) -> Result<(), StoreError> {
+        self.ledger.open_request(opened)
+    }
+
+    fn mark_progress(&self, hold_id: &str, delivered_text_bytes: u64) -> Result<(), StoreError> {
+        self.ledger.mark_progress(hold_id, delivered_text_bytes)
+    }
+
+    fn unsettled_requests(&self) -> Result<Vec<(OpenedRequest, u64)>, StoreError> {
+        Ok(self.ledger.take_unsettled())
     }
 
     fn key_committed_picos(&self, key_id: &str, day: u64) -> Result<i128, StoreError> {
@@ -679,6 +693,7 @@ mod tests {
     use super::*;
     use crate::store::RecordedUsage;
     use crate::store::ledger_books::{APPLY_BATCH, Ledger, SEAL_RECORDS};
+    use crate::store::ledger_log::LedgerLog;
 
     fn record(request_id: &str, cost_picos: u64) -> UsageRecord {
         serde_json::from_value(serde_json::json!({
@@ -707,7 +722,7 @@ mod tests {
 
     /// Commits one record with no hold.
     fn commit(store: &SledStore, request_id: &str, cost_picos: u64) {
-        store
+        let _durable = store
             .commit_usages(&[Settlement {
                 record: record(request_id, cost_picos),
                 hold_id: None,
@@ -721,12 +736,12 @@ mod tests {
             .path(dir.join("db"))
             .open()
             .expect("sled opens");
-        Ledger::open(&db, dir.join("ledger.log")).expect("the ledger opens")
+        Ledger::open(&db, dir.join("ledger.log"), LedgerSync::None).expect("the ledger opens")
     }
 
     /// Commits one record with no hold to a bare ledger.
     fn commit_to(ledger: &Ledger, request_id: &str, cost_picos: u64) {
-        ledger
+        let _durable = ledger
             .commit(&[Settlement {
                 record: record(request_id, cost_picos),
                 hold_id: None,
@@ -755,7 +770,7 @@ mod tests {
 
     /// A store with tenant `acme` holding 1,000 picos.
     fn store_with_credit(dir: &Path) -> SledStore {
-        let store = SledStore::open(dir).expect("the store opens");
+        let store = SledStore::open(dir, LedgerSync::None).expect("the store opens");
         store
             .create_tenant(&Tenant {
                 name: "acme".into(),
@@ -781,7 +796,7 @@ mod tests {
         assert_eq!(hold(&store, "h2", 200, 700, None), HoldOutcome::Placed);
         assert_eq!(store.available_picos("acme").expect("read"), 500);
 
-        store
+        let _durable = store
             .commit_usages(&[
                 Settlement {
                     record: record("r1", 250),
@@ -846,7 +861,7 @@ mod tests {
             store.key_committed_picos("key_1", 20_000).expect("read"),
             400
         );
-        store
+        let _durable = store
             .commit_usages(&[Settlement {
                 record: record("r1", 50),
                 hold_id: Some("h1".into()),
@@ -863,7 +878,7 @@ mod tests {
     /// lock shortly after the drop).
     fn reopen(dir: &Path) -> SledStore {
         for _ in 0..100 {
-            match SledStore::open(dir) {
+            match SledStore::open(dir, LedgerSync::None) {
                 Err(StoreError::Locked { .. }) => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
@@ -957,7 +972,7 @@ mod tests {
         value["protocol_out"] = "anthropic".into();
         value["cost_picos"] = serde_json::Value::Null;
         let rich: UsageRecord = serde_json::from_value(value).expect("a well-formed record");
-        store
+        let _durable = store
             .commit_usages(&[Settlement {
                 record: rich.clone(),
                 hold_id: None,
@@ -1196,7 +1211,7 @@ mod tests {
             let mut record = record(&format!("{key_id}-{day}"), 5);
             record.unix_ms = day * crate::store::MILLIS_PER_DAY;
             record.key_id = key_id.to_owned();
-            store
+            let _durable = store
                 .commit_usages(&[Settlement {
                     record,
                     hold_id: None,
@@ -1284,6 +1299,139 @@ mod tests {
                 (990, HoldOutcome::Placed, 15)
             );
         });
+    }
+
+    fn opened(hold_id: &str) -> OpenedRequest {
+        OpenedRequest {
+            hold_id: hold_id.to_owned(),
+            hold_picos: 1_000,
+            unix_ms: 86_400_000 * 20_000,
+            request_id: format!("request-{hold_id}"),
+            tenant: "acme".to_owned(),
+            key_id: "key_1".to_owned(),
+            operation: "chat".to_owned(),
+            model_asked: "m".to_owned(),
+            channel: "c".to_owned(),
+            upstream_model: "u".to_owned(),
+            protocol_in: "openai".to_owned(),
+            protocol_out: "openai".to_owned(),
+            stream: true,
+            prompt_tokens: 7,
+            plugins: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn requests_opened_and_never_settled_are_found_at_the_next_open_with_their_progress() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        {
+            let store = store_with_credit(dir.path());
+            for hold in ["h1", "h2", "h3"] {
+                store.open_request(&opened(hold)).expect("noted");
+            }
+            store.mark_progress("h1", 4096).expect("marked");
+            store.mark_progress("h1", 9000).expect("marked");
+            drop(
+                store
+                    .commit_usages(&[Settlement {
+                        record: record("request-h2", 5),
+                        hold_id: Some("h2".into()),
+                    }])
+                    .expect("committed"),
+            );
+            // A mark after the record changes nothing.
+            store.mark_progress("h2", 50).expect("ignored");
+            assert!(store.unsettled_requests().expect("read").is_empty());
+        }
+        let store = reopen(dir.path());
+        let mut unsettled = store.unsettled_requests().expect("read");
+        unsettled.sort_by(|a, b| a.0.hold_id.cmp(&b.0.hold_id));
+        assert_eq!(
+            unsettled,
+            vec![(opened("h1"), 9000), (opened("h3"), 0)],
+            "h2 was settled"
+        );
+        assert!(
+            store.unsettled_requests().expect("read").is_empty(),
+            "taken once"
+        );
+        // Not settled yet: the next start finds them again, even after the log was sealed.
+        drop(store);
+        let store = reopen(dir.path());
+        assert_eq!(store.unsettled_requests().expect("read").len(), 2);
+        drop(
+            store
+                .commit_usages(&[Settlement {
+                    record: record("request-h1", 5),
+                    hold_id: Some("h1".into()),
+                }])
+                .expect("committed"),
+        );
+        drop(store);
+        let store = reopen(dir.path());
+        let unsettled = store.unsettled_requests().expect("read");
+        assert_eq!(unsettled, vec![(opened("h3"), 0)]);
+    }
+
+    #[test]
+    fn opened_requests_are_noted_again_when_the_log_is_sealed() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let ledger = ledger_without_applier(dir.path());
+        ledger.open_request(&opened("h1")).expect("noted");
+        ledger.mark_progress("h1", 100).expect("marked");
+        commit_to(&ledger, "r1", 1);
+        ledger.apply_pending(Some(1)).expect("applied and sealed");
+        ledger.flush().expect("flushed: the sealed part is dropped");
+        assert!(!LedgerLog::has_sealed(&dir.path().join("ledger.log")));
+        let (_, contents) = LedgerLog::open(&dir.path().join("ledger.log")).expect("reads");
+        assert_eq!(contents.unsettled(), vec![(opened("h1"), 100)]);
+    }
+
+    #[test]
+    fn batch_sync_resolves_every_commit_and_the_records_survive() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        {
+            let store = std::sync::Arc::new(
+                SledStore::open(dir.path(), LedgerSync::Batch).expect("the store opens"),
+            );
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let commits = (0..64).map(|index| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    store
+                        .commit_usages(&[Settlement {
+                            record: record(&format!("r{index}"), 1),
+                            hold_id: None,
+                        }])
+                        .expect("committed")
+                })
+            });
+            let durables: Vec<Durable> = commits
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|commit| commit.join().expect("the thread ends"))
+                .collect();
+            runtime.block_on(async {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    futures::future::join_all(durables.into_iter().map(Durable::wait)),
+                )
+                .await
+                .expect("every commit is synced within 10 s");
+            });
+        }
+        let store = reopen(dir.path());
+        for index in 0..64 {
+            assert!(
+                store
+                    .usage_by_request(&format!("r{index}"))
+                    .expect("read")
+                    .is_some()
+            );
+        }
     }
 
     #[test]
