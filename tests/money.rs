@@ -485,3 +485,141 @@ async fn streams_open_at_a_crash_are_charged_once_at_the_next_start() {
     }
     assert_eq!(balance(&gateway).await.0, settled_balance(&gateway).await);
 }
+
+#[tokio::test]
+async fn mixed_load_with_client_cancels_and_upstream_faults_keeps_the_books_exact() {
+    use rand::{Rng, SeedableRng};
+    const REQUESTS: usize = 300;
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        harness::billing(0),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    top_up(&gateway, 3_000).await;
+    // The same mix every run: the seed is fixed.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(24);
+    for _ in 0..REQUESTS {
+        let fault = match rng.random_range(0..10) {
+            0 => Fault {
+                status: Some(500),
+                ..Fault::default()
+            },
+            1 => Fault {
+                status: Some(429),
+                retry_after_s: Some(1),
+                ..Fault::default()
+            },
+            2 => Fault {
+                delay_ms: Some(300),
+                ..Fault::default()
+            },
+            3 => Fault {
+                cut_after_chunks: Some(2),
+                ..Fault::default()
+            },
+            4 => Fault {
+                ignore_output_cap: true,
+                ..Fault::default()
+            },
+            5 => Fault {
+                chunk_interval_ms: Some(40),
+                ..Fault::default()
+            },
+            _ => Fault::default(),
+        };
+        sim.push_fault(fault);
+    }
+    let requests = (0..REQUESTS).map(|index| {
+        let mut body = chat(&"word ".repeat(rng.random_range(1..400)));
+        body["stream"] = json!(rng.random_bool(0.5));
+        if rng.random_bool(0.5) {
+            body["max_tokens"] = json!(rng.random_range(1..60));
+        }
+        // A third of the clients give up after 50 to 400 ms.
+        let timeout = rng
+            .random_bool(0.33)
+            .then(|| Duration::from_millis(rng.random_range(50..400)));
+        let gateway = &gateway;
+        async move {
+            let mut request = gateway
+                .http
+                .post(format!("{}/v1/chat/completions", gateway.url))
+                .bearer_auth(&gateway.key)
+                .header("x-request-id", format!("mixed-{index}"))
+                .json(&body);
+            if let Some(timeout) = timeout {
+                request = request.timeout(timeout);
+            }
+            match request.send().await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let read = response.bytes().await;
+                    Some((status, read.is_ok()))
+                }
+                Err(_) => None,
+            }
+        }
+    });
+    let outcomes = join_all(requests).await;
+    let answered = outcomes.iter().flatten().count();
+    assert!(answered > REQUESTS / 2, "{answered} answered");
+    let balance = settled_balance(&gateway).await;
+    assert!(balance >= 0, "the floor holds: {balance}");
+    let books = reconcile(&gateway).await;
+    assert_eq!(books["balanced"], true, "{books}");
+    let records = records(&gateway).await;
+    let mut ids: Vec<&str> = records
+        .iter()
+        .filter_map(|record| record["request_id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), before, "one record per request");
+    for (index, outcome) in outcomes.iter().enumerate() {
+        if outcome.is_some() {
+            assert!(
+                ids.binary_search(&format!("mixed-{index}").as_str())
+                    .is_ok(),
+                "request {index} was answered and has a record"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn reconcile_reports_a_balance_below_its_floor() {
+    let sim = simulator().await;
+    // A credit line of 100 micros: the floor is -100.
+    let gateway = start(&format!(
+        "{}{}",
+        harness::billing(100),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    let correction = |micros: i64| {
+        gateway.admin(
+            reqwest::Method::POST,
+            "/tenants/acme/top-ups",
+            Some(json!({"amount_micros": micros, "reason": "correction"})),
+        )
+    };
+    assert_eq!(correction(-100).await.status, 200);
+    let at_floor = reconcile(&gateway).await;
+    assert_eq!(at_floor["balanced"], true, "{at_floor}");
+    assert!(
+        at_floor["tenants"][0]["below_floor"].is_null(),
+        "{at_floor}"
+    );
+    assert_eq!(correction(-1).await.status, 200);
+    let below = reconcile(&gateway).await;
+    assert_eq!(below["balanced"], false, "{below}");
+    assert!(
+        below["tenants"][0]["below_floor"].is_string(),
+        "the entry says why: {below}"
+    );
+}

@@ -8,11 +8,11 @@
 
 use crate::flow::RequestContext;
 use crate::gateway::Gateway;
-use crate::plugin::PluginError;
 use crate::plugin::billing::{AuthorizeRequest, BillingDenial, CallOutcome, ChargeRequest, Price};
 use crate::plugin::router::Operation;
 use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::Usage;
+use crate::plugin::{PluginError, Role};
 use crate::request::ClientRequest;
 use crate::store::StoreError;
 use crate::store::{HoldOutcome, HoldRequest, OpenedRequest};
@@ -315,6 +315,58 @@ async fn decide(
             Err(BillingDenial::UnpricedModel(message)) => Err(BillingError::UnpricedModel(message)),
         })
     })
+}
+
+/// Why a tenant's balance is below its floor (zero, or minus the credit its billing plugin grants),
+/// or `None`. The host knows no floor: it asks the tenant's billing plugin to authorize an
+/// embeddings request estimated at zero tokens on that balance, for each public model until the
+/// plugin prices one; a refusal for want of balance means the balance is below the floor (the
+/// convention every billing plugin keeps: a request that costs nothing is refused only there).
+pub async fn below_floor(
+    gateway: &Gateway,
+    tenant: &str,
+    balance_picos: i128,
+    models: &[String],
+) -> Result<Option<String>, BillingError> {
+    let billing = Gateway::resolve(&gateway.bindings(), tenant, Role::Billing, None)?;
+    for model in models {
+        let request = AuthorizeRequest {
+            request_id: String::new(),
+            tenant: tenant.to_owned(),
+            key_id: String::new(),
+            operation: Operation::Embeddings,
+            model: model.clone(),
+            estimated_usage: Usage {
+                input_tokens: 0,
+                cache_read_tokens: 0,
+                cache_write_tokens: 0,
+                output_tokens: 0,
+                reasoning_tokens: 0,
+                estimated: true,
+            },
+            balance_picos: i64::try_from(balance_picos).unwrap_or(if balance_picos < 0 {
+                i64::MIN
+            } else {
+                i64::MAX
+            }),
+        };
+        let called = billing
+            .call(|billing| {
+                let request = &request;
+                async move { billing.authorize(request).await }
+            })
+            .await?;
+        match called.value {
+            Ok(_) => return Ok(None),
+            Err(BillingDenial::InsufficientBalance(message)) => {
+                return Ok(Some(format!(
+                    "the billing plugin refuses even a request that costs nothing at this balance: {message}"
+                )));
+            }
+            Err(BillingDenial::UnpricedModel(_) | BillingDenial::BudgetExceeded(_)) => {}
+        }
+    }
+    Ok(None)
 }
 
 /// Prices a finished call, never past its hold. Never fails the request: the usage is recorded

@@ -395,26 +395,37 @@ async fn top_up(
 }
 
 /// `GET /admin/reconcile`: every tenant's books; `balanced` is true when no balance differs from
-/// its top-ups minus its charges and no record is unpriced.
+/// its top-ups minus its charges, no record is unpriced and no balance is below its floor (which
+/// the tenant's billing plugin knows: `bill::below_floor`).
 async fn reconcile(State(state): State<AdminState>) -> Result<Response, ApiError> {
     let books = state.gateway.store.reconcile()?;
-    let balanced = books
+    let models: Vec<String> = state
+        .gateway
+        .channels()
         .iter()
-        .all(|book| book.difference_picos == 0 && book.unpriced_records == 0);
-    let tenants: Vec<serde_json::Value> = books
-        .iter()
-        .map(|book| {
-            serde_json::json!({
-                "tenant": book.tenant,
-                "balance_picos": book.balance_picos.to_string(),
-                "top_ups_picos": book.top_ups_picos.to_string(),
-                "charges_picos": book.charges_picos.to_string(),
-                "difference_picos": book.difference_picos.to_string(),
-                "unpriced_records": book.unpriced_records,
-                "written_off_picos": book.written_off_picos.to_string(),
-            })
-        })
+        .flat_map(|channel| channel.config.models.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .collect();
+    let mut balanced = true;
+    let mut tenants = Vec::with_capacity(books.len());
+    for book in &books {
+        let below_floor =
+            crate::bill::below_floor(&state.gateway, &book.tenant, book.balance_picos, &models)
+                .await?;
+        balanced &= book.difference_picos == 0 && book.unpriced_records == 0;
+        balanced &= below_floor.is_none();
+        tenants.push(serde_json::json!({
+            "tenant": book.tenant,
+            "balance_picos": book.balance_picos.to_string(),
+            "top_ups_picos": book.top_ups_picos.to_string(),
+            "charges_picos": book.charges_picos.to_string(),
+            "difference_picos": book.difference_picos.to_string(),
+            "unpriced_records": book.unpriced_records,
+            "written_off_picos": book.written_off_picos.to_string(),
+            "below_floor": below_floor,
+        }));
+    }
     Ok(axum::Json(serde_json::json!({ "balanced": balanced, "tenants": tenants })).into_response())
 }
 

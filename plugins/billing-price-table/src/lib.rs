@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use tollgate_plugin_sdk::billing::{
-    AuthorizeRequest, Billing, BillingDenial, BillingError, ChargeRequest, Hold, LineItem, Price,
-    Usage,
+    AuthorizeRequest, Billing, BillingDenial, BillingError, ChargeRequest, Hold, LineItem,
+    Operation, Price, Usage,
 };
 use tollgate_plugin_sdk::export_billing;
 use tollgate_plugin_sdk::host::{config, parse_config};
@@ -39,8 +39,8 @@ struct PriceTable {
     /// How far below zero a tenant's balance may go, in micro-units (0: prepaid only).
     #[serde(default)]
     credit_limit_micros: u64,
-    /// Output tokens assumed for the hold when the host's estimate has none (embeddings; for
-    /// chat the host sends the client's cap or the model's output limit).
+    /// Output tokens assumed for the hold of a chat request whose estimate has none (a gateway
+    /// that sends no output estimate; today's sends the client's cap or the model's limit).
     #[serde(default = "default_hold_output_tokens")]
     hold_output_tokens: u64,
 }
@@ -82,7 +82,8 @@ fn authorize(table: &PriceTable, request: &AuthorizeRequest) -> Result<Hold, Bil
         BillingDenial::UnpricedModel(format!("no price for the model `{}`", request.model))
     })?;
     let estimate = &request.estimated_usage;
-    let output_tokens = if estimate.output_tokens == 0 {
+    // Embeddings write no output; a chat estimate without any is a host's that sends no cap.
+    let output_tokens = if estimate.output_tokens == 0 && request.operation == Operation::Chat {
         table.hold_output_tokens
     } else {
         estimate.output_tokens
@@ -162,7 +163,6 @@ fn price(prices: &ModelPrices, usage: &Usage) -> Result<Price, BillingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tollgate_plugin_sdk::billing::Operation;
 
     fn usage(input: u64, cache_read: u64, cache_write: u64, output: u64, reasoning: u64) -> Usage {
         Usage {
@@ -227,6 +227,19 @@ mod tests {
     fn hold_covers_prompt_and_output_cap_at_the_dearest_output_price() {
         let hold = authorize(&table(1_000), &authorize_request("m", 0)).unwrap();
         assert_eq!(hold.amount_picos, 10 * 150_000 + 100 * 1_000_000);
+    }
+
+    #[test]
+    fn a_request_that_costs_nothing_is_refused_only_below_the_floor() {
+        let mut request = authorize_request("m", -1_000_000_000);
+        request.operation = Operation::Embeddings;
+        request.estimated_usage = usage(0, 0, 0, 0, 0);
+        assert!(authorize(&table(1_000), &request).is_ok(), "at the floor");
+        request.balance_picos -= 1;
+        assert!(matches!(
+            authorize(&table(1_000), &request),
+            Err(BillingDenial::InsufficientBalance(_))
+        ));
     }
 
     #[test]
