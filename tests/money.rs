@@ -623,3 +623,73 @@ async fn reconcile_reports_a_balance_below_its_floor() {
         "the entry says why: {below}"
     );
 }
+
+#[tokio::test]
+async fn a_billing_plugin_built_against_0_1_0_sizes_the_output_near_the_floor() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        harness::billing(0),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    let shipped = std::fs::read(harness::test_plugin("tollgate_billing_price_table.wasm"))
+        .expect("the shipped billing plugin is built");
+    let uploaded = gateway
+        .upload_plugin(
+            "price-table-0.1.0",
+            harness::built_against(&shipped, b"0.1.0"),
+        )
+        .await;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.json);
+    assert_eq!(uploaded.json["contract"], "0.1.0");
+    let bound = gateway
+        .admin(
+            reqwest::Method::PUT,
+            "/bindings?role=billing&tenant=acme",
+            Some(json!({"plugin": "price-table-0.1.0", "config": {"models": {"test-model": {"input": 150_000, "output": 600_000}}}})),
+        )
+        .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+    top_up(&gateway, 5_000).await;
+    sim.set_standing_fault(Some(Fault {
+        ignore_output_cap: true,
+        ..Fault::default()
+    }));
+    let answer = gateway
+        .post("/v1/chat/completions", &long_prompt(8_000), &[])
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert!(caps_seen(&sim)[0].is_some_and(|cap| cap < 8_000));
+    assert!(settled_balance(&gateway).await >= 0);
+    let record = gateway.record(&answer.request_id()).await;
+    assert!(
+        record["plugins"].to_string().contains("price-table-0.1.0"),
+        "{record}"
+    );
+}
+
+#[tokio::test]
+async fn with_batch_sync_every_answered_request_survives_a_crash() {
+    let sim = simulator().await;
+    let mut gateway = harness::start_with_server(
+        "ledger_sync = \"batch\"\n",
+        &format!("{}{}", harness::billing(0), channel("only", &sim, 1)),
+    )
+    .await
+    .expect("the gateway starts");
+    top_up(&gateway, 1_000_000).await;
+    let hello = chat("hi");
+    let answers = join_all((0..8).map(|_| gateway.post("/v1/chat/completions", &hello, &[]))).await;
+    gateway
+        .crash_and_restart()
+        .await
+        .expect("the gateway restarts");
+    for answer in answers {
+        assert_eq!(answer.status, 200, "{}", answer.json);
+        let record = gateway.record(&answer.request_id()).await;
+        assert!(record["cost_picos"].as_u64() > Some(0), "{record}");
+    }
+    assert_eq!(reconcile(&gateway).await["balanced"], true);
+}

@@ -256,11 +256,14 @@ async fn translate(
 }
 
 async fn bill(binding: &Binding, client: &request::ClientRequest) -> Result<Value, TrialError> {
+    // The estimate the gateway sends for a request far from its floor.
     let usage = Usage {
-        input_tokens: client.estimated_input_tokens,
+        input_tokens: client.prompt_bound_tokens,
         cache_read_tokens: 0,
         cache_write_tokens: 0,
-        output_tokens: client.max_output_tokens.unwrap_or(0),
+        output_tokens: client
+            .max_output_tokens
+            .unwrap_or(crate::config::DEFAULT_MAX_OUTPUT_TOKENS),
         reasoning_tokens: 0,
         estimated: true,
     };
