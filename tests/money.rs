@@ -73,6 +73,18 @@ async fn records(gateway: &Gateway) -> Vec<Value> {
         .clone()
 }
 
+/// A gateway on `sim`'s channel, `test-model` at 0.15 micros a prompt token and 0.6 an output
+/// token, prepaid (floor 0).
+async fn priced_gateway(sim: &tollgate_simulator::Simulator) -> Gateway {
+    start(&format!(
+        "{}{}",
+        harness::billing(0),
+        channel("only", sim, 1)
+    ))
+    .await
+    .expect("the gateway starts")
+}
+
 /// A prompt of `words` words, one o200k token and five bytes each.
 fn long_prompt(words: usize) -> Value {
     chat(&"word ".repeat(words))
@@ -90,13 +102,7 @@ fn caps_seen(sim: &tollgate_simulator::Simulator) -> Vec<Option<u64>> {
 async fn a_long_prompt_without_a_cap_never_takes_a_balance_below_its_floor() {
     let sim = simulator().await;
     // Prompt 0.15 and output 0.6 micros a token; prepaid (floor 0).
-    let gateway = start(&format!(
-        "{}{}",
-        harness::billing(0),
-        channel("only", &sim, 1)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = priced_gateway(&sim).await;
     let prompt = long_prompt(8_000);
 
     // An upstream that answers past any cap: 8,000 prompt tokens and 8,001 of output would cost
@@ -194,13 +200,7 @@ async fn a_long_prompt_without_a_cap_never_takes_a_balance_below_its_floor() {
 #[tokio::test]
 async fn a_request_whose_own_cap_the_balance_cannot_cover_is_refused_up_front() {
     let sim = simulator().await;
-    let gateway = start(&format!(
-        "{}{}",
-        harness::billing(0),
-        channel("only", &sim, 1)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = priced_gateway(&sim).await;
     top_up(&gateway, 100).await;
     let mut body = chat("hello");
     body["max_tokens"] = json!(1_000);
@@ -219,13 +219,7 @@ async fn a_request_whose_own_cap_the_balance_cannot_cover_is_refused_up_front() 
 async fn clients_that_leave_during_the_upstream_wait_leave_no_hold_and_one_record_each() {
     const CLIENTS: usize = 20;
     let sim = simulator().await;
-    let gateway = start(&format!(
-        "{}{}",
-        harness::billing(0),
-        channel("only", &sim, 1)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = priced_gateway(&sim).await;
     top_up(&gateway, 1_000_000).await;
     sim.set_standing_fault(Some(Fault {
         delay_ms: Some(3_000),
@@ -417,13 +411,7 @@ async fn streams_at_the_edge_of_the_plugin_pool_are_all_priced() {
 async fn streams_open_at_a_crash_are_charged_once_at_the_next_start() {
     const STREAMS: usize = 16;
     let sim = simulator().await;
-    let mut gateway = start(&format!(
-        "{}{}",
-        harness::billing(0),
-        channel("only", &sim, 1)
-    ))
-    .await
-    .expect("the gateway starts");
+    let mut gateway = priced_gateway(&sim).await;
     top_up(&gateway, 1_000_000).await;
     // Slow streams: a word every 200 ms, about five seconds each.
     sim.set_standing_fault(Some(Fault {
@@ -491,13 +479,7 @@ async fn mixed_load_with_client_cancels_and_upstream_faults_keeps_the_books_exac
     use rand::{Rng, SeedableRng};
     const REQUESTS: usize = 300;
     let sim = simulator().await;
-    let gateway = start(&format!(
-        "{}{}",
-        harness::billing(0),
-        channel("only", &sim, 1)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = priced_gateway(&sim).await;
     top_up(&gateway, 3_000).await;
     // The same mix every run: the seed is fixed.
     let mut rng = rand::rngs::StdRng::seed_from_u64(24);
@@ -627,13 +609,7 @@ async fn reconcile_reports_a_balance_below_its_floor() {
 #[tokio::test]
 async fn a_billing_plugin_built_against_0_1_0_sizes_the_output_near_the_floor() {
     let sim = simulator().await;
-    let gateway = start(&format!(
-        "{}{}",
-        harness::billing(0),
-        channel("only", &sim, 1)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = priced_gateway(&sim).await;
     let shipped = std::fs::read(harness::test_plugin("tollgate_billing_price_table.wasm"))
         .expect("the shipped billing plugin is built");
     let uploaded = gateway

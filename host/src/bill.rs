@@ -275,26 +275,14 @@ async fn decide(
     prompt_tokens: u64,
     output_tokens: u64,
 ) -> Result<Called<Result<u64, BillingError>>, BillingError> {
-    let balance = available;
     let request = AuthorizeRequest {
         request_id: context.request_id.clone(),
         tenant: context.caller.tenant.clone(),
         key_id: context.caller.key_id.clone(),
         operation: context.request.operation,
         model: context.request.model.clone(),
-        estimated_usage: Usage {
-            input_tokens: prompt_tokens,
-            cache_read_tokens: 0,
-            cache_write_tokens: 0,
-            output_tokens,
-            reasoning_tokens: 0,
-            estimated: true,
-        },
-        balance_picos: i64::try_from(balance).unwrap_or(if balance < 0 {
-            i64::MIN
-        } else {
-            i64::MAX
-        }),
+        estimated_usage: estimate(prompt_tokens, output_tokens),
+        balance_picos: plugin_balance(available),
     };
     let called = context
         .billing
@@ -317,6 +305,23 @@ async fn decide(
     })
 }
 
+/// The host's estimate of a request's usage, as `authorize` takes it.
+fn estimate(prompt_tokens: u64, output_tokens: u64) -> Usage {
+    Usage {
+        input_tokens: prompt_tokens,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        output_tokens,
+        reasoning_tokens: 0,
+        estimated: true,
+    }
+}
+
+/// A balance as the contract carries it (`s64` picos), saturated.
+fn plugin_balance(picos: i128) -> i64 {
+    i64::try_from(picos).unwrap_or(if picos < 0 { i64::MIN } else { i64::MAX })
+}
+
 /// Why a tenant's balance is below its floor (zero, or minus the credit its billing plugin grants),
 /// or `None`. The host knows no floor: it asks the tenant's billing plugin to authorize an
 /// embeddings request estimated at zero tokens on that balance, for each public model until the
@@ -336,19 +341,8 @@ pub async fn below_floor(
             key_id: String::new(),
             operation: Operation::Embeddings,
             model: model.clone(),
-            estimated_usage: Usage {
-                input_tokens: 0,
-                cache_read_tokens: 0,
-                cache_write_tokens: 0,
-                output_tokens: 0,
-                reasoning_tokens: 0,
-                estimated: true,
-            },
-            balance_picos: i64::try_from(balance_picos).unwrap_or(if balance_picos < 0 {
-                i64::MIN
-            } else {
-                i64::MAX
-            }),
+            estimated_usage: estimate(0, 0),
+            balance_picos: plugin_balance(balance_picos),
         };
         let called = billing
             .call(|billing| {

@@ -445,7 +445,7 @@ async fn send_frames(
 ) -> Option<Ending> {
     for frame in frames {
         let text = sse::text_bytes(&frame);
-        if stream.delivered_text_bytes + text > stream.max_text_bytes {
+        if stream.delivered_text_bytes.saturating_add(text) > stream.max_text_bytes {
             return Some(Ending::Cut(ApiError::Billing(
                 BillingError::InsufficientBalance(
                     "The answer reached the output this request's balance covers.".to_owned(),
