@@ -3,6 +3,9 @@
 //! sled files nor a backup of them hold a usable secret. Secrets are opened only in memory, to be
 //! injected into upstream requests; no API answer or log line ever holds one.
 
+use std::borrow::Cow;
+use std::collections::HashSet;
+
 use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 
@@ -18,6 +21,84 @@ pub enum SealError {
     /// A sealed secret is damaged, or was sealed under another master key.
     #[error("a sealed secret cannot be opened (damaged, or sealed under another master key)")]
     Corrupt,
+}
+
+/// The shortest run of a secret that is scrubbed: any 8 bytes of a key in a row.
+const SCRUBBED_RUN: usize = 8;
+
+/// What replaces a run of secret text.
+const REDACTED: &str = "[redacted]";
+
+/// Removes a channel's upstream secrets from text an upstream wrote (error bodies and in-stream
+/// error events) before it reaches a client, a log line, a trace or a record: an upstream may echo
+/// the key it was sent, in full or in part. Every run of 8 or more bytes that also occurs in one of
+/// the keys is replaced. Answer content is not scanned.
+#[derive(Debug, Default)]
+pub struct SecretScrubber {
+    /// Every 8-byte window of every key: a text holds a run of 8 or more bytes of a key exactly
+    /// when one of its own 8-byte windows is in here.
+    windows: HashSet<[u8; SCRUBBED_RUN]>,
+}
+
+impl SecretScrubber {
+    /// A scrubber for these secrets.
+    pub fn new<'a>(secrets: impl IntoIterator<Item = &'a str>) -> Self {
+        let windows = secrets
+            .into_iter()
+            .flat_map(|secret| {
+                secret
+                    .as_bytes()
+                    .windows(SCRUBBED_RUN)
+                    .filter_map(|window| window.try_into().ok())
+            })
+            .collect();
+        Self { windows }
+    }
+
+    /// `text` with every run of secret bytes replaced by `[redacted]`.
+    pub fn scrub<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        match self.scrub_bytes(text.as_bytes()) {
+            Cow::Borrowed(_) => Cow::Borrowed(text),
+            // Runs are cut where a key's bytes are, which may split a character: say so lossily.
+            Cow::Owned(bytes) => Cow::Owned(String::from_utf8_lossy(&bytes).into_owned()),
+        }
+    }
+
+    /// The same for bytes.
+    pub fn scrub_bytes<'t>(&self, text: &'t [u8]) -> Cow<'t, [u8]> {
+        if self.windows.is_empty() || text.len() < SCRUBBED_RUN {
+            return Cow::Borrowed(text);
+        }
+        // Each byte covered by a window found among the keys.
+        let mut secret = vec![false; text.len()];
+        let mut found = false;
+        for (start, window) in text.windows(SCRUBBED_RUN).enumerate() {
+            if window
+                .try_into()
+                .is_ok_and(|window: [u8; SCRUBBED_RUN]| self.windows.contains(&window))
+            {
+                secret[start..start + SCRUBBED_RUN].fill(true);
+                found = true;
+            }
+        }
+        if !found {
+            return Cow::Borrowed(text);
+        }
+        let mut scrubbed = Vec::with_capacity(text.len());
+        let mut index = 0;
+        while index < text.len() {
+            if secret[index] {
+                scrubbed.extend_from_slice(REDACTED.as_bytes());
+                while index < text.len() && secret[index] {
+                    index += 1;
+                }
+            } else {
+                scrubbed.push(text[index]);
+                index += 1;
+            }
+        }
+        Cow::Owned(scrubbed)
+    }
 }
 
 /// Seals and opens secrets under the master key.
@@ -76,6 +157,30 @@ impl Sealer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_run_of_eight_bytes_of_a_key_is_scrubbed_and_nothing_else() {
+        let key = "sk-live-0123456789abcdefghij";
+        let scrubber = SecretScrubber::new([key, "short"]);
+        let echoed = format!(
+            "Incorrect API key provided: {key}. Yours ends in {}.",
+            &key[14..24]
+        );
+        let scrubbed = scrubber.scrub(&echoed);
+        assert_eq!(
+            scrubbed,
+            "Incorrect API key provided: [redacted]. Yours ends in [redacted]."
+        );
+        for start in 0..key.len() - 8 {
+            assert!(!scrubbed.contains(&key[start..start + 8]), "{scrubbed}");
+        }
+        // Seven bytes of a key, and keys shorter than eight bytes, are not secrets here.
+        assert_eq!(
+            scrubber.scrub("key sk-live and short"),
+            "key sk-live and short"
+        );
+        assert!(matches!(scrubber.scrub("nothing secret"), Cow::Borrowed(_)));
+    }
 
     const KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 

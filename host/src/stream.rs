@@ -24,6 +24,7 @@ use crate::plugin::translator::{
     AttemptContext, ConvertedSession, ForwardedSession, StreamEvent, StreamFraming, StreamSession,
     Usage,
 };
+use crate::secrets::SecretScrubber;
 use crate::sse::{self, DONE_FRAME, EventFramer, carries_finish_reason, data_frame, event_frame};
 use crate::store::Store;
 use crate::translate::{self, TranslateError};
@@ -34,6 +35,8 @@ type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 /// The upstream body as a sequence of events.
 struct UpstreamEvents {
     channel: String,
+    /// The channel's secrets, taken out of the errors its upstream writes.
+    secrets: Arc<SecretScrubber>,
     body: ByteStream,
     framer: EventFramer,
     ready: VecDeque<StreamEvent>,
@@ -339,6 +342,7 @@ pub async fn open(
     let mut relay = relay().await?;
     let mut events = UpstreamEvents {
         channel: channel.config.name.clone(),
+        secrets: channel.secrets.clone(),
         body: Box::pin(response.bytes_stream()),
         framer: EventFramer::new(shape.framing),
         ready: VecDeque::new(),
@@ -353,7 +357,8 @@ pub async fn open(
         };
         first_frames = relay
             .push(&channel.config.name, &event, &mut finished)
-            .await?;
+            .await
+            .map_err(|error| error.scrubbed(&channel.secrets))?;
     }
     Ok(OpenStream {
         relay,
@@ -428,7 +433,9 @@ async fn relay_events(stream: &mut OpenStream, client: &mpsc::Sender<Bytes>) -> 
             .await
         {
             Ok(frames) => frames,
-            Err(error) => return Ending::Cut(ApiError::from(error)),
+            Err(error) => {
+                return Ending::Cut(ApiError::from(error.scrubbed(&stream.events.secrets)));
+            }
         };
         if let Some(ending) = send_frames(stream, client, frames).await {
             return ending;
@@ -443,7 +450,14 @@ async fn send_frames(
     client: &mpsc::Sender<Bytes>,
     frames: Vec<Bytes>,
 ) -> Option<Ending> {
-    for frame in frames {
+    for mut frame in frames {
+        // An error event relayed as the upstream wrote it (a stream in the client's own protocol)
+        // may echo the key.
+        if frame.starts_with(b"event: error")
+            && let std::borrow::Cow::Owned(clean) = stream.events.secrets.scrub_bytes(&frame)
+        {
+            frame = Bytes::from(clean);
+        }
         let text = sse::text_bytes(&frame);
         if stream.delivered_text_bytes.saturating_add(text) > stream.max_text_bytes {
             return Some(Ending::Cut(ApiError::Billing(
@@ -497,6 +511,7 @@ async fn end(
             outcome
         }
         Err(error) => {
+            let error = error.scrubbed(&stream.events.secrets);
             send_error(client, &mut outcome, ApiError::from(error), dialect).await;
             outcome
         }

@@ -18,6 +18,7 @@ use crate::plugin::translator::{
 use crate::plugin::{Binding, PluginError, Role};
 use crate::request::ClientRequest;
 use crate::route::PlannedAttempt;
+use crate::secrets::SecretScrubber;
 use crate::upstream::UpstreamError;
 
 /// A translated whole answer.
@@ -93,6 +94,44 @@ pub enum TranslateError {
     Plugin(#[from] PluginError),
 }
 
+impl TranslateError {
+    /// The same error with the channel's secrets taken out of what the upstream wrote into it
+    /// (an in-stream error event may echo the key, as an error body may).
+    pub fn scrubbed(self, secrets: &SecretScrubber) -> Self {
+        let scrub = |text: &mut String| {
+            if let std::borrow::Cow::Owned(clean) = secrets.scrub(text) {
+                *text = clean;
+            }
+        };
+        match self {
+            TranslateError::Upstream(UpstreamError::Failure {
+                channel,
+                mut failure,
+            }) => {
+                scrub(&mut failure.message);
+                failure.code.as_mut().map(scrub);
+                failure.param.as_mut().map(scrub);
+                TranslateError::Upstream(UpstreamError::Failure { channel, failure })
+            }
+            TranslateError::Upstream(UpstreamError::Malformed {
+                channel,
+                mut reason,
+            }) => {
+                scrub(&mut reason);
+                TranslateError::Upstream(UpstreamError::Malformed { channel, reason })
+            }
+            TranslateError::Upstream(UpstreamError::Unsupported {
+                channel,
+                mut reason,
+            }) => {
+                scrub(&mut reason);
+                TranslateError::Upstream(UpstreamError::Unsupported { channel, reason })
+            }
+            other => other,
+        }
+    }
+}
+
 /// The translator bound to a channel's protocol for this request's tenant.
 pub fn translator(context: &RequestContext, channel: &Channel) -> Result<Resolved, PluginError> {
     Gateway::resolve(
@@ -122,9 +161,9 @@ pub fn attempt_context(
     }
 }
 
-/// Maps the translator's own error for an attempt on `channel`.
+/// Maps the translator's own error for an attempt on `channel`, its secrets scrubbed.
 pub fn plugin_error(channel: &Channel, error: wit::TranslateError) -> TranslateError {
-    plugin_error_named(&channel.config.name, error)
+    plugin_error_named(&channel.config.name, error).scrubbed(&channel.secrets)
 }
 
 /// [`plugin_error`] for a channel known by name.
@@ -240,7 +279,8 @@ pub async fn failure(
         Ok(failure) => TranslateError::Upstream(UpstreamError::Failure {
             channel: channel.config.name.clone(),
             failure: Box::new(failure),
-        }),
+        })
+        .scrubbed(&channel.secrets),
         Err(error) => TranslateError::Plugin(error),
     }
 }

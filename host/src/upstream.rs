@@ -262,6 +262,13 @@ pub async fn read_whole(
             channel: name.clone(),
             phase: TimeoutPhase::Total,
         })??;
+    // An error answer may echo the key it was sent; what follows (the translator's reading, the
+    // client's error, log lines, a disabled key's reason) sees it scrubbed. Answers are not.
+    if !(200..300).contains(&status)
+        && let std::borrow::Cow::Owned(scrubbed) = channel.secrets.scrub_bytes(&body)
+    {
+        body = scrubbed;
+    }
     Ok(UpstreamResponse {
         status,
         headers,

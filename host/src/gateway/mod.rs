@@ -16,7 +16,7 @@ use crate::limit::Limiter;
 use crate::metrics::Metrics;
 use crate::plugin::table::{BindingTable, Resolved, Scope};
 use crate::plugin::{Binding, Limits, PluginError, PluginRuntime, Role, RuntimeSettings, shipped};
-use crate::secrets::{SealError, Sealer};
+use crate::secrets::{SealError, Sealer, SecretScrubber};
 use crate::store::StoredChannel;
 use crate::store::{SledStore, Store, StoreError};
 
@@ -39,6 +39,8 @@ pub struct Channel {
     pub health: Arc<ChannelHealth>,
     /// Live health and circuit breaker per public model it serves.
     pub model_health: HashMap<String, Arc<ChannelHealth>>,
+    /// Takes its keys out of what its upstream writes in errors.
+    pub secrets: Arc<SecretScrubber>,
 }
 
 thread_local! {
@@ -579,6 +581,9 @@ fn channel_with_keys(
     health: &HealthConfig,
     workers: usize,
 ) -> Result<Channel, StartError> {
+    let secrets = Arc::new(SecretScrubber::new(
+        keys.iter().map(|(_, secret)| secret.as_str()),
+    ));
     let keys = keys
         .into_iter()
         .map(|(id, secret)| UpstreamKey {
@@ -628,5 +633,6 @@ fn channel_with_keys(
             .keys()
             .map(|model| (model.clone(), ChannelHealth::new(health.clone())))
             .collect(),
+        secrets,
     })
 }

@@ -67,6 +67,9 @@ pub struct Fault {
     /// OpenAI: answer in full whatever `max_completion_tokens` or `max_tokens` says (an upstream
     /// that does not honour the cap; by default the reply stops there with `length`).
     pub ignore_output_cap: bool,
+    /// OpenAI: the error answer of `status`, or the `error_event`, echoes the key the request
+    /// presented, in full and a part of it, as some upstreams' key errors do.
+    pub echo_key: bool,
 }
 
 /// What the simulator saw of one request.
@@ -442,6 +445,15 @@ async fn admit(
         waiting.disarm();
     }
     if let Some(status) = fault.status {
+        if let (true, Dialect::OpenAi, Some(key)) = (fault.echo_key, dialect, presented) {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED);
+            return Err(openai::error_response(
+                status,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+                &openai::key_echo(key),
+            ));
+        }
         return Err(dialect.fault(status, fault.retry_after_s));
     }
     if parsed.is_null() {

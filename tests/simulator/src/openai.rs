@@ -52,6 +52,12 @@ pub(crate) fn fault_status_response(status: u16) -> Response {
     error_response(status, kind, code, message)
 }
 
+/// An error message that echoes the key presented, in full and its middle part.
+pub(crate) fn key_echo(key: &str) -> String {
+    let middle = key.get(4..key.len().saturating_sub(4)).unwrap_or(key);
+    format!("Incorrect API key provided: {key}. The key in use contains {middle}.")
+}
+
 /// Text of a message's `content`: a string, or the text parts of an array.
 fn content_text(content: &Value) -> String {
     match content {
@@ -335,7 +341,11 @@ pub(crate) async fn chat_completions(
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             == Some(true);
-        return stream(shared, fault, id, reply, include_usage);
+        let presented_key = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        return stream(shared, fault, id, reply, include_usage, presented_key);
     }
     let mut message =
         json!({"role": "assistant", "content": reply.text, "refusal": null, "annotations": []});
@@ -386,6 +396,7 @@ fn stream(
     id: String,
     reply: Reply,
     include_usage: bool,
+    presented_key: Option<&str>,
 ) -> Response {
     let model = &reply.model;
     let chunk = |delta: Value, finish_reason: Value| {
@@ -401,7 +412,11 @@ fn stream(
     };
     let mut frames = Vec::new();
     if fault.error_event {
-        let error = json!({"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}});
+        let message = match (fault.echo_key, presented_key) {
+            (true, Some(key)) => key_echo(key),
+            _ => "The server had an error while processing your request.".to_owned(),
+        };
+        let error = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
         frames.push(Bytes::from(format!("data: {error}\n\n")));
     }
     frames.push(chunk(
