@@ -98,6 +98,10 @@ async fn an_upstream_that_echoes_its_key_leaks_it_nowhere() {
 
     for text in &seen {
         assert!(leaks(text).is_empty(), "the key leaked: {text}");
+        // Nor do the gateway's own secrets appear anywhere.
+        for secret in [harness::ADMIN_TOKEN, harness::MASTER_KEY] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
     }
     // Every call presented the key the simulator echoed: unscrubbed, the texts would hold it.
     assert_eq!(sim.calls(), 3);
