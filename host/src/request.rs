@@ -5,8 +5,8 @@
 //! The bound is what holds rest on, so it must hold under every provider's tokenizer, which the
 //! host does not have: every tokenizer in use is byte-level (BPE over UTF-8 bytes, or
 //! SentencePiece with byte fallback), so a text never makes more tokens than it has bytes. Media
-//! are not text: an image or a file counts a fixed number of tokens, documented in the README's
-//! money section, and is never fetched to be sized.
+//! are not text: an image or a file counts a fixed number of tokens, documented in
+//! `docs/money.md`, and is never fetched to be sized.
 
 use serde_json::Value;
 

@@ -97,38 +97,24 @@ pub enum TranslateError {
 impl TranslateError {
     /// The same error with the channel's secrets taken out of what the upstream wrote into it
     /// (an in-stream error event may echo the key, as an error body may).
-    pub fn scrubbed(self, secrets: &SecretScrubber) -> Self {
+    pub fn scrubbed(mut self, secrets: &SecretScrubber) -> Self {
         let scrub = |text: &mut String| {
             if let std::borrow::Cow::Owned(clean) = secrets.scrub(text) {
                 *text = clean;
             }
         };
-        match self {
-            TranslateError::Upstream(UpstreamError::Failure {
-                channel,
-                mut failure,
-            }) => {
+        match &mut self {
+            TranslateError::Upstream(UpstreamError::Failure { failure, .. }) => {
                 scrub(&mut failure.message);
                 failure.code.as_mut().map(scrub);
                 failure.param.as_mut().map(scrub);
-                TranslateError::Upstream(UpstreamError::Failure { channel, failure })
             }
-            TranslateError::Upstream(UpstreamError::Malformed {
-                channel,
-                mut reason,
-            }) => {
-                scrub(&mut reason);
-                TranslateError::Upstream(UpstreamError::Malformed { channel, reason })
-            }
-            TranslateError::Upstream(UpstreamError::Unsupported {
-                channel,
-                mut reason,
-            }) => {
-                scrub(&mut reason);
-                TranslateError::Upstream(UpstreamError::Unsupported { channel, reason })
-            }
-            other => other,
+            TranslateError::Upstream(
+                UpstreamError::Malformed { reason, .. } | UpstreamError::Unsupported { reason, .. },
+            ) => scrub(reason),
+            _ => {}
         }
+        self
     }
 }
 
