@@ -5,7 +5,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{ADMIN_TOKEN, Answer, billing, channel, chat, simulator, start};
+use harness::{ADMIN_TOKEN, Answer, billing, channel, chat, simulator, start, start_with_server};
 use serde_json::{Value, json};
 use tollgate_simulator::Fault;
 
@@ -452,11 +452,12 @@ async fn the_cli_drives_the_admin_api() {
 #[tokio::test]
 async fn the_openapi_document_matches_the_server() {
     let sim = simulator().await;
-    let gateway = start(&format!(
-        "{}{}",
-        billing(1_000_000),
-        channel("only", &sim, 1)
-    ))
+    // Every operation is called once with a wrong token: more failures than the default throttle
+    // lets through from one address.
+    let gateway = start_with_server(
+        "failed_auth_per_second = 1000\n",
+        &format!("{}{}", billing(1_000_000), channel("only", &sim, 1)),
+    )
     .await
     .expect("starts");
     let spec: Value = serde_json::from_str(

@@ -141,6 +141,25 @@ pub struct ServerConfig {
     /// a machine that loses power loses what it had not written out) or `"batch"` (commits that
     /// arrive together share one `fdatasync` before their answers go out).
     pub ledger_sync: crate::store::LedgerSync,
+    /// A request body must have arrived this long after its request head, in milliseconds,
+    /// extended by one second per `body_min_bytes_per_second` bytes received; past it the request
+    /// is answered 408 and its connection closed.
+    pub body_read_timeout_ms: std::num::NonZeroU64,
+    /// The slowest a request body may arrive, in bytes a second, averaged from its start (see
+    /// `body_read_timeout_ms`); 0: the body has `body_read_timeout_ms` in all.
+    pub body_min_bytes_per_second: u64,
+    /// Connections on which no request has authenticated yet, at most; at the cap the oldest of
+    /// them is closed. Idle or trickling connections without a key cannot exhaust descriptors.
+    pub max_unauthenticated_connections: std::num::NonZeroUsize,
+    /// Failed authentications (API key or admin token) one client address may make a second,
+    /// on average, before its further failures are answered 429 with `retry-after: 10` for ten
+    /// seconds. IPv6 addresses count by their /64. A valid credential is never refused.
+    pub failed_auth_per_second: std::num::NonZeroU32,
+    /// Where the admin API and `/metrics` listen instead of `listen`; none: on `listen`.
+    pub admin_listen: Option<SocketAddr>,
+    /// A bearer token that opens `/metrics` (and nothing else), for a scraper that should not
+    /// hold the admin token; the admin token opens it too.
+    pub metrics_token: Option<crate::secrets::Redacted>,
 }
 
 impl ServerConfig {
@@ -165,6 +184,13 @@ impl Default for ServerConfig {
             workers: None,
             header_read_timeout_ms: std::num::NonZeroU64::new(30_000).expect("30,000 is not zero"),
             ledger_sync: crate::store::LedgerSync::default(),
+            body_read_timeout_ms: std::num::NonZeroU64::new(10_000).expect("10,000 is not zero"),
+            body_min_bytes_per_second: 8_192,
+            max_unauthenticated_connections: std::num::NonZeroUsize::new(4_096)
+                .expect("4,096 is not zero"),
+            failed_auth_per_second: std::num::NonZeroU32::new(20).expect("20 is not zero"),
+            admin_listen: None,
+            metrics_token: None,
         }
     }
 }

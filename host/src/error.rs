@@ -34,6 +34,18 @@ pub enum ApiError {
     /// The body is larger than the server accepts.
     #[error("The request body is larger than this gateway accepts.")]
     BodyTooLarge,
+    /// The body did not arrive in time.
+    #[error(transparent)]
+    BodyReadTimedOut(#[from] crate::admission::BodyReadTimedOut),
+    /// The client's address failed authentication too often; it is refused for a while.
+    #[error(
+        "Too many failed authentication attempts from your address; retry after {} s.",
+        retry_after.as_secs().max(1)
+    )]
+    AuthThrottled {
+        /// How long the address stays throttled.
+        retry_after: std::time::Duration,
+    },
     /// No route.
     #[error(transparent)]
     Route(#[from] RouteError),
@@ -351,6 +363,21 @@ impl ApiError {
                 Some("request_too_large"),
                 self.to_string(),
             ),
+            ApiError::BodyReadTimedOut(_) => rendered(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                Some("request_timeout"),
+                self.to_string(),
+            ),
+            ApiError::AuthThrottled { retry_after } => Rendered {
+                retry_after_ms: Some(retry_after.as_millis() as u64),
+                ..rendered(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    Some("rate_limit_exceeded"),
+                    self.to_string(),
+                )
+            },
             ApiError::Route(RouteError::NoRoute(message))
             | ApiError::Billing(BillingError::UnpricedModel(message)) => rendered(
                 StatusCode::NOT_FOUND,
@@ -476,6 +503,8 @@ impl ApiError {
             ApiError::InvalidBody(_)
             | ApiError::Translate(TranslateError::InvalidRequest { .. }) => "invalid_request",
             ApiError::BodyTooLarge => "request_too_large",
+            ApiError::BodyReadTimedOut(_) => "request_timeout",
+            ApiError::AuthThrottled { .. } => "auth_throttled",
             ApiError::Route(RouteError::NoRoute(_))
             | ApiError::Billing(BillingError::UnpricedModel(_)) => "model_not_found",
             ApiError::Route(RouteError::Refused(_)) => "route_refused",
@@ -569,6 +598,17 @@ impl ApiError {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }
         }
+        if self.ends_connection() {
+            // The body may be unread (the request was refused from its head): the connection
+            // cannot carry another request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if self.is_failed_authentication() {
+            response.extensions_mut().insert(CountedRefusal);
+            return response;
+        }
         let mut described = self.to_string();
         let mut source = std::error::Error::source(&self);
         while let Some(cause) = source {
@@ -579,7 +619,30 @@ impl ApiError {
         response.extensions_mut().insert(LoggedError(described));
         response
     }
+
+    /// A refusal of a credential: counted per address and logged as counts by admission, not
+    /// one line per request.
+    fn is_failed_authentication(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Auth(AuthError::Missing | AuthError::Invalid | AuthError::Expired)
+                | ApiError::AdminUnauthorized
+                | ApiError::AuthThrottled { .. }
+        )
+    }
+
+    /// Answered from the request head, before the body was read (or while it was late): the
+    /// connection closes after the answer.
+    fn ends_connection(&self) -> bool {
+        self.is_failed_authentication()
+            || matches!(self, ApiError::BodyTooLarge | ApiError::BodyReadTimedOut(_))
+    }
 }
+
+/// Marks the response of a failed authentication: the trace layer writes no line for it
+/// (admission logs such refusals as counts per address and interval).
+#[derive(Debug, Clone, Copy)]
+pub struct CountedRefusal;
 
 /// The error's description, kept in the response extensions for the trace layer to log once.
 #[derive(Debug, Clone)]

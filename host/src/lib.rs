@@ -6,6 +6,7 @@
 //! binary (`main.rs`) is the CLI around them; [`trial`] runs one plugin outside the gateway for it.
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod bill;
 pub mod config;

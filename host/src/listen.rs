@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -23,9 +24,11 @@ use tower_http::request_id::{
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use crate::auth::{self, Caller};
+use crate::admin::AdminTokens;
+use crate::admission::{Admission, BodyReadTimedOut, ClientConnection, Credential, TimedBody};
+use crate::auth::{self, AuthError, Caller};
 use crate::error::Dialect;
-use crate::error::{ApiError, LoggedError};
+use crate::error::{ApiError, CountedRefusal, LoggedError};
 use crate::flow::{self, Delivery, RequestContext};
 use crate::gateway::Gateway;
 use crate::inbound::{self, ClientProtocol};
@@ -51,9 +54,13 @@ const ANTHROPIC_MESSAGES: ClientProtocol = ClientProtocol {
 /// HTTP/1.1 only, and hyper directly: `axum::serve` first reads 24 bytes to tell HTTP/2 from
 /// HTTP/1.1, and hands them back to hyper, which then grew the connection's read buffer from 8 to
 /// 16 KiB at its next read, for as long as the connection lived (a stream's, say).
+///
+/// Every connection is registered with `admission` as unauthenticated until a request on it
+/// authenticates, and closed at once if it is the oldest such connection when the cap is passed.
 pub async fn serve_listener(
     listener: std::net::TcpListener,
     app: Router,
+    admission: Arc<Admission>,
     header_read_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
@@ -70,8 +77,8 @@ pub async fn serve_listener(
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 pause_after(error).await;
                 continue;
@@ -81,15 +88,29 @@ pub async fn serve_listener(
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::warn!(%error, "could not set TCP_NODELAY");
         }
+        let client = admission.arrive(peer.ip());
+        let service = {
+            let (client, admission) = (client.clone(), admission.clone());
+            tower::ServiceExt::map_request(
+                app.clone(),
+                move |request: axum::http::Request<hyper::body::Incoming>| {
+                    let mut request = request.map(|body| TimedBody::new(body, &admission));
+                    request.extensions_mut().insert(client.clone());
+                    request
+                },
+            )
+        };
         let connection = http.serve_connection(
             hyper_util::rt::TokioIo::new(tcp),
-            hyper_util::service::TowerToHyperService::new(app.clone()),
+            hyper_util::service::TowerToHyperService::new(service),
         );
         let mut stopping = stopping.clone();
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             let served = tokio::select! {
                 served = connection.as_mut() => served,
+                // Dropping the connection closes its socket: it never authenticated a request.
+                () = client.evicted() => return,
                 _ = stopping.changed() => {
                     // Ends the connection once its request in flight, if any, is answered.
                     connection.as_mut().graceful_shutdown();
@@ -123,22 +144,42 @@ async fn pause_after(error: std::io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// The gateway's HTTP application.
-pub fn app(gateway: Arc<Gateway>, admin_token: Option<String>) -> Router {
-    let max_body = gateway.max_body_bytes;
-    let admin = crate::admin::routes(gateway.clone(), admin_token);
-    Router::new()
+/// The gateway's HTTP applications: the public one, and the admin one (the admin API and
+/// `/metrics`) when `admin_apart` (`server.admin_listen`) puts it on a listener of its own;
+/// otherwise the public one carries both.
+pub fn apps(
+    gateway: Arc<Gateway>,
+    tokens: &AdminTokens,
+    admin_apart: bool,
+) -> (Router, Option<Router>) {
+    let admin = Router::new()
+        .nest("/admin", crate::admin::routes(gateway.clone(), tokens))
+        .merge(crate::admin::metrics_routes(gateway.clone(), tokens));
+    let public = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
+        .with_state(gateway.clone());
+    let probes = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .route("/metrics", get(metrics))
+        .with_state(gateway.clone());
+    let max_body = gateway.max_body_bytes;
+    if admin_apart {
+        let public = public.merge(probes.clone());
+        let admin = admin.merge(probes);
+        (served(public, max_body), Some(served(admin, max_body)))
+    } else {
+        (served(public.merge(probes).merge(admin), max_body), None)
+    }
+}
+
+/// `routes` with the fallback, the body cap, the request id and the request span.
+fn served(routes: Router, max_body: usize) -> Router {
+    routes
         .fallback(unknown_path)
-        .with_state(gateway)
-        .nest("/admin", admin)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
@@ -160,6 +201,10 @@ pub fn app(gateway: Arc<Gateway>, admin_token: Option<String>) -> Router {
                 })
                 .on_request(())
                 .on_response(|response: &Response, latency: Duration, _span: &Span| {
+                    if response.extensions().get::<CountedRefusal>().is_some() {
+                        // Counted by admission, logged per address and interval.
+                        return;
+                    }
                     let status = response.status().as_u16();
                     let latency_ms = latency.as_millis() as u64;
                     match response.extensions().get::<LoggedError>() {
@@ -177,31 +222,35 @@ pub fn app(gateway: Arc<Gateway>, admin_token: Option<String>) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, TimeOrderedRequestId))
 }
 
-/// A request body read under the body cap; parsed only after authentication, so a bad key is
-/// answered 401 whatever the body holds.
-pub struct OpenAiBody(Bytes);
+/// A request body, read whole under the body cap and its deadline, after authentication.
+pub struct RequestBody(Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for OpenAiBody {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Bytes::from_request(request, state)
+impl RequestBody {
+    /// Reads `body`: a 413 past `max_bytes`, a 408 when it is late (see [`TimedBody`]).
+    async fn read(body: Body, max_bytes: usize) -> Result<Self, ApiError> {
+        use http_body_util::BodyExt;
+        let collected = http_body_util::Limited::new(body, max_bytes)
+            .collect()
             .await
-            .map(OpenAiBody)
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::BodyTooLarge
-                } else {
-                    ApiError::InvalidBody(InvalidBody {
-                        message: format!("The request body could not be read: {rejection}"),
-                        param: None,
-                    })
+            .map_err(|error| {
+                if error.is::<http_body_util::LengthLimitError>() {
+                    return ApiError::BodyTooLarge;
                 }
-            })
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+                while let Some(error) = cause {
+                    if let Some(timed_out) = error.downcast_ref::<BodyReadTimedOut>() {
+                        return ApiError::BodyReadTimedOut(timed_out.clone());
+                    }
+                    cause = error.source();
+                }
+                ApiError::InvalidBody(InvalidBody {
+                    message: format!("The request body could not be read: {error}"),
+                    param: None,
+                })
+            })?;
+        Ok(Self(collected.to_bytes()))
     }
-}
 
-impl OpenAiBody {
     /// The body as JSON text and value; a 400 naming the parse error otherwise.
     fn parse(self) -> Result<(String, Value), ApiError> {
         let value: Value = serde_json::from_slice(&self.0).map_err(|error| InvalidBody {
@@ -211,15 +260,13 @@ impl OpenAiBody {
             ),
             param: None,
         })?;
-        let text = String::from_utf8(self.0.to_vec()).map_err(|_| InvalidBody {
+        let text = String::from_utf8(Vec::from(self.0)).map_err(|_| InvalidBody {
             message: "The request body is not UTF-8.".to_owned(),
             param: None,
         })?;
         Ok((text, value))
     }
-}
 
-impl OpenAiBody {
     /// The body as JSON text, checked to be JSON without building a value (the client protocol's
     /// plugin reads it); a 400 naming the parse error otherwise.
     fn json_text(self) -> Result<String, ApiError> {
@@ -227,7 +274,7 @@ impl OpenAiBody {
             message: format!("The request body is not valid JSON ({error})."),
             param: None,
         })?;
-        String::from_utf8(self.0.to_vec()).map_err(|_| {
+        String::from_utf8(Vec::from(self.0)).map_err(|_| {
             ApiError::from(InvalidBody {
                 message: "The request body is not UTF-8.".to_owned(),
                 param: None,
@@ -240,13 +287,31 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name).and_then(|value| value.to_str().ok())
 }
 
-fn authenticate(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, ApiError> {
+/// The caller of a request, from its head alone. A refusal is counted against the client's
+/// address (429 once it is throttled); a success frees the connection from the cap on
+/// unauthenticated ones.
+fn authenticate(gateway: &Gateway, head: &Parts) -> Result<Caller, ApiError> {
+    let connection = head.extensions.get::<Arc<ClientConnection>>();
     let caller = auth::authenticate(
         gateway.store.as_ref(),
-        header_str(headers, "authorization"),
-        header_str(headers, "x-api-key"),
+        header_str(&head.headers, "authorization"),
+        header_str(&head.headers, "x-api-key"),
         crate::flow::now_unix_ms(),
-    )?;
+    );
+    let caller =
+        match caller {
+            Ok(caller) => caller,
+            Err(AuthError::Store(error)) => return Err(AuthError::Store(error).into()),
+            Err(refused) => {
+                let throttled = connection.and_then(|client| client.failed(Credential::ApiKey));
+                return Err(throttled.map_or(refused.into(), |retry_after| {
+                    ApiError::AuthThrottled { retry_after }
+                }));
+            }
+        };
+    if let Some(connection) = connection {
+        connection.authenticated();
+    }
     Span::current().record("tenant", caller.tenant.as_str());
     Ok(caller)
 }
@@ -263,45 +328,37 @@ fn tags(headers: &HeaderMap) -> Vec<(String, String)> {
 
 async fn chat_completions(
     State(gateway): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: OpenAiBody,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    serve(gateway, headers, body, Operation::Chat).await
+    serve(gateway, request, Operation::Chat).await
 }
 
 async fn embeddings(
     State(gateway): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: OpenAiBody,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    serve(gateway, headers, body, Operation::Embeddings).await
+    serve(gateway, request, Operation::Embeddings).await
 }
 
 /// `POST /v1/messages`: Anthropic's Messages API, answered and failed in its shape.
-async fn messages(
-    State(gateway): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Result<OpenAiBody, ApiError>,
-) -> Response {
+async fn messages(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let (head, body) = request.into_parts();
     let served = async {
-        let context = arrive_in(&gateway, &headers, body?, Endpoint::Messages).await?;
+        let context = arrive_in(&gateway, &head, body, Endpoint::Messages).await?;
         deliver(gateway, context).await
     };
-    in_dialect(&headers, served.await)
+    in_dialect(&head.headers, served.await)
 }
 
 /// `POST /v1/messages/count_tokens`.
-async fn count_tokens(
-    State(gateway): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Result<OpenAiBody, ApiError>,
-) -> Response {
+async fn count_tokens(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let (head, body) = request.into_parts();
     let counted = async {
-        let context = arrive_in(&gateway, &headers, body?, Endpoint::CountTokens).await?;
+        let context = arrive_in(&gateway, &head, body, Endpoint::CountTokens).await?;
         let answer = flow::count_tokens(gateway, context).await?;
         Ok(json_response(answer))
     };
-    in_dialect(&headers, counted.await)
+    in_dialect(&head.headers, counted.await)
 }
 
 /// An Anthropic-endpoint response: errors in Anthropic's shape, the request id in `request-id`
@@ -320,13 +377,16 @@ fn in_dialect(headers: &HeaderMap, result: Result<Response, ApiError>) -> Respon
 /// reads, keeping the client's own body for channels of the same protocol.
 async fn arrive_in(
     gateway: &Gateway,
-    headers: &HeaderMap,
-    body: OpenAiBody,
+    head: &Parts,
+    body: Body,
     endpoint: Endpoint,
 ) -> Result<RequestContext, ApiError> {
     let received_at = Instant::now();
-    let caller = authenticate(gateway, headers)?;
-    let text = body.json_text()?;
+    let caller = authenticate(gateway, head)?;
+    let text = RequestBody::read(body, gateway.max_body_bytes)
+        .await?
+        .json_text()?;
+    let headers = &head.headers;
     let bindings = gateway.bindings();
     let protocol_headers = headers
         .iter()
@@ -393,16 +453,18 @@ fn json_response(body: String) -> Response {
 
 async fn serve(
     gateway: Arc<Gateway>,
-    headers: HeaderMap,
-    body: OpenAiBody,
+    request: Request,
     operation: Operation,
 ) -> Result<Response, ApiError> {
     let received_at = Instant::now();
-    let caller = authenticate(&gateway, &headers)?;
-    let (text, value) = body.parse()?;
+    let (head, body) = request.into_parts();
+    let caller = authenticate(&gateway, &head)?;
+    let (text, value) = RequestBody::read(body, gateway.max_body_bytes)
+        .await?
+        .parse()?;
     let client_request = request::read(operation, text, &value)?;
     let context = start_context(
-        &headers,
+        &head.headers,
         received_at,
         caller,
         client_request,
@@ -455,9 +517,10 @@ async fn deliver(gateway: Arc<Gateway>, context: RequestContext) -> Result<Respo
 /// `GET /v1/models`: the public models of the active channels.
 async fn models(
     State(gateway): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&gateway, &headers)?;
+    let (head, _) = request.into_parts();
+    let caller = authenticate(&gateway, &head)?;
     let channels = gateway.channels();
     let names: std::collections::BTreeSet<&str> = channels
         .iter()
@@ -478,23 +541,6 @@ async fn models(
 async fn ready(State(gateway): State<Arc<Gateway>>) -> Result<&'static str, ApiError> {
     gateway.store.check()?;
     Ok("ready")
-}
-
-/// `GET /metrics`: Prometheus/OpenMetrics text.
-async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
-    let now = Instant::now();
-    for channel in gateway.channels().iter() {
-        let circuit = channel.health.snapshot(now).circuit;
-        gateway.metrics.set_circuit(&channel.config.name, circuit);
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-        )],
-        gateway.metrics.render(),
-    )
-        .into_response()
 }
 
 async fn unknown_path(method: Method, uri: Uri) -> ApiError {

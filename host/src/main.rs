@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use tollgate::admin::AdminTokens;
+use tollgate::admission::{Admission, AdmissionLimits, FAILED_AUTHENTICATION_LOG_INTERVAL};
 use tollgate::config::{self, Config};
+use tollgate::secrets::Redacted;
 use tollgate::store::{SledStore, Store};
 use tollgate::{auth, console, gateway, listen};
 
@@ -1076,7 +1079,27 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
         });
     }
     let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
-    let app = listen::app(gateway, admin_token);
+    let metrics_token = config.server.metrics_token.as_ref().map(Redacted::expose);
+    let tokens = AdminTokens::new(admin_token.as_deref(), metrics_token);
+    let (app, admin_app) = listen::apps(gateway, &tokens, config.server.admin_listen.is_some());
+    let admission = Admission::new(AdmissionLimits {
+        max_unauthenticated_connections: config.server.max_unauthenticated_connections.get(),
+        failed_auth_per_second: config.server.failed_auth_per_second.get(),
+        body_read_timeout: std::time::Duration::from_millis(
+            config.server.body_read_timeout_ms.get(),
+        ),
+        body_min_bytes_per_second: config.server.body_min_bytes_per_second,
+    });
+    tokio::spawn({
+        let admission = admission.clone();
+        async move {
+            let mut every = tokio::time::interval(FAILED_AUTHENTICATION_LOG_INTERVAL);
+            loop {
+                every.tick().await;
+                admission.log_failed_authentications();
+            }
+        }
+    });
     // Every worker stops accepting as soon as the signal comes, then finishes what it holds.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let stop = std::sync::Arc::new(stop);
@@ -1094,6 +1117,7 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
             .build()
             .context("starting a worker's runtime")?;
         let (app, stopping, ready) = (app.clone(), until_stopped(stopped.clone()), ready.clone());
+        let admission = admission.clone();
         let worker = std::thread::Builder::new()
             .name(format!("worker-{index}"))
             .spawn(move || {
@@ -1104,6 +1128,7 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
                     .block_on(listen::serve_listener(
                         listener,
                         app,
+                        admission,
                         header_read_timeout,
                         stopping,
                     ))
@@ -1123,12 +1148,40 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
             let _ = stop.send(true);
         }
     });
+    let admin_served = match (admin_app, config.server.admin_listen) {
+        (Some(admin_app), Some(admin_address)) => {
+            let listener = std::net::TcpListener::bind(admin_address)
+                .with_context(|| format!("binding the admin listener {admin_address}"))?;
+            listener.set_nonblocking(true)?;
+            console::line(&format!(
+                "tollgate admin listening on http://{}",
+                listener.local_addr()?
+            ));
+            Some(tokio::spawn(listen::serve_listener(
+                listener,
+                admin_app,
+                admission.clone(),
+                header_read_timeout,
+                until_stopped(stopped.clone()),
+            )))
+        }
+        _ => None,
+    };
     // Said once every worker's thread runs: scripts and tests wait for this line.
     console::line(&format!("tollgate listening on http://{address}"));
     // This thread is worker 0. Should it stop serving for another reason, so do the others.
-    let served = listen::serve_listener(first, app, header_read_timeout, until_stopped(stopped))
-        .await
-        .context("serving");
+    let served = listen::serve_listener(
+        first,
+        app,
+        admission,
+        header_read_timeout,
+        until_stopped(stopped),
+    )
+    .await
+    .context("serving");
+    if let Some(admin_served) = admin_served {
+        admin_served.await?.context("serving the admin API")?;
+    }
     let _ = stop.send(true);
     for worker in workers {
         worker

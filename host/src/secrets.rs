@@ -23,6 +23,25 @@ pub enum SealError {
     Corrupt,
 }
 
+/// A secret read from the configuration (a bearer token): its `Debug` shows `[redacted]`, so a
+/// logged configuration never holds it.
+#[derive(Clone, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Redacted(String);
+
+impl Redacted {
+    /// The secret itself, for the one place that compares it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(REDACTED)
+    }
+}
+
 /// The shortest run of a secret that is scrubbed: any 8 bytes of a key in a row.
 const SCRUBBED_RUN: usize = 8;
 

@@ -119,6 +119,8 @@ pub struct Gateway {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
+    /// Where the admin API and `/metrics` answer: `url`, or the `server.admin_listen` address.
+    pub admin_url: String,
     /// An API key of tenant `acme`.
     pub key: String,
     /// The configuration file.
@@ -207,10 +209,11 @@ pub async fn start_beside(
         .last()
         .context("key create prints the secret last")?
         .to_owned();
-    let (child, url) = serve(&config, &data_dir.path().join("gateway.log")).await?;
+    let (child, url, admin_url) = serve(&config, &data_dir.path().join("gateway.log")).await?;
     Ok(Gateway {
         child,
         url,
+        admin_url,
         key,
         config,
         data_dir,
@@ -219,7 +222,8 @@ pub async fn start_beside(
 }
 
 /// Starts `tollgate serve` on a config and returns it with the URL it listens on.
-async fn serve(config: &Path, log: &Path) -> anyhow::Result<(Child, String)> {
+/// The admin URL is the `server.admin_listen` one when the gateway announces it, else the URL.
+async fn serve(config: &Path, log: &Path) -> anyhow::Result<(Child, String, String)> {
     let stderr = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -238,8 +242,12 @@ async fn serve(config: &Path, log: &Path) -> anyhow::Result<(Child, String)> {
         .spawn()?;
     let stdout = child.stdout.take().context("piped stdout")?;
     let mut lines = BufReader::new(stdout).lines();
+    let mut admin_url = None;
     let url = tokio::time::timeout(Duration::from_secs(120), async {
         while let Some(line) = lines.next_line().await? {
+            if let Some(url) = line.strip_prefix("tollgate admin listening on ") {
+                admin_url = Some(url.to_owned());
+            }
             if let Some(url) = line.strip_prefix("tollgate listening on ") {
                 return Ok(url.to_owned());
             }
@@ -250,7 +258,8 @@ async fn serve(config: &Path, log: &Path) -> anyhow::Result<(Child, String)> {
     .context("the gateway did not start listening within 120 s")??;
     // Keep draining stdout so the gateway never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, url))
+    let admin_url = admin_url.unwrap_or_else(|| url.clone());
+    Ok((child, url, admin_url))
 }
 
 impl Gateway {
@@ -280,9 +289,11 @@ impl Gateway {
     /// directory; `url` changes.
     pub async fn crash_and_restart(&mut self) -> anyhow::Result<()> {
         self.child.kill().await?;
-        let (child, url) = serve(&self.config, &self.data_dir.path().join("gateway.log")).await?;
+        let (child, url, admin_url) =
+            serve(&self.config, &self.data_dir.path().join("gateway.log")).await?;
         self.child = child;
         self.url = url;
+        self.admin_url = admin_url;
         Ok(())
     }
 }
@@ -330,7 +341,7 @@ impl Gateway {
     async fn fetch_record(&self, request_id: &str) -> Answer {
         let response = self
             .http
-            .get(format!("{}/admin/requests/{request_id}", self.url))
+            .get(format!("{}/admin/requests/{request_id}", self.admin_url))
             .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
@@ -543,7 +554,7 @@ impl Gateway {
     pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Answer {
         let mut request = self
             .http
-            .request(method, format!("{}/admin{path}", self.url))
+            .request(method, format!("{}/admin{path}", self.admin_url))
             .bearer_auth(ADMIN_TOKEN);
         if let Some(body) = body {
             request = request.json(&body);
@@ -554,7 +565,8 @@ impl Gateway {
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.http
-            .get(format!("{}/metrics", self.url))
+            .get(format!("{}/metrics", self.admin_url))
+            .bearer_auth(ADMIN_TOKEN)
             .send()
             .await
             .expect("metrics answer")
@@ -567,7 +579,7 @@ impl Gateway {
     pub async fn upload_plugin(&self, name: &str, bytes: Vec<u8>) -> Answer {
         let response = self
             .http
-            .post(format!("{}/admin/plugins?name={name}", self.url))
+            .post(format!("{}/admin/plugins?name={name}", self.admin_url))
             .bearer_auth(ADMIN_TOKEN)
             .header("content-type", "application/wasm")
             .body(bytes)

@@ -1,6 +1,8 @@
-//! The admin API under `/admin/`, off the hot path: reading the ledger and request traces.
-//! Every call needs `Authorization: Bearer <token>` with the token from `TOLLGATE_ADMIN_TOKEN`;
-//! without that variable the admin API refuses every call.
+//! The admin API under `/admin/`, off the hot path: reading the ledger and request traces, and
+//! `/metrics`. Every call needs `Authorization: Bearer <token>` with the token from
+//! `TOLLGATE_ADMIN_TOKEN` (`/metrics` also takes `server.metrics_token`); without that variable
+//! the admin API refuses every call. With `server.admin_listen` these routes are served there
+//! and nowhere else.
 
 use std::sync::Arc;
 
@@ -11,26 +13,48 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sha2::{Digest, Sha256};
 
+use crate::admission::{ClientConnection, Credential};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::store::UsageRecord;
 
 mod plugins;
 
-/// Admin state: the gateway and the expected token's digest.
+/// The bearer tokens the admin surfaces accept, as digests.
+#[derive(Clone, Default)]
+pub struct AdminTokens {
+    admin_sha256: Option<[u8; 32]>,
+    metrics_sha256: Option<[u8; 32]>,
+}
+
+impl AdminTokens {
+    /// The admin token (`TOLLGATE_ADMIN_TOKEN`; none or empty: the admin API refuses every call)
+    /// and the token that opens `/metrics` alone (`server.metrics_token`).
+    pub fn new(admin: Option<&str>, metrics: Option<&str>) -> Self {
+        let digest = |token: Option<&str>| {
+            token
+                .filter(|token| !token.is_empty())
+                .map(|token| Sha256::digest(token.as_bytes()).into())
+        };
+        Self {
+            admin_sha256: digest(admin),
+            metrics_sha256: digest(metrics),
+        }
+    }
+}
+
+/// Admin state: the gateway and the expected tokens' digests.
 #[derive(Clone)]
 struct AdminState {
     gateway: Arc<Gateway>,
-    token_sha256: Option<[u8; 32]>,
+    tokens: AdminTokens,
 }
 
 /// The admin routes, to be nested under `/admin`.
-pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
+pub fn routes(gateway: Arc<Gateway>, tokens: &AdminTokens) -> Router {
     let state = AdminState {
         gateway,
-        token_sha256: token
-            .filter(|token| !token.is_empty())
-            .map(|token| Sha256::digest(token.as_bytes()).into()),
+        tokens: tokens.clone(),
     };
     Router::new()
         .route("/usage", get(usage))
@@ -82,30 +106,96 @@ pub fn routes(gateway: Arc<Gateway>, token: Option<String>) -> Router {
         .with_state(state)
 }
 
-/// Lets a request through only with the admin token; compares digests of the presented and
-/// expected tokens in constant time. One layer guards every admin route.
+/// `GET /metrics`, whose labels name tenants: it needs the admin token or the metrics token.
+pub fn metrics_routes(gateway: Arc<Gateway>, tokens: &AdminTokens) -> Router {
+    let state = AdminState {
+        gateway,
+        tokens: tokens.clone(),
+    };
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_metrics_reader,
+        ))
+        .with_state(state)
+}
+
+/// Lets a request through only with the admin token. One layer guards every admin route.
 async fn require_admin(
     State(state): State<AdminState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<Response, ApiError> {
-    let presented = request
+    let accepted = [state.tokens.admin_sha256];
+    admit(&accepted, request, next).await
+}
+
+/// Lets a request through with the admin token or the metrics token.
+async fn require_metrics_reader(
+    State(state): State<AdminState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let accepted = [state.tokens.admin_sha256, state.tokens.metrics_sha256];
+    admit(&accepted, request, next).await
+}
+
+/// Runs `next` if the request's bearer token is one of `accepted`, comparing digests in
+/// constant time. A refusal counts against the client's address (429 once it is throttled).
+async fn admit(
+    accepted: &[Option<[u8; 32]>],
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let presented: Option<[u8; 32]> = request
         .headers()
         .get("authorization")
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
-        .map(|token| -> [u8; 32] { Sha256::digest(token.as_bytes()).into() });
-    let (Some(expected), Some(presented)) = (state.token_sha256, presented) else {
-        return Err(ApiError::AdminUnauthorized);
-    };
-    let difference = expected
-        .iter()
-        .zip(presented.iter())
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-    if difference != 0 {
-        return Err(ApiError::AdminUnauthorized);
+        .map(|token| Sha256::digest(token.as_bytes()).into());
+    let connection = request.extensions().get::<Arc<ClientConnection>>();
+    let admitted = presented.is_some_and(|presented| {
+        accepted.iter().flatten().fold(false, |found, expected| {
+            let difference = expected
+                .iter()
+                .zip(presented.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            found | (difference == 0)
+        })
+    });
+    if !admitted {
+        let throttled = connection.and_then(|client| client.failed(Credential::AdminToken));
+        return Err(
+            throttled.map_or(ApiError::AdminUnauthorized, |retry_after| {
+                ApiError::AuthThrottled { retry_after }
+            }),
+        );
+    }
+    if let Some(connection) = connection {
+        connection.authenticated();
     }
     Ok(next.run(request).await)
+}
+
+/// `GET /metrics`: Prometheus/OpenMetrics text.
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let gateway = &state.gateway;
+    let now = std::time::Instant::now();
+    for channel in gateway.channels().iter() {
+        let circuit = channel.health.snapshot(now).circuit;
+        gateway.metrics.set_circuit(&channel.config.name, circuit);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+        )],
+        gateway.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Filters of a usage query; every one optional. Times are milliseconds since the Unix epoch,
