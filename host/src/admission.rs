@@ -50,7 +50,7 @@ pub struct AdmissionLimits {
 }
 
 /// The gateway's admission state, shared by every serving worker.
-pub struct Admission {
+pub struct ClientAdmission {
     limits: AdmissionLimits,
     unauthenticated: Mutex<Unauthenticated>,
     failures: Mutex<Failures>,
@@ -101,8 +101,8 @@ impl Credential {
     }
 }
 
-impl Admission {
-    /// Admission with these limits.
+impl ClientAdmission {
+    /// ClientAdmission with these limits.
     pub fn new(limits: AdmissionLimits) -> Arc<Self> {
         Arc::new(Self {
             limits,
@@ -271,7 +271,7 @@ pub struct ClientConnection {
     /// The client's address.
     pub peer: IpAddr,
     id: u64,
-    admission: Arc<Admission>,
+    admission: Arc<ClientAdmission>,
     unauthenticated: AtomicBool,
     evicted: Arc<Notify>,
 }
@@ -319,7 +319,7 @@ pub struct TimedBody<B> {
 
 impl<B> TimedBody<B> {
     /// `inner`, due under the admission's body limits from now.
-    pub fn new(inner: B, admission: &Admission) -> Self {
+    pub fn new(inner: B, admission: &ClientAdmission) -> Self {
         let (timeout, min_bytes_per_second) = admission.body_limits();
         Self {
             inner,
@@ -421,8 +421,8 @@ impl<B> TimedBody<B> {
 mod tests {
     use super::*;
 
-    fn admission(max_unauthenticated_connections: usize) -> Arc<Admission> {
-        Admission::new(AdmissionLimits {
+    fn admission(max_unauthenticated_connections: usize) -> Arc<ClientAdmission> {
+        ClientAdmission::new(AdmissionLimits {
             max_unauthenticated_connections,
             failed_auth_per_second: 20,
             body_read_timeout: Duration::from_secs(10),

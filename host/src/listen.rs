@@ -3,8 +3,9 @@
 //! [`Delivery`] back into HTTP.
 //!
 //! In: HTTP requests. Out: OpenAI-shaped responses (Anthropic-shaped on `/v1/messages`), or an
-//! [`ApiError`] rendered by `error.rs` in the endpoint's dialect. Next: auth, then `inbound` for
-//! another client protocol, then `flow::run`.
+//! [`ApiError`] rendered by `error.rs` in the endpoint's dialect. Next: auth from the request head
+//! (under `admission`'s throttle), then the body (under its deadline), then `inbound` for another
+//! client protocol, then `flow::run`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -25,7 +26,9 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::admin::AdminTokens;
-use crate::admission::{Admission, BodyReadTimedOut, ClientConnection, Credential, TimedBody};
+use crate::admission::{
+    BodyReadTimedOut, ClientAdmission, ClientConnection, Credential, TimedBody,
+};
 use crate::auth::{self, AuthError, Caller};
 use crate::error::Dialect;
 use crate::error::{ApiError, CountedRefusal, LoggedError};
@@ -60,7 +63,7 @@ const ANTHROPIC_MESSAGES: ClientProtocol = ClientProtocol {
 pub async fn serve_listener(
     listener: std::net::TcpListener,
     app: Router,
-    admission: Arc<Admission>,
+    admission: Arc<ClientAdmission>,
     header_read_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use tollgate::admin::AdminTokens;
-use tollgate::admission::{Admission, AdmissionLimits, FAILED_AUTHENTICATION_LOG_INTERVAL};
+use tollgate::admission::{AdmissionLimits, ClientAdmission, FAILED_AUTHENTICATION_LOG_INTERVAL};
 use tollgate::config::{self, Config};
 use tollgate::secrets::Redacted;
 use tollgate::store::{SledStore, Store};
@@ -1082,7 +1082,7 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
     let metrics_token = config.server.metrics_token.as_ref().map(Redacted::expose);
     let tokens = AdminTokens::new(admin_token.as_deref(), metrics_token);
     let (app, admin_app) = listen::apps(gateway, &tokens, config.server.admin_listen.is_some());
-    let admission = Admission::new(AdmissionLimits {
+    let admission = ClientAdmission::new(AdmissionLimits {
         max_unauthenticated_connections: config.server.max_unauthenticated_connections.get(),
         failed_auth_per_second: config.server.failed_auth_per_second.get(),
         body_read_timeout: std::time::Duration::from_millis(
