@@ -284,12 +284,16 @@ fn upstream_rendered(error: &UpstreamError) -> Rendered {
                 "Every upstream key for this model is rate limited; retry later.".to_owned(),
             )
         },
-        UpstreamError::CircuitOpen { .. } | UpstreamError::NoUsableKey { .. } => rendered(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            Some(&format!("upstream_{class}")),
-            "No upstream for this model is available right now; retry later.".to_owned(),
-        ),
+        // Decided by the gateway, not said by an upstream: a second is as good a hint as any.
+        UpstreamError::CircuitOpen { .. } | UpstreamError::NoUsableKey { .. } => Rendered {
+            retry_after_ms: Some(1000),
+            ..rendered(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some(&format!("upstream_{class}")),
+                "No upstream for this model is available right now; retry later.".to_owned(),
+            )
+        },
         UpstreamError::Timeout { .. } => rendered(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_error",
@@ -426,12 +430,15 @@ impl ApiError {
             ApiError::Translate(TranslateError::Upstream(error)) | ApiError::Upstream(error) => {
                 upstream_rendered(error)
             }
-            ApiError::NoAttempt => rendered(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("no_upstream"),
-                self.to_string(),
-            ),
+            ApiError::NoAttempt => Rendered {
+                retry_after_ms: Some(1000),
+                ..rendered(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    Some("no_upstream"),
+                    self.to_string(),
+                )
+            },
             ApiError::AdminUnauthorized => rendered(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
@@ -1008,6 +1015,31 @@ mod tests {
             frame.starts_with("event: error\ndata: {") && frame.contains("overloaded_error"),
             "{frame}"
         );
+    }
+
+    #[test]
+    fn every_503_the_gateway_decides_carries_retry_after() {
+        let decided = [
+            ApiError::NoAttempt,
+            ApiError::Upstream(UpstreamError::CircuitOpen {
+                channel: "c".into(),
+            }),
+            ApiError::Upstream(UpstreamError::NoUsableKey {
+                channel: "c".into(),
+                retry_after: None,
+            }),
+            ApiError::Plugin(PluginError::PoolFull { role: Role::Router }),
+        ];
+        for error in decided {
+            let described = format!("{error:?}");
+            let response = error.into_response();
+            assert_eq!(
+                response.status(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{described}"
+            );
+            assert_eq!(response.headers()[header::RETRY_AFTER], "1", "{described}");
+        }
     }
 
     #[test]

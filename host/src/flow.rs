@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::auth::Caller;
 use crate::bill::{self, Priced};
 use crate::error::{ApiError, Dialect};
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, KeyScope};
 use crate::health::{Admission, ChannelHealth};
 use crate::inbound::{self, Inbound};
 use crate::limit::{self, LimitPermit};
@@ -403,7 +403,14 @@ pub async fn count_tokens(
         if !inbound.forwards_to(&channel.config.protocol) {
             break;
         }
-        let Ok(key) = channel.pick_key(&context.caller.tenant, Instant::now(), &[]) else {
+        let now = Instant::now();
+        let Ok(key) = channel.pick_key(
+            &context.caller.tenant,
+            &attempt.upstream_model,
+            now,
+            &[],
+            true,
+        ) else {
             continue;
         };
         let translator = translate::translator(&context, channel)?;
@@ -468,9 +475,8 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
     let deadline = context.received_at + gateway.failover_budget;
     let last_error = match run_plan(gateway, context, &plan, deadline).await {
         Ok(answered) => return Ok(answered),
-        Err(ChannelOutcome::Fatal(error)) => return Err(error),
-        Err(ChannelOutcome::Failed(error)) => Some(error),
-        Err(ChannelOutcome::Answered(_)) => None,
+        Err(PlanFailure::Fatal(error)) => return Err(error),
+        Err(PlanFailure::Failed(error)) => error,
     };
     // Degradation: every channel of the asked model failed; its configured fallback may serve.
     let fallback = gateway.fallbacks.get(&context.request.model).cloned();
@@ -480,40 +486,74 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
         tracing::warn!(model = %context.request.model, %fallback, "every route failed; degrading");
         context.degraded_from = Some(std::mem::replace(&mut context.request.model, fallback));
         let plan = route::plan(gateway, context).await?;
-        match run_plan(gateway, context, &plan, deadline).await {
-            Ok(answered) => return Ok(answered),
-            Err(ChannelOutcome::Fatal(error)) => return Err(error),
-            Err(ChannelOutcome::Failed(error)) => return Err(error.into()),
-            Err(ChannelOutcome::Answered(_)) => {}
-        }
+        return match run_plan(gateway, context, &plan, deadline).await {
+            Ok(answered) => Ok(answered),
+            Err(PlanFailure::Fatal(error)) => Err(error),
+            Err(PlanFailure::Failed(error)) => Err(error.into()),
+        };
     }
-    Err(last_error.map_or(ApiError::NoAttempt, ApiError::from))
+    Err(last_error.into())
 }
 
-/// Runs a plan's attempts in order until one answers. `Err(Failed)` carries the last retryable
-/// failure; `Err(Answered)` never occurs and stands for an empty plan.
+/// Why a plan ended without an answer.
+enum PlanFailure {
+    /// Every route failed; the last failure (an upstream's own before a held-back route's).
+    Failed(UpstreamError),
+    /// The request fails whatever route is tried, or the plan held none.
+    Fatal(ApiError),
+}
+
+/// Runs a plan's attempts in order until one answers. A route held back by its circuit or its
+/// keys' state is not skipped but moved to the end: those are tried last, anyway, so a breaker or
+/// a resting key reorders traffic and never refuses it alone.
 async fn run_plan(
     gateway: &Gateway,
     context: &mut RequestContext,
     plan: &route::Plan,
     deadline: Instant,
-) -> Result<Answered, ChannelOutcome> {
+) -> Result<Answered, PlanFailure> {
     let mut last_error = None;
+    let mut held_back = Vec::new();
+    let mut held_back_error = None;
     for attempt in &plan.attempts {
         // Failover only before the first byte: an attempt fails only before it sent any.
-        match attempt_channel(gateway, context, attempt, deadline).await {
+        match attempt_channel(gateway, context, attempt, deadline, Pass::Usable).await {
             ChannelOutcome::Answered(answered) => return Ok(*answered),
             ChannelOutcome::Failed(error) => last_error = Some(error),
-            fatal @ ChannelOutcome::Fatal(_) => return Err(fatal),
+            ChannelOutcome::HeldBack(error) => {
+                held_back.push(attempt);
+                held_back_error.get_or_insert(error);
+            }
+            ChannelOutcome::Fatal(error) => return Err(PlanFailure::Fatal(error)),
         }
         if Instant::now() >= deadline {
             break;
         }
     }
-    Err(last_error.map_or(
-        ChannelOutcome::Fatal(ApiError::NoAttempt),
-        ChannelOutcome::Failed,
-    ))
+    for attempt in held_back {
+        if Instant::now() >= deadline {
+            break;
+        }
+        match attempt_channel(gateway, context, attempt, deadline, Pass::LastResort).await {
+            ChannelOutcome::Answered(answered) => return Ok(*answered),
+            ChannelOutcome::Failed(error) | ChannelOutcome::HeldBack(error) => {
+                last_error = Some(error);
+            }
+            ChannelOutcome::Fatal(error) => return Err(PlanFailure::Fatal(error)),
+        }
+    }
+    Err(last_error
+        .or(held_back_error)
+        .map_or(PlanFailure::Fatal(ApiError::NoAttempt), PlanFailure::Failed))
+}
+
+/// Which routes a pass over the plan calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Routes whose circuits are closed (or due a probe) with a key that may be used now.
+    Usable,
+    /// The routes the first pass held back, whatever their circuits and keys say.
+    LastResort,
 }
 
 /// How one planned channel ended.
@@ -522,8 +562,26 @@ enum ChannelOutcome {
     Answered(Box<Answered>),
     /// It failed in a way the next channel may fix.
     Failed(UpstreamError),
+    /// It was not called: its circuit is open or every key is held back. Tried again last.
+    HeldBack(UpstreamError),
     /// The request fails whatever channel is tried (the client's mistake, a plugin failure).
     Fatal(ApiError),
+}
+
+/// What an upstream's refusal or rate limit was about: the whole key when it says the key is
+/// invalid or out of quota, otherwise the one model called (providers limit and authorise per
+/// model).
+fn key_scope<'m>(error: &UpstreamError, upstream_model: &'m str) -> KeyScope<'m> {
+    let about_the_key = matches!(error.status(), Some(401))
+        || matches!(
+            error.failure_code(),
+            Some("invalid_api_key" | "API_KEY_INVALID" | "insufficient_quota")
+        );
+    if about_the_key {
+        KeyScope::Key
+    } else {
+        KeyScope::Model(upstream_model)
+    }
 }
 
 /// Tries one channel of the plan: each of its usable keys in turn while the upstream refuses or
@@ -533,6 +591,7 @@ async fn attempt_channel(
     context: &mut RequestContext,
     attempt: &PlannedAttempt,
     deadline: Instant,
+    pass: Pass,
 ) -> ChannelOutcome {
     let channel = attempt.channel.as_ref();
     let mut tried_keys = Vec::new();
@@ -541,29 +600,49 @@ async fn attempt_channel(
     loop {
         let now = Instant::now();
         let model_health = channel.model_health.get(&context.request.model);
-        let admitted = match model_health {
-            Some(model_health) => ChannelHealth::admit_all(&[&channel.health, model_health], now),
-            None => channel.health.admit(now),
+        let admitted = match (model_health, pass) {
+            (Some(model_health), Pass::Usable) => {
+                ChannelHealth::admit_all(&[&channel.health, model_health], now)
+            }
+            (None, Pass::Usable) => channel.health.admit(now),
+            (Some(model_health), Pass::LastResort) => Some(ChannelHealth::admit_anyway(&[
+                &channel.health,
+                model_health,
+            ])),
+            (None, Pass::LastResort) => Some(ChannelHealth::admit_anyway(&[&channel.health])),
         };
         let Some(admission) = admitted else {
             context
                 .attempts
                 .push(skipped(channel, attempt, "circuit_open"));
-            return ChannelOutcome::Failed(last_error.unwrap_or(UpstreamError::CircuitOpen {
-                channel: channel.config.name.clone(),
-            }));
+            return match last_error {
+                Some(error) => ChannelOutcome::Failed(error),
+                None => ChannelOutcome::HeldBack(UpstreamError::CircuitOpen {
+                    channel: channel.config.name.clone(),
+                }),
+            };
         };
-        let key = match channel.pick_key(&context.caller.tenant, now, &tried_keys) {
+        let picked = channel.pick_key(
+            &context.caller.tenant,
+            &attempt.upstream_model,
+            now,
+            &tried_keys,
+            pass == Pass::LastResort,
+        );
+        let key = match picked {
             Ok(key) => key,
             Err(back_at) => {
                 admission.neutral();
                 context
                     .attempts
                     .push(skipped(channel, attempt, "no_usable_key"));
-                return ChannelOutcome::Failed(last_error.unwrap_or(UpstreamError::NoUsableKey {
-                    channel: channel.config.name.clone(),
-                    retry_after: back_at.map(|at| at.saturating_duration_since(now)),
-                }));
+                return match last_error {
+                    Some(error) => ChannelOutcome::Failed(error),
+                    None => ChannelOutcome::HeldBack(UpstreamError::NoUsableKey {
+                        channel: channel.config.name.clone(),
+                        retry_after: Some(back_at.saturating_duration_since(now)),
+                    }),
+                };
             }
         };
         let span = tracing::info_span!(
@@ -624,6 +703,9 @@ async fn attempt_channel(
         });
         let error = match result {
             Ok((reply, ttfb)) => {
+                if let Some(key) = key {
+                    channel.keys[key].answered(&attempt.upstream_model);
+                }
                 return ChannelOutcome::Answered(Box::new(Answered {
                     reply,
                     admission,
@@ -644,15 +726,21 @@ async fn attempt_channel(
                 return ChannelOutcome::Fatal(error.into());
             }
             (Some(FailureClass::Authentication), Some(key)) => {
-                // Never this key again: the next key of the pool, or the next channel.
+                // Not this key again until its probe: the next key of the pool, or the next channel.
                 admission.neutral();
-                channel.keys[key].disable(format!("the upstream refused it: {error}"));
+                channel.keys[key].refuse(
+                    key_scope(&error, &attempt.upstream_model),
+                    format!("the upstream refused it: {error}"),
+                );
                 tried_keys.push(key);
             }
             (Some(FailureClass::RateLimited), Some(key)) => {
                 admission.neutral();
                 let rest = error.retry_after().unwrap_or(Duration::from_secs(1));
-                channel.keys[key].cool_down(Instant::now() + rest);
+                channel.keys[key].rest(
+                    key_scope(&error, &attempt.upstream_model),
+                    Instant::now() + rest,
+                );
                 tried_keys.push(key);
             }
             _ if matches!(error, UpstreamError::Unsupported { .. }) => {

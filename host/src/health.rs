@@ -7,6 +7,8 @@
 //! `cooldown` has passed, when one probe call is let through; the probe's success closes the
 //! circuit, its failure opens it again. Only the channel's own failures count (connection,
 //! timeout, 5xx, overload, rate limit, broken answers), never the client's invalid requests.
+//! An open circuit only moves its route to the end of the plan: when every route is held back,
+//! they are tried anyway ([`ChannelHealth::admit_anyway`]), so a breaker never causes an outage.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -145,6 +147,24 @@ impl ChannelHealth {
             parts.extend(health.admit(now)?.parts);
         }
         Some(Admission { parts })
+    }
+
+    /// Lets a call through whatever the circuits say: the last resort when every route of a plan
+    /// is held back, so that a breaker reorders traffic but never refuses it alone. Its success
+    /// closes the circuits, its failure keeps them open.
+    pub fn admit_anyway(healths: &[&Arc<Self>]) -> Admission {
+        let parts = healths
+            .iter()
+            .map(|health| {
+                health.in_flight.fetch_add(1, Ordering::Relaxed);
+                Part {
+                    health: Arc::clone(health),
+                    probe: false,
+                    finished: false,
+                }
+            })
+            .collect();
+        Admission { parts }
     }
 
     /// Lets a call through unless the circuit is open (or half-open with its probe under way).

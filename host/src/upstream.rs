@@ -152,6 +152,14 @@ impl UpstreamError {
         }
     }
 
+    /// The upstream's error code (`invalid_api_key`, `insufficient_quota`…), if it gave one.
+    pub fn failure_code(&self) -> Option<&str> {
+        match self {
+            UpstreamError::Failure { failure, .. } => failure.code.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The upstream's HTTP status, if one was received.
     pub fn status(&self) -> Option<u16> {
         match self {

@@ -369,7 +369,11 @@ async fn channels(State(state): State<AdminState>) -> Result<Response, ApiError>
     let now = std::time::Instant::now();
     let health = |snapshot: crate::health::HealthSnapshot| {
         serde_json::json!({
-            "circuit": format!("{:?}", snapshot.circuit).to_lowercase(),
+            "circuit": match snapshot.circuit {
+                crate::plugin::router::Circuit::Closed => "closed",
+                crate::plugin::router::Circuit::Open => "open",
+                crate::plugin::router::Circuit::HalfOpen => "half_open",
+            },
             "latency_ewma_ms": snapshot.latency_ewma_ms,
             "ttfb_ewma_ms": snapshot.ttfb_ewma_ms,
             "error_rate_permille": snapshot.error_rate_permille,
@@ -386,11 +390,8 @@ async fn channels(State(state): State<AdminState>) -> Result<Response, ApiError>
                 .iter()
                 .map(|(model, model_health)| (model.clone(), health(model_health.snapshot(now))))
                 .collect();
-            let keys: Vec<serde_json::Value> = channel
-                .keys
-                .iter()
-                .map(|key| serde_json::json!({"id": key.id, "problem": key.status(now)}))
-                .collect();
+            let keys: Vec<serde_json::Value> =
+                channel.keys.iter().map(|key| key.report(now)).collect();
             let source = if state.gateway.is_config_channel(&channel.config.name) {
                 "config"
             } else {

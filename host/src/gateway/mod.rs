@@ -65,6 +65,12 @@ impl Channel {
 
 /// One upstream key of a channel's pool. The secret is never logged or returned; the key is known
 /// by the name of the environment variable it came from.
+///
+/// What the upstream said about the key is kept for the whole key when it was about the key (a
+/// 401: the key is invalid) and per upstream model when it was about one model (a 429: that
+/// model's rate limit; a 403: no access to that model), so a limit on one model never takes the
+/// key from the others. A refused key is probed again after a backoff (30 s, doubling to 10 min),
+/// never dropped for good.
 pub struct UpstreamKey {
     /// The environment variable's name: safe to show in traces and admin answers.
     pub id: String,
@@ -72,10 +78,82 @@ pub struct UpstreamKey {
     state: Mutex<KeyState>,
 }
 
+/// The first wait before a refused key is tried again.
+const FIRST_PROBE_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest wait between probes of a refused key.
+const LONGEST_PROBE_BACKOFF: Duration = Duration::from_secs(600);
+
 #[derive(Default)]
 struct KeyState {
-    disabled: Option<String>,
-    cooling_until: Option<Instant>,
+    /// About the key itself.
+    key: Restriction,
+    /// About one upstream model, by its name.
+    models: HashMap<String, Restriction>,
+}
+
+/// What keeps a key (or a key for one model) out of the pool for now.
+#[derive(Default, Clone)]
+struct Restriction {
+    refused: Option<Refusal>,
+    resting_until: Option<Instant>,
+}
+
+#[derive(Clone)]
+struct Refusal {
+    reason: String,
+    next_probe: Instant,
+    backoff: Duration,
+}
+
+impl Restriction {
+    fn is_clear(&self) -> bool {
+        self.refused.is_none() && self.resting_until.is_none()
+    }
+
+    /// When this restriction lets a call through: now if none, else the end of the rest or the
+    /// next probe, whichever is later.
+    fn back_at(&self, now: Instant) -> Instant {
+        let rest = self.resting_until.unwrap_or(now);
+        let probe = self
+            .refused
+            .as_ref()
+            .map_or(now, |refusal| refusal.next_probe);
+        rest.max(probe).max(now)
+    }
+
+    /// A probe is due: the next one waits for the current backoff again, so concurrent requests
+    /// do not all probe.
+    fn claim_probe(&mut self, now: Instant) {
+        if let Some(refusal) = &mut self.refused
+            && refusal.next_probe <= now
+        {
+            refusal.next_probe = now + refusal.backoff;
+        }
+    }
+
+    fn report(&self, now: Instant) -> Option<serde_json::Value> {
+        if let Some(refusal) = &self.refused {
+            return Some(serde_json::json!({
+                "state": "refused",
+                "reason": refusal.reason,
+                "next_probe_ms": refusal.next_probe.saturating_duration_since(now).as_millis() as u64,
+            }));
+        }
+        let until = self.resting_until.filter(|until| now < *until)?;
+        Some(serde_json::json!({
+            "state": "resting",
+            "rest_ms": (until - now).as_millis() as u64,
+        }))
+    }
+}
+
+/// The scope of what an upstream said about a key.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyScope<'m> {
+    /// The key itself (an invalid key).
+    Key,
+    /// The key for one upstream model.
+    Model(&'m str),
 }
 
 impl UpstreamKey {
@@ -85,39 +163,107 @@ impl UpstreamKey {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, KeyState> {
-        // Each update is a single assignment: a panicked holder cannot leave it half-written.
+        // Each update leaves the state whole: a panicked holder cannot leave it half-written.
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Neither disabled nor cooling down.
-    pub fn usable(&self, now: Instant) -> bool {
-        let state = self.state();
-        state.disabled.is_none() && state.cooling_until.is_none_or(|until| now >= until)
-    }
-
-    /// Takes the key out of the pool for good (until restart): the upstream refused it.
-    pub fn disable(&self, reason: String) {
-        tracing::warn!(key = %self.id, reason, "upstream key disabled");
-        self.state().disabled = Some(reason);
-    }
-
-    /// Why the key is out of the pool, if it is: `disabled: <reason>` or `cooling`.
-    pub fn status(&self, now: Instant) -> Option<String> {
-        let state = self.state();
-        if let Some(reason) = &state.disabled {
-            return Some(format!("disabled: {reason}"));
+    /// Takes the key for a call on `model` if nothing holds it back now (claiming a due probe of
+    /// a refused key); otherwise says whether it was refused and when it comes back.
+    fn take_if_back(&self, model: &str, now: Instant) -> Result<(), (bool, Instant)> {
+        let mut state = self.state();
+        let for_model = state.models.get(model);
+        let refused =
+            state.key.refused.is_some() || for_model.is_some_and(|model| model.refused.is_some());
+        let for_model = for_model.map_or(now, |restriction| restriction.back_at(now));
+        let back_at = state.key.back_at(now).max(for_model);
+        if back_at > now {
+            return Err((refused, back_at));
         }
-        state
-            .cooling_until
-            .filter(|until| now < *until)
-            .map(|until| format!("cooling for {} ms", (until - now).as_millis()))
+        Self::claim(&mut state, model, now);
+        Ok(())
     }
 
-    /// Rests the key until `until` (a 429 on this key).
-    pub fn cool_down(&self, until: Instant) {
-        self.state().cooling_until = Some(until);
+    /// Takes the key for a call on `model` whatever holds it back: a last resort.
+    fn take(&self, model: &str, now: Instant) {
+        Self::claim(&mut self.state(), model, now);
+    }
+
+    fn claim(state: &mut KeyState, model: &str, now: Instant) {
+        state.key.claim_probe(now);
+        if let Some(restriction) = state.models.get_mut(model) {
+            restriction.claim_probe(now);
+        }
+    }
+
+    /// The upstream refused the key (for `scope`): out of the pool until a probe after a
+    /// backoff that doubles with every refusal in a row.
+    pub fn refuse(&self, scope: KeyScope<'_>, reason: String) {
+        tracing::warn!(key = %self.id, ?scope, reason, "upstream key refused");
+        let now = Instant::now();
+        let mut state = self.state();
+        let restriction = match scope {
+            KeyScope::Key => &mut state.key,
+            KeyScope::Model(model) => state.models.entry(model.to_owned()).or_default(),
+        };
+        let backoff = restriction
+            .refused
+            .as_ref()
+            .map_or(FIRST_PROBE_BACKOFF, |refusal| {
+                (refusal.backoff * 2).min(LONGEST_PROBE_BACKOFF)
+            });
+        restriction.refused = Some(Refusal {
+            reason,
+            next_probe: now + backoff,
+            backoff,
+        });
+    }
+
+    /// Rests the key for `scope` until `until` (a 429).
+    pub fn rest(&self, scope: KeyScope<'_>, until: Instant) {
+        let mut state = self.state();
+        match scope {
+            KeyScope::Key => state.key.resting_until = Some(until),
+            KeyScope::Model(model) => {
+                state
+                    .models
+                    .entry(model.to_owned())
+                    .or_default()
+                    .resting_until = Some(until);
+            }
+        }
+    }
+
+    /// The upstream answered a call on `model` with this key: whatever held it back for that
+    /// model (and the key's own refusal, which the answer disproves) is over.
+    pub fn answered(&self, model: &str) {
+        let mut state = self.state();
+        if state.key.is_clear() && state.models.is_empty() {
+            return;
+        }
+        state.key = Restriction::default();
+        state.models.remove(model);
+    }
+
+    /// What holds the key back now, for `/admin/channels`: the key's own state and its
+    /// per-model ones (`refused` with the reason and the next probe, or `resting`).
+    pub fn report(&self, now: Instant) -> serde_json::Value {
+        let mut state = self.state();
+        state.models.retain(|_, restriction| {
+            restriction.refused.is_some()
+                || restriction.resting_until.is_some_and(|until| now < until)
+        });
+        let models: serde_json::Map<String, serde_json::Value> = state
+            .models
+            .iter()
+            .filter_map(|(model, restriction)| Some((model.clone(), restriction.report(now)?)))
+            .collect();
+        serde_json::json!({
+            "id": self.id,
+            "state": state.key.report(now).unwrap_or_else(|| serde_json::json!({"state": "usable"})),
+            "models": models,
+        })
     }
 }
 
@@ -133,35 +279,51 @@ impl Channel {
         )
     }
 
-    /// Picks the key for a tenant: the same one every time while it stays usable, so the
-    /// provider's prompt cache keeps working; otherwise the next usable key not yet tried.
-    /// `Ok(None)` means the channel needs no key; `Err` that every key is out, with the moment the
-    /// first cooling key comes back, if any does.
+    /// Picks the key for a tenant's call on `model` (the upstream model): the same one every time
+    /// while it stays usable, so the provider's prompt cache keeps working; otherwise the next
+    /// usable key not yet tried. `Ok(None)` means the channel needs no key; `Err` that every key
+    /// is held back, with the moment the first comes back.
+    ///
+    /// As a last resort (`anyway`), a held-back key is taken too: the one that comes back first.
+    /// A key's state then never refuses the last route by itself: a healthy upstream answers at
+    /// once, and an unhealthy one's own error (with its `retry-after`) reaches the client.
     pub fn pick_key(
         &self,
         tenant: &str,
+        model: &str,
         now: Instant,
         tried: &[usize],
-    ) -> Result<Option<usize>, Option<Instant>> {
+        anyway: bool,
+    ) -> Result<Option<usize>, Instant> {
         if self.keys.is_empty() {
             return Ok(None);
         }
         let start = tenant.bytes().fold(0usize, |hash, byte| {
             hash.wrapping_mul(31).wrapping_add(usize::from(byte))
         });
-        (0..self.keys.len())
+        let untried = (0..self.keys.len())
             .map(|offset| (start + offset) % self.keys.len())
-            .find(|index| !tried.contains(index) && self.keys[*index].usable(now))
-            .map(Some)
-            .ok_or_else(|| {
-                self.keys
-                    .iter()
-                    .filter_map(|key| {
-                        let state = key.state();
-                        state.disabled.is_none().then_some(state.cooling_until?)
-                    })
-                    .min()
-            })
+            .filter(|index| !tried.contains(index));
+        // A resting key before a refused one (a rate limit passes; a refusal seldom does), then
+        // the one back first.
+        let mut soonest: Option<((bool, Instant), usize)> = None;
+        for index in untried {
+            match self.keys[index].take_if_back(model, now) {
+                Ok(()) => return Ok(Some(index)),
+                Err(held) => {
+                    if soonest.is_none_or(|(soonest, _)| held < soonest) {
+                        soonest = Some((held, index));
+                    }
+                }
+            }
+        }
+        // Every key was tried already: nothing comes back within this request.
+        let ((_, back_at), index) = soonest.ok_or(now)?;
+        if !anyway {
+            return Err(back_at);
+        }
+        self.keys[index].take(model, now);
+        Ok(Some(index))
     }
 }
 
@@ -635,4 +797,53 @@ fn channel_with_keys(
             .collect(),
         secrets,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> UpstreamKey {
+        UpstreamKey {
+            id: "KEY".into(),
+            secret: "secret".into(),
+            state: Mutex::default(),
+        }
+    }
+
+    #[test]
+    fn a_refusal_for_one_model_spares_the_others_and_is_probed_after_a_growing_backoff() {
+        let key = key();
+        let now = Instant::now();
+        key.refuse(KeyScope::Model("m1"), "403".into());
+        assert!(key.take_if_back("m2", now).is_ok(), "another model keeps the key");
+        let Err((refused, back_at)) = key.take_if_back("m1", now) else {
+            panic!("m1 is refused");
+        };
+        assert!(refused);
+        assert!(back_at >= now + FIRST_PROBE_BACKOFF - Duration::from_secs(1));
+        // The probe is due: one call takes it, the next waits for the backoff again.
+        let due = back_at + Duration::from_millis(1);
+        assert!(key.take_if_back("m1", due).is_ok());
+        assert!(key.take_if_back("m1", due).is_err());
+        key.refuse(KeyScope::Model("m1"), "403 again".into());
+        let Err((_, back_at)) = key.take_if_back("m1", Instant::now()) else {
+            panic!("m1 is refused again");
+        };
+        assert!(back_at >= Instant::now() + FIRST_PROBE_BACKOFF * 2 - Duration::from_secs(1));
+        key.answered("m1");
+        assert!(key.take_if_back("m1", Instant::now()).is_ok(), "an answer clears it");
+    }
+
+    #[test]
+    fn a_rest_for_the_key_holds_every_model_until_it_ends() {
+        let key = key();
+        let now = Instant::now();
+        key.rest(KeyScope::Key, now + Duration::from_secs(2));
+        assert_eq!(
+            key.take_if_back("m1", now),
+            Err((false, now + Duration::from_secs(2)))
+        );
+        assert!(key.take_if_back("m2", now + Duration::from_secs(2)).is_ok());
+    }
 }

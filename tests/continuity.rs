@@ -1,0 +1,154 @@
+//! Continuity: breakers and key states reorder routes but never refuse the last ones, and what an
+//! upstream says about one model stays with that model.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{Gateway, billing, channel, chat, simulator, start};
+use serde_json::{Value, json};
+use tollgate_simulator::Fault;
+
+fn failing(status: u16) -> Fault {
+    Fault {
+        status: Some(status),
+        ..Fault::default()
+    }
+}
+
+/// The `/admin/channels` entry of `name`.
+async fn channel_state(gateway: &Gateway, name: &str) -> Value {
+    let channels = gateway
+        .admin(reqwest::Method::GET, "/channels", None)
+        .await
+        .json;
+    channels["data"]
+        .as_array()
+        .expect("a list of channels")
+        .iter()
+        .find(|channel| channel["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no channel {name} in {channels}"))
+}
+
+#[tokio::test]
+async fn an_open_circuit_on_the_only_route_does_not_refuse_requests() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    for _ in 0..3 {
+        sim.push_fault(failing(500));
+        let failed = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+        assert_eq!(failed.status, 502, "{}", failed.json);
+    }
+    let state = channel_state(&gateway, "only").await;
+    assert_eq!(state["models"]["test-model"]["circuit"], "open", "{state}");
+    // The upstream is healthy again: the open circuit moves the route last, and last is first.
+    for _ in 0..3 {
+        let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+        assert_eq!(answer.status, 200, "{}", answer.json);
+    }
+    assert_eq!(sim.calls(), 6);
+    let state = channel_state(&gateway, "only").await;
+    assert_eq!(
+        state["models"]["test-model"]["circuit"], "closed",
+        "{state}"
+    );
+}
+
+#[tokio::test]
+async fn a_resting_key_on_the_only_route_still_serves() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    sim.push_fault(Fault {
+        status: Some(429),
+        retry_after_s: Some(1),
+        ..Fault::default()
+    });
+    let limited = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    limited.assert_error(429, Some("rate_limit_exceeded"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert_eq!(sim.calls(), 2);
+}
+
+#[tokio::test]
+async fn what_an_upstream_says_about_one_model_stays_with_that_model() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    let embedding = json!({"model": "test-embedding", "input": "x"});
+    // A 429 on the chat model rests the key for that model only.
+    sim.push_fault(Fault {
+        status: Some(429),
+        retry_after_s: Some(30),
+        ..Fault::default()
+    });
+    let limited = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    limited.assert_error(429, Some("rate_limit_exceeded"));
+    let other = gateway.post("/v1/embeddings", &embedding, &[]).await;
+    assert_eq!(
+        other.status, 200,
+        "another model keeps the key: {}",
+        other.json
+    );
+    assert_eq!(sim.calls(), 2, "and reaches the upstream");
+
+    // A 403 for the chat model: that model's key is refused, and probed again later.
+    sim.push_fault(failing(403));
+    let refused = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(refused.status, 502, "{}", refused.json);
+    let state = channel_state(&gateway, "only").await;
+    let key = &state["keys"][0];
+    assert_eq!(key["state"]["state"], "usable", "{state}");
+    assert_eq!(key["models"]["sim-model"]["state"], "refused", "{state}");
+    let next_probe = key["models"]["sim-model"]["next_probe_ms"]
+        .as_u64()
+        .expect("the next probe is shown");
+    assert!(next_probe > 0, "{state}");
+    let other = gateway.post("/v1/embeddings", &embedding, &[]).await;
+    assert_eq!(other.status, 200, "{}", other.json);
+    // The only key of the only route is refused for chat: tried anyway, and the upstream, whose
+    // refusal has passed, answers; that clears the refusal.
+    let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    let state = channel_state(&gateway, "only").await;
+    assert_eq!(state["keys"][0]["models"], json!({}), "{state}");
+    assert_eq!(sim.calls(), 5);
+}
+
+#[tokio::test]
+async fn a_key_refused_for_good_answers_the_refusal_not_503() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    sim.set_standing_fault(Some(failing(401)));
+    for _ in 0..3 {
+        let refused = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+        refused.assert_error(502, Some("upstream_authentication"));
+    }
+    let state = channel_state(&gateway, "only").await;
+    assert_eq!(state["keys"][0]["state"]["state"], "refused", "{state}");
+}
