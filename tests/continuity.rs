@@ -152,3 +152,106 @@ async fn a_key_refused_for_good_answers_the_refusal_not_503() {
     let state = channel_state(&gateway, "only").await;
     assert_eq!(state["keys"][0]["state"]["state"], "refused", "{state}");
 }
+
+/// A gateway with one channel whose timeouts are first byte and idle 1 s, total 3 s.
+async fn short_timeouts(sim: &tollgate_simulator::Simulator) -> Gateway {
+    let timeouts = "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nfirst_byte_timeout_ms = 1000\n\
+                    idle_timeout_ms = 1000\ntotal_timeout_ms = 3000";
+    start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        harness::channel_with("only", sim, 1, timeouts)
+    ))
+    .await
+    .expect("the gateway starts")
+}
+
+/// The error classes of a request's attempts.
+async fn attempt_classes(gateway: &Gateway, request_id: &str) -> Vec<String> {
+    let record = gateway.record_eventually(request_id).await;
+    record["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|attempt| attempt["error_class"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_upstream_wait_ends_and_the_record_says_which() {
+    let sim = simulator().await;
+    let gateway = short_timeouts(&sim).await;
+    let bounded = Duration::from_secs(8);
+
+    // A stream dripping a byte every 50 ms: bytes come, but no whole event within the first-byte
+    // timeout.
+    sim.push_fault(Fault {
+        drip_interval_ms: Some(50),
+        ..Fault::default()
+    });
+    let mut body = chat("x");
+    body["stream"] = json!(true);
+    let dripped = tokio::time::timeout(bounded, gateway.post("/v1/chat/completions", &body, &[]))
+        .await
+        .expect("a dripping stream is given up");
+    dripped.assert_error(504, Some("upstream_timeout"));
+    assert_eq!(
+        attempt_classes(&gateway, &dripped.request_id()).await,
+        ["timeout_first_content"]
+    );
+
+    // A whole answer whose body stalls after its headers: the idle timeout, not the total.
+    sim.push_fault(Fault {
+        stall_after_headers_ms: Some(6_000),
+        ..Fault::default()
+    });
+    let stalled = tokio::time::timeout(
+        bounded,
+        gateway.post("/v1/chat/completions", &chat("x"), &[]),
+    )
+    .await
+    .expect("a stalled whole answer is given up");
+    stalled.assert_error(504, Some("upstream_timeout"));
+    assert_eq!(
+        attempt_classes(&gateway, &stalled.request_id()).await,
+        ["timeout_idle"]
+    );
+
+    // A steady stream, an event every 400 ms, longer than the total timeout: cut at 3 s with an
+    // error event, the record naming the total.
+    sim.push_fault(Fault {
+        chunk_interval_ms: Some(400),
+        ..Fault::default()
+    });
+    let mut body = chat("a prompt long enough for a dozen chunks of six characters each");
+    body["stream"] = json!(true);
+    let started = std::time::Instant::now();
+    let (chunks, request_id) = tokio::time::timeout(bounded, async {
+        let response = gateway.post_stream(&body).await;
+        assert_eq!(response.status(), 200);
+        let request_id = response.headers()["x-request-id"]
+            .to_str()
+            .expect("an id")
+            .to_owned();
+        (harness::SseReader::new(response).rest().await, request_id)
+    })
+    .await
+    .expect("a stream past its total timeout is cut");
+    assert!(
+        started.elapsed() < Duration::from_millis(4_500),
+        "{:?}",
+        started.elapsed()
+    );
+    let last = chunks.last().expect("events came");
+    assert!(
+        last.contains("upstream_timeout"),
+        "an error event ends it: {chunks:?}"
+    );
+    // The record says the stream was cut; the attempt that carried it says why.
+    let record = gateway.record_eventually(&request_id).await;
+    assert_eq!(record["error_class"], "stream_cut", "{record}");
+    assert_eq!(
+        attempt_classes(&gateway, &request_id).await,
+        ["timeout_total"]
+    );
+}

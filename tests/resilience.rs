@@ -220,7 +220,7 @@ async fn timeouts_fail_over_and_exhaustion_reports_the_class() {
         .iter()
         .filter_map(|a| a["error_class"].as_str())
         .collect();
-    assert_eq!(classes, ["timeout", "timeout"]);
+    assert_eq!(classes, ["timeout_headers", "timeout_total"]);
 
     slow.push_fault(fault(529));
     stalling.push_fault(fault(503));

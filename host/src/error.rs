@@ -790,7 +790,7 @@ mod tests {
             (
                 UpstreamError::Timeout {
                     channel: "c".into(),
-                    phase: crate::upstream::TimeoutPhase::FirstByte,
+                    phase: crate::upstream::TimeoutPhase::Headers,
                 }
                 .into(),
                 504,

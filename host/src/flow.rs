@@ -418,9 +418,11 @@ pub async fn count_tokens(
         let forwarded = translate::forward(&translator, channel, &attempt_context, inbound).await?;
         let key = key.map(|index| &channel.keys[index]);
         let first_byte = channel.first_byte_timeout(&context.request.model);
+        let sent_at = Instant::now();
         let answered = match upstream::send(channel, key, forwarded.value, first_byte).await {
             Ok(response) => {
-                upstream::read_whole(channel, response, gateway.max_upstream_body_bytes).await
+                let max_bytes = gateway.max_upstream_body_bytes;
+                upstream::read_whole(channel, response, max_bytes, sent_at).await
             }
             Err(error) => Err(error),
         };
@@ -831,6 +833,8 @@ async fn try_attempt(
         context.reached_upstream = true;
         note_opened(gateway, context, channel, attempt);
     }
+    // The attempt's first-byte and total timeouts count from here.
+    let sent_at = waiting;
     let sent = upstream::send(channel, key, upstream_request, first_byte).await;
     context.upstream_wait += waiting.elapsed();
     let response = sent?;
@@ -870,7 +874,7 @@ async fn try_attempt(
             relay,
             channel,
             &attempt_context,
-            response,
+            (response, sent_at),
             shape,
         )
         .await;
@@ -881,7 +885,8 @@ async fn try_attempt(
     } else {
         let ttfb = started.elapsed();
         let whole =
-            upstream::read_whole(channel, response, gateway.max_upstream_body_bytes).await?;
+            upstream::read_whole(channel, response, gateway.max_upstream_body_bytes, sent_at)
+                .await?;
         let answer = match forwarded {
             Some(endpoint) => {
                 translate::forwarded_answer(

@@ -44,11 +44,11 @@ struct UpstreamEvents {
 }
 
 impl UpstreamEvents {
-    /// The next event, or `None` at a clean end of the body; a gap longer than `wait` is a timeout.
+    /// The next whole event, or `None` at a clean end of the body. An event not complete by
+    /// `until` is a timeout of `phase`: bytes dripping in do not extend it.
     async fn next(
         &mut self,
-        wait: Duration,
-        phase: TimeoutPhase,
+        (until, phase): (Instant, TimeoutPhase),
     ) -> Result<Option<StreamEvent>, UpstreamError> {
         loop {
             if let Some(event) = self.ready.pop_front() {
@@ -57,7 +57,7 @@ impl UpstreamEvents {
             if self.ended {
                 return Ok(None);
             }
-            let next = tokio::time::timeout(wait, self.body.next())
+            let next = tokio::time::timeout_at(until.into(), self.body.next())
                 .await
                 .map_err(|_| UpstreamError::Timeout {
                     channel: self.channel.clone(),
@@ -239,6 +239,8 @@ pub struct OpenStream {
     first_frames: Vec<Bytes>,
     finished: bool,
     idle: Duration,
+    /// The attempt's total timeout ends then, stream or not.
+    total_until: Instant,
     dialect: Dialect,
     prompt_estimate: u64,
     /// Bytes of generated text sent to the client so far.
@@ -325,18 +327,21 @@ pub struct StreamOutcome {
 }
 
 /// Opens a streamed response with its relay and waits for its first content, within the channel's
-/// first-byte timeout. Until this returns `Ok`, nothing has reached the client, so any error here
-/// may fail over to the next attempt. The relay is made only for a successful answer.
+/// first-byte timeout of the attempt's start (`started`). Until this returns `Ok`, nothing has
+/// reached the client, so any error here may fail over to the next attempt. The relay is made
+/// only for a successful answer.
 pub async fn open(
     translator: &Binding,
     relay: impl AsyncFnOnce() -> Result<Relay, TranslateError>,
     channel: &Channel,
     attempt: &AttemptContext,
-    response: reqwest::Response,
+    (response, started): (reqwest::Response, Instant),
     shape: StreamShape,
 ) -> Result<OpenStream, TranslateError> {
+    let total_until = started + Duration::from_millis(channel.config.total_timeout_ms);
     if !response.status().is_success() {
-        let whole = upstream::read_whole(channel, response, shape.max_error_body_bytes).await?;
+        let whole =
+            upstream::read_whole(channel, response, shape.max_error_body_bytes, started).await?;
         return Err(translate::failure(translator, channel, attempt, &whole).await);
     }
     let mut relay = relay().await?;
@@ -349,10 +354,14 @@ pub async fn open(
         ended: false,
     };
     let first_byte = channel.first_byte_timeout(&attempt.public_model);
+    let first_content = (started + first_byte)
+        .checked_duration_since(Instant::now())
+        .unwrap_or_default();
+    let first_content = TimeoutPhase::FirstContent.deadline(first_content, total_until);
     let mut first_frames = Vec::new();
     let mut finished = false;
     while first_frames.is_empty() {
-        let Some(event) = events.next(first_byte, TimeoutPhase::FirstByte).await? else {
+        let Some(event) = events.next(first_content).await? else {
             break;
         };
         first_frames = relay
@@ -366,6 +375,7 @@ pub async fn open(
         first_frames,
         finished,
         idle: Duration::from_millis(channel.config.idle_timeout_ms),
+        total_until,
         dialect: shape.dialect,
         prompt_estimate: shape.prompt_estimate,
         delivered_text_bytes: 0,
@@ -418,7 +428,7 @@ async fn relay_events(stream: &mut OpenStream, client: &mpsc::Sender<Bytes>) -> 
         // A client that goes away while the upstream is silent is noticed at once: the upstream
         // call ends with it.
         let next = tokio::select! {
-            next = stream.events.next(stream.idle, TimeoutPhase::Idle) => next,
+            next = stream.events.next(TimeoutPhase::Idle.deadline(stream.idle, stream.total_until)) => next,
             () = client.closed() => return Ending::ClientGone,
         };
         let event = match next {

@@ -5,7 +5,7 @@
 //! [`UpstreamError`] whose [`UpstreamError::is_retryable`] decides failover. Next: translate the
 //! answer (non-stream) or stream it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -15,15 +15,41 @@ use crate::plugin::translator::{
     AuthPlacement, FailureClass, HttpMethod, UpstreamFailure, UpstreamRequest, UpstreamResponse,
 };
 
-/// Which timeout fired.
-#[derive(Debug, Clone, Copy)]
+/// Which timeout fired. Every wait on an upstream is bounded by one of them, and by the total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TimeoutPhase {
-    /// No response headers (or first stream event) in time.
-    FirstByte,
-    /// A stream went quiet for too long.
+    /// No response headers within the first-byte timeout.
+    Headers,
+    /// A stream's first content did not come within the first-byte timeout of the attempt's start.
+    FirstContent,
+    /// The next whole event of a stream, or the next body chunk of a whole answer, did not come
+    /// within the idle timeout.
     Idle,
-    /// A non-stream answer took too long as a whole.
+    /// The attempt, stream or not, passed the total timeout.
     Total,
+}
+
+impl TimeoutPhase {
+    /// The record's error class.
+    pub fn class(self) -> &'static str {
+        match self {
+            TimeoutPhase::Headers => "timeout_headers",
+            TimeoutPhase::FirstContent => "timeout_first_content",
+            TimeoutPhase::Idle => "timeout_idle",
+            TimeoutPhase::Total => "timeout_total",
+        }
+    }
+
+    /// The deadline of a wait of `wait` in this phase starting now, or the total deadline if it
+    /// comes first (and then the phase is `Total`).
+    pub fn deadline(self, wait: Duration, total: Instant) -> (Instant, TimeoutPhase) {
+        let until = Instant::now() + wait;
+        if total <= until {
+            (total, TimeoutPhase::Total)
+        } else {
+            (until, self)
+        }
+    }
 }
 
 /// Why an upstream attempt failed.
@@ -105,7 +131,7 @@ impl UpstreamError {
     pub fn class(&self) -> &'static str {
         match self {
             UpstreamError::Connect { .. } => "connect",
-            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::Timeout { phase, .. } => phase.class(),
             UpstreamError::Failure { failure, .. } => match failure.class {
                 FailureClass::Authentication => "authentication",
                 FailureClass::RateLimited => "rate_limited",
@@ -209,11 +235,11 @@ pub async fn send(
     match tokio::time::timeout(first_byte, builder.body(request.body).send()).await {
         Err(_) => Err(UpstreamError::Timeout {
             channel: name.clone(),
-            phase: TimeoutPhase::FirstByte,
+            phase: TimeoutPhase::Headers,
         }),
         Ok(Err(source)) if source.is_timeout() => Err(UpstreamError::Timeout {
             channel: name.clone(),
-            phase: TimeoutPhase::FirstByte,
+            phase: TimeoutPhase::Headers,
         }),
         Ok(Err(source)) => Err(UpstreamError::Connect {
             channel: name.clone(),
@@ -236,40 +262,44 @@ fn upstream_url(base_url: &reqwest::Url, path_and_query: &str) -> reqwest::Url {
     url
 }
 
-/// Reads a whole answer (non-stream or error) within the total timeout and the size cap.
+/// Reads a whole answer (non-stream or error) under the size cap: each body chunk within the idle
+/// timeout, the whole within the total timeout of the attempt that `started` then.
 pub async fn read_whole(
     channel: &Channel,
     response: reqwest::Response,
     max_bytes: usize,
+    started: Instant,
 ) -> Result<UpstreamResponse, UpstreamError> {
     let name = &channel.config.name;
     let status = response.status().as_u16();
     let headers = response_headers(&response);
     let mut body = Vec::new();
     let mut chunks = response.bytes_stream();
-    let read = async {
-        while let Some(chunk) = chunks.next().await {
-            let chunk: Bytes = chunk.map_err(|error| UpstreamError::Cut {
+    let idle = Duration::from_millis(channel.config.idle_timeout_ms);
+    let total = started + Duration::from_millis(channel.config.total_timeout_ms);
+    loop {
+        let (until, phase) = TimeoutPhase::Idle.deadline(idle, total);
+        let chunk = tokio::time::timeout_at(until.into(), chunks.next())
+            .await
+            .map_err(|_| UpstreamError::Timeout {
                 channel: name.clone(),
-                reason: error.to_string(),
+                phase,
             })?;
-            if body.len() + chunk.len() > max_bytes {
-                return Err(UpstreamError::Cut {
-                    channel: name.clone(),
-                    reason: format!("answer larger than {max_bytes} bytes"),
-                });
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(())
-    };
-    let total = Duration::from_millis(channel.config.total_timeout_ms);
-    tokio::time::timeout(total, read)
-        .await
-        .map_err(|_| UpstreamError::Timeout {
+        let Some(chunk) = chunk else {
+            break;
+        };
+        let chunk: Bytes = chunk.map_err(|error| UpstreamError::Cut {
             channel: name.clone(),
-            phase: TimeoutPhase::Total,
-        })??;
+            reason: error.to_string(),
+        })?;
+        if body.len() + chunk.len() > max_bytes {
+            return Err(UpstreamError::Cut {
+                channel: name.clone(),
+                reason: format!("answer larger than {max_bytes} bytes"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
     // An error answer may echo the key it was sent; what follows (the translator's reading, the
     // client's error, log lines, a disabled key's reason) sees it scrubbed. Answers are not.
     if !(200..300).contains(&status)

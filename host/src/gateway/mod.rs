@@ -816,7 +816,10 @@ mod tests {
         let key = key();
         let now = Instant::now();
         key.refuse(KeyScope::Model("m1"), "403".into());
-        assert!(key.take_if_back("m2", now).is_ok(), "another model keeps the key");
+        assert!(
+            key.take_if_back("m2", now).is_ok(),
+            "another model keeps the key"
+        );
         let Err((refused, back_at)) = key.take_if_back("m1", now) else {
             panic!("m1 is refused");
         };
@@ -832,7 +835,10 @@ mod tests {
         };
         assert!(back_at >= Instant::now() + FIRST_PROBE_BACKOFF * 2 - Duration::from_secs(1));
         key.answered("m1");
-        assert!(key.take_if_back("m1", Instant::now()).is_ok(), "an answer clears it");
+        assert!(
+            key.take_if_back("m1", Instant::now()).is_ok(),
+            "an answer clears it"
+        );
     }
 
     #[test]

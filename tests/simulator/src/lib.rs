@@ -60,6 +60,9 @@ pub struct Fault {
     pub omit_usage: bool,
     /// Send the headers, then wait this long before the body (a stall after headers).
     pub stall_after_headers_ms: Option<u64>,
+    /// Send the body one byte at a time, this long apart: an upstream that drips (streams, and
+    /// OpenAI whole answers).
+    pub drip_interval_ms: Option<u64>,
     /// Report this model in the answer instead of the one asked for (a swapped model).
     pub served_model: Option<String>,
     /// A standing fault applies only to requests for this model (queued faults ignore it).
@@ -530,11 +533,20 @@ fn event_stream(shared: Arc<Shared>, fault: Fault, frames: Vec<Bytes>) -> Respon
                     .await;
                 return;
             }
-            if sender.send(Ok(frame)).await.is_err() {
-                shared
-                    .abandoned
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return;
+            let pieces = match fault.drip_interval_ms {
+                Some(_) => (0..frame.len()).map(|at| frame.slice(at..=at)).collect(),
+                None => vec![frame],
+            };
+            for (at, piece) in pieces.into_iter().enumerate() {
+                if let (Some(interval), 1..) = (fault.drip_interval_ms, index + at) {
+                    tokio::time::sleep(Duration::from_millis(interval)).await;
+                }
+                if sender.send(Ok(piece)).await.is_err() {
+                    shared
+                        .abandoned
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
             }
         }
     });

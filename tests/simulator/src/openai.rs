@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 use crate::{CREATED, Dialect, Fault, Shared, admit, embedding, event_stream, lock, sample, words};
@@ -375,6 +376,21 @@ pub(crate) async fn chat_completions(
         && let Some(object) = answer.as_object_mut()
     {
         object.remove("usage");
+    }
+    if let Some(interval) = fault.drip_interval_ms {
+        let text = Bytes::from(answer.to_string());
+        let body = futures::stream::iter(0..text.len()).then(move |at| {
+            let byte = text.slice(at..=at);
+            async move {
+                tokio::time::sleep(Duration::from_millis(interval)).await;
+                Ok::<_, std::io::Error>(byte)
+            }
+        });
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from_stream(body),
+        )
+            .into_response();
     }
     let Some(stall) = fault.stall_after_headers_ms else {
         return Json(answer).into_response();
