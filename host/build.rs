@@ -21,6 +21,7 @@ const GUESTS: &[&str] = &[
     "tollgate-router-least-busy",
     "tollgate-router-weighted",
     "tollgate-test-plugin-trap",
+    "tollgate-test-plugin-answer-trap",
     "tollgate-test-plugin-endless-loop",
     "tollgate-test-plugin-billing-trap",
     "tollgate-test-plugin-billing-instance-probe",

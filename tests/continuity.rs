@@ -225,7 +225,6 @@ async fn every_upstream_wait_ends_and_the_record_says_which() {
     });
     let mut body = chat("a prompt long enough for a dozen chunks of six characters each");
     body["stream"] = json!(true);
-    let started = std::time::Instant::now();
     let (chunks, request_id) = tokio::time::timeout(bounded, async {
         let response = gateway.post_stream(&body).await;
         assert_eq!(response.status(), 200);
@@ -237,11 +236,7 @@ async fn every_upstream_wait_ends_and_the_record_says_which() {
     })
     .await
     .expect("a stream past its total timeout is cut");
-    assert!(
-        started.elapsed() < Duration::from_millis(4_500),
-        "{:?}",
-        started.elapsed()
-    );
+    // Whole, the stream would take 5.2 s and end cleanly: an error event means it was cut.
     let last = chunks.last().expect("events came");
     assert!(
         last.contains("upstream_timeout"),

@@ -546,3 +546,60 @@ async fn translators_bind_per_protocol_globally_and_per_tenant() {
     .await;
     router_protocol.assert_error(400, None);
 }
+
+#[tokio::test]
+async fn a_translator_canary_that_breaks_only_answers_is_rolled_back() {
+    let (_sim, gateway) = two_channel_gateway().await;
+    let bytes = std::fs::read(test_plugin("tollgate_test_plugin_answer_trap.wasm"))
+        .expect("the answer-trap translator is built");
+    let candidate = upload(&gateway, "answer-trap", bytes).await;
+    let scope = "/bindings/canary?role=translator&tenant=acme&protocol=openai";
+    let canary = gateway
+        .admin(
+            Method::PUT,
+            scope,
+            Some(json!({
+                "plugin": candidate, "percent": 50, "min_calls": 4, "max_failure_percent": 20
+            })),
+        )
+        .await;
+    assert_eq!(canary.status, 200, "{}", canary.json);
+    // Its requests are sound; its answers, whole or streamed, trap.
+    let mut failed = 0;
+    let mut rolled_back = false;
+    for round in 0..100 {
+        let mut body = chat("hi");
+        body["stream"] = json!(round % 2 == 1);
+        let answer = gateway.post("/v1/chat/completions", &body, &[]).await;
+        if answer.status != 200 {
+            failed += 1;
+        }
+        let bindings = gateway.admin(Method::GET, "/bindings", None).await;
+        // The canary's scope is the only stored one.
+        let slot = &bindings.json["data"][0];
+        assert!(
+            slot["scope"]
+                .as_str()
+                .is_some_and(|scope| scope.contains("openai")),
+            "{}",
+            bindings.json
+        );
+        if slot["canary"].is_null() {
+            let reason = slot["canary_rolled_back"].as_str().unwrap_or_default();
+            assert!(
+                reason.contains("failed") && reason.contains(&candidate[..12]),
+                "{reason}"
+            );
+            rolled_back = true;
+            break;
+        }
+    }
+    assert!(
+        rolled_back,
+        "the canary that broke {failed} answers was rolled back"
+    );
+    for _ in 0..10 {
+        let answer = gateway.post("/v1/chat/completions", &chat("hi"), &[]).await;
+        assert_eq!(answer.status, 200, "after the rollback: {}", answer.json);
+    }
+}

@@ -627,6 +627,17 @@ impl ApiError {
         response
     }
 
+    /// The plugin failure this error is, if it is one.
+    pub fn plugin_error(&self) -> Option<&PluginError> {
+        match self {
+            ApiError::Route(RouteError::Plugin(error))
+            | ApiError::Billing(BillingError::Plugin(error))
+            | ApiError::Translate(TranslateError::Plugin(error))
+            | ApiError::Plugin(error) => Some(error),
+            _ => None,
+        }
+    }
+
     /// A refusal of a credential: counted per address and logged as counts by admission, not
     /// one line per request.
     fn is_failed_authentication(&self) -> bool {

@@ -26,6 +26,7 @@ use crate::metrics::{
 };
 use crate::plugin::billing::CallOutcome;
 use crate::plugin::router::Operation;
+use crate::plugin::table::CanaryTally;
 use crate::plugin::table::{BindingTable, Resolved};
 use crate::plugin::translator::{FailureClass, Usage};
 use crate::plugin::{PluginError, Role};
@@ -822,7 +823,9 @@ async fn try_attempt(
     };
     let forwarded = forwarded.map(|inbound| inbound.endpoint);
     context.plugins.push(translated.trace);
-    // The rest of the attempt runs on the plugin that translated the request.
+    // The rest of the attempt runs on the plugin that translated the request, and counts against
+    // its canary if the canary did.
+    let canary = translated.canary;
     let translator = translated.ran;
     let upstream_request = translated.value;
     let framing = upstream_request.framing;
@@ -880,7 +883,7 @@ async fn try_attempt(
         .await;
         // Includes the translator's pushes before the first chunk: a few µs each.
         context.upstream_wait += waiting.elapsed();
-        let open = opened?;
+        let open = counted(canary.as_ref(), opened)?.watched_by(canary);
         (Reply::Streaming(Box::new(open)), started.elapsed())
     } else {
         let ttfb = started.elapsed();
@@ -889,18 +892,20 @@ async fn try_attempt(
                 .await?;
         let answer = match forwarded {
             Some(endpoint) => {
-                translate::forwarded_answer(
+                let answered = translate::forwarded_answer(
                     &translator,
                     channel,
                     &attempt_context,
                     endpoint,
                     &whole,
                 )
-                .await?
+                .await;
+                counted(canary.as_ref(), answered)?
             }
             None => {
-                let mut answer =
-                    translate::answer(&translator, channel, &attempt_context, &whole).await?;
+                let answered =
+                    translate::answer(&translator, channel, &attempt_context, &whole).await;
+                let mut answer = counted(canary.as_ref(), answered)?;
                 complete_answer(context, &mut answer);
                 if let Some(inbound) = &context.inbound {
                     inbound::convert_answer(inbound, &attempt_context, &mut answer).await?;
@@ -915,6 +920,22 @@ async fn try_attempt(
     context.served_channel = Some(channel.config.name.clone());
     context.routed_model = Some(attempt.upstream_model.clone());
     Ok(reply)
+}
+
+/// `result` of a later call of the attempt's translator, counted against its canary when the
+/// canary translated the request: a canary that breaks only answers or streams is rolled back too.
+fn counted<T>(
+    canary: Option<&CanaryTally>,
+    result: Result<T, TranslateError>,
+) -> Result<T, TranslateError> {
+    if let Some(canary) = canary {
+        let failure = match &result {
+            Err(TranslateError::Plugin(error)) => Some(error),
+            _ => None,
+        };
+        canary.count_outcome(failure);
+    }
+    result
 }
 
 /// Charges the requests the gateway left open when it last stopped (killed, crashed, or the

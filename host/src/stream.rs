@@ -20,6 +20,7 @@ use crate::bill::BillingError;
 use crate::error::{ApiError, Dialect};
 use crate::gateway::Channel;
 use crate::plugin::Binding;
+use crate::plugin::table::CanaryTally;
 use crate::plugin::translator::{
     AttemptContext, ConvertedSession, ForwardedSession, StreamEvent, StreamFraming, StreamSession,
     Usage,
@@ -249,6 +250,16 @@ pub struct OpenStream {
     max_text_bytes: u64,
     /// Where the stream's progress is noted, and when it was last.
     progress: Option<ProgressMarks>,
+    /// The translator's canary, when the canary translates this stream: its end counts.
+    canary: Option<CanaryTally>,
+}
+
+impl OpenStream {
+    /// Counts the stream's end against the canary that translates it.
+    pub fn watched_by(mut self, canary: Option<CanaryTally>) -> Self {
+        self.canary = canary;
+        self
+    }
 }
 
 /// Notes in the ledger log how much text a stream delivered, so that a crash mid-stream charges
@@ -381,6 +392,7 @@ pub async fn open(
         delivered_text_bytes: 0,
         max_text_bytes: max_text_bytes(shape.output_allowance),
         progress: shape.progress,
+        canary: None,
     })
 }
 
@@ -397,13 +409,23 @@ pub async fn pump(mut stream: OpenStream, client: mpsc::Sender<Bytes>) -> Stream
     // so they take memory when the stream ends, not all its life (2.6 KiB for this future; 4.9
     // KiB with them inline).
     match ending {
-        Ending::Drained => Box::pin(end(stream, outcome, &client)).await,
+        Ending::Drained => {
+            if let Some(canary) = &stream.canary {
+                canary.count_outcome(None);
+            }
+            Box::pin(end(stream, outcome, &client)).await
+        }
         Ending::ClientGone => {
             let mut outcome = Box::pin(finish_quietly(stream, outcome)).await;
             outcome.client_gone = true;
             outcome
         }
-        Ending::Cut(error) => Box::pin(cut(stream, outcome, &client, error)).await,
+        Ending::Cut(error) => {
+            if let Some(canary) = &stream.canary {
+                canary.count_outcome(error.plugin_error());
+            }
+            Box::pin(cut(stream, outcome, &client, error)).await
+        }
     }
 }
 

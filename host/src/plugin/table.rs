@@ -223,6 +223,42 @@ pub struct Called<T> {
     /// The trace entry: `name@sha`, then ` (canary)` when the canary ran, or
     /// ` (fail-open after name@sha: class)` when the fallback served.
     pub trace: String,
+    /// Set when the canary produced the value: the attempt's later calls of the same plugin (its
+    /// answer translation, its stream) count against the canary too.
+    pub canary: Option<CanaryTally>,
+}
+
+/// Where the later calls of a canary that ran are counted.
+#[derive(Clone)]
+pub struct CanaryTally {
+    stats: Arc<CanaryStats>,
+    scope: Scope,
+    plugin: String,
+    trips: UnboundedSender<CanaryTripped>,
+}
+
+impl CanaryTally {
+    /// Counts a later call of the attempt, failed when `error` is this plugin's own failure.
+    pub fn count_outcome(&self, error: Option<&PluginError>) {
+        let culprit = error.and_then(PluginError::culprit);
+        self.count(culprit.is_some_and(|(plugin, _)| plugin.to_string() == self.plugin));
+    }
+
+    /// Counts one call of the canary; reports the trip when this call causes it.
+    pub fn count(&self, failed: bool) {
+        let Some((calls, failures)) = self.stats.record(failed) else {
+            return;
+        };
+        // The receiver lives as long as the gateway; a send after shutdown has no one to tell.
+        let _ = self.trips.send(CanaryTripped {
+            stats: self.stats.clone(),
+            scope: self.scope.clone(),
+            reason: format!(
+                "canary {} failed {failures} of {calls} calls, above the {} % allowed",
+                self.plugin, self.stats.max_failure_percent
+            ),
+        });
+    }
 }
 
 impl<T> Called<T> {
@@ -232,6 +268,7 @@ impl<T> Called<T> {
             value: convert(self.value)?,
             ran: self.ran,
             trace: self.trace,
+            canary: self.canary,
         })
     }
 }
@@ -349,9 +386,9 @@ impl Resolved {
         let failed = outcome
             .as_ref()
             .is_err_and(|error| !matches!(error, PluginError::PoolFull { .. }));
-        if let Some(tripped) = self.tally(failed) {
-            // The receiver lives as long as the gateway; a send after shutdown has no one to tell.
-            let _ = self.trips.send(tripped);
+        let tally = self.tally();
+        if let Some(tally) = &tally {
+            tally.count(failed);
         }
         let ran = self.binding.plugin().to_string();
         let marker = if self.canary.is_some() {
@@ -364,6 +401,7 @@ impl Resolved {
                 value,
                 ran: self.binding.clone(),
                 trace: format!("{ran}{marker}"),
+                canary: tally,
             }),
             Err(error) if error.culprit().is_some() && self.fallback.is_some() => {
                 let fallback = self.fallback.as_ref().expect("checked in the guard");
@@ -378,24 +416,20 @@ impl Resolved {
                         fallback.plugin(),
                         error.class()
                     ),
+                    canary: None,
                 })
             }
             Err(error) => Err(error),
         }
     }
 
-    /// Counts a call of the drawn canary; the trip, when this call caused it.
-    fn tally(&self, failed: bool) -> Option<CanaryTripped> {
-        let stats = self.canary.as_ref()?;
-        let (calls, failures) = stats.record(failed)?;
-        Some(CanaryTripped {
-            stats: stats.clone(),
+    /// Where the drawn canary's calls are counted, if the canary was drawn.
+    fn tally(&self) -> Option<CanaryTally> {
+        Some(CanaryTally {
+            stats: self.canary.clone()?,
             scope: self.scope.clone(),
-            reason: format!(
-                "canary {} failed {failures} of {calls} calls, above the {} % allowed",
-                self.binding.plugin(),
-                stats.max_failure_percent
-            ),
+            plugin: self.binding.plugin().to_string(),
+            trips: self.trips.clone(),
         })
     }
 }
