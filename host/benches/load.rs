@@ -38,6 +38,9 @@ const HELP: &str = "cargo bench -p tollgate --bench load -- [options]
                             one run, where run-to-run drift of the machine would hide a few %
   --ledger-sync-batch       also start this build with `server.ledger_sync = \"batch\"` (named
                             tollgate-batch) and measure it right after the default one
+  --unauthenticated N       instead of the matrix: open N connections to each tollgate build that
+                            start a request head and never finish it, then close them; prints
+                            each gateway's RSS before, while held and 2 s after
   --streams N               instead of the matrix: hold N streams open through tollgate at once
                             (the upstream sending one chunk per second, for about half a minute)
                             and report the gateway's memory per open stream and any error";
@@ -66,6 +69,7 @@ struct Options {
     /// Also measure this build with its ledger log synced in batches.
     ledger_sync_batch: bool,
     streams: Option<usize>,
+    unauthenticated: Option<usize>,
 }
 
 fn options(args: &[String]) -> anyhow::Result<Options> {
@@ -79,6 +83,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         gateways: Vec::new(),
         ledger_sync_batch: false,
         streams: None,
+        unauthenticated: None,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -103,6 +108,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             "--streams" => options.streams = Some(value()?.parse()?),
+            "--unauthenticated" => options.unauthenticated = Some(value()?.parse()?),
             "--ledger-sync-batch" => options.ledger_sync_batch = true,
             "--rounds" => options.rounds = value()?.parse::<usize>()?.max(1),
             "--target" => {
@@ -355,6 +361,47 @@ async fn open_streams(
         per_stream(held_kib, idle_kib),
         per_stream(held_proportional_kib, idle_proportional_kib),
         per_stream(held_private_kib, idle_private_kib)
+    );
+    Ok(())
+}
+
+/// Opens `count` connections to a gateway that send part of a request head and nothing more (the
+/// gateway keeps at most `server.max_unauthenticated_connections` of them), then closes them all;
+/// prints its RSS before, while they are held, and 2 s after they closed: whether the memory of a
+/// burst that came and went is given back.
+async fn hold_unauthenticated(target: &Target, count: usize) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let pid = target.pid.context("the gateway's pid")?;
+    let address = target
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .context("the gateway's address")?
+        .to_owned();
+    let rss_mib = || status_kib(pid, "VmRSS:").map_or(f64::NAN, |kib| kib / 1024.0);
+    let before = rss_mib();
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count {
+        let Ok(mut tcp) = tokio::net::TcpStream::connect(&address).await else {
+            continue;
+        };
+        if tcp
+            .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .is_ok()
+        {
+            held.push(tcp);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let holding = rss_mib();
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "{:<11} {count} unauthenticated connections: RSS {before:.1} MiB before, {holding:.1} MiB while held, {:.1} MiB 2 s after they closed",
+        target.name,
+        rss_mib()
     );
     Ok(())
 }
@@ -701,6 +748,14 @@ async fn main() -> anyhow::Result<()> {
         .http1_only()
         .tcp_nodelay(true)
         .build()?;
+    if let Some(count) = options.unauthenticated {
+        for target in targets.iter().filter(|target| target.pid.is_some()) {
+            if target.name != "bare-proxy" {
+                hold_unauthenticated(target, count).await?;
+            }
+        }
+        return Ok(());
+    }
     if let Some(count) = options.streams {
         let tollgate = targets
             .iter()

@@ -19,6 +19,40 @@ use tollgate::{auth, console, gateway, listen};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `purge_delay` option: its number in `mi_option_e` of mimalloc 3 (`mimalloc.h`, as
+/// libmimalloc-sys 0.1.49 builds it), which the crate does not name.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// The mimalloc major version that number belongs to (`mi_version()` is major × 10,000 + …).
+const MIMALLOC_MAJOR: i32 = 3;
+
+/// Gives memory back to the system as soon as mimalloc frees a page of it, instead of after a
+/// delay, counted only when the freeing thread allocates again. Otherwise a burst that came and
+/// went (4,096 unauthenticated connections held, then closed) could stay resident on idle workers:
+/// 139 MB kept against 64 MB returned. The load benchmark shows no CPU cost.
+fn return_freed_memory_at_once() {
+    #[expect(
+        unsafe_code,
+        reason = "mimalloc's options are set through its C API; the option number is used only \
+                  with the mimalloc version it belongs to"
+    )]
+    // SAFETY: plain C calls into the linked mimalloc: `mi_version` reads a constant and
+    // `mi_option_set` stores one value in its option table (safe from any thread); they touch no
+    // Rust memory.
+    let version = unsafe {
+        let version = libmimalloc_sys::mi_version();
+        if version / 10_000 == MIMALLOC_MAJOR {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+        }
+        version
+    };
+    if version / 10_000 != MIMALLOC_MAJOR {
+        tracing::warn!(
+            version,
+            "freed memory is returned late: an unexpected mimalloc version"
+        );
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
@@ -572,6 +606,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { config } => {
             let loaded = load_config(config.as_deref())?;
             let provider = init_tracing(Some(&loaded.telemetry))?;
+            return_freed_memory_at_once();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
