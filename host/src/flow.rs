@@ -26,8 +26,7 @@ use crate::metrics::{
 };
 use crate::plugin::billing::CallOutcome;
 use crate::plugin::router::Operation;
-use crate::plugin::table::CanaryTally;
-use crate::plugin::table::{BindingTable, Resolved};
+use crate::plugin::table::{BindingTable, CanaryTally, Resolved};
 use crate::plugin::translator::{FailureClass, Usage};
 use crate::plugin::{PluginError, Role};
 use crate::record;
