@@ -250,3 +250,83 @@ async fn every_upstream_wait_ends_and_the_record_says_which() {
         ["timeout_total"]
     );
 }
+
+#[tokio::test]
+async fn a_tenant_holding_streams_leaves_a_share_for_another() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "max_instances = 40\n{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    let created = gateway
+        .admin(
+            reqwest::Method::POST,
+            "/tenants",
+            Some(json!({"name": "globex"})),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.json);
+    let other = gateway
+        .admin(reqwest::Method::POST, "/tenants/globex/keys", None)
+        .await
+        .json["secret"]
+        .as_str()
+        .expect("a key")
+        .to_owned();
+    // Tenant acme opens streams the upstream holds after their first chunk, until refused.
+    sim.set_standing_fault(Some(Fault {
+        hold_after_chunks: Some(2),
+        ..Fault::default()
+    }));
+    let mut body = chat("x");
+    body["stream"] = json!(true);
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..60 {
+        let response = gateway.post_stream(&body).await;
+        if response.status() != 200 {
+            refused = Some(harness::Answer::read(response).await);
+            break;
+        }
+        let mut reader = harness::SseReader::new(response);
+        reader
+            .next(Duration::from_secs(10))
+            .await
+            .expect("the stream's first chunk");
+        held.push(reader);
+    }
+    let refused = refused.expect("a tenant cannot take every instance");
+    refused.assert_error(429, Some("rate_limit_exceeded"));
+    assert!(
+        refused.headers.contains_key("retry-after"),
+        "{:?}",
+        refused.headers
+    );
+    assert!(
+        held.len() >= 20,
+        "a lone tenant uses most of the pool: {}",
+        held.len()
+    );
+    // The other tenant is served, whole and streamed, while acme holds its streams.
+    sim.set_standing_fault(None);
+    for round in 0..6 {
+        let mut request = chat("x");
+        request["stream"] = json!(round % 2 == 1);
+        let answer = gateway
+            .http
+            .post(format!("{}/v1/chat/completions", gateway.url))
+            .bearer_auth(&other)
+            .json(&request)
+            .send()
+            .await
+            .expect("the gateway answers");
+        let status = answer.status();
+        let text = answer.text().await.expect("a body");
+        assert_eq!(status, 200, "round {round}: {text}");
+    }
+    sim.release();
+    drop(held);
+}

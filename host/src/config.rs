@@ -213,6 +213,11 @@ pub struct PluginsConfig {
     pub max_output_kib: usize,
     /// Largest plugin the admin API accepts, in MiB.
     pub max_upload_mib: usize,
+    /// Each tenant's open streams, at most (each holds a plugin instance for its life); none: a
+    /// fair share of the instances calls and streams may hold (most of `max_instances`): nine
+    /// tenths split between the tenants with streams open, a tenth kept for tenants with none.
+    /// Past it a stream request gets 429 `rate_limit_exceeded` with `retry-after`.
+    pub max_streams_per_tenant: Option<u32>,
     /// Where compiled plugins are cached (default: `<data_dir>/plugin-cache`). Artifacts are keyed
     /// by plugin hash and engine build, so several gateways may share one directory.
     pub cache_dir: Option<PathBuf>,
@@ -227,6 +232,7 @@ impl Default for PluginsConfig {
             memory_mib: 64,
             max_output_kib: 8 << 10,
             max_upload_mib: 32,
+            max_streams_per_tenant: None,
             cache_dir: None,
         }
     }

@@ -25,7 +25,7 @@ pub enum LimitError {
     /// Over the key's requests or tokens per minute, or the tenant's concurrency cap (429).
     #[error("Rate limit reached for {what}; retry after {} ms.", .retry_after.as_millis())]
     RateLimited {
-        /// `requests per minute`, `tokens per minute` or `concurrent requests`.
+        /// `requests per minute`, `tokens per minute`, `concurrent requests` or open streams.
         what: &'static str,
         /// When the request would pass.
         retry_after: Duration,
@@ -81,11 +81,44 @@ type Buckets = Arc<Mutex<HashMap<String, Bucket>>>;
 type InFlight = Arc<Mutex<HashMap<String, u32>>>;
 
 /// The in-memory limit state of one gateway.
-#[derive(Default)]
 pub struct Limiter {
     requests: Buckets,
     tokens: Buckets,
     in_flight: InFlight,
+    /// Open streams by tenant: each holds a plugin instance for its whole life.
+    open_streams: InFlight,
+    /// The plugin instances calls and streams may hold at once (most of `plugins.max_instances`).
+    instance_pool: u32,
+    /// A fixed cap on each tenant's open streams instead of the fair share.
+    streams_per_tenant: Option<u32>,
+}
+
+impl Limiter {
+    /// Limits for a gateway whose calls and streams may hold `instance_pool` plugin instances.
+    pub fn new(instance_pool: u32, streams_per_tenant: Option<u32>) -> Self {
+        Self {
+            requests: Buckets::default(),
+            tokens: Buckets::default(),
+            in_flight: InFlight::default(),
+            open_streams: InFlight::default(),
+            instance_pool,
+            streams_per_tenant,
+        }
+    }
+
+    /// How many streams a tenant with `own` open may hold, `open` being every tenant's count:
+    /// the pool less a tenth kept for tenants with none, split between the tenants that have
+    /// streams open (this one included), and never less than a hundredth of the pool. A lone
+    /// tenant may use nine tenths of the pool; a newcomer always finds the reserve.
+    fn stream_share(&self, open: &HashMap<String, u32>, own: u32) -> u32 {
+        if let Some(fixed) = self.streams_per_tenant {
+            return fixed;
+        }
+        let reserve = (self.instance_pool / 10).max(1);
+        let active = open.len() as u32 + u32::from(own == 0);
+        let floor = (self.instance_pool / 100).max(1);
+        (self.instance_pool.saturating_sub(reserve) / active.max(1)).max(floor)
+    }
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -95,10 +128,13 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// What an admitted request holds: its tenant's in-flight slot and its token reservation.
+/// What an admitted request holds: its tenant's in-flight slot, its open-stream slot and its
+/// token reservation.
 pub struct LimitPermit {
     /// The tenant's in-flight counter and name.
     tenant: Option<(InFlight, String)>,
+    /// The tenant's open-stream counter and name, for a stream.
+    stream: Option<(InFlight, String)>,
     /// The key's token bucket, key id and the tokens reserved.
     tokens: Option<(Buckets, String, u64)>,
 }
@@ -120,6 +156,16 @@ impl Drop for LimitPermit {
             && let Some(count) = locked(in_flight).get_mut(tenant)
         {
             *count = count.saturating_sub(1);
+        }
+        if let Some((open, tenant)) = &self.stream {
+            let mut open = locked(open);
+            if let Some(count) = open.get_mut(tenant) {
+                *count = count.saturating_sub(1);
+                // Only tenants with streams open count as sharing the pool.
+                if *count == 0 {
+                    open.remove(tenant);
+                }
+            }
         }
     }
 }
@@ -148,6 +194,7 @@ pub fn admit(
     }
     let mut permit = LimitPermit {
         tenant: None,
+        stream: None,
         tokens: None,
     };
     if let Some(tpm) = caller.tpm {
@@ -177,6 +224,20 @@ pub fn admit(
         *count += 1;
         permit.tenant = Some((limiter.in_flight.clone(), caller.tenant.clone()));
     }
+    if request.stream {
+        let mut open = locked(&limiter.open_streams);
+        let own = open.get(&caller.tenant).copied().unwrap_or(0);
+        if own >= limiter.stream_share(&open, own) {
+            drop(open);
+            permit.settle_tokens(0);
+            return Err(LimitError::RateLimited {
+                what: "open streams (this tenant's share of the gateway)",
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        *open.entry(caller.tenant.clone()).or_insert(0) += 1;
+        permit.stream = Some((limiter.open_streams.clone(), caller.tenant.clone()));
+    }
     Ok(permit)
 }
 
@@ -196,6 +257,25 @@ mod tests {
         bucket
             .take(1.0, start + Duration::from_secs(1))
             .expect("refilled one");
+    }
+
+    #[test]
+    fn a_stream_share_shrinks_with_the_tenants_that_hold_streams() {
+        let limiter = Limiter::new(100, None);
+        let mut open = HashMap::new();
+        assert_eq!(
+            limiter.stream_share(&open, 0),
+            90,
+            "a lone tenant: the pool less a tenth"
+        );
+        open.insert("a".to_owned(), 90);
+        assert_eq!(limiter.stream_share(&open, 0), 45, "a newcomer halves it");
+        assert_eq!(limiter.stream_share(&open, 90), 90);
+        for tenant in 0..200 {
+            open.insert(format!("t{tenant}"), 1);
+        }
+        assert_eq!(limiter.stream_share(&open, 1), 1, "never below a hundredth");
+        assert_eq!(Limiter::new(100, Some(7)).stream_share(&open, 1), 7);
     }
 
     #[test]

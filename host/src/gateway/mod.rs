@@ -646,7 +646,10 @@ impl Gateway {
                 .iter()
                 .map(|(model, settings)| (model.clone(), settings.limits()))
                 .collect(),
-            limiter: Limiter::default(),
+            limiter: Limiter::new(
+                runtime.lendable_instances(),
+                config.plugins.max_streams_per_tenant,
+            ),
             config_channels: config
                 .channels
                 .iter()

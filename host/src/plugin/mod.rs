@@ -377,6 +377,12 @@ impl PluginRuntime {
         }))
     }
 
+    /// Instances calls and streams may hold at once: the pool less the instances made ahead, the
+    /// stores waiting to be dropped and the reserve only pricing may use.
+    pub fn lendable_instances(&self) -> u32 {
+        u32::try_from(self.standby_counts.lendable()).unwrap_or(u32::MAX)
+    }
+
     /// Compiles (or loads from the cache) a component to bind, and checks that it plays the role
     /// it is bound for. `sha256` is the bytes' hash when the caller already knows it (the store
     /// keeps plugins under theirs), which spares hashing megabytes at every start.

@@ -362,6 +362,13 @@ impl StandbyCounts {
     }
 }
 
+impl StandbyCounts {
+    /// Stores calls and streams may hold at once.
+    pub(super) fn lendable(&self) -> usize {
+        self.most_lent
+    }
+}
+
 /// Where one binding's stores come from, and where they go when their call is done.
 ///
 /// Making an instance and, once its call is done, resetting its memory and returning its pool
