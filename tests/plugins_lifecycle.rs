@@ -603,3 +603,33 @@ async fn a_translator_canary_that_breaks_only_answers_is_rolled_back() {
         assert_eq!(answer.status, 200, "after the rollback: {}", answer.json);
     }
 }
+
+#[tokio::test]
+async fn fail_open_covers_a_translators_whole_answers() {
+    let (_sim, gateway) = two_channel_gateway().await;
+    let bytes = std::fs::read(test_plugin("tollgate_test_plugin_answer_trap.wasm"))
+        .expect("the answer-trap translator is built");
+    let sha = upload(&gateway, "answer-trap", bytes).await;
+    let bound = bind(
+        &gateway,
+        "/bindings?role=translator&protocol=openai&tenant=acme",
+        json!({"plugin": sha, "failure_policy": "open"}),
+    )
+    .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+    // The bound translator's request is used; its answer traps, and the global default reads it.
+    let (answer, record) = routed(&gateway, &gateway.key).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    let traces: Vec<&str> = record["plugins"]
+        .as_array()
+        .expect("plugins")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        traces
+            .iter()
+            .any(|trace| trace.contains(&format!("fail-open after answer-trap@{}", &sha[..12]))),
+        "{traces:?}"
+    );
+}

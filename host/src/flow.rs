@@ -28,7 +28,7 @@ use crate::plugin::billing::CallOutcome;
 use crate::plugin::router::Operation;
 use crate::plugin::table::{BindingTable, CanaryTally, Resolved};
 use crate::plugin::translator::{FailureClass, Usage};
-use crate::plugin::{PluginError, Role};
+use crate::plugin::{Binding, PluginError, Role};
 use crate::record;
 use crate::request::ClientRequest;
 use crate::route::{self, PlannedAttempt};
@@ -825,6 +825,7 @@ async fn try_attempt(
     // The rest of the attempt runs on the plugin that translated the request, and counts against
     // its canary if the canary did.
     let canary = translated.canary;
+    let fallback = translated.fallback;
     let translator = translated.ran;
     let upstream_request = translated.value;
     let framing = upstream_request.framing;
@@ -891,20 +892,21 @@ async fn try_attempt(
                 .await?;
         let answer = match forwarded {
             Some(endpoint) => {
-                let answered = translate::forwarded_answer(
-                    &translator,
-                    channel,
-                    &attempt_context,
-                    endpoint,
-                    &whole,
-                )
-                .await;
-                counted(canary.as_ref(), answered)?
+                let read = async |binding: Arc<Binding>| {
+                    let context = &attempt_context;
+                    translate::forwarded_answer(&binding, channel, context, endpoint, &whole).await
+                };
+                let answered = read(translator.clone()).await;
+                let answered = counted(canary.as_ref(), answered);
+                fail_open(context, &translator, fallback, answered, read).await?
             }
             None => {
-                let answered =
-                    translate::answer(&translator, channel, &attempt_context, &whole).await;
-                let mut answer = counted(canary.as_ref(), answered)?;
+                let read = async |binding: Arc<Binding>| {
+                    translate::answer(&binding, channel, &attempt_context, &whole).await
+                };
+                let answered = read(translator.clone()).await;
+                let answered = counted(canary.as_ref(), answered);
+                let mut answer = fail_open(context, &translator, fallback, answered, read).await?;
                 complete_answer(context, &mut answer);
                 if let Some(inbound) = &context.inbound {
                     inbound::convert_answer(inbound, &attempt_context, &mut answer).await?;
@@ -919,6 +921,32 @@ async fn try_attempt(
     context.served_channel = Some(channel.config.name.clone());
     context.routed_model = Some(attempt.upstream_model.clone());
     Ok(reply)
+}
+
+/// The answer of the attempt's translator, or, when that plugin itself failed and its binding's
+/// policy is `open`, the global default's reading of the same upstream answer (the trace says so).
+async fn fail_open<T>(
+    context: &mut RequestContext,
+    translator: &Binding,
+    fallback: Option<Arc<Binding>>,
+    answered: Result<T, TranslateError>,
+    read: impl AsyncFnOnce(Arc<Binding>) -> Result<T, TranslateError>,
+) -> Result<T, TranslateError> {
+    let (Err(TranslateError::Plugin(error)), Some(fallback)) = (&answered, fallback) else {
+        return answered;
+    };
+    if error.culprit().is_none() {
+        return answered;
+    }
+    tracing::warn!(%error, fallback = %fallback.plugin(), "answer translation failed; failing open");
+    fallback.count_fail_open();
+    context.plugins.push(format!(
+        "{} (fail-open after {}: {})",
+        fallback.plugin(),
+        translator.plugin(),
+        error.class()
+    ));
+    read(fallback).await
 }
 
 /// `result` of a later call of the attempt's translator, counted against its canary when the

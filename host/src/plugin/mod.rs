@@ -665,6 +665,11 @@ impl Binding {
         Ok(binding)
     }
 
+    /// Counts a failing-open onto this binding (`tollgate_plugin_fail_opens_total`).
+    pub fn count_fail_open(&self) {
+        self.runtime.metrics.fail_opens.inc();
+    }
+
     /// The bound plugin's name and hash.
     pub fn plugin(&self) -> &PluginRef {
         self.compiled.plugin()

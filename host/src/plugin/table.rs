@@ -226,6 +226,9 @@ pub struct Called<T> {
     /// Set when the canary produced the value: the attempt's later calls of the same plugin (its
     /// answer translation, its stream) count against the canary too.
     pub canary: Option<CanaryTally>,
+    /// The global default that serves instead should a later call of the same plugin fail, when
+    /// its binding's policy is `open` (none once the fallback itself ran).
+    pub fallback: Option<Arc<Binding>>,
 }
 
 /// Where the later calls of a canary that ran are counted.
@@ -269,6 +272,7 @@ impl<T> Called<T> {
             ran: self.ran,
             trace: self.trace,
             canary: self.canary,
+            fallback: self.fallback,
         })
     }
 }
@@ -402,11 +406,12 @@ impl Resolved {
                 ran: self.binding.clone(),
                 trace: format!("{ran}{marker}"),
                 canary: tally,
+                fallback: self.fallback.clone(),
             }),
             Err(error) if error.culprit().is_some() && self.fallback.is_some() => {
                 let fallback = self.fallback.as_ref().expect("checked in the guard");
                 tracing::warn!(%error, fallback = %fallback.plugin(), "plugin failed; failing open");
-                fallback.runtime.metrics.fail_opens.inc();
+                fallback.count_fail_open();
                 let value = call(fallback.clone()).await?;
                 Ok(Called {
                     value,
@@ -417,6 +422,7 @@ impl Resolved {
                         error.class()
                     ),
                     canary: None,
+                    fallback: None,
                 })
             }
             Err(error) => Err(error),
