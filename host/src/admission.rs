@@ -102,7 +102,7 @@ impl Credential {
 }
 
 impl ClientAdmission {
-    /// ClientAdmission with these limits.
+    /// Admission state with these limits.
     pub fn new(limits: AdmissionLimits) -> Arc<Self> {
         Arc::new(Self {
             limits,
@@ -161,8 +161,15 @@ impl ClientAdmission {
     fn failed(&self, peer: IpAddr, credential: Credential, now: Instant) -> Option<Duration> {
         let per_second = f64::from(self.limits.failed_auth_per_second);
         let mut failures = self.lock_failures();
-        let tracked = failures.by_address.len();
-        let address = throttled_address(peer, tracked);
+        let own = counted_address(peer);
+        // Past the cap, new addresses share one record; tracked ones keep theirs.
+        let address = if failures.by_address.len() < TRACKED_ADDRESSES
+            || failures.by_address.contains_key(&own)
+        {
+            own
+        } else {
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+        };
         let record = failures
             .by_address
             .entry(address)
@@ -251,19 +258,15 @@ impl ClientAdmission {
 }
 
 /// The address a failure is counted under: an IPv6 client by its /64 (one subscriber's
-/// network), and every new address once [`TRACKED_ADDRESSES`] are tracked under one shared one.
-fn throttled_address(peer: IpAddr, tracked: usize) -> IpAddr {
-    let peer = match peer {
+/// network), an IPv4-mapped one as IPv4.
+fn counted_address(peer: IpAddr) -> IpAddr {
+    match peer {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
             None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
         },
         v4 => v4,
-    };
-    if tracked >= TRACKED_ADDRESSES {
-        return IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
     }
-    peer
 }
 
 /// One accepted connection: its peer address, and whether a request on it has authenticated.
@@ -460,9 +463,9 @@ mod tests {
     fn ipv6_clients_are_counted_by_their_64_prefix() {
         let one: IpAddr = "2001:db8:1:2::1".parse().expect("an address");
         let other: IpAddr = "2001:db8:1:2:ffff::9".parse().expect("an address");
-        assert_eq!(throttled_address(one, 0), throttled_address(other, 0));
+        assert_eq!(counted_address(one), counted_address(other));
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("an address");
-        assert_eq!(throttled_address(mapped, 0), IpAddr::from([192, 0, 2, 1]));
+        assert_eq!(counted_address(mapped), IpAddr::from([192, 0, 2, 1]));
     }
 
     #[tokio::test]
