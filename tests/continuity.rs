@@ -16,6 +16,17 @@ fn failing(status: u16) -> Fault {
     }
 }
 
+/// A gateway with one channel, `only`, on `sim`.
+async fn only_channel(sim: &tollgate_simulator::Simulator) -> Gateway {
+    start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel("only", sim, 1)
+    ))
+    .await
+    .expect("the gateway starts")
+}
+
 /// The `/admin/channels` entry of `name`.
 async fn channel_state(gateway: &Gateway, name: &str) -> Value {
     let channels = gateway
@@ -34,13 +45,7 @@ async fn channel_state(gateway: &Gateway, name: &str) -> Value {
 #[tokio::test]
 async fn an_open_circuit_on_the_only_route_does_not_refuse_requests() {
     let sim = simulator().await;
-    let gateway = start(&format!(
-        "{}{}",
-        billing(1_000_000),
-        channel("only", &sim, 1)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = only_channel(&sim).await;
     for _ in 0..3 {
         sim.push_fault(failing(500));
         let failed = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
@@ -64,13 +69,7 @@ async fn an_open_circuit_on_the_only_route_does_not_refuse_requests() {
 #[tokio::test]
 async fn a_resting_key_on_the_only_route_still_serves() {
     let sim = simulator().await;
-    let gateway = start(&format!(
-        "{}{}",
-        billing(1_000_000),
-        channel("only", &sim, 1)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = only_channel(&sim).await;
     sim.push_fault(Fault {
         status: Some(429),
         retry_after_s: Some(1),
@@ -87,13 +86,7 @@ async fn a_resting_key_on_the_only_route_still_serves() {
 #[tokio::test]
 async fn what_an_upstream_says_about_one_model_stays_with_that_model() {
     let sim = simulator().await;
-    let gateway = start(&format!(
-        "{}{}",
-        billing(1_000_000),
-        channel("only", &sim, 1)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = only_channel(&sim).await;
     let embedding = json!({"model": "test-embedding", "input": "x"});
     // A 429 on the chat model rests the key for that model only.
     sim.push_fault(Fault {
@@ -137,13 +130,7 @@ async fn what_an_upstream_says_about_one_model_stays_with_that_model() {
 #[tokio::test]
 async fn a_key_refused_for_good_answers_the_refusal_not_503() {
     let sim = simulator().await;
-    let gateway = start(&format!(
-        "{}{}",
-        billing(1_000_000),
-        channel("only", &sim, 1)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = only_channel(&sim).await;
     sim.set_standing_fault(Some(failing(401)));
     for _ in 0..3 {
         let refused = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;

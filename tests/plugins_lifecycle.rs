@@ -42,6 +42,25 @@ async fn bind(gateway: &harness::Gateway, scope: &str, body: Value) -> Answer {
     gateway.admin(Method::PUT, scope, Some(body)).await
 }
 
+/// The only stored binding slot (the one the test changes), as `/admin/bindings` shows it.
+async fn stored_slot(gateway: &harness::Gateway) -> Value {
+    let bindings = gateway.admin(Method::GET, "/bindings", None).await;
+    bindings.json["data"][0].clone()
+}
+
+/// Whether the slot's canary is gone; if so, it was rolled back naming the `candidate` that failed.
+fn canary_rolled_back(slot: &Value, candidate: &str) -> bool {
+    if !slot["canary"].is_null() {
+        return false;
+    }
+    let reason = slot["canary_rolled_back"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("failed") && reason.contains(&candidate[..12]),
+        "{reason}"
+    );
+    true
+}
+
 /// Sends one chat request; returns the answer and the channel its record names.
 async fn routed(gateway: &harness::Gateway, key: &str) -> (Answer, Value) {
     let response = gateway
@@ -351,14 +370,8 @@ async fn a_canary_takes_its_share_and_a_failing_one_rolls_itself_back() {
             answer.assert_error(500, Some("plugin_failed"));
             failed += 1;
         }
-        let bindings = gateway.admin(Method::GET, "/bindings", None).await;
-        let slot = &bindings.json["data"][0];
-        if slot["canary"].is_null() {
-            let reason = slot["canary_rolled_back"].as_str().unwrap_or_default();
-            assert!(
-                reason.contains("failed") && reason.contains(&candidate[..12]),
-                "{reason}"
-            );
+        let slot = stored_slot(&gateway).await;
+        if canary_rolled_back(&slot, &candidate) {
             rolled_back = true;
             break;
         }
@@ -574,22 +587,14 @@ async fn a_translator_canary_that_breaks_only_answers_is_rolled_back() {
         if answer.status != 200 {
             failed += 1;
         }
-        let bindings = gateway.admin(Method::GET, "/bindings", None).await;
-        // The canary's scope is the only stored one.
-        let slot = &bindings.json["data"][0];
+        let slot = stored_slot(&gateway).await;
         assert!(
             slot["scope"]
                 .as_str()
                 .is_some_and(|scope| scope.contains("openai")),
-            "{}",
-            bindings.json
+            "{slot}"
         );
-        if slot["canary"].is_null() {
-            let reason = slot["canary_rolled_back"].as_str().unwrap_or_default();
-            assert!(
-                reason.contains("failed") && reason.contains(&candidate[..12]),
-                "{reason}"
-            );
+        if canary_rolled_back(&slot, &candidate) {
             rolled_back = true;
             break;
         }

@@ -337,7 +337,8 @@ impl ApiError {
                 Some("model_not_found"),
                 self.to_string(),
             ),
-            ApiError::Limit(LimitError::RateLimited { retry_after, .. }) => Rendered {
+            ApiError::Limit(LimitError::RateLimited { retry_after, .. })
+            | ApiError::AuthThrottled { retry_after } => Rendered {
                 retry_after_ms: Some(retry_after.as_millis() as u64),
                 ..rendered(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -373,15 +374,6 @@ impl ApiError {
                 Some("request_timeout"),
                 self.to_string(),
             ),
-            ApiError::AuthThrottled { retry_after } => Rendered {
-                retry_after_ms: Some(retry_after.as_millis() as u64),
-                ..rendered(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    Some("rate_limit_exceeded"),
-                    self.to_string(),
-                )
-            },
             ApiError::Route(RouteError::NoRoute(message))
             | ApiError::Billing(BillingError::UnpricedModel(message)) => rendered(
                 StatusCode::NOT_FOUND,
@@ -731,6 +723,24 @@ mod tests {
                 413,
                 "invalid_request_error",
                 Some("request_too_large"),
+            ),
+            (
+                ApiError::BodyReadTimedOut(crate::admission::BodyReadTimedOut {
+                    timeout_ms: 10_000,
+                    min_bytes_per_second: 8_192,
+                    received: 3,
+                }),
+                408,
+                "invalid_request_error",
+                Some("request_timeout"),
+            ),
+            (
+                ApiError::AuthThrottled {
+                    retry_after: Duration::from_secs(10),
+                },
+                429,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
             ),
             (
                 RouteError::NoRoute("m".into()).into(),
