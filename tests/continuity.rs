@@ -3,7 +3,9 @@
 
 mod harness;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
 
 use harness::{Gateway, billing, channel, chat, simulator, start};
 use serde_json::{Value, json};
@@ -138,6 +140,85 @@ async fn a_key_refused_for_good_answers_the_refusal_not_503() {
     }
     let state = channel_state(&gateway, "only").await;
     assert_eq!(state["keys"][0]["state"]["state"], "refused", "{state}");
+}
+
+/// A model on two channels, the first accepting connections and never answering: with the
+/// default settings, whole and streamed requests waiting on it move to the healthy channel within
+/// 3 s, and the requests after them go there at once.
+#[tokio::test]
+async fn a_silent_channel_is_left_within_3_seconds() {
+    let silent = simulator().await;
+    let healthy = simulator().await;
+    silent.set_standing_fault(Some(Fault {
+        delay_ms: Some(30_000),
+        ..Fault::default()
+    }));
+    let gateway = start(&format!(
+        "{}{}{}",
+        billing(1_000_000),
+        channel("silent", &silent, 1),
+        channel("healthy", &healthy, 2)
+    ))
+    .await
+    .expect("the gateway starts");
+    let started = Instant::now();
+    let requests = (0..4).map(|index| {
+        let mut body = chat("x");
+        body["stream"] = json!(index % 2 == 1);
+        let gateway = &gateway;
+        async move { gateway.post("/v1/chat/completions", &body, &[]).await }
+    });
+    let answers = tokio::time::timeout(Duration::from_secs(20), join_all(requests))
+        .await
+        .expect("no request waits out the silent channel's timeouts");
+    let waited = started.elapsed();
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.json);
+    }
+    assert!(
+        waited < Duration::from_secs(3),
+        "requests left the silent channel after {waited:?}"
+    );
+    let classes = attempt_classes(&gateway, &answers[0].request_id()).await;
+    assert_eq!(classes, ["channel_silent"]);
+
+    let started = Instant::now();
+    let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the next request goes to the healthy channel first"
+    );
+    assert_eq!(healthy.calls(), 5);
+}
+
+/// A channel that takes long over one whole answer but answers the probe is not silent: the call
+/// stays, and is answered there.
+#[tokio::test]
+async fn a_slow_answer_on_a_channel_that_answers_stays() {
+    let slow = simulator().await;
+    let healthy = simulator().await;
+    slow.push_fault(Fault {
+        delay_ms: Some(3_500),
+        ..Fault::default()
+    });
+    let gateway = start(&format!(
+        "{}{}{}",
+        billing(1_000_000),
+        channel("slow", &slow, 1),
+        channel("healthy", &healthy, 2)
+    ))
+    .await
+    .expect("the gateway starts");
+    let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    let record = gateway.record_eventually(&answer.request_id()).await;
+    assert_eq!(record["channel"], "slow", "{record}");
+    assert_eq!(healthy.calls(), 0);
+    assert!(
+        slow.calls() >= 2,
+        "the channel was probed while the answer came"
+    );
 }
 
 /// A gateway with one channel whose timeouts are first byte and idle 1 s, total 3 s.

@@ -294,7 +294,7 @@ fn upstream_rendered(error: &UpstreamError) -> Rendered {
                 "No upstream for this model is available right now; retry later.".to_owned(),
             )
         },
-        UpstreamError::Timeout { .. } => rendered(
+        UpstreamError::Timeout { .. } | UpstreamError::Silent { .. } => rendered(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream_error",
             Some("upstream_timeout"),
@@ -812,6 +812,15 @@ mod tests {
                 UpstreamError::Timeout {
                     channel: "c".into(),
                     phase: crate::upstream::TimeoutPhase::Headers,
+                }
+                .into(),
+                504,
+                "upstream_error",
+                Some("upstream_timeout"),
+            ),
+            (
+                UpstreamError::Silent {
+                    channel: "c".into(),
                 }
                 .into(),
                 504,

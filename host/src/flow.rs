@@ -416,10 +416,17 @@ pub async fn count_tokens(
         let translator = translate::translator(&context, channel)?;
         let attempt_context = translate::attempt_context(&context, channel, attempt);
         let forwarded = translate::forward(&translator, channel, &attempt_context, inbound).await?;
-        let key = key.map(|index| &channel.keys[index]);
         let first_byte = channel.first_byte_timeout(&context.request.model);
         let sent_at = Instant::now();
-        let answered = match upstream::send(channel, key, forwarded.value, first_byte).await {
+        // The local estimate is always left to go to.
+        let probe = translate::SilenceProbe {
+            translator: &forwarded.ran,
+            attempt: &attempt_context,
+        };
+        let sent =
+            upstream::send_or_leave(&attempt.channel, key, forwarded.value, first_byte, &probe)
+                .await;
+        let answered = match sent {
             Ok(response) => {
                 let max_bytes = gateway.max_upstream_body_bytes;
                 upstream::read_whole(channel, response, max_bytes, sent_at).await
@@ -475,20 +482,20 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
     }
     context.grant = Some(grant);
     let deadline = context.received_at + gateway.failover_budget;
-    let last_error = match run_plan(gateway, context, &plan, deadline).await {
+    let fallback = gateway.fallbacks.get(&context.request.model).cloned();
+    let last_error = match run_plan(gateway, context, &plan, deadline, fallback.is_some()).await {
         Ok(answered) => return Ok(answered),
         Err(PlanFailure::Fatal(error)) => return Err(error),
         Err(PlanFailure::Failed(error)) => error,
     };
     // Degradation: every channel of the asked model failed; its configured fallback may serve.
-    let fallback = gateway.fallbacks.get(&context.request.model).cloned();
     if let Some(fallback) = fallback
         && Instant::now() < deadline
     {
         tracing::warn!(model = %context.request.model, %fallback, "every route failed; degrading");
         context.degraded_from = Some(std::mem::replace(&mut context.request.model, fallback));
         let plan = route::plan(gateway, context).await?;
-        return match run_plan(gateway, context, &plan, deadline).await {
+        return match run_plan(gateway, context, &plan, deadline, false).await {
             Ok(answered) => Ok(answered),
             Err(PlanFailure::Fatal(error)) => Err(error),
             Err(PlanFailure::Failed(error)) => Err(error.into()),
@@ -507,19 +514,24 @@ enum PlanFailure {
 
 /// Runs a plan's attempts in order until one answers. A route held back by its circuit or its
 /// keys' state is not skipped but moved to the end: those are tried last, anyway, so a breaker or
-/// a resting key reorders traffic and never refuses it alone.
+/// a resting key reorders traffic and never refuses it alone. `fallback_after`: a fallback model
+/// is left to try when the plan fails.
 async fn run_plan(
     gateway: &Gateway,
     context: &mut RequestContext,
     plan: &route::Plan,
     deadline: Instant,
+    fallback_after: bool,
 ) -> Result<Answered, PlanFailure> {
     let mut last_error = None;
     let mut held_back = Vec::new();
     let mut held_back_error = None;
-    for attempt in &plan.attempts {
+    for (index, attempt) in plan.attempts.iter().enumerate() {
+        let routes_left =
+            fallback_after || index + 1 < plan.attempts.len() || !held_back.is_empty();
+        let pass = Pass::Usable { routes_left };
         // Failover only before the first byte: an attempt fails only before it sent any.
-        match attempt_channel(gateway, context, attempt, deadline, Pass::Usable).await {
+        match attempt_channel(gateway, context, attempt, deadline, pass).await {
             ChannelOutcome::Answered(answered) => return Ok(*answered),
             ChannelOutcome::Failed(error) => last_error = Some(error),
             ChannelOutcome::HeldBack(error) => {
@@ -532,11 +544,14 @@ async fn run_plan(
             break;
         }
     }
-    for attempt in held_back {
+    let held_back_count = held_back.len();
+    for (index, attempt) in held_back.into_iter().enumerate() {
         if Instant::now() >= deadline {
             break;
         }
-        match attempt_channel(gateway, context, attempt, deadline, Pass::LastResort).await {
+        let routes_left = fallback_after || index + 1 < held_back_count;
+        let pass = Pass::LastResort { routes_left };
+        match attempt_channel(gateway, context, attempt, deadline, pass).await {
             ChannelOutcome::Answered(answered) => return Ok(*answered),
             ChannelOutcome::Failed(error) | ChannelOutcome::HeldBack(error) => {
                 last_error = Some(error);
@@ -549,13 +564,22 @@ async fn run_plan(
         .map_or(PlanFailure::Fatal(ApiError::NoAttempt), PlanFailure::Failed))
 }
 
-/// Which routes a pass over the plan calls.
+/// Which routes a pass over the plan calls. `routes_left`: another route (or a fallback model)
+/// remains after this one, so a call may leave a silent channel for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
     /// Routes whose circuits are closed (or due a probe) with a key that may be used now.
-    Usable,
+    Usable { routes_left: bool },
     /// The routes the first pass held back, whatever their circuits and keys say.
-    LastResort,
+    LastResort { routes_left: bool },
+}
+
+impl Pass {
+    fn routes_left(self) -> bool {
+        match self {
+            Pass::Usable { routes_left } | Pass::LastResort { routes_left } => routes_left,
+        }
+    }
 }
 
 /// How one planned channel ended.
@@ -603,15 +627,17 @@ async fn attempt_channel(
         let now = Instant::now();
         let model_health = channel.model_health.get(&context.request.model);
         let admitted = match (model_health, pass) {
-            (Some(model_health), Pass::Usable) => {
+            (Some(model_health), Pass::Usable { .. }) => {
                 ChannelHealth::admit_all(&[&channel.health, model_health], now)
             }
-            (None, Pass::Usable) => channel.health.admit(now),
-            (Some(model_health), Pass::LastResort) => Some(ChannelHealth::admit_anyway(&[
+            (None, Pass::Usable { .. }) => channel.health.admit(now),
+            (Some(model_health), Pass::LastResort { .. }) => Some(ChannelHealth::admit_anyway(&[
                 &channel.health,
                 model_health,
             ])),
-            (None, Pass::LastResort) => Some(ChannelHealth::admit_anyway(&[&channel.health])),
+            (None, Pass::LastResort { .. }) => {
+                Some(ChannelHealth::admit_anyway(&[&channel.health]))
+            }
         };
         let Some(admission) = admitted else {
             context
@@ -629,7 +655,7 @@ async fn attempt_channel(
             &attempt.upstream_model,
             now,
             &tried_keys,
-            pass == Pass::LastResort,
+            matches!(pass, Pass::LastResort { .. }),
         );
         let key = match picked {
             Ok(key) => key,
@@ -661,7 +687,7 @@ async fn attempt_channel(
             latency_ms: 0,
             ttfb_ms: None,
         });
-        let result = try_attempt(gateway, context, attempt, key)
+        let result = try_attempt(gateway, context, attempt, key, pass.routes_left())
             .instrument(span)
             .await;
         context.attempt_in_flight = None;
@@ -749,6 +775,11 @@ async fn attempt_channel(
                 admission.neutral();
                 return ChannelOutcome::Failed(error);
             }
+            // Not again: the channel answers nothing now, and another route is left.
+            _ if matches!(error, UpstreamError::Silent { .. }) => {
+                admission.failed(Instant::now(), false);
+                return ChannelOutcome::Failed(error);
+            }
             _ => {
                 admission.failed(Instant::now(), error.upstream_answered());
                 let backoff = retry_backoff(channel.config.retry_backoff_ms, retries);
@@ -791,12 +822,14 @@ fn skipped(
 
 /// One attempt: translate (or, on a channel of the client's own protocol, forward), call, and
 /// deliver (whole answer, or a stream whose first content came). Returns the reply and its time to
-/// first byte (first content for streams, the answer's headers otherwise).
+/// first byte (first content for streams, the answer's headers otherwise). With `routes_left`,
+/// the call leaves a channel that goes silent before its headers.
 async fn try_attempt(
     gateway: &Gateway,
     context: &mut RequestContext,
     attempt: &PlannedAttempt,
     key: Option<usize>,
+    routes_left: bool,
 ) -> Result<(Reply, Duration), TranslateError> {
     let started = Instant::now();
     let channel = attempt.channel.as_ref();
@@ -829,7 +862,6 @@ async fn try_attempt(
     let translator = translated.ran;
     let upstream_request = translated.value;
     let framing = upstream_request.framing;
-    let key = key.map(|index| &channel.keys[index]);
     let waiting = Instant::now();
     let first_byte = channel.first_byte_timeout(&context.request.model);
     if !context.reached_upstream {
@@ -838,7 +870,17 @@ async fn try_attempt(
     }
     // The attempt's first-byte and total timeouts count from here.
     let sent_at = waiting;
-    let sent = upstream::send(channel, key, upstream_request, first_byte).await;
+    let sent = if routes_left {
+        let probe = translate::SilenceProbe {
+            translator: &translator,
+            attempt: &attempt_context,
+        };
+        let channel = &attempt.channel;
+        upstream::send_or_leave(channel, key, upstream_request, first_byte, &probe).await
+    } else {
+        let key = key.map(|index| &channel.keys[index]);
+        upstream::send(channel, key, upstream_request, first_byte).await
+    };
     context.upstream_wait += waiting.elapsed();
     let response = sent?;
     let reply = if let (true, Some(framing)) = (context.request.stream, framing) {

@@ -30,6 +30,12 @@ pub struct HealthConfig {
     pub min_samples: u32,
     /// How long an open circuit rejects calls before a probe, in milliseconds.
     pub cooldown_ms: u64,
+    /// How long a call may wait for its response headers before the channel is asked whether it
+    /// still answers anything, in milliseconds; 0 turns the silence probe off.
+    pub silence_probe_after_ms: u64,
+    /// How long that probe waits for its own response headers before the channel is judged
+    /// silent, in milliseconds.
+    pub silence_probe_timeout_ms: u64,
 }
 
 impl Default for HealthConfig {
@@ -39,6 +45,8 @@ impl Default for HealthConfig {
             error_rate_permille: 500,
             min_samples: 20,
             cooldown_ms: 5_000,
+            silence_probe_after_ms: 1_000,
+            silence_probe_timeout_ms: 1_500,
         }
     }
 }
@@ -231,6 +239,13 @@ impl Admission {
 }
 
 impl ChannelHealth {
+    /// Opens the circuit now, whatever its state: the channel was judged silent.
+    pub fn trip(&self, now: Instant) {
+        self.state().circuit = CircuitState::Open {
+            until: now + Duration::from_millis(self.config.cooldown_ms),
+        };
+    }
+
     fn record_success(&self, latency: Duration, ttfb: Duration) {
         let mut state = self.state();
         let ewma = |old: Option<f64>, new: f64| {
@@ -270,6 +285,128 @@ impl Drop for Part {
     }
 }
 
+/// Whether a channel still answers, for the calls waiting on it for response headers.
+///
+/// A whole answer's headers come only when the model has finished, so a long wait proves nothing
+/// by itself; a channel that accepts connections and never answers looks the same for up to the
+/// first-byte timeout, which the failover budget cannot outlast. So a call that has waited
+/// `silence_probe_after_ms` asks: did the channel answer the headers of any call sent after this
+/// one, within that time? If not, one small streamed request (the probe, shared by every waiting
+/// call) is sent; providers send a stream's headers at once. No headers within
+/// `silence_probe_timeout_ms`: the channel is silent, and every call sent before the probe leaves
+/// it for the next route.
+#[derive(Debug)]
+pub struct SilenceWatch {
+    after: Duration,
+    probe_timeout: Duration,
+    state: Mutex<SilenceState>,
+    /// Bumped when a probe ends.
+    probe_ended: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct SilenceState {
+    /// The send time of the latest call whose response headers came.
+    answered_sent_at: Option<Instant>,
+    /// The send time of the probe in flight.
+    probe_sent_at: Option<Instant>,
+    /// The send time of the latest probe that got no headers in time.
+    silent_at: Option<Instant>,
+}
+
+/// What a call without response headers should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SilenceCheck {
+    /// A probe sent after the call got no answer: leave.
+    Silent,
+    /// A call sent after this one was answered; ask again at `until`.
+    Answering {
+        /// When that evidence is too old.
+        until: Instant,
+    },
+    /// A probe is under way: wait for it to end.
+    Probing,
+    /// Send the probe now; report it with [`SilenceWatch::probed`].
+    Probe,
+}
+
+impl SilenceWatch {
+    /// A watch with the `[health]` settings.
+    pub fn new(config: &HealthConfig) -> Self {
+        Self {
+            after: Duration::from_millis(config.silence_probe_after_ms),
+            probe_timeout: Duration::from_millis(config.silence_probe_timeout_ms),
+            state: Mutex::default(),
+            probe_ended: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// How long a call waits for headers before checking; `None` when probes are off.
+    pub fn after(&self) -> Option<Duration> {
+        (!self.after.is_zero()).then_some(self.after)
+    }
+
+    /// How long the probe waits for its headers.
+    pub fn probe_timeout(&self) -> Duration {
+        self.probe_timeout
+    }
+
+    fn state(&self) -> MutexGuard<'_, SilenceState> {
+        // Every update leaves the state consistent, so a panicked holder cannot corrupt it.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The response headers of a call sent at `sent_at` came.
+    pub fn heard(&self, sent_at: Instant) {
+        let mut state = self.state();
+        state.answered_sent_at = state.answered_sent_at.max(Some(sent_at));
+    }
+
+    /// Asked by a call sent at `sent_at` that is still waiting for its headers. [`SilenceCheck::Probe`]
+    /// makes the caller the prober.
+    pub fn check(&self, sent_at: Instant, now: Instant) -> SilenceCheck {
+        let mut state = self.state();
+        if state.silent_at.is_some_and(|silent| silent >= sent_at) {
+            return SilenceCheck::Silent;
+        }
+        if let Some(answered) = state.answered_sent_at
+            && answered >= sent_at
+            && answered + self.after > now
+        {
+            return SilenceCheck::Answering {
+                until: answered + self.after,
+            };
+        }
+        if state.probe_sent_at.is_some() {
+            return SilenceCheck::Probing;
+        }
+        state.probe_sent_at = Some(now);
+        SilenceCheck::Probe
+    }
+
+    /// The probe ended: it got headers (`Some(true)`), got none in time (`Some(false)`), or could
+    /// not be sent (`None`).
+    pub fn probed(&self, answered: Option<bool>) {
+        let mut state = self.state();
+        if let Some(sent_at) = state.probe_sent_at.take() {
+            match answered {
+                Some(true) => state.answered_sent_at = state.answered_sent_at.max(Some(sent_at)),
+                Some(false) => state.silent_at = state.silent_at.max(Some(sent_at)),
+                None => {}
+            }
+        }
+        drop(state);
+        self.probe_ended.send_modify(|ended| *ended += 1);
+    }
+
+    /// Follows the ends of probes.
+    pub fn probe_ends(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.probe_ended.subscribe()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +417,7 @@ mod tests {
             error_rate_permille: 500,
             min_samples: 20,
             cooldown_ms: 1_000,
+            ..HealthConfig::default()
         }
     }
 
@@ -361,5 +499,79 @@ mod tests {
         assert_eq!(snapshot.in_flight, 0);
         health.admit(now).expect("closed").failed(now, false);
         assert_eq!(health.snapshot(now).error_rate_permille, 200);
+    }
+
+    fn watch() -> SilenceWatch {
+        SilenceWatch::new(&HealthConfig {
+            silence_probe_after_ms: 1_000,
+            ..HealthConfig::default()
+        })
+    }
+
+    #[test]
+    fn a_call_is_vouched_for_by_a_later_call_answered_recently() {
+        let watch = watch();
+        let sent = Instant::now();
+        let later = sent + Duration::from_millis(100);
+        watch.heard(sent - Duration::from_millis(1));
+        assert_eq!(
+            watch.check(sent, sent + Duration::from_millis(1_000)),
+            SilenceCheck::Probe,
+            "an answer to an earlier call proves nothing"
+        );
+        watch.probed(None);
+        watch.heard(later);
+        let check_at = sent + Duration::from_millis(1_000);
+        assert_eq!(
+            watch.check(sent, check_at),
+            SilenceCheck::Answering {
+                until: later + Duration::from_millis(1_000)
+            }
+        );
+        assert_eq!(
+            watch.check(sent, later + Duration::from_millis(1_000)),
+            SilenceCheck::Probe,
+            "evidence goes stale"
+        );
+    }
+
+    #[test]
+    fn one_probe_at_a_time_and_its_failure_silences_the_calls_sent_before_it() {
+        let watch = watch();
+        let sent = Instant::now();
+        let now = sent + Duration::from_millis(1_000);
+        assert_eq!(watch.check(sent, now), SilenceCheck::Probe);
+        assert_eq!(watch.check(sent, now), SilenceCheck::Probing);
+        watch.probed(Some(false));
+        assert_eq!(watch.check(sent, now), SilenceCheck::Silent);
+        let after_the_probe = now + Duration::from_millis(1);
+        assert_eq!(
+            watch.check(
+                after_the_probe,
+                after_the_probe + Duration::from_millis(1_000)
+            ),
+            SilenceCheck::Probe,
+            "a call sent after the failed probe needs a probe of its own"
+        );
+        watch.probed(Some(true));
+        assert_eq!(
+            watch.check(
+                after_the_probe,
+                after_the_probe + Duration::from_millis(1_000)
+            ),
+            SilenceCheck::Answering {
+                until: after_the_probe + Duration::from_millis(2_000)
+            }
+        );
+    }
+
+    #[test]
+    fn a_probe_not_sent_lets_the_next_call_probe() {
+        let watch = watch();
+        let sent = Instant::now();
+        let now = sent + Duration::from_millis(1_000);
+        assert_eq!(watch.check(sent, now), SilenceCheck::Probe);
+        watch.probed(None);
+        assert_eq!(watch.check(sent, now), SilenceCheck::Probe);
     }
 }

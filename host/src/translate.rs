@@ -19,7 +19,7 @@ use crate::plugin::{Binding, PluginError, Role};
 use crate::request::ClientRequest;
 use crate::route::PlannedAttempt;
 use crate::secrets::SecretScrubber;
-use crate::upstream::UpstreamError;
+use crate::upstream::{ProbeRequest, UpstreamError};
 
 /// A translated whole answer.
 pub use crate::plugin::translator::TranslatedAnswer as Answer;
@@ -195,6 +195,42 @@ pub async fn request(
         .call(|binding| async move { binding.translate_request(kind, attempt, body).await })
         .await?
         .try_map(|translated| translated.map_err(|error| plugin_error(channel, error)))
+}
+
+/// The request of a channel's silence probe (see [`crate::health::SilenceWatch`]): the smallest
+/// streamed chat of the attempt's model, built by the translator of the attempt, so it goes where
+/// and how that channel's calls go.
+pub struct SilenceProbe<'a> {
+    /// The attempt's translator.
+    pub translator: &'a Binding,
+    /// The attempt.
+    pub attempt: &'a AttemptContext,
+}
+
+impl ProbeRequest for SilenceProbe<'_> {
+    async fn build(&self) -> Option<UpstreamRequest> {
+        let probe = AttemptContext {
+            operation: Operation::Chat,
+            stream: true,
+            include_usage: false,
+            ..self.attempt.clone()
+        };
+        let body = serde_json::json!({
+            "model": self.attempt.public_model,
+            "messages": [{"role": "user", "content": "ping"}],
+            "max_tokens": 1,
+            "stream": true,
+        })
+        .to_string();
+        match self
+            .translator
+            .translate_request(RequestKind::Chat, &probe, &body)
+            .await
+        {
+            Ok(Ok(request)) => Some(request),
+            _ => None,
+        }
+    }
 }
 
 /// Builds the upstream request that forwards the client's own body to a channel of its protocol,

@@ -5,12 +5,14 @@
 //! [`UpstreamError`] whose [`UpstreamError::is_retryable`] decides failover. Next: translate the
 //! answer (non-stream) or stream it.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
 
 use crate::gateway::{Channel, UpstreamKey};
+use crate::health::{SilenceCheck, SilenceWatch};
 use crate::plugin::translator::{
     AuthPlacement, FailureClass, HttpMethod, UpstreamFailure, UpstreamRequest, UpstreamResponse,
 };
@@ -96,6 +98,13 @@ pub enum UpstreamError {
         /// The translator's message.
         reason: String,
     },
+    /// No response headers yet, and the channel answered no probe sent after the call: it left
+    /// for the next route.
+    #[error("channel `{channel}`: silent")]
+    Silent {
+        /// The channel.
+        channel: String,
+    },
     /// The channel's circuit is open: it was not called.
     #[error("channel `{channel}`: circuit open")]
     CircuitOpen {
@@ -132,6 +141,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect { .. } => "connect",
             UpstreamError::Timeout { phase, .. } => phase.class(),
+            UpstreamError::Silent { .. } => "channel_silent",
             UpstreamError::Failure { failure, .. } => match failure.class {
                 FailureClass::Authentication => "authentication",
                 FailureClass::RateLimited => "rate_limited",
@@ -232,6 +242,7 @@ pub async fn send(
             AuthPlacement::Query(parameter) => builder.query(&[(parameter, secret)]),
         };
     }
+    let sent_at = Instant::now();
     match tokio::time::timeout(first_byte, builder.body(request.body).send()).await {
         Err(_) => Err(UpstreamError::Timeout {
             channel: name.clone(),
@@ -245,8 +256,112 @@ pub async fn send(
             channel: name.clone(),
             source,
         }),
-        Ok(Ok(response)) => Ok(response),
+        Ok(Ok(response)) => {
+            channel.silence.heard(sent_at);
+            Ok(response)
+        }
     }
+}
+
+/// Builds the request of a channel's silence probe when one is needed.
+pub trait ProbeRequest {
+    /// The request, or `None` when none can be built.
+    fn build(&self) -> impl Future<Output = Option<UpstreamRequest>> + Send;
+}
+
+/// [`send`], leaving the channel early when it goes silent (see [`SilenceWatch`]): for a call
+/// that has another route to go to.
+pub async fn send_or_leave(
+    channel: &Arc<Channel>,
+    key: Option<usize>,
+    request: UpstreamRequest,
+    first_byte: Duration,
+    probe_request: &impl ProbeRequest,
+) -> Result<reqwest::Response, UpstreamError> {
+    let sent_at = Instant::now();
+    let upstream_key = key.map(|index| &channel.keys[index]);
+    tokio::select! {
+        sent = send(channel, upstream_key, request, first_byte) => sent,
+        () = silence(channel, key, sent_at, probe_request) => Err(UpstreamError::Silent {
+            channel: channel.config.name.clone(),
+        }),
+    }
+}
+
+/// Ends when the channel is judged silent for a call sent at `sent_at`; never when probes are
+/// off or the probe cannot be built.
+async fn silence(
+    channel: &Arc<Channel>,
+    key: Option<usize>,
+    sent_at: Instant,
+    probe_request: &impl ProbeRequest,
+) {
+    let Some(after) = channel.silence.after() else {
+        return std::future::pending().await;
+    };
+    let mut probe_ends = channel.silence.probe_ends();
+    let mut check_at = sent_at + after;
+    loop {
+        tokio::time::sleep_until(check_at.into()).await;
+        probe_ends.borrow_and_update();
+        match channel.silence.check(sent_at, Instant::now()) {
+            SilenceCheck::Silent => return,
+            SilenceCheck::Answering { until } => {
+                check_at = until;
+                continue;
+            }
+            SilenceCheck::Probing => {}
+            SilenceCheck::Probe => {
+                let claim = ProbeClaim(Some(&channel.silence));
+                let Some(request) = probe_request.build().await else {
+                    // The claim's drop reports it; waiting calls fall back on their timeouts.
+                    drop(claim);
+                    return std::future::pending().await;
+                };
+                claim.handed_over();
+                tokio::spawn(probe(Arc::clone(channel), key, request));
+            }
+        }
+        if probe_ends.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        check_at = Instant::now();
+    }
+}
+
+/// The right to send the channel's probe, given back if the call goes (its headers came) before
+/// the probe left.
+struct ProbeClaim<'w>(Option<&'w SilenceWatch>);
+
+impl ProbeClaim<'_> {
+    fn handed_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ProbeClaim<'_> {
+    fn drop(&mut self) {
+        if let Some(watch) = self.0 {
+            watch.probed(None);
+        }
+    }
+}
+
+/// Sends the probe and reports whether its headers came in time; a silent channel's circuit
+/// opens, so the requests after go elsewhere first.
+async fn probe(channel: Arc<Channel>, key: Option<usize>, request: UpstreamRequest) {
+    let timeout = channel.silence.probe_timeout();
+    let key = key.map(|index| &channel.keys[index]);
+    let answered = send(&channel, key, request, timeout).await.is_ok();
+    if !answered {
+        tracing::warn!(
+            channel = %channel.config.name,
+            timeout_ms = timeout.as_millis() as u64,
+            "channel silent: no headers to a probe; its waiting calls leave"
+        );
+        channel.health.trip(Instant::now());
+    }
+    channel.silence.probed(Some(answered));
 }
 
 /// The translator's path (`/chat/completions`, `/models/m:streamGenerateContent?alt=sse`) under the

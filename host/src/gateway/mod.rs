@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{BindingConfig, ChannelConfig, Config, ModelLimits, PluginsConfig};
-use crate::health::{ChannelHealth, HealthConfig};
+use crate::health::{ChannelHealth, HealthConfig, SilenceWatch};
 use crate::limit::Limiter;
 use crate::metrics::Metrics;
 use crate::plugin::table::{BindingTable, Resolved, Scope};
@@ -39,6 +39,8 @@ pub struct Channel {
     pub health: Arc<ChannelHealth>,
     /// Live health and circuit breaker per public model it serves.
     pub model_health: HashMap<String, Arc<ChannelHealth>>,
+    /// Whether it still answers, for the calls waiting on it.
+    pub silence: SilenceWatch,
     /// Takes its keys out of what its upstream writes in errors.
     pub secrets: Arc<SecretScrubber>,
 }
@@ -798,6 +800,7 @@ fn channel_with_keys(
             .keys()
             .map(|model| (model.clone(), ChannelHealth::new(health.clone())))
             .collect(),
+        silence: SilenceWatch::new(health),
         secrets,
     })
 }
