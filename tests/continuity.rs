@@ -192,6 +192,48 @@ async fn a_silent_channel_is_left_within_3_seconds() {
     assert_eq!(healthy.calls(), 5);
 }
 
+/// A stream whose upstream sent its headers, then went silent with its whole channel (new calls
+/// get no headers), leaves within 3 s while nothing has reached the client.
+#[tokio::test]
+async fn a_stream_waiting_for_content_leaves_a_channel_gone_silent() {
+    let silent = simulator().await;
+    let healthy = simulator().await;
+    silent.push_fault(Fault {
+        hold_after_chunks: Some(0),
+        ..Fault::default()
+    });
+    silent.set_standing_fault(Some(Fault {
+        delay_ms: Some(30_000),
+        ..Fault::default()
+    }));
+    let gateway = start(&format!(
+        "{}{}{}",
+        billing(1_000_000),
+        channel("silent", &silent, 1),
+        channel("healthy", &healthy, 2)
+    ))
+    .await
+    .expect("the gateway starts");
+    let mut body = chat("x");
+    body["stream"] = json!(true);
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(20),
+        gateway.post("/v1/chat/completions", &body, &[]),
+    )
+    .await
+    .expect("the stream does not wait out the first-byte timeout");
+    let waited = started.elapsed();
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert!(
+        waited < Duration::from_secs(3),
+        "the stream left after {waited:?}"
+    );
+    let classes = attempt_classes(&gateway, &answer.request_id()).await;
+    assert_eq!(classes, ["channel_silent"]);
+    assert_eq!(healthy.calls(), 1);
+}
+
 /// A channel that takes long over one whole answer but answers the probe is not silent: the call
 /// stays, and is answered there.
 #[tokio::test]
@@ -219,6 +261,186 @@ async fn a_slow_answer_on_a_channel_that_answers_stays() {
         slow.calls() >= 2,
         "the channel was probed while the answer came"
     );
+}
+
+/// One provider's part of the fault run: its public model, simulator and overload status.
+struct Provider {
+    model: &'static str,
+    sim: tollgate_simulator::Simulator,
+    overload: u16,
+}
+
+/// Each fault of the run on `provider`'s only route, one request each: faulted requests get an
+/// error envelope (or a cut stream), never a hang; the request that waits out the 10 s stall
+/// before the headers is answered.
+async fn run_faults(gateway: &Gateway, provider: &Provider) {
+    let whole = json!({"model": provider.model, "messages": [{"role": "user", "content": "x"}]});
+    let mut streamed = whole.clone();
+    streamed["stream"] = json!(true);
+    let faults = [
+        (failing(500), &whole),
+        (failing(500), &whole),
+        (failing(500), &whole),
+        (failing(provider.overload), &whole),
+        (
+            Fault {
+                cut_whole: true,
+                ..Fault::default()
+            },
+            &whole,
+        ),
+        (
+            Fault {
+                cut_after_chunks: Some(1),
+                ..Fault::default()
+            },
+            &streamed,
+        ),
+        (
+            Fault {
+                error_event: true,
+                ..Fault::default()
+            },
+            &streamed,
+        ),
+    ];
+    for (fault, body) in faults {
+        provider.sim.push_fault(fault.clone());
+        let answer = gateway.post("/v1/chat/completions", body, &[]).await;
+        let cut_stream = answer.status == 200 && body["stream"] == true;
+        assert!(
+            cut_stream || answer.json["error"]["message"].is_string(),
+            "{}: {fault:?}: {} {}",
+            provider.model,
+            answer.status,
+            answer.json
+        );
+    }
+    provider.sim.push_fault(Fault {
+        delay_ms: Some(10_000),
+        ..Fault::default()
+    });
+    let stalled = gateway.post("/v1/chat/completions", &whole, &[]).await;
+    assert_eq!(stalled.status, 200, "{}: {}", provider.model, stalled.json);
+    for _ in 0..2 {
+        provider.sim.push_fault(Fault {
+            status: Some(429),
+            retry_after_s: Some(1),
+            ..Fault::default()
+        });
+        let limited = gateway.post("/v1/chat/completions", &whole, &[]).await;
+        limited.assert_error(429, Some("rate_limit_exceeded"));
+    }
+}
+
+/// The issue's closing sequence: one gateway, without restart, takes every fault on each
+/// provider, and the normal requests right after (the official SDKs, retries off) all succeed; a
+/// channel whose key was refused still answers the refusal, not 503.
+#[tokio::test]
+async fn after_every_fault_on_every_provider_normal_requests_succeed() {
+    let providers = [
+        Provider {
+            model: "openai-model",
+            sim: simulator().await,
+            overload: 503,
+        },
+        Provider {
+            model: "anthropic-model",
+            sim: simulator().await,
+            overload: 529,
+        },
+        Provider {
+            model: "gemini-model",
+            sim: simulator().await,
+            overload: 503,
+        },
+    ];
+    let refusing = simulator().await;
+    refusing.set_standing_fault(Some(failing(401)));
+    let priced = |model: &str| format!(r#""{model}" = {{ input = 150000, output = 600000 }}"#);
+    let prices = [
+        "openai-model",
+        "anthropic-model",
+        "gemini-model",
+        "refused-model",
+    ]
+    .map(priced)
+    .join(", ");
+    let config = format!(
+        "[bindings.billing]\nplugin = \"price-table\"\n\
+         config = {{ credit_limit_micros = 10000000, models = {{ {prices} }} }}\n{}{}{}{}",
+        harness::protocol_channel(
+            "openai",
+            "openai",
+            &providers[0].sim.openai_base_url(),
+            1,
+            r#""openai-model" = "sim-model""#
+        ),
+        harness::protocol_channel(
+            "anthropic",
+            "anthropic",
+            &providers[1].sim.anthropic_base_url(),
+            1,
+            r#""anthropic-model" = "claude-sim""#
+        ),
+        harness::protocol_channel(
+            "gemini",
+            "gemini",
+            &providers[2].sim.gemini_base_url(),
+            1,
+            r#""gemini-model" = "gemini-sim""#
+        ),
+        harness::protocol_channel(
+            "refusing",
+            "openai",
+            &refusing.openai_base_url(),
+            1,
+            r#""refused-model" = "sim-model""#
+        ),
+    );
+    let gateway = start(&config).await.expect("the gateway starts");
+    let refused_body =
+        json!({"model": "refused-model", "messages": [{"role": "user", "content": "x"}]});
+    let refused = gateway
+        .post("/v1/chat/completions", &refused_body, &[])
+        .await;
+    refused.assert_error(502, Some("upstream_authentication"));
+
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        join_all(
+            providers
+                .iter()
+                .map(|provider| run_faults(&gateway, provider)),
+        ),
+    )
+    .await
+    .expect("the fault run ends");
+
+    let models = [("MODELS", "openai-model,anthropic-model,gemini-model")];
+    let python = harness::sdk_script("python3", "after_faults.py", &gateway, &models).await;
+    let node = harness::sdk_script("node", "after_faults.mjs", &gateway, &models).await;
+    for (sdk, results) in [("python", &python), ("node", &node)] {
+        for provider in &providers {
+            let result = &results[provider.model];
+            assert_eq!(
+                result["whole"],
+                format!("Echo: whole from {sdk}"),
+                "{sdk}: {results}"
+            );
+            assert_eq!(
+                result["stream"],
+                format!("Echo: stream from {sdk}"),
+                "{sdk}: {results}"
+            );
+            assert_eq!(result["tool"], "get_weather", "{sdk}: {results}");
+        }
+    }
+
+    let refused = gateway
+        .post("/v1/chat/completions", &refused_body, &[])
+        .await;
+    refused.assert_error(502, Some("upstream_authentication"));
 }
 
 /// A gateway with one channel whose timeouts are first byte and idle 1 s, total 3 s.

@@ -423,9 +423,10 @@ pub async fn count_tokens(
             translator: &forwarded.ran,
             attempt: &attempt_context,
         };
+        let upstream_key = key.map(|index| &channel.keys[index]);
+        let sending = upstream::send(channel, upstream_key, forwarded.value, first_byte);
         let sent =
-            upstream::send_or_leave(&attempt.channel, key, forwarded.value, first_byte, &probe)
-                .await;
+            upstream::unless_silent(&attempt.channel, key, sent_at, Some(&probe), sending).await;
         let answered = match sent {
             Ok(response) => {
                 let max_bytes = gateway.max_upstream_body_bytes;
@@ -870,17 +871,16 @@ async fn try_attempt(
     }
     // The attempt's first-byte and total timeouts count from here.
     let sent_at = waiting;
-    let sent = if routes_left {
-        let probe = translate::SilenceProbe {
-            translator: &translator,
-            attempt: &attempt_context,
-        };
-        let channel = &attempt.channel;
-        upstream::send_or_leave(channel, key, upstream_request, first_byte, &probe).await
-    } else {
-        let key = key.map(|index| &channel.keys[index]);
-        upstream::send(channel, key, upstream_request, first_byte).await
-    };
+    // With another route left, the wait for the headers and for a stream's first content ends
+    // when the channel goes silent.
+    let probe = routes_left.then(|| translate::SilenceProbe {
+        translator: &translator,
+        attempt: &attempt_context,
+    });
+    let upstream_key = key.map(|index| &channel.keys[index]);
+    let sending = upstream::send(channel, upstream_key, upstream_request, first_byte);
+    let sent =
+        upstream::unless_silent(&attempt.channel, key, sent_at, probe.as_ref(), sending).await;
     context.upstream_wait += waiting.elapsed();
     let response = sent?;
     let reply = if let (true, Some(framing)) = (context.request.stream, framing) {
@@ -914,15 +914,16 @@ async fn try_attempt(
             })
         };
         let waiting = Instant::now();
-        let opened = stream::open(
+        let opening = stream::open(
             &translator,
             relay,
             channel,
             &attempt_context,
             (response, sent_at),
             shape,
-        )
-        .await;
+        );
+        let opened =
+            upstream::unless_silent(&attempt.channel, key, sent_at, probe.as_ref(), opening).await;
         // Includes the translator's pushes before the first chunk: a few µs each.
         context.upstream_wait += waiting.elapsed();
         let open = counted(canary.as_ref(), opened)?.watched_by(canary);

@@ -269,22 +269,25 @@ pub trait ProbeRequest {
     fn build(&self) -> impl Future<Output = Option<UpstreamRequest>> + Send;
 }
 
-/// [`send`], leaving the channel early when it goes silent (see [`SilenceWatch`]): for a call
-/// that has another route to go to.
-pub async fn send_or_leave(
+/// `waiting` (for a call's headers, or a stream's first content), given up when the channel goes
+/// silent (see [`SilenceWatch`]) — for a call that has another route to go to, which gives a
+/// `probe`.
+pub async fn unless_silent<T, E: From<UpstreamError>>(
     channel: &Arc<Channel>,
     key: Option<usize>,
-    request: UpstreamRequest,
-    first_byte: Duration,
-    probe_request: &impl ProbeRequest,
-) -> Result<reqwest::Response, UpstreamError> {
-    let sent_at = Instant::now();
-    let upstream_key = key.map(|index| &channel.keys[index]);
+    sent_at: Instant,
+    probe: Option<&impl ProbeRequest>,
+    waiting: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let Some(probe) = probe else {
+        return waiting.await;
+    };
     tokio::select! {
-        sent = send(channel, upstream_key, request, first_byte) => sent,
-        () = silence(channel, key, sent_at, probe_request) => Err(UpstreamError::Silent {
+        done = waiting => done,
+        () = silence(channel, key, sent_at, probe) => Err(UpstreamError::Silent {
             channel: channel.config.name.clone(),
-        }),
+        }
+        .into()),
     }
 }
 

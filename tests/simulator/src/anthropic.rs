@@ -635,7 +635,7 @@ pub(crate) async fn messages(
         return stream(shared, fault, &id, &model, &answer);
     }
     let content: Vec<Value> = answer.blocks.iter().map(Block::whole).collect();
-    Json(json!({
+    let whole = json!({
         "id": id,
         "type": "message",
         "role": "assistant",
@@ -644,8 +644,8 @@ pub(crate) async fn messages(
         "stop_reason": answer.stop_reason,
         "stop_sequence": answer.stop_sequence,
         "usage": usage(&answer, answer.output_tokens)
-    }))
-    .into_response()
+    });
+    crate::whole_answer(&fault, &whole)
 }
 
 /// `POST /v1/messages/count_tokens`: the request as for `messages`, without `max_tokens`.

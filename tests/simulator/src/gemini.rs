@@ -609,7 +609,7 @@ fn generate(
         return Json(blocked).into_response();
     }
     if !stream {
-        return Json(json!({
+        let whole = json!({
             "candidates": [{
                 "content": {"role": "model", "parts": answer.parts_json()},
                 "finishReason": answer.finish_reason,
@@ -618,8 +618,8 @@ fn generate(
             "usageMetadata": answer.usage(),
             "modelVersion": model,
             "responseId": response_id
-        }))
-        .into_response();
+        });
+        return crate::whole_answer(&fault, &whole);
     }
     let event = |parts: Vec<Value>, finish: Option<&str>, usage: Option<Value>| {
         let mut candidate = json!({"content": {"role": "model", "parts": parts}, "index": 0});

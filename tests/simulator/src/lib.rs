@@ -46,6 +46,9 @@ pub struct Fault {
     pub delay_ms: Option<u64>,
     /// Streams: stop after this many content chunks by breaking the connection.
     pub cut_after_chunks: Option<usize>,
+    /// Whole answers: send the headers (with the full `content-length`) and half the body, then
+    /// break the connection.
+    pub cut_whole: bool,
     /// Answer as if the provider's safety filter blocked the prompt (Gemini: `promptFeedback`).
     pub safety_block: bool,
     /// Streams: end the body cleanly after this many chunks, mid-answer (no final event).
@@ -60,8 +63,7 @@ pub struct Fault {
     pub omit_usage: bool,
     /// Send the headers, then wait this long before the body (a stall after headers).
     pub stall_after_headers_ms: Option<u64>,
-    /// Send the body one byte at a time, this long apart: an upstream that drips (streams, and
-    /// OpenAI whole answers).
+    /// Send the body one byte at a time, this long apart: an upstream that drips.
     pub drip_interval_ms: Option<u64>,
     /// Report this model in the answer instead of the one asked for (a swapped model).
     pub served_model: Option<String>,
@@ -497,6 +499,46 @@ pub(crate) fn words(text: &str) -> u64 {
 }
 
 const CREATED: u64 = 1_732_000_000;
+
+/// Sends a whole JSON answer, applying the fault's stall, drip and cut.
+fn whole_answer(fault: &Fault, answer: &Value) -> Response {
+    let text = Bytes::from(answer.to_string());
+    let length = text.len();
+    let stall = Duration::from_millis(fault.stall_after_headers_ms.unwrap_or(0));
+    let pieces: Vec<Result<Bytes, std::io::Error>> = if fault.cut_whole {
+        vec![
+            Ok(text.slice(..length / 2)),
+            Err(std::io::Error::other("simulated cut")),
+        ]
+    } else if fault.drip_interval_ms.is_some() {
+        (0..length).map(|at| Ok(text.slice(at..=at))).collect()
+    } else {
+        vec![Ok(text)]
+    };
+    let drip = Duration::from_millis(fault.drip_interval_ms.unwrap_or(0));
+    let body = futures::StreamExt::then(
+        futures::stream::iter(pieces.into_iter().enumerate()),
+        move |(index, piece)| async move {
+            let wait = if index == 0 { stall } else { drip };
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            if piece.is_err() {
+                // Let the half before it leave first, as from an upstream that dies mid-answer.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            piece
+        },
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
 
 /// Sends SSE frames as a streamed body, applying the fault's stall, hold and cut.
 fn event_stream(shared: Arc<Shared>, fault: Fault, frames: Vec<Bytes>) -> Response {

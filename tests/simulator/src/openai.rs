@@ -1,15 +1,13 @@
 //! The OpenAI dialect: chat completions (whole and streamed), embeddings, models.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use futures::StreamExt as _;
 use serde_json::{Value, json};
 
 use crate::{CREATED, Dialect, Fault, Shared, admit, embedding, event_stream, lock, sample, words};
@@ -377,33 +375,7 @@ pub(crate) async fn chat_completions(
     {
         object.remove("usage");
     }
-    if let Some(interval) = fault.drip_interval_ms {
-        let text = Bytes::from(answer.to_string());
-        let body = futures::stream::iter(0..text.len()).then(move |at| {
-            let byte = text.slice(at..=at);
-            async move {
-                tokio::time::sleep(Duration::from_millis(interval)).await;
-                Ok::<_, std::io::Error>(byte)
-            }
-        });
-        return (
-            [(header::CONTENT_TYPE, "application/json")],
-            Body::from_stream(body),
-        )
-            .into_response();
-    }
-    let Some(stall) = fault.stall_after_headers_ms else {
-        return Json(answer).into_response();
-    };
-    let body = futures::stream::once(async move {
-        tokio::time::sleep(Duration::from_millis(stall)).await;
-        Ok::<_, std::io::Error>(Bytes::from(answer.to_string()))
-    });
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        Body::from_stream(body),
-    )
-        .into_response()
+    crate::whole_answer(&fault, &answer)
 }
 
 fn stream(
