@@ -541,6 +541,108 @@ async fn every_upstream_wait_ends_and_the_record_says_which() {
     );
 }
 
+/// A key of a new tenant `name`.
+async fn tenant_key(gateway: &Gateway, name: &str) -> String {
+    let created = gateway
+        .admin(
+            reqwest::Method::POST,
+            "/tenants",
+            Some(json!({"name": name})),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.json);
+    gateway
+        .admin(
+            reqwest::Method::POST,
+            &format!("/tenants/{name}/keys"),
+            None,
+        )
+        .await
+        .json["secret"]
+        .as_str()
+        .expect("a key")
+        .to_owned()
+}
+
+/// A chat request with tenant `key`: the status and body.
+async fn chat_as(gateway: &Gateway, key: &str, body: &Value) -> (u16, String) {
+    let answer = gateway
+        .http
+        .post(format!("{}/v1/chat/completions", gateway.url))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("the gateway answers");
+    let status = answer.status().as_u16();
+    (status, answer.text().await.expect("a body"))
+}
+
+/// Tenant acme's own router spins to its deadline on every call, 60 requests at once: its calls
+/// may hold only its share of the plugin instances, so another tenant is served meanwhile.
+#[tokio::test]
+async fn a_tenant_whose_plugin_calls_run_long_leaves_a_share_for_another() {
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "max_instances = 40\n{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("the gateway starts");
+    let other = tenant_key(&gateway, "globex").await;
+    let bytes = std::fs::read(harness::test_plugin(
+        "tollgate_test_plugin_scripted_router.wasm",
+    ))
+    .expect("the scripted router is built");
+    let uploaded = gateway.upload_plugin("scripted", bytes).await;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.json);
+    let binding =
+        json!({"plugin": "scripted", "config": {"misbehave": "loop"}, "deadline_ms": 200});
+    let bound = gateway
+        .admin(
+            reqwest::Method::PUT,
+            "/bindings?role=router&tenant=acme",
+            Some(binding),
+        )
+        .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+
+    let body = chat("x");
+    let spinning = join_all((0..60).map(|_| gateway.post("/v1/chat/completions", &body, &[])));
+    let served = async {
+        // Once acme's calls hold the instances, globex asks, whole and streamed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut statuses = Vec::new();
+        for round in 0..6 {
+            let mut request = chat("x");
+            request["stream"] = json!(round % 2 == 1);
+            statuses.push(chat_as(&gateway, &other, &request).await);
+        }
+        statuses
+    };
+    let (spun, statuses) = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures::future::join(spinning, served),
+    )
+    .await
+    .expect("every request ends");
+    for (round, (status, body)) in statuses.iter().enumerate() {
+        assert_eq!(*status, 200, "round {round}: {body}");
+    }
+    // acme's requests over its share are told to come back, never a 500 of the pool's.
+    let over_share: Vec<_> = spun.iter().filter(|answer| answer.status != 500).collect();
+    assert!(!over_share.is_empty(), "acme held more than its share");
+    for answer in over_share {
+        answer.assert_error(429, Some("rate_limit_exceeded"));
+        assert!(
+            answer.headers.contains_key("retry-after"),
+            "{:?}",
+            answer.headers
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_tenant_holding_streams_leaves_a_share_for_another() {
     let sim = simulator().await;
@@ -551,21 +653,7 @@ async fn a_tenant_holding_streams_leaves_a_share_for_another() {
     ))
     .await
     .expect("the gateway starts");
-    let created = gateway
-        .admin(
-            reqwest::Method::POST,
-            "/tenants",
-            Some(json!({"name": "globex"})),
-        )
-        .await;
-    assert_eq!(created.status, 201, "{}", created.json);
-    let other = gateway
-        .admin(reqwest::Method::POST, "/tenants/globex/keys", None)
-        .await
-        .json["secret"]
-        .as_str()
-        .expect("a key")
-        .to_owned();
+    let other = tenant_key(&gateway, "globex").await;
     // Tenant acme opens streams the upstream holds after their first chunk, until refused.
     sim.set_standing_fault(Some(Fault {
         hold_after_chunks: Some(2),
@@ -605,17 +693,8 @@ async fn a_tenant_holding_streams_leaves_a_share_for_another() {
     for round in 0..6 {
         let mut request = chat("x");
         request["stream"] = json!(round % 2 == 1);
-        let answer = gateway
-            .http
-            .post(format!("{}/v1/chat/completions", gateway.url))
-            .bearer_auth(&other)
-            .json(&request)
-            .send()
-            .await
-            .expect("the gateway answers");
-        let status = answer.status();
-        let text = answer.text().await.expect("a body");
-        assert_eq!(status, 200, "round {round}: {text}");
+        let (status, body) = chat_as(&gateway, &other, &request).await;
+        assert_eq!(status, 200, "round {round}: {body}");
     }
     sim.release();
     drop(held);

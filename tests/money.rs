@@ -352,9 +352,9 @@ config = {{ models = {{ "test-model" = {{ input = 0, output = 1000000 }} }} }}
 async fn streams_at_the_edge_of_the_plugin_pool_are_all_priced() {
     let sim = simulator().await;
     // A pool of 16 instances: each open stream holds one. The tenant may fill it (no fair share
-    // holds it back): this is about the pool's own edge.
+    // holds its streams or instances back): this is about the pool's own edge.
     let gateway = start(&format!(
-        "max_instances = 16\nmax_streams_per_tenant = 1000\n{}{}",
+        "max_instances = 16\nmax_streams_per_tenant = 1000\nmax_instances_per_tenant = 1000\n{}{}",
         harness::billing(0),
         channel("only", &sim, 1)
     ))

@@ -50,6 +50,7 @@ fn benchmarks(criterion: &mut Criterion) {
         max_instances: 100,
         max_memory_bytes: 256 << 20,
         cache_dir: cache.path().to_owned(),
+        max_instances_per_tenant: None,
     })
     .expect("the engine starts");
     let router = bind(&runtime, &tokio, Role::Router, "failover", "{}");

@@ -218,6 +218,10 @@ pub struct PluginsConfig {
     /// tenths split between the tenants with streams open, a tenth kept for tenants with none.
     /// Past it a stream request gets 429 `rate_limit_exceeded` with `retry-after`.
     pub max_streams_per_tenant: Option<u32>,
+    /// Each tenant's plugin instances held at once by its calls and streams, at most; none: the
+    /// same fair share as streams. Past it the call's request gets 429 `rate_limit_exceeded` with
+    /// `retry-after`.
+    pub max_instances_per_tenant: Option<u32>,
     /// Where compiled plugins are cached (default: `<data_dir>/plugin-cache`). Artifacts are keyed
     /// by plugin hash and engine build, so several gateways may share one directory.
     pub cache_dir: Option<PathBuf>,
@@ -233,6 +237,7 @@ impl Default for PluginsConfig {
             max_output_kib: 8 << 10,
             max_upload_mib: 32,
             max_streams_per_tenant: None,
+            max_instances_per_tenant: None,
             cache_dir: None,
         }
     }

@@ -163,6 +163,19 @@ fn rendered(
 }
 
 fn plugin_rendered(error: &PluginError) -> Rendered {
+    if let PluginError::TenantShare { .. } = error {
+        return Rendered {
+            retry_after_ms: Some(1000),
+            ..rendered(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+                "This tenant's requests hold their share of the gateway's plugin instances; retry \
+                 shortly."
+                    .to_owned(),
+            )
+        };
+    }
     if let PluginError::PoolFull { .. } = error {
         return Rendered {
             retry_after_ms: Some(1000),
@@ -512,6 +525,7 @@ impl ApiError {
             | ApiError::Translate(TranslateError::Plugin(error))
             | ApiError::Plugin(error) => match error.culprit().map(|(_, role)| role) {
                 _ if matches!(error, PluginError::PoolFull { .. }) => "gateway_busy",
+                _ if matches!(error, PluginError::TenantShare { .. }) => "tenant_share",
                 Some(Role::Router) => "plugin_router",
                 Some(Role::Translator) => "plugin_translator",
                 Some(Role::Billing) => "plugin_billing",

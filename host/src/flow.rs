@@ -28,7 +28,7 @@ use crate::plugin::billing::CallOutcome;
 use crate::plugin::router::Operation;
 use crate::plugin::table::{BindingTable, CanaryTally, Resolved};
 use crate::plugin::translator::{FailureClass, Usage};
-use crate::plugin::{Binding, PluginError, Role};
+use crate::plugin::{self, Binding, PluginError, Role};
 use crate::record;
 use crate::request::ClientRequest;
 use crate::route::{self, PlannedAttempt};
@@ -196,7 +196,8 @@ pub async fn run(
 ) -> Result<(Delivery, Served), ApiError> {
     let mut unsettled = Unsettled::new(gateway.clone(), context);
     let context = unsettled.context();
-    let answered = match deliver(&gateway, context).await {
+    let tenant = Arc::from(context.caller.tenant.as_str());
+    let answered = match plugin::serving(tenant, deliver(&gateway, context)).await {
         Ok(answered) => answered,
         Err(error) => {
             let usage = zero_usage();
@@ -389,6 +390,14 @@ async fn carry_stream(
 /// and the protocol's plugin writes the answer. Counting is free: nothing is held, charged or
 /// recorded, but the key's model allow-list and request rate apply.
 pub async fn count_tokens(
+    gateway: Arc<Gateway>,
+    context: RequestContext,
+) -> Result<String, ApiError> {
+    let tenant = Arc::from(context.caller.tenant.as_str());
+    plugin::serving(tenant, count_tokens_served(gateway, context)).await
+}
+
+async fn count_tokens_served(
     gateway: Arc<Gateway>,
     mut context: RequestContext,
 ) -> Result<String, ApiError> {

@@ -106,18 +106,15 @@ impl Limiter {
         }
     }
 
-    /// How many streams a tenant with `own` open may hold, `open` being every tenant's count:
-    /// the pool less a tenth kept for tenants with none, split between the tenants that have
-    /// streams open (this one included), and never less than a hundredth of the pool. A lone
-    /// tenant may use nine tenths of the pool; a newcomer always finds the reserve.
+    /// How many streams a tenant with `own` open may hold, `open` being every tenant's count: its
+    /// fair share of the pool among the tenants that have streams open (this one included).
     fn stream_share(&self, open: &HashMap<String, u32>, own: u32) -> u32 {
         if let Some(fixed) = self.streams_per_tenant {
             return fixed;
         }
-        let reserve = (self.instance_pool / 10).max(1);
-        let active = open.len() as u32 + u32::from(own == 0);
-        let floor = (self.instance_pool / 100).max(1);
-        (self.instance_pool.saturating_sub(reserve) / active.max(1)).max(floor)
+        let holders = open.len() + usize::from(own == 0);
+        let share = crate::plugin::fair_share(self.instance_pool as usize, holders);
+        u32::try_from(share).unwrap_or(u32::MAX)
     }
 }
 

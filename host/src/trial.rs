@@ -137,6 +137,7 @@ pub async fn run(trial: Trial) -> Result<Value, TrialError> {
         max_instances: 8,
         max_memory_bytes: 256 << 20,
         cache_dir: std::env::temp_dir().join("tollgate-plugin-test-cache"),
+        max_instances_per_tenant: None,
     })?;
     let compiled = runtime.inspect(&trial.name, &trial.bytes)?;
     let role = compiled.role();

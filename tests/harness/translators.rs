@@ -29,6 +29,7 @@ pub async fn shipped_translator(
         max_instances: 16,
         max_memory_bytes: 64 << 20,
         cache_dir: cache,
+        max_instances_per_tenant: None,
     })
     .expect("the engine starts");
     let plugin = shipped::find(Role::Translator, protocol).expect("the translator is shipped");

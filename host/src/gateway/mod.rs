@@ -552,6 +552,7 @@ impl Gateway {
                 .cache_dir
                 .clone()
                 .unwrap_or_else(|| config.server.data_dir.join("plugin-cache")),
+            max_instances_per_tenant: config.plugins.max_instances_per_tenant,
         })?;
         let bind = |role: Role, binding: BindingConfig| {
             let runtime = runtime.clone();

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-pub use sandbox::Limits;
+pub use sandbox::{Limits, fair_share, serving};
 use sandbox::{PluginIdentity, PluginState, PluginStore, Standby};
 
 /// The role a plugin plays; one per plugin, fixed by the world it was built against.
@@ -204,6 +204,13 @@ pub enum PluginError {
         /// The role called.
         role: Role,
     },
+    /// The tenant served holds its share of the instances (see `sandbox::fair_share`): its own
+    /// load, not the plugin's fault.
+    #[error("no plugin instance is free for a {role} call: this tenant holds its share")]
+    TenantShare {
+        /// The role called.
+        role: Role,
+    },
     /// The engine or the compile cache failed.
     #[error("plugin engine: {0}")]
     Engine(String),
@@ -223,6 +230,7 @@ impl PluginError {
             | PluginError::Unfit { .. }
             | PluginError::Unbound { .. }
             | PluginError::PoolFull { .. }
+            | PluginError::TenantShare { .. }
             | PluginError::Engine(_) => None,
         }
     }
@@ -239,6 +247,7 @@ impl PluginError {
             PluginError::Contract { .. } => "contract",
             PluginError::Unbound { .. } => "unbound",
             PluginError::PoolFull { .. } => "pool_full",
+            PluginError::TenantShare { .. } => "tenant_share",
             PluginError::Engine(_) => "engine",
         }
     }
@@ -253,6 +262,9 @@ pub struct RuntimeSettings {
     pub max_memory_bytes: usize,
     /// Where compiled artifacts are cached.
     pub cache_dir: PathBuf,
+    /// A fixed cap on the instances each tenant's calls and streams hold, instead of its fair
+    /// share (see [`fair_share`]).
+    pub max_instances_per_tenant: Option<u32>,
 }
 
 /// Labels of plugin call figures. Every call finds its figures by them: nothing here is
@@ -373,7 +385,10 @@ impl PluginRuntime {
             cache_dir: settings.cache_dir.clone(),
             engine_key,
             metrics: PluginMetrics::new(),
-            standby_counts: Arc::new(sandbox::StandbyCounts::new(settings.max_instances)),
+            standby_counts: Arc::new(sandbox::StandbyCounts::new(
+                settings.max_instances,
+                settings.max_instances_per_tenant,
+            )),
         }))
     }
 
@@ -678,8 +693,10 @@ impl Binding {
     /// A fresh store for one call or one stream: nothing survives from an earlier call.
     /// A store for a call or a stream, within the pool's share for them.
     fn store(&self) -> Result<PluginStore, PluginError> {
-        self.standby.store().ok_or(PluginError::PoolFull {
-            role: self.compiled.role(),
+        let role = self.compiled.role();
+        self.standby.store().map_err(|unlent| match unlent {
+            sandbox::Unlent::PoolFull => PluginError::PoolFull { role },
+            sandbox::Unlent::TenantShare => PluginError::TenantShare { role },
         })
     }
 

@@ -1,6 +1,7 @@
 //! What a plugin runs inside: its store state, the host imports it may call, the WASI surface it is
 //! given (empty), its memory cap and its deadline.
 
+use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -336,6 +337,31 @@ pub(super) struct StandbyCounts {
     /// Stores lent to calls and streams (not to pricing).
     lent: AtomicUsize,
     most_lent: usize,
+    /// Stores lent to each tenant's calls and streams (those made while serving it).
+    lent_by_tenant: Mutex<HashMap<Arc<str>, usize>>,
+    /// A fixed cap on each tenant's instead of its fair share.
+    per_tenant: Option<usize>,
+}
+
+tokio::task_local! {
+    /// The tenant whose request the task serves.
+    static SERVING: Arc<str>;
+}
+
+/// Runs `work` for a request of `tenant`: the instances its plugin calls and streams hold count
+/// against that tenant's share of the pool, so one tenant's long calls (a plugin spinning to its
+/// deadline) or open streams cannot take every instance.
+pub async fn serving<F: Future>(tenant: Arc<str>, work: F) -> F::Output {
+    SERVING.scope(tenant, work).await
+}
+
+/// A tenant's share of `pool` instances, `holders` being the tenants holding some (counting it):
+/// the pool less a tenth kept for tenants with none, split between the holders, never less than a
+/// hundredth of the pool. A lone tenant may use nine tenths; a newcomer always finds the reserve.
+pub fn fair_share(pool: usize, holders: usize) -> usize {
+    let reserve = (pool / 10).max(1);
+    let floor = (pool / 100).max(1);
+    (pool.saturating_sub(reserve) / holders.max(1)).max(floor)
 }
 
 /// The pool slots only pricing may use: a thirty-second of the pool, at least 2 and at most 32.
@@ -344,7 +370,7 @@ fn settlement_reserve(max_instances: usize) -> usize {
 }
 
 impl StandbyCounts {
-    pub(super) fn new(max_instances: u32) -> Self {
+    pub(super) fn new(max_instances: u32, per_tenant: Option<u32>) -> Self {
         let max_instances = max_instances as usize;
         let sixteenth = max_instances / 16;
         let most_ready = MAX_READY.min(sixteenth);
@@ -358,6 +384,38 @@ impl StandbyCounts {
             most_lent: max_instances
                 .saturating_sub(most_ready + most_retiring + settlement_reserve(max_instances))
                 .max(1),
+            lent_by_tenant: Mutex::default(),
+            per_tenant: per_tenant.map(|cap| cap as usize),
+        }
+    }
+
+    /// Counts a store lent to `tenant`, unless it holds its share.
+    fn lend_to(&self, tenant: &Arc<str>) -> bool {
+        let mut lent = self
+            .lent_by_tenant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let own = lent.get(tenant).copied().unwrap_or(0);
+        let share = self
+            .per_tenant
+            .unwrap_or_else(|| fair_share(self.most_lent, lent.len() + usize::from(own == 0)));
+        if own >= share {
+            return false;
+        }
+        *lent.entry(tenant.clone()).or_insert(0) += 1;
+        true
+    }
+
+    fn give_back(&self, tenant: &Arc<str>) {
+        let mut lent = self
+            .lent_by_tenant
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = lent.get_mut(tenant) {
+            *count -= 1;
+            if *count == 0 {
+                lent.remove(tenant);
+            }
         }
     }
 }
@@ -410,18 +468,31 @@ impl Standby {
     }
 
     /// A store for one call or one stream: a ready one if there is one, else a new, empty one;
-    /// `None` when calls and streams hold their whole share of the pool.
-    pub(super) fn store(self: &Arc<Self>) -> Option<PluginStore> {
+    /// refused when the tenant served holds its share of the pool, or calls and streams hold the
+    /// whole of it.
+    pub(super) fn store(self: &Arc<Self>) -> Result<PluginStore, Unlent> {
         let counts = &self.counts;
-        counts
+        let tenant = SERVING.try_with(Arc::clone).ok();
+        if let Some(tenant) = &tenant
+            && !counts.lend_to(tenant)
+        {
+            return Err(Unlent::TenantShare);
+        }
+        let lent = counts
             .lent
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |lent| {
                 (lent < counts.most_lent).then_some(lent + 1)
-            })
-            .ok()?;
+            });
+        if lent.is_err() {
+            if let Some(tenant) = &tenant {
+                counts.give_back(tenant);
+            }
+            return Err(Unlent::PoolFull);
+        }
         let mut store = self.settlement_store();
         store.lent = true;
-        Some(store)
+        store.tenant = tenant;
+        Ok(store)
     }
 
     /// A store for pricing a finished call: not counted against the share of calls and streams,
@@ -453,6 +524,7 @@ impl Standby {
             store: Some(store),
             standby: self.clone(),
             lent: false,
+            tenant: None,
         }
     }
 
@@ -527,6 +599,17 @@ pub(super) struct PluginStore {
     standby: Arc<Standby>,
     /// Counted among the stores lent to calls and streams.
     lent: bool,
+    /// The tenant it is counted against.
+    tenant: Option<Arc<str>>,
+}
+
+/// Why no store was lent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unlent {
+    /// Calls and streams hold the whole pool.
+    PoolFull,
+    /// The tenant served holds its share.
+    TenantShare,
 }
 
 impl Deref for PluginStore {
@@ -552,6 +635,9 @@ impl Drop for PluginStore {
         if self.lent {
             // A store waiting to be dropped keeps its slot, counted among the retiring instead.
             self.standby.counts.lent.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(tenant) = &self.tenant {
+            self.standby.counts.give_back(tenant);
         }
         let Some(store) = self.store.take() else {
             return;
@@ -675,4 +761,35 @@ pub(super) async fn bounded<R>(
             .map_or_else(|| format!("{error:#}"), Trap::to_string),
         output: state.captured_output(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenants_share_shrinks_with_the_tenants_holding_instances() {
+        // 100 instances: 100 lendable less ready (6), retiring (4) and the pricing reserve (3).
+        let counts = StandbyCounts::new(100, None);
+        assert_eq!(counts.lendable(), 87);
+        let acme: Arc<str> = Arc::from("acme");
+        let globex: Arc<str> = Arc::from("globex");
+        let lone = (0..100).take_while(|_| counts.lend_to(&acme)).count();
+        assert_eq!(lone, fair_share(87, 1), "a lone tenant leaves a tenth");
+        assert!(counts.lend_to(&globex), "a newcomer finds the reserve");
+        assert!(
+            !counts.lend_to(&acme),
+            "and the first tenant holds more than half"
+        );
+        for _ in 0..=lone - fair_share(87, 2) {
+            counts.give_back(&acme);
+        }
+        assert!(
+            counts.lend_to(&acme),
+            "back under half, it may take one more"
+        );
+        let fixed = StandbyCounts::new(100, Some(2));
+        assert!(fixed.lend_to(&acme) && fixed.lend_to(&acme));
+        assert!(!fixed.lend_to(&acme), "a fixed cap instead of the share");
+    }
 }

@@ -386,10 +386,13 @@ impl Resolved {
         Fut: Future<Output = Result<T, PluginError>>,
     {
         let outcome = call(self.binding.clone()).await;
-        // A full pool is the gateway's load, not the plugin's failure.
-        let failed = outcome
-            .as_ref()
-            .is_err_and(|error| !matches!(error, PluginError::PoolFull { .. }));
+        // A full pool, or a tenant's full share of it, is load, not the plugin's failure.
+        let failed = outcome.as_ref().is_err_and(|error| {
+            !matches!(
+                error,
+                PluginError::PoolFull { .. } | PluginError::TenantShare { .. }
+            )
+        });
         let tally = self.tally();
         if let Some(tally) = &tally {
             tally.count(failed);
