@@ -341,7 +341,7 @@ impl Channel {
 pub struct Gateway {
     /// Durable state.
     pub store: Arc<dyn Store>,
-    /// Commits usage records, in groups.
+    /// Commits each request's usage record before its answer goes out.
     pub ledger: crate::record::LedgerWriter,
     /// The plugin runtime every binding runs on.
     pub runtime: Arc<PluginRuntime>,

@@ -104,12 +104,6 @@ impl Binding {
         }
     }
 
-    /// Whether the plugin has a client side (exports `inbound`).
-    pub fn serves_clients(&self) -> bool {
-        self.translator_exports()
-            .is_ok_and(|exports| exports.inbound.is_some())
-    }
-
     fn inbound_exports(&self) -> Result<&inbound::GuestIndices, PluginError> {
         let exports = self.translator_exports()?;
         let indices = exports
