@@ -101,7 +101,7 @@ impl RequestContext {
         tags: Vec<(String, String)>,
         bindings: Arc<BindingTable>,
     ) -> Result<Self, PluginError> {
-        let received_unix_ms = now_unix_ms();
+        let received_unix_ms = crate::store::now_unix_ms();
         let router = Gateway::resolve(&bindings, &caller.tenant, Role::Router, None)?;
         let billing = Gateway::resolve(&bindings, &caller.tenant, Role::Billing, None)?;
         Ok(Self {
@@ -141,13 +141,6 @@ impl RequestContext {
     pub fn elapsed_ms(&self) -> u64 {
         self.received_at.elapsed().as_millis() as u64
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 
 /// What an attempt produced.

@@ -299,7 +299,7 @@ fn authenticate(gateway: &Gateway, head: &Parts) -> Result<Caller, ApiError> {
         gateway.store.as_ref(),
         header_str(&head.headers, "authorization"),
         header_str(&head.headers, "x-api-key"),
-        crate::flow::now_unix_ms(),
+        crate::store::now_unix_ms(),
     );
     let caller =
         match caller {

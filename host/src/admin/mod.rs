@@ -557,7 +557,7 @@ async fn create_tenant(
     }
     let tenant = crate::store::Tenant {
         name: new.name,
-        created_unix_ms: crate::flow::now_unix_ms(),
+        created_unix_ms: crate::store::now_unix_ms(),
         disabled: false,
         max_concurrency: new.max_concurrency,
     };
@@ -610,7 +610,7 @@ async fn create_key(
     if store.tenant(&tenant)?.is_none() {
         return Err(ApiError::UnknownTenant { tenant });
     }
-    let (key, secret) = crate::auth::issue_key(store, &tenant, terms, crate::flow::now_unix_ms())?;
+    let (key, secret) = crate::auth::issue_key(store, &tenant, terms, crate::store::now_unix_ms())?;
     Ok((
         axum::http::StatusCode::CREATED,
         axum::Json(serde_json::json!({ "key": key, "secret": secret })),

@@ -144,7 +144,7 @@ impl Gateway {
             role: compiled.role().to_string(),
             contract: compiled.contract().to_owned(),
             size_bytes: bytes.len() as u64,
-            uploaded_unix_ms: crate::flow::now_unix_ms(),
+            uploaded_unix_ms: crate::store::now_unix_ms(),
         };
         self.store.put_plugin(&plugin, &bytes)?;
         tracing::info!(plugin = %compiled.plugin(), role = %compiled.role(), "plugin uploaded");
@@ -488,7 +488,7 @@ impl Gateway {
             deadline_ms: spec.deadline_ms,
             memory_mib: spec.memory_mib,
             max_output_kib: spec.max_output_kib,
-            bound_unix_ms: crate::flow::now_unix_ms(),
+            bound_unix_ms: crate::store::now_unix_ms(),
         })
     }
 

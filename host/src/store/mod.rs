@@ -10,6 +10,13 @@ use serde::{Deserialize, Serialize};
 
 pub use self::sled::SledStore;
 
+/// Milliseconds since the Unix epoch: the time every stored record carries.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
 /// Milliseconds in a UTC day: daily spend caps reset at midnight UTC.
 pub const MILLIS_PER_DAY: u64 = 86_400_000;
 

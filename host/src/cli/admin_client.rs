@@ -1,0 +1,178 @@
+//! Calls to a running gateway's admin API, and the subcommands that are nothing else.
+
+use anyhow::Context;
+use reqwest::Method;
+
+use tollgate::console;
+
+use super::args::{AdminArgs, BalanceAction, ChannelAction, UsageAction};
+
+/// Percent-encodes a query value (everything but unreserved characters).
+pub(crate) fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(byte).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// Calls the admin API and prints its JSON answer; a non-2xx answer is an error.
+pub(crate) fn admin_call(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let answer = admin_request(admin, method, path, body)?;
+    console::line(&serde_json::to_string_pretty(&answer)?);
+    Ok(answer)
+}
+
+/// Calls the admin API and returns its JSON answer; a non-2xx answer is an error.
+pub(crate) fn admin_request(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    send_admin(admin, method, path, |request| match body {
+        Some(body) => request.json(&body),
+        None => request,
+    })
+}
+
+/// Sends one admin request, its body set by `with_body`; returns the JSON answer of a 2xx.
+pub(crate) fn send_admin(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    with_body: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+) -> anyhow::Result<serde_json::Value> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let url = format!("{}/admin{path}", admin.admin_url.trim_end_matches('/'));
+        let request = with_body(
+            reqwest::Client::new()
+                .request(method, &url)
+                .bearer_auth(&admin.admin_token),
+        );
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("calling {url}"))?;
+        let status = response.status();
+        let answer: serde_json::Value = response.json().await.context("reading the answer")?;
+        anyhow::ensure!(status.is_success(), "{status}: {answer}");
+        Ok(answer)
+    })
+}
+
+/// Copies a CSV export to stdout as it arrives.
+fn export_csv(admin: &AdminArgs, path: &str) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let url = format!("{}/admin{path}", admin.admin_url.trim_end_matches('/'));
+        let response = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(&admin.admin_token)
+            .send()
+            .await
+            .with_context(|| format!("calling {url}"))?;
+        let status = response.status();
+        anyhow::ensure!(status.is_success(), "{status}: {}", response.text().await?);
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            console::raw(&chunk.context("the export broke off")?)?;
+        }
+        Ok(())
+    })
+}
+
+/// `tollgate balance …`.
+pub(crate) fn balance(action: BalanceAction) -> anyhow::Result<()> {
+    match action {
+        BalanceAction::TopUp {
+            tenant,
+            amount_micros,
+            reason,
+            admin,
+        } => admin_call(
+            &admin,
+            Method::POST,
+            &format!("/tenants/{tenant}/top-ups"),
+            Some(serde_json::json!({"amount_micros": amount_micros, "reason": reason})),
+        ),
+        BalanceAction::Get { tenant, admin } => admin_call(
+            &admin,
+            Method::GET,
+            &format!("/tenants/{tenant}/balance"),
+            None,
+        ),
+    }
+    .map(drop)
+}
+
+/// `tollgate channel …`: channels as JSON files.
+pub(crate) fn channel(action: ChannelAction) -> anyhow::Result<()> {
+    let read = |file: &std::path::Path| -> anyhow::Result<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+    };
+    match action {
+        ChannelAction::List { admin } => admin_call(&admin, Method::GET, "/channels", None),
+        ChannelAction::Create { file, admin } => {
+            admin_call(&admin, Method::POST, "/channels", Some(read(&file)?))
+        }
+        ChannelAction::Update { name, file, admin } => admin_call(
+            &admin,
+            Method::PUT,
+            &format!("/channels/{}", percent_encode(&name)),
+            Some(read(&file)?),
+        ),
+        ChannelAction::Delete { name, admin } => admin_call(
+            &admin,
+            Method::DELETE,
+            &format!("/channels/{}", percent_encode(&name)),
+            None,
+        ),
+    }
+    .map(drop)
+}
+
+/// `tollgate usage …`: records, their CSV export and the books; `reconcile` fails when the books
+/// do not balance.
+pub(crate) fn usage(action: UsageAction) -> anyhow::Result<()> {
+    match action {
+        UsageAction::Query {
+            filters,
+            limit,
+            admin,
+        } => {
+            let path = format!("/usage{}", filters.query_string(limit));
+            admin_call(&admin, Method::GET, &path, None).map(drop)
+        }
+        UsageAction::Export { filters, admin } => {
+            export_csv(&admin, &format!("/usage.csv{}", filters.query_string(None)))
+        }
+        UsageAction::Reconcile { admin } => {
+            let books = admin_call(&admin, Method::GET, "/reconcile", None)?;
+            anyhow::ensure!(
+                books["balanced"] == serde_json::Value::Bool(true),
+                "the books do not balance"
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The command line: `serve` boots the gateway; the other subcommands administer its data
+//! directory, or a running gateway through its admin API.
+
+mod admin_client;
+mod args;
+mod data_dir;
+mod plugin;
+mod serve;
+
+pub(crate) use args::Cli;
+use args::Command;
+
+/// Runs one subcommand.
+pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
+    // `serve` sets up tracing once its configuration (which may name an OTLP endpoint) is read.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        serve::init_tracing(None)?;
+    }
+    match cli.command {
+        Command::Serve { config } => serve::run(config.as_deref()),
+        Command::Tenant { action } => data_dir::tenant(action),
+        Command::Key { action } => data_dir::key(action),
+        Command::Balance { action } => admin_client::balance(action),
+        Command::Channel { action } => admin_client::channel(action),
+        Command::Usage { action } => admin_client::usage(action),
+        Command::Plugin { action } => plugin::command(action),
+    }
+}
