@@ -140,7 +140,7 @@ pub struct ServerConfig {
     /// How the ledger log reaches the disk: `"none"` (written to the operating system at commit;
     /// a machine that loses power loses what it had not written out) or `"batch"` (commits that
     /// arrive together share one `fdatasync` before their answers go out).
-    pub ledger_sync: crate::store::LedgerSync,
+    pub ledger_sync: LedgerSync,
     /// A request body must have arrived this long after its request head, in milliseconds,
     /// extended by one second per `body_min_bytes_per_second` bytes received; past it the request
     /// is answered 408 and its connection closed.
@@ -183,7 +183,7 @@ impl Default for ServerConfig {
             ledger_retention_days: None,
             workers: None,
             header_read_timeout_ms: std::num::NonZeroU64::new(30_000).expect("30,000 is not zero"),
-            ledger_sync: crate::store::LedgerSync::default(),
+            ledger_sync: LedgerSync::default(),
             body_read_timeout_ms: std::num::NonZeroU64::new(10_000).expect("10,000 is not zero"),
             body_min_bytes_per_second: 8_192,
             max_unauthenticated_connections: std::num::NonZeroUsize::new(4_096)
@@ -473,6 +473,18 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// How the ledger log reaches the disk (`server.ledger_sync`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerSync {
+    /// Written to the operating system at commit, never synced by the gateway: a killed gateway
+    /// loses nothing, a machine that loses power loses what the system had not written out.
+    #[default]
+    None,
+    /// Commits that arrive together share one `fdatasync` before their answers go out.
+    Batch,
 }
 
 #[cfg(test)]

@@ -7,17 +7,17 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::json;
 
-use crate::auth::AuthError;
-use crate::bill::BillingError;
 use crate::gateway::BindError;
-use crate::limit::LimitError;
 use crate::plugin::translator::{FailureClass, StreamEvent};
 use crate::plugin::{PluginError, Role};
 use crate::request::InvalidBody;
-use crate::route::RouteError;
+use crate::stages::auth::AuthError;
+use crate::stages::bill::BillingError;
+use crate::stages::limit::LimitError;
+use crate::stages::route::RouteError;
+use crate::stages::translate::TranslateError;
+use crate::stages::upstream::UpstreamError;
 use crate::store::StoreError;
-use crate::translate::TranslateError;
-use crate::upstream::UpstreamError;
 
 /// Any error a client request can end with.
 #[derive(Debug, thiserror::Error)]
@@ -825,7 +825,7 @@ mod tests {
             (
                 UpstreamError::Timeout {
                     channel: "c".into(),
-                    phase: crate::upstream::TimeoutPhase::Headers,
+                    phase: crate::stages::upstream::TimeoutPhase::Headers,
                 }
                 .into(),
                 504,

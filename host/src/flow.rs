@@ -14,13 +14,9 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::auth::Caller;
-use crate::bill::{self, Priced};
 use crate::error::{ApiError, Dialect};
 use crate::gateway::{Gateway, KeyScope};
 use crate::health::{Admission, ChannelHealth};
-use crate::inbound::{self, Inbound};
-use crate::limit::{self, LimitPermit};
 use crate::metrics::{
     AttemptLabels, ChannelLabels, Metrics, ModelLabels, RequestLabels, TokenLabels,
 };
@@ -29,14 +25,18 @@ use crate::plugin::router::Operation;
 use crate::plugin::table::{BindingTable, CanaryTally, Resolved};
 use crate::plugin::translator::{FailureClass, Usage};
 use crate::plugin::{self, Binding, PluginError, Role};
-use crate::record;
 use crate::request::ClientRequest;
-use crate::route::{self, PlannedAttempt};
+use crate::stages::auth::Caller;
+use crate::stages::bill::{self, Priced};
+use crate::stages::inbound::{self, Inbound};
+use crate::stages::limit::{self, LimitPermit};
+use crate::stages::record;
+use crate::stages::route::{self, PlannedAttempt};
+use crate::stages::stream;
+use crate::stages::translate::{self, TranslateError};
+use crate::stages::upstream::{self, UpstreamError};
 use crate::store::{Durable, OpenedRequest, RecordedAttempt, Settlement, StoreError, UsageRecord};
-use crate::stream;
 use crate::tokens;
-use crate::translate::{self, TranslateError};
-use crate::upstream::{self, UpstreamError};
 
 /// Everything one request accumulates on its way through the stages. Made once, in [`RequestContext::new`].
 pub struct RequestContext {
@@ -1153,10 +1153,7 @@ fn finish(
         context.received_at.elapsed(),
     );
     let hold_id = context.grant.as_ref().map(|grant| grant.hold_id.clone());
-    gateway
-        .ledger
-        .commit(usage_record, hold_id)
-        .unwrap_or_else(|error| {
+    record::commit(&gateway.ledger, usage_record, hold_id).unwrap_or_else(|error| {
             tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
             Durable::now()
         })

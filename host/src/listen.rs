@@ -29,17 +29,17 @@ use crate::admin::AdminTokens;
 use crate::admission::{
     BodyReadTimedOut, ClientAdmission, ClientConnection, Credential, TimedBody,
 };
-use crate::auth::{self, AuthError, Caller};
 use crate::error::Dialect;
 use crate::error::{ApiError, CountedRefusal, LoggedError};
 use crate::flow::{self, Delivery, RequestContext};
 use crate::gateway::Gateway;
-use crate::inbound::{self, ClientProtocol};
 use crate::plugin::router::Operation;
 use crate::plugin::table::BindingTable;
 use crate::plugin::translator::Endpoint;
 use crate::plugin::{PluginError, Role};
 use crate::request::{self, ClientRequest, InvalidBody};
+use crate::stages::auth::{self, AuthError, Caller};
+use crate::stages::inbound::{self, ClientProtocol};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Client headers with this prefix become router tags (`x-tollgate-tier: batch` → `tier=batch`).

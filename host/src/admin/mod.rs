@@ -501,9 +501,13 @@ async fn reconcile(State(state): State<AdminState>) -> Result<Response, ApiError
     let mut balanced = true;
     let mut tenants = Vec::with_capacity(books.len());
     for book in &books {
-        let below_floor =
-            crate::bill::below_floor(&state.gateway, &book.tenant, book.balance_picos, &models)
-                .await?;
+        let below_floor = crate::stages::bill::below_floor(
+            &state.gateway,
+            &book.tenant,
+            book.balance_picos,
+            &models,
+        )
+        .await?;
         balanced &= book.difference_picos == 0 && book.unpriced_records == 0;
         balanced &= below_floor.is_none();
         tenants.push(serde_json::json!({
@@ -601,8 +605,8 @@ async fn create_key(
     Path(tenant): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let terms: crate::auth::KeyTerms = if body.is_empty() {
-        crate::auth::KeyTerms::default()
+    let terms: crate::stages::auth::KeyTerms = if body.is_empty() {
+        crate::stages::auth::KeyTerms::default()
     } else {
         admin_body(&body)?
     };
@@ -610,7 +614,8 @@ async fn create_key(
     if store.tenant(&tenant)?.is_none() {
         return Err(ApiError::UnknownTenant { tenant });
     }
-    let (key, secret) = crate::auth::issue_key(store, &tenant, terms, crate::store::now_unix_ms())?;
+    let (key, secret) =
+        crate::stages::auth::issue_key(store, &tenant, terms, crate::store::now_unix_ms())?;
     Ok((
         axum::http::StatusCode::CREATED,
         axum::Json(serde_json::json!({ "key": key, "secret": secret })),

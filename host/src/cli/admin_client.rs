@@ -5,20 +5,7 @@ use reqwest::Method;
 
 use tollgate::console;
 
-use super::args::{AdminArgs, BalanceAction, ChannelAction, UsageAction};
-
-/// Percent-encodes a query value (everything but unreserved characters).
-pub(crate) fn percent_encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(byte).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
+use super::args::{AdminArgs, BalanceAction, ChannelAction, UsageAction, percent_encode};
 
 /// Calls the admin API and prints its JSON answer; a non-2xx answer is an error.
 pub(crate) fn admin_call(

@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use super::admin_client::percent_encode;
-
 #[derive(Parser)]
 #[command(
     name = "tollgate",
@@ -479,4 +477,17 @@ pub(crate) enum KeyAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+pub(crate) fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(byte).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }

@@ -6,11 +6,12 @@ use anyhow::Context;
 use reqwest::Method;
 
 use tollgate::config::{self, Config};
+use tollgate::console;
+use tollgate::stages::auth;
 use tollgate::store::{SledStore, Store, now_unix_ms};
-use tollgate::{auth, console};
 
-use super::admin_client::{admin_call, admin_request, percent_encode};
-use super::args::{DataDirArgs, KeyAction, TenantAction};
+use super::admin_client::{admin_call, admin_request};
+use super::args::{DataDirArgs, KeyAction, TenantAction, percent_encode};
 
 /// The configuration file at `path`, or the embedded demo configuration.
 pub(crate) fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {

@@ -7,8 +7,8 @@ use reqwest::Method;
 
 use tollgate::console;
 
-use super::admin_client::{admin_call, percent_encode, send_admin};
-use super::args::{AdminArgs, PluginAction};
+use super::admin_client::{admin_call, send_admin};
+use super::args::{AdminArgs, PluginAction, percent_encode};
 
 /// `tollgate plugin …`.
 pub(crate) fn command(action: PluginAction) -> anyhow::Result<()> {

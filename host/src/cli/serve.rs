@@ -11,8 +11,9 @@ use tollgate::admin::AdminTokens;
 use tollgate::admission::{AdmissionLimits, ClientAdmission, FAILED_AUTHENTICATION_LOG_INTERVAL};
 use tollgate::config::{self, Config};
 use tollgate::secrets::Redacted;
+use tollgate::stages::auth;
 use tollgate::store::{Store, now_unix_ms};
-use tollgate::{auth, console, gateway, listen};
+use tollgate::{console, gateway, listen};
 
 use super::data_dir::{load_config, new_tenant};
 

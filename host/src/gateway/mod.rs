@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use crate::config::{BindingConfig, ChannelConfig, Config, ModelLimits, PluginsConfig};
 use crate::health::{ChannelHealth, HealthConfig, SilenceWatch};
-use crate::limit::Limiter;
 use crate::metrics::Metrics;
 use crate::plugin::table::{BindingTable, Resolved, Scope};
 use crate::plugin::{Binding, Limits, PluginError, PluginRuntime, Role, RuntimeSettings, shipped};
 use crate::secrets::{SealError, Sealer, SecretScrubber};
+use crate::stages::limit::Limiter;
 use crate::store::StoredChannel;
 use crate::store::{SledStore, Store, StoreError};
 
@@ -342,7 +342,7 @@ pub struct Gateway {
     /// Durable state.
     pub store: Arc<dyn Store>,
     /// Commits each request's usage record before its answer goes out.
-    pub ledger: crate::record::LedgerWriter,
+    pub ledger: crate::store::LedgerWriter,
     /// The plugin runtime every binding runs on.
     pub runtime: Arc<PluginRuntime>,
     /// Sandbox defaults and caps of bindings.
@@ -629,7 +629,7 @@ impl Gateway {
         }
         let (trips, tripped) = tokio::sync::mpsc::unbounded_channel();
         let gateway = Arc::new(Self {
-            ledger: crate::record::LedgerWriter::new(store.clone()),
+            ledger: crate::store::LedgerWriter::new(store.clone()),
             store,
             plugin_settings: config.plugins.clone(),
             bindings: std::sync::RwLock::new(Arc::new(BindingTable::new(defaults, trips))),

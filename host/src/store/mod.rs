@@ -9,6 +9,7 @@ mod sled;
 use serde::{Deserialize, Serialize};
 
 pub use self::sled::SledStore;
+pub use crate::config::LedgerSync;
 
 /// Milliseconds since the Unix epoch: the time every stored record carries.
 pub fn now_unix_ms() -> u64 {
@@ -385,16 +386,29 @@ impl Durable {
     }
 }
 
-/// How the ledger log reaches the disk (`server.ledger_sync`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LedgerSync {
-    /// Written to the operating system at commit, never synced by the gateway: a killed gateway
-    /// loses nothing, a machine that loses power loses what the system had not written out.
-    #[default]
-    None,
-    /// Commits that arrive together share one `fdatasync` before their answers go out.
-    Batch,
+/// Commits usage records through the store. A store commit is cheap (the sled store appends the
+/// record to its ledger log and applies records to its trees in batches), so each request commits
+/// its own, on its own task, before its answer goes out: nothing a client was answered for goes
+/// unrecorded.
+pub struct LedgerWriter {
+    store: std::sync::Arc<dyn Store>,
+}
+
+impl LedgerWriter {
+    /// A writer into `store`.
+    pub fn new(store: std::sync::Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    /// Commits one request's record (debiting its cost and releasing its hold) and returns once
+    /// it is committed, with what says when it is durable.
+    pub fn commit(
+        &self,
+        record: UsageRecord,
+        hold_id: Option<String>,
+    ) -> Result<Durable, StoreError> {
+        self.store.commit_usages(&[Settlement { record, hold_id }])
+    }
 }
 
 /// A lazy sequence of ledger records.

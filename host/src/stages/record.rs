@@ -4,14 +4,13 @@
 //! In: the finished [`RequestContext`] with its usage and price. Out: nothing, or a [`RecordError`]
 //! (logged: the client already has its answer). Nothing of the prompt or completion is recorded.
 
-use crate::bill::Priced;
 use crate::flow::RequestContext;
 use crate::plugin::router::Operation;
 use crate::plugin::translator::Usage;
-use std::sync::Arc;
+use crate::stages::bill::Priced;
 
 use crate::store::{
-    Durable, OpenedRequest, RecordedAttempt, RecordedLineItem, RecordedUsage, Settlement, Store,
+    Durable, LedgerWriter, OpenedRequest, RecordedAttempt, RecordedLineItem, RecordedUsage,
     StoreError, UsageRecord,
 };
 
@@ -168,30 +167,15 @@ fn model_mismatch(context: &RequestContext) -> bool {
     }
 }
 
-/// Commits usage records through the store. A store commit is cheap (the sled store appends the
-/// record to its ledger log and applies records to its trees in batches), so each request commits
-/// its own, on its own task, before its answer goes out: nothing a client was answered for goes
-/// unrecorded.
-pub struct LedgerWriter {
-    store: Arc<dyn Store>,
-}
-
-impl LedgerWriter {
-    /// A writer into `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
-    }
-
-    /// Commits one request's record (debiting its cost and releasing its hold) and returns once
-    /// it is committed, with what says when it is durable.
-    pub fn commit(
-        &self,
-        record: UsageRecord,
-        hold_id: Option<String>,
-    ) -> Result<Durable, RecordError> {
-        let request_id = record.request_id.clone();
-        self.store
-            .commit_usages(&[Settlement { record, hold_id }])
-            .map_err(|source| RecordError::Store { request_id, source })
-    }
+/// Commits one request's record (debiting its cost and releasing its hold) and returns once it
+/// is committed, with what says when it is durable.
+pub fn commit(
+    ledger: &LedgerWriter,
+    record: UsageRecord,
+    hold_id: Option<String>,
+) -> Result<Durable, RecordError> {
+    let request_id = record.request_id.clone();
+    ledger
+        .commit(record, hold_id)
+        .map_err(|source| RecordError::Store { request_id, source })
 }

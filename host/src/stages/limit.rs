@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::auth::Caller;
 use crate::request::ClientRequest;
+use crate::stages::auth::Caller;
 
 /// Why a request is over a limit.
 #[derive(Debug, thiserror::Error)]

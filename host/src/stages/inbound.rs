@@ -14,7 +14,7 @@ use crate::error::Dialect;
 use crate::gateway::Gateway;
 use crate::plugin::translator::{AttemptContext, Endpoint, Header};
 use crate::plugin::{Binding, Role};
-use crate::translate::{self, Answer, TranslateError};
+use crate::stages::translate::{self, Answer, TranslateError};
 
 /// A client protocol served at its own endpoints: which translator speaks it, and the prefix of
 /// the headers its clients send that belong to it.

@@ -9,7 +9,6 @@ use base64::Engine as _;
 
 use crate::flow::RequestContext;
 use crate::gateway::{Channel, Gateway};
-use crate::inbound::Inbound;
 use crate::plugin::router::Operation;
 use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::{
@@ -17,9 +16,10 @@ use crate::plugin::translator::{
 };
 use crate::plugin::{Binding, PluginError, Role};
 use crate::request::ClientRequest;
-use crate::route::PlannedAttempt;
 use crate::secrets::SecretScrubber;
-use crate::upstream::{ProbeRequest, UpstreamError};
+use crate::stages::inbound::Inbound;
+use crate::stages::route::PlannedAttempt;
+use crate::stages::upstream::{ProbeRequest, UpstreamError};
 
 /// A translated whole answer.
 pub use crate::plugin::translator::TranslatedAnswer as Answer;

@@ -16,7 +16,6 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::bill::BillingError;
 use crate::error::{ApiError, Dialect};
 use crate::gateway::Channel;
 use crate::plugin::Binding;
@@ -27,9 +26,10 @@ use crate::plugin::translator::{
 };
 use crate::secrets::SecretScrubber;
 use crate::sse::{self, DONE_FRAME, EventFramer, carries_finish_reason, data_frame, event_frame};
+use crate::stages::bill::BillingError;
+use crate::stages::translate::{self, TranslateError};
+use crate::stages::upstream::{self, TimeoutPhase, UpstreamError};
 use crate::store::Store;
-use crate::translate::{self, TranslateError};
-use crate::upstream::{self, TimeoutPhase, UpstreamError};
 
 type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 
