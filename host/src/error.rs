@@ -13,6 +13,7 @@ use crate::plugin::{PluginError, Role};
 use crate::request::InvalidBody;
 use crate::stages::auth::AuthError;
 use crate::stages::bill::BillingError;
+use crate::stages::context::Dialect;
 use crate::stages::limit::LimitError;
 use crate::stages::route::RouteError;
 use crate::stages::translate::TranslateError;
@@ -122,17 +123,6 @@ pub enum ApiError {
         /// Path asked.
         path: String,
     },
-}
-
-/// The client protocol an error is rendered in: the shape of the endpoint that was called. The
-/// mapping from error to status and class is one; only its rendering differs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    /// `{"error":{"message","type","code","param"}}`, as OpenAI answers.
-    OpenAi,
-    /// `{"type":"error","error":{"type","message"}}`, as Anthropic's Messages API answers, with
-    /// its error types and its 529 for an overloaded upstream.
-    AnthropicMessages,
 }
 
 /// The rendered facts of an error: status and OpenAI's error object.

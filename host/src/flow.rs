@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::error::{ApiError, Dialect};
+use crate::error::ApiError;
 use crate::gateway::{Gateway, KeyScope};
 use crate::health::{Admission, ChannelHealth};
 use crate::metrics::{
@@ -22,14 +22,13 @@ use crate::metrics::{
 };
 use crate::plugin::billing::CallOutcome;
 use crate::plugin::router::Operation;
-use crate::plugin::table::{BindingTable, CanaryTally, Resolved};
+use crate::plugin::table::CanaryTally;
 use crate::plugin::translator::{FailureClass, Usage};
-use crate::plugin::{self, Binding, PluginError, Role};
-use crate::request::ClientRequest;
-use crate::stages::auth::Caller;
+use crate::plugin::{self, Binding, Role};
 use crate::stages::bill::{self, Priced};
-use crate::stages::inbound::{self, Inbound};
-use crate::stages::limit::{self, LimitPermit};
+use crate::stages::context::RequestContext;
+use crate::stages::inbound;
+use crate::stages::limit;
 use crate::stages::record;
 use crate::stages::route::{self, PlannedAttempt};
 use crate::stages::stream;
@@ -37,111 +36,6 @@ use crate::stages::translate::{self, TranslateError};
 use crate::stages::upstream::{self, UpstreamError};
 use crate::store::{Durable, OpenedRequest, RecordedAttempt, Settlement, StoreError, UsageRecord};
 use crate::tokens;
-
-/// Everything one request accumulates on its way through the stages. Made once, in [`RequestContext::new`].
-pub struct RequestContext {
-    /// The request id (client's `x-request-id`, or generated).
-    pub request_id: String,
-    /// When the request arrived.
-    pub received_at: Instant,
-    /// Arrival time, milliseconds since the Unix epoch.
-    pub received_unix_ms: u64,
-    /// Who is calling.
-    pub caller: Caller,
-    /// What was asked.
-    pub request: ClientRequest,
-    /// `x-tollgate-*` header tags for the router.
-    pub tags: Vec<(String, String)>,
-    /// Attempts made so far, in order.
-    pub attempts: Vec<RecordedAttempt>,
-    /// The model the upstream reported, once one answered.
-    pub served_model: Option<String>,
-    /// The channel that answered.
-    pub served_channel: Option<String>,
-    /// The upstream model name the answering attempt asked for (to spot a swapped model).
-    pub routed_model: Option<String>,
-    /// Time spent waiting on upstreams before the client's first byte, over every attempt.
-    pub upstream_wait: Duration,
-    /// The model the client asked for, when every route to it failed and its fallback served
-    /// instead (`request.model` then names the fallback).
-    pub degraded_from: Option<String>,
-    /// This request's balance hold, once billing placed one (released by record), with the output
-    /// it covers.
-    pub grant: Option<bill::Grant>,
-    /// The request's slot under its key's and tenant's limits, held until it ends.
-    pub permit: Option<LimitPermit>,
-    /// Plugins that ran (`name@sha`, marked when a canary ran or a fallback served), for the
-    /// record.
-    pub plugins: Vec<String>,
-    /// The bindings as they were when the request arrived: every plugin it calls comes from here,
-    /// so a rebind meanwhile never mixes versions within one request.
-    pub bindings: Arc<BindingTable>,
-    /// The router this request calls.
-    pub router: Resolved,
-    /// The billing plugin this request calls (the same one for authorize and charge).
-    pub billing: Resolved,
-    /// Set when the client spoke another protocol than OpenAI's: its own body and plugin.
-    pub inbound: Option<Inbound>,
-    /// The protocol of the channel that answered.
-    pub served_protocol: Option<String>,
-    /// The attempt under way, for the record of a request the client abandons during it.
-    pub attempt_in_flight: Option<RecordedAttempt>,
-    /// Whether a request went to an upstream: one the client abandons is then charged its prompt.
-    pub reached_upstream: bool,
-}
-
-impl RequestContext {
-    /// Starts the context of an authenticated request, with its router and billing plugin drawn
-    /// from the bindings of the moment.
-    pub fn new(
-        request_id: String,
-        received_at: Instant,
-        caller: Caller,
-        request: ClientRequest,
-        tags: Vec<(String, String)>,
-        bindings: Arc<BindingTable>,
-    ) -> Result<Self, PluginError> {
-        let received_unix_ms = crate::store::now_unix_ms();
-        let router = Gateway::resolve(&bindings, &caller.tenant, Role::Router, None)?;
-        let billing = Gateway::resolve(&bindings, &caller.tenant, Role::Billing, None)?;
-        Ok(Self {
-            request_id,
-            received_at,
-            received_unix_ms,
-            caller,
-            request,
-            tags,
-            attempts: Vec::new(),
-            served_model: None,
-            served_channel: None,
-            routed_model: None,
-            upstream_wait: Duration::ZERO,
-            degraded_from: None,
-            grant: None,
-            permit: None,
-            plugins: Vec::new(),
-            bindings,
-            router,
-            billing,
-            inbound: None,
-            served_protocol: None,
-            attempt_in_flight: None,
-            reached_upstream: false,
-        })
-    }
-
-    /// The dialect the client's errors are rendered in.
-    pub fn dialect(&self) -> Dialect {
-        self.inbound
-            .as_ref()
-            .map_or(Dialect::OpenAi, |inbound| inbound.dialect)
-    }
-
-    /// Milliseconds since the request arrived.
-    pub fn elapsed_ms(&self) -> u64 {
-        self.received_at.elapsed().as_millis() as u64
-    }
-}
 
 /// What an attempt produced.
 enum Reply {

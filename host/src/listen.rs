@@ -29,9 +29,8 @@ use crate::admin::AdminTokens;
 use crate::admission::{
     BodyReadTimedOut, ClientAdmission, ClientConnection, Credential, TimedBody,
 };
-use crate::error::Dialect;
 use crate::error::{ApiError, CountedRefusal, LoggedError};
-use crate::flow::{self, Delivery, RequestContext};
+use crate::flow::{self, Delivery};
 use crate::gateway::Gateway;
 use crate::plugin::router::Operation;
 use crate::plugin::table::BindingTable;
@@ -39,6 +38,8 @@ use crate::plugin::translator::Endpoint;
 use crate::plugin::{PluginError, Role};
 use crate::request::{self, ClientRequest, InvalidBody};
 use crate::stages::auth::{self, AuthError, Caller};
+use crate::stages::context::Dialect;
+use crate::stages::context::RequestContext;
 use crate::stages::inbound::{self, ClientProtocol};
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

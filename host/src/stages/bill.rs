@@ -6,7 +6,6 @@
 //! [`Priced`] result, never past the hold, and never an error: a pricing failure leaves the record
 //! unpriced for reconciliation. Next: record.
 
-use crate::flow::RequestContext;
 use crate::gateway::Gateway;
 use crate::plugin::billing::{AuthorizeRequest, BillingDenial, CallOutcome, ChargeRequest, Price};
 use crate::plugin::router::Operation;
@@ -14,6 +13,7 @@ use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::Usage;
 use crate::plugin::{PluginError, Role};
 use crate::request::ClientRequest;
+use crate::stages::context::{Grant, RequestContext};
 use crate::store::StoreError;
 use crate::store::{HoldOutcome, HoldRequest, OpenedRequest};
 use crate::tokens;
@@ -67,20 +67,6 @@ const PICOS_PER_MICRO: i128 = 1_000_000;
 /// to about a third more for Anthropic's on code and non-English text); what a provider reports
 /// past the hold is written off, never charged past it.
 const COUNTED_MARGIN: (u64, u64) = (3, 2);
-
-/// What authorization granted a request.
-#[derive(Debug, Clone)]
-pub struct Grant {
-    /// The hold's id, which the settlement releases.
-    pub hold_id: String,
-    /// What the hold reserves, in picos: the most the request is ever charged.
-    pub hold_picos: u64,
-    /// The output tokens the hold covers (chat; `None` for embeddings).
-    pub output_allowance: Option<u64>,
-    /// Set when the allowance is below the model's limit and the client set no cap of its own:
-    /// the cap the upstream request must carry.
-    pub upstream_cap: Option<u64>,
-}
 
 /// Asks the billing plugin whether the request may go ahead and places its hold. The hold covers
 /// a bound on the prompt and the client's output cap, or the model's output limit; the hold is

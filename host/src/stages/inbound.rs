@@ -8,12 +8,10 @@
 //! `RequestContext`, and the OpenAI body for `request::read`. Errors: [`TranslateError`] (a 400
 //! for a body the plugin refuses, or the plugin's failure). Next: `request::read`, then the flow.
 
-use std::sync::Arc;
-
-use crate::error::Dialect;
 use crate::gateway::Gateway;
+use crate::plugin::Role;
 use crate::plugin::translator::{AttemptContext, Endpoint, Header};
-use crate::plugin::{Binding, Role};
+use crate::stages::context::{Dialect, Inbound};
 use crate::stages::translate::{self, Answer, TranslateError};
 
 /// A client protocol served at its own endpoints: which translator speaks it, and the prefix of
@@ -27,31 +25,6 @@ pub struct ClientProtocol {
     pub header_prefix: &'static str,
     /// The shape its clients read errors in.
     pub dialect: Dialect,
-}
-
-/// What a request that came in in another protocol keeps for its attempts and its answer.
-pub struct Inbound {
-    /// The client's protocol.
-    pub protocol: &'static str,
-    /// The shape its clients read errors in.
-    pub dialect: Dialect,
-    /// Which of its endpoints was called.
-    pub endpoint: Endpoint,
-    /// The client's body, as it came: what a channel of the same protocol receives. Emptied once
-    /// a stream opens, when no attempt needs it any more.
-    pub body: String,
-    /// The client's protocol headers (names lowercase).
-    pub headers: Vec<Header>,
-    /// The protocol's translator as it converted the request: the same version converts the
-    /// answer back, whatever is rebound meanwhile.
-    pub plugin: Arc<Binding>,
-}
-
-impl Inbound {
-    /// Whether an attempt on a channel of `protocol` forwards the client's own body.
-    pub fn forwards_to(&self, protocol: &str) -> bool {
-        self.protocol == protocol
-    }
 }
 
 /// Converts the client's body to the OpenAI form with the protocol's translator (bound for the

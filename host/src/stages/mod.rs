@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod bill;
+pub mod context;
 pub mod inbound;
 pub mod limit;
 pub mod record;

@@ -4,10 +4,10 @@
 //! In: the finished [`RequestContext`] with its usage and price. Out: nothing, or a [`RecordError`]
 //! (logged: the client already has its answer). Nothing of the prompt or completion is recorded.
 
-use crate::flow::RequestContext;
 use crate::plugin::router::Operation;
 use crate::plugin::translator::Usage;
 use crate::stages::bill::Priced;
+use crate::stages::context::RequestContext;
 
 use crate::store::{
     Durable, LedgerWriter, OpenedRequest, RecordedAttempt, RecordedLineItem, RecordedUsage,

@@ -3,7 +3,7 @@
 //! In: the [`RequestContext`] (caller and request facts) and the active channels.
 //! Out: a [`Plan`] — the failover chain — or a [`RouteError`]. Next: bill (authorize), then translate.
 
-use crate::flow::RequestContext;
+use crate::stages::context::RequestContext;
 use std::sync::Arc;
 
 use crate::gateway::{Channel as GatewayChannel, Gateway};

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::error::{ApiError, Dialect};
+use crate::error::ApiError;
 use crate::gateway::Channel;
 use crate::plugin::Binding;
 use crate::plugin::table::CanaryTally;
@@ -27,6 +27,7 @@ use crate::plugin::translator::{
 use crate::secrets::SecretScrubber;
 use crate::sse::{self, DONE_FRAME, EventFramer, carries_finish_reason, data_frame, event_frame};
 use crate::stages::bill::BillingError;
+use crate::stages::context::Dialect;
 use crate::stages::translate::{self, TranslateError};
 use crate::stages::upstream::{self, TimeoutPhase, UpstreamError};
 use crate::store::Store;

@@ -7,7 +7,6 @@
 
 use base64::Engine as _;
 
-use crate::flow::RequestContext;
 use crate::gateway::{Channel, Gateway};
 use crate::plugin::router::Operation;
 use crate::plugin::table::{Called, Resolved};
@@ -17,7 +16,8 @@ use crate::plugin::translator::{
 use crate::plugin::{Binding, PluginError, Role};
 use crate::request::ClientRequest;
 use crate::secrets::SecretScrubber;
-use crate::stages::inbound::Inbound;
+use crate::stages::context::Inbound;
+use crate::stages::context::RequestContext;
 use crate::stages::route::PlannedAttempt;
 use crate::stages::upstream::{ProbeRequest, UpstreamError};
 

@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use sled::transaction::{ConflictableTransactionError, Transactional};
 
-use super::ledger_log::{self, LedgerLog, Logged};
-use super::sled::{
+use super::codec::{
     backend, decode_balance, encode, encode_record, fixed_width, spend_key, transaction_error,
 };
+use super::ledger_log::{self, LedgerLog, Logged};
 use super::{
     Durable, LedgerSync, MILLIS_PER_DAY, OpenedRequest, Settlement, StoreError, UsageRecord,
 };

@@ -2,6 +2,7 @@
 //! usage ledger. sled is the default backend; a PostgreSQL backend will implement the same trait, so
 //! no sled type leaves this module. Knows nothing about HTTP.
 
+mod codec;
 mod ledger_books;
 mod ledger_log;
 mod sled;
