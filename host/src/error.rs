@@ -37,7 +37,7 @@ pub enum ApiError {
     BodyTooLarge,
     /// The body did not arrive in time.
     #[error(transparent)]
-    BodyReadTimedOut(#[from] crate::admission::BodyReadTimedOut),
+    BodyReadTimedOut(#[from] crate::http::admission::BodyReadTimedOut),
     /// The client's address failed authentication too often; it is refused for a while.
     #[error(
         "Too many failed authentication attempts from your address; retry after {} s.",
@@ -729,7 +729,7 @@ mod tests {
                 Some("request_too_large"),
             ),
             (
-                ApiError::BodyReadTimedOut(crate::admission::BodyReadTimedOut {
+                ApiError::BodyReadTimedOut(crate::http::admission::BodyReadTimedOut {
                     timeout_ms: 10_000,
                     min_bytes_per_second: 8_192,
                     received: 3,

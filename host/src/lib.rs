@@ -1,19 +1,18 @@
 //! Tollgate, an LLM API gateway programmable with WebAssembly plugins.
 //!
-//! The modules read as a request flows: [`listen`] hands each request to [`flow`], which orders
-//! the [`stages`]: auth → limit → inbound → route → bill → translate → upstream → stream → record. [`plugin`] runs the
-//! wasm plugins, [`store`] keeps durable state, [`error`] maps every error to HTTP once. The
-//! binary (`main.rs`) is the CLI around them; [`trial`] runs one plugin outside the gateway for it.
+//! The modules read as a request flows: [`http`] takes each request and hands it to [`flow`],
+//! which orders the [`stages`]: auth → limit → inbound → route → bill → translate → upstream →
+//! stream → record. [`plugin`] runs the wasm plugins, [`store`] keeps durable state, [`error`]
+//! maps every error to HTTP once. The binary (`main.rs`, `cli/`) is the command line around them;
+//! [`trial`] runs one plugin outside the gateway for it.
 
-pub mod admin;
-pub mod admission;
 pub mod config;
 pub mod console;
 pub mod error;
 pub mod flow;
 pub mod gateway;
 pub mod health;
-pub mod listen;
+pub mod http;
 pub mod metrics;
 pub mod plugin;
 pub mod request;

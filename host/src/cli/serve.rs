@@ -7,13 +7,16 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use tollgate::admin::AdminTokens;
-use tollgate::admission::{AdmissionLimits, ClientAdmission, FAILED_AUTHENTICATION_LOG_INTERVAL};
 use tollgate::config::{self, Config};
+use tollgate::http::admin::AdminTokens;
+use tollgate::http::admission::{
+    AdmissionLimits, ClientAdmission, FAILED_AUTHENTICATION_LOG_INTERVAL,
+};
+use tollgate::http::listen;
 use tollgate::secrets::Redacted;
 use tollgate::stages::auth;
 use tollgate::store::{Store, now_unix_ms};
-use tollgate::{console, gateway, listen};
+use tollgate::{console, gateway};
 
 use super::data_dir::{load_config, new_tenant};
 

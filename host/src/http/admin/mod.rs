@@ -13,9 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sha2::{Digest, Sha256};
 
-use crate::admission::{ClientConnection, Credential};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
+use crate::http::admission::{ClientConnection, Credential};
 use crate::store::UsageRecord;
 
 mod plugins;

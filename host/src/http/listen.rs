@@ -25,13 +25,13 @@ use tower_http::request_id::{
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use crate::admin::AdminTokens;
-use crate::admission::{
-    BodyReadTimedOut, ClientAdmission, ClientConnection, Credential, TimedBody,
-};
 use crate::error::{ApiError, CountedRefusal, LoggedError};
 use crate::flow::{self, Delivery};
 use crate::gateway::Gateway;
+use crate::http::admin::AdminTokens;
+use crate::http::admission::{
+    BodyReadTimedOut, ClientAdmission, ClientConnection, Credential, TimedBody,
+};
 use crate::plugin::router::Operation;
 use crate::plugin::table::BindingTable;
 use crate::plugin::translator::Endpoint;
@@ -157,8 +157,11 @@ pub fn apps(
     admin_apart: bool,
 ) -> (Router, Option<Router>) {
     let admin = Router::new()
-        .nest("/admin", crate::admin::routes(gateway.clone(), tokens))
-        .merge(crate::admin::metrics_routes(gateway.clone(), tokens));
+        .nest(
+            "/admin",
+            crate::http::admin::routes(gateway.clone(), tokens),
+        )
+        .merge(crate::http::admin::metrics_routes(gateway.clone(), tokens));
     let public = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/embeddings", post(embeddings))
