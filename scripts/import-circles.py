@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Import circles between the files of host/src: each file is a node, `crate::a::b` (and `super::`)
-references are edges to the file defining the longest matching module; prints each strongly
-connected component of more than one file."""
+"""Import circles between the files of host/src: each file is a node, and each `crate::a::b` or
+`super::` path an edge to the file defining the longest matching module (a module reaching into
+its own children is one unit with them, not an edge). Prints each strongly connected component of
+more than one file: nothing when no circle is left."""
 import re, glob, os, sys
 root = 'host/src'
 mods = {}
@@ -26,12 +27,20 @@ for mod, path in mods.items():
     # `use crate::{a, b::c}` groups
     for group in re.findall(r'crate::\{([^}]*)\}', text):
         refs += [g.strip().split('::') for g in group.split(',') if g.strip()]
+    base = here[:-1]
     for sup in re.findall(r'super::((?:\w+::)*\w+)', text):
-        base = here[:-1] if not path.endswith('mod.rs') else here[:-1]
         refs.append(base + sup.split('::'))
+    for group in re.findall(r'super::\{([^}]*)\}', text):
+        refs += [base + g.strip().split('::') for g in group.split(',') if g.strip()]
+    if re.search(r'super::\{', text):
+        refs.append(base)
     for segments in refs:
         target = resolve([s for s in segments if s])
-        if target and target != path:
+        # A module reaching into its own children is one unit with them, not a dependency.
+        target_module = next((m for m, p in mods.items() if p == target), None)
+        owns = target_module is not None and (
+            mod == '' or target_module.startswith(mod + '::'))
+        if target and target != path and not owns:
             edges[path].add(target)
 # Tarjan
 index = {}; low = {}; stack = []; on = set(); sccs = []; counter = [0]

@@ -6,7 +6,7 @@ mod harness;
 
 use harness::translators::{context, shipped_translator};
 use serde_json::{Value, json};
-use tollgate::plugin::router::Operation;
+use tollgate::plugin::Operation;
 use tollgate::plugin::translator::{
     AuthPlacement, FailureClass, RequestKind, StreamFraming, UpstreamResponse,
 };

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use tollgate::plugin::Operation;
 use tollgate::plugin::billing::{CallOutcome, ChargeRequest};
-use tollgate::plugin::router::{Channel, ChannelModel, Circuit, Operation, RequestFacts};
+use tollgate::plugin::router::{Channel, ChannelModel, Circuit, RequestFacts};
 use tollgate::plugin::translator::{AttemptContext, RequestKind, StreamEvent, Usage};
 use tollgate::plugin::{Binding, Limits, PluginRuntime, Role, RuntimeSettings, shipped};
 

@@ -4,7 +4,7 @@
 //! `cargo bench -p tollgate --bench prompt_bound`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tollgate::plugin::router::Operation;
+use tollgate::plugin::Operation;
 use tollgate::request;
 
 fn chat_body(bytes: usize) -> String {

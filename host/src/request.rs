@@ -10,7 +10,7 @@
 
 use serde_json::Value;
 
-use crate::plugin::router::Operation;
+use crate::plugin::Operation;
 
 /// The facts of a client request the host needs (the translator reads the rest).
 #[derive(Debug, Clone)]

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::plugin::router::Operation;
+use crate::plugin::Operation;
 
 /// Tokens of a text.
 pub fn count(text: &str) -> u64 {

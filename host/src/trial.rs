@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::plugin::Operation;
 use crate::plugin::billing::{AuthorizeRequest, CallOutcome, ChargeRequest};
-use crate::plugin::router::{Channel, ChannelModel, Circuit, Operation, RequestFacts, RouteError};
+use crate::plugin::router::{Channel, ChannelModel, Circuit, RequestFacts, RouteError};
 use crate::plugin::translator::{
     AttemptContext, AuthPlacement, HttpMethod, RequestKind, StreamFraming, Usage,
 };

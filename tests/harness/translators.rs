@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
-use tollgate::plugin::router::Operation;
+use tollgate::plugin::Operation;
 use tollgate::plugin::translator::{
     AttemptContext, RequestKind, StreamFraming, TranslateError, UpstreamResponse, Usage,
 };

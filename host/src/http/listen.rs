@@ -32,7 +32,7 @@ use crate::http::admin::AdminTokens;
 use crate::http::admission::{
     BodyReadTimedOut, ClientAdmission, ClientConnection, Credential, TimedBody,
 };
-use crate::plugin::router::Operation;
+use crate::plugin::Operation;
 use crate::plugin::table::BindingTable;
 use crate::plugin::translator::Endpoint;
 use crate::plugin::{PluginError, Role};

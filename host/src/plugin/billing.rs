@@ -14,8 +14,8 @@ wasmtime::component::bindgen!({
     path: "../wit",
     exports: { default: async },
     with: {
-        "tollgate:plugin/host": super::router::tollgate::plugin::host,
-        "tollgate:plugin/types": super::router::tollgate::plugin::types,
+        "tollgate:plugin/host": super::wit::host,
+        "tollgate:plugin/types": super::wit::types,
     },
 });
 

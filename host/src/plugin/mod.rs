@@ -11,6 +11,7 @@ mod sandbox;
 pub mod shipped;
 pub mod table;
 pub mod translator;
+mod wit;
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -24,6 +25,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 pub use sandbox::{Limits, fair_share, serving};
 use sandbox::{PluginIdentity, PluginState, PluginStore, Standby};
+pub use wit::types::Operation;
 
 /// The role a plugin plays; one per plugin, fixed by the world it was built against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

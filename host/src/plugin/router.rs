@@ -1,6 +1,4 @@
 //! Bindings of `world router-plugin` and the typed call the route stage makes.
-//!
-//! The `host` and `types` interfaces are generated here once and shared by the other role bindings.
 
 use super::{Binding, Exports, PluginError, Role, sandbox};
 
@@ -8,12 +6,15 @@ wasmtime::component::bindgen!({
     world: "router-plugin",
     path: "../wit",
     exports: { default: async },
+    with: {
+        "tollgate:plugin/host": super::wit::host,
+        "tollgate:plugin/types": super::wit::types,
+    },
 });
 
 pub use exports::tollgate::plugin::router::{
     Attempt, Channel, ChannelModel, Circuit, RequestFacts, RouteError,
 };
-pub use tollgate::plugin::types::Operation;
 
 impl Binding {
     /// Asks the router for the plan of one request. The outer error is the plugin's failure; the

@@ -15,7 +15,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::random::{WasiRandom, WasiRandomView};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::router::tollgate::plugin::{host, types};
+use super::wit::{host, types};
 use super::{PluginError, PluginLabels, PluginMetrics, PluginRef, Role};
 
 /// Limits of one binding. Every call runs under them.

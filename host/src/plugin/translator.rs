@@ -14,13 +14,13 @@ wasmtime::component::bindgen!({
     path: "../wit",
     exports: { default: async },
     with: {
-        "tollgate:plugin/host": super::router::tollgate::plugin::host,
-        "tollgate:plugin/types": super::router::tollgate::plugin::types,
+        "tollgate:plugin/host": super::wit::host,
+        "tollgate:plugin/types": super::wit::types,
     },
 });
 
-use super::router::tollgate::plugin::types::InvalidRequest;
-pub use super::router::tollgate::plugin::types::{FailureClass, Header, UpstreamFailure, Usage};
+use super::wit::types::InvalidRequest;
+pub use super::wit::types::{FailureClass, Header, UpstreamFailure, Usage};
 pub use exports::tollgate::plugin::inbound::{Endpoint, ForwardedAnswer, ForwardedEnd};
 pub use exports::tollgate::plugin::translator::{
     AttemptContext, AuthPlacement, HttpMethod, StreamEnd, StreamEvent, StreamFraming,

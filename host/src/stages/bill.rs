@@ -7,8 +7,8 @@
 //! unpriced for reconciliation. Next: record.
 
 use crate::gateway::Gateway;
+use crate::plugin::Operation;
 use crate::plugin::billing::{AuthorizeRequest, BillingDenial, CallOutcome, ChargeRequest, Price};
-use crate::plugin::router::Operation;
 use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::Usage;
 use crate::plugin::{PluginError, Role};

@@ -4,7 +4,7 @@
 //! In: the finished [`RequestContext`] with its usage and price. Out: nothing, or a [`RecordError`]
 //! (logged: the client already has its answer). Nothing of the prompt or completion is recorded.
 
-use crate::plugin::router::Operation;
+use crate::plugin::Operation;
 use crate::plugin::translator::Usage;
 use crate::stages::bill::Priced;
 use crate::stages::context::RequestContext;

@@ -8,7 +8,7 @@
 use base64::Engine as _;
 
 use crate::gateway::{Channel, Gateway};
-use crate::plugin::router::Operation;
+use crate::plugin::Operation;
 use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::{
     self as wit, AttemptContext, Endpoint, RequestKind, UpstreamRequest, UpstreamResponse,

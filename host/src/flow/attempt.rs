@@ -1,0 +1,541 @@
+//! The attempts of a plan: each route in turn (held-back routes last), each key and retry of a
+//! route, one attempt translating, calling and delivering.
+
+use crate::error::ApiError;
+use crate::gateway::{Gateway, KeyScope};
+use crate::health::ChannelHealth;
+use crate::metrics::{AttemptLabels, ChannelLabels};
+use crate::plugin::Binding;
+use crate::plugin::Operation;
+use crate::plugin::table::CanaryTally;
+use crate::plugin::translator::FailureClass;
+use crate::stages::context::RequestContext;
+use crate::stages::inbound;
+use crate::stages::route::{self, PlannedAttempt};
+use crate::stages::stream;
+use crate::stages::translate::{self, TranslateError};
+use crate::stages::upstream::{self, UpstreamError};
+use crate::store::RecordedAttempt;
+use crate::tokens;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+use super::settle::note_opened;
+use super::{Answered, Reply};
+
+/// Why a plan ended without an answer.
+pub(super) enum PlanFailure {
+    /// Every route failed; the last failure (an upstream's own before a held-back route's).
+    Failed(UpstreamError),
+    /// The request fails whatever route is tried, or the plan held none.
+    Fatal(ApiError),
+}
+
+/// Runs a plan's attempts in order until one answers. A route held back by its circuit or its
+/// keys' state is not skipped but moved to the end: those are tried last, anyway, so a breaker or
+/// a resting key reorders traffic and never refuses it alone. `fallback_after`: a fallback model
+/// is left to try when the plan fails.
+pub(super) async fn run_plan(
+    gateway: &Gateway,
+    context: &mut RequestContext,
+    plan: &route::Plan,
+    deadline: Instant,
+    fallback_after: bool,
+) -> Result<Answered, PlanFailure> {
+    let mut last_error = None;
+    let mut held_back = Vec::new();
+    let mut held_back_error = None;
+    for (index, attempt) in plan.attempts.iter().enumerate() {
+        let routes_left =
+            fallback_after || index + 1 < plan.attempts.len() || !held_back.is_empty();
+        let pass = Pass::Usable { routes_left };
+        // Failover only before the first byte: an attempt fails only before it sent any.
+        match attempt_channel(gateway, context, attempt, deadline, pass).await {
+            ChannelOutcome::Answered(answered) => return Ok(*answered),
+            ChannelOutcome::Failed(error) => last_error = Some(error),
+            ChannelOutcome::HeldBack(error) => {
+                held_back.push(attempt);
+                held_back_error.get_or_insert(error);
+            }
+            ChannelOutcome::Fatal(error) => return Err(PlanFailure::Fatal(error)),
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    let held_back_count = held_back.len();
+    for (index, attempt) in held_back.into_iter().enumerate() {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let routes_left = fallback_after || index + 1 < held_back_count;
+        let pass = Pass::LastResort { routes_left };
+        match attempt_channel(gateway, context, attempt, deadline, pass).await {
+            ChannelOutcome::Answered(answered) => return Ok(*answered),
+            ChannelOutcome::Failed(error) | ChannelOutcome::HeldBack(error) => {
+                last_error = Some(error);
+            }
+            ChannelOutcome::Fatal(error) => return Err(PlanFailure::Fatal(error)),
+        }
+    }
+    Err(last_error
+        .or(held_back_error)
+        .map_or(PlanFailure::Fatal(ApiError::NoAttempt), PlanFailure::Failed))
+}
+
+/// Which routes a pass over the plan calls. `routes_left`: another route (or a fallback model)
+/// remains after this one, so a call may leave a silent channel for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Routes whose circuits are closed (or due a probe) with a key that may be used now.
+    Usable { routes_left: bool },
+    /// The routes the first pass held back, whatever their circuits and keys say.
+    LastResort { routes_left: bool },
+}
+
+impl Pass {
+    fn routes_left(self) -> bool {
+        match self {
+            Pass::Usable { routes_left } | Pass::LastResort { routes_left } => routes_left,
+        }
+    }
+}
+
+/// How one planned channel ended.
+enum ChannelOutcome {
+    /// It answered.
+    Answered(Box<Answered>),
+    /// It failed in a way the next channel may fix.
+    Failed(UpstreamError),
+    /// It was not called: its circuit is open or every key is held back. Tried again last.
+    HeldBack(UpstreamError),
+    /// The request fails whatever channel is tried (the client's mistake, a plugin failure).
+    Fatal(ApiError),
+}
+
+/// What an upstream's refusal or rate limit was about: the whole key when it says the key is
+/// invalid or out of quota, otherwise the one model called (providers limit and authorise per
+/// model).
+fn key_scope<'m>(error: &UpstreamError, upstream_model: &'m str) -> KeyScope<'m> {
+    let about_the_key = matches!(error.status(), Some(401))
+        || matches!(
+            error.failure_code(),
+            Some("invalid_api_key" | "API_KEY_INVALID" | "insufficient_quota")
+        );
+    if about_the_key {
+        KeyScope::Key
+    } else {
+        KeyScope::Model(upstream_model)
+    }
+}
+
+/// Tries one channel of the plan: each of its usable keys in turn while the upstream refuses or
+/// rate-limits a key, and up to `retries` more times (with backoff) on failures of its own.
+async fn attempt_channel(
+    gateway: &Gateway,
+    context: &mut RequestContext,
+    attempt: &PlannedAttempt,
+    deadline: Instant,
+    pass: Pass,
+) -> ChannelOutcome {
+    let channel = attempt.channel.as_ref();
+    let mut tried_keys = Vec::new();
+    let mut retries = 0;
+    let mut last_error = None;
+    loop {
+        let now = Instant::now();
+        let model_health = channel.model_health.get(&context.request.model);
+        let admitted = match (model_health, pass) {
+            (Some(model_health), Pass::Usable { .. }) => {
+                ChannelHealth::admit_all(&[&channel.health, model_health], now)
+            }
+            (None, Pass::Usable { .. }) => channel.health.admit(now),
+            (Some(model_health), Pass::LastResort { .. }) => Some(ChannelHealth::admit_anyway(&[
+                &channel.health,
+                model_health,
+            ])),
+            (None, Pass::LastResort { .. }) => {
+                Some(ChannelHealth::admit_anyway(&[&channel.health]))
+            }
+        };
+        let Some(admission) = admitted else {
+            context
+                .attempts
+                .push(skipped(channel, attempt, "circuit_open"));
+            return match last_error {
+                Some(error) => ChannelOutcome::Failed(error),
+                None => ChannelOutcome::HeldBack(UpstreamError::CircuitOpen {
+                    channel: channel.config.name.clone(),
+                }),
+            };
+        };
+        let picked = channel.pick_key(
+            &context.caller.tenant,
+            &attempt.upstream_model,
+            now,
+            &tried_keys,
+            matches!(pass, Pass::LastResort { .. }),
+        );
+        let key = match picked {
+            Ok(key) => key,
+            Err(back_at) => {
+                admission.neutral();
+                context
+                    .attempts
+                    .push(skipped(channel, attempt, "no_usable_key"));
+                return match last_error {
+                    Some(error) => ChannelOutcome::Failed(error),
+                    None => ChannelOutcome::HeldBack(UpstreamError::NoUsableKey {
+                        channel: channel.config.name.clone(),
+                        retry_after: Some(back_at.saturating_duration_since(now)),
+                    }),
+                };
+            }
+        };
+        let span = tracing::info_span!(
+            "upstream.attempt",
+            channel = %channel.config.name,
+            attempt = context.attempts.len() + 1
+        );
+        context.attempt_in_flight = Some(RecordedAttempt {
+            channel: channel.config.name.clone(),
+            key: key.map(|index| channel.keys[index].id.clone()),
+            upstream_model: attempt.upstream_model.clone(),
+            status: None,
+            error_class: None,
+            latency_ms: 0,
+            ttfb_ms: None,
+        });
+        let result = try_attempt(gateway, context, attempt, key, pass.routes_left())
+            .instrument(span)
+            .await;
+        context.attempt_in_flight = None;
+        let latency = now.elapsed();
+        let latency_ms = latency.as_millis() as u64;
+        let key_id = key.map(|index| channel.keys[index].id.clone());
+        let (status, error_class, ttfb_ms) = match &result {
+            Ok((_, ttfb)) => (Some(200), None, Some(ttfb.as_millis() as u64)),
+            Err(TranslateError::Upstream(error)) => {
+                (error.status(), Some(error.class().to_owned()), None)
+            }
+            Err(_) => (None, Some("plugin".to_owned()), None),
+        };
+        let labels = AttemptLabels {
+            channel: channel.config.name.clone(),
+            outcome: error_class.clone().unwrap_or_else(|| "ok".to_owned()),
+        };
+        gateway.metrics.attempts.get_or_create(&labels).inc();
+        gateway
+            .metrics
+            .upstream_latency
+            .get_or_create(&labels)
+            .observe(latency.as_secs_f64());
+        if let Ok((_, ttfb)) = &result {
+            gateway
+                .metrics
+                .upstream_ttfb
+                .get_or_create(&ChannelLabels {
+                    channel: channel.config.name.clone(),
+                })
+                .observe(ttfb.as_secs_f64());
+        }
+        context.attempts.push(RecordedAttempt {
+            channel: channel.config.name.clone(),
+            key: key_id,
+            upstream_model: attempt.upstream_model.clone(),
+            status,
+            error_class,
+            latency_ms,
+            ttfb_ms,
+        });
+        let error = match result {
+            Ok((reply, ttfb)) => {
+                if let Some(key) = key {
+                    channel.keys[key].answered(&attempt.upstream_model);
+                }
+                return ChannelOutcome::Answered(Box::new(Answered {
+                    reply,
+                    admission,
+                    started: now,
+                    ttfb,
+                }));
+            }
+            Err(TranslateError::Upstream(error)) => error,
+            Err(error) => {
+                admission.neutral();
+                return ChannelOutcome::Fatal(error.into());
+            }
+        };
+        tracing::info!(channel = %channel.config.name, class = error.class(), "upstream attempt failed");
+        match (error.failure_class(), key) {
+            (Some(FailureClass::InvalidRequest), _) => {
+                admission.neutral();
+                return ChannelOutcome::Fatal(error.into());
+            }
+            (Some(FailureClass::Authentication), Some(key)) => {
+                // Not this key again until its probe: the next key of the pool, or the next channel.
+                admission.neutral();
+                channel.keys[key].refuse(
+                    key_scope(&error, &attempt.upstream_model),
+                    format!("the upstream refused it: {error}"),
+                );
+                tried_keys.push(key);
+            }
+            (Some(FailureClass::RateLimited), Some(key)) => {
+                admission.neutral();
+                let rest = error.retry_after().unwrap_or(Duration::from_secs(1));
+                channel.keys[key].rest(
+                    key_scope(&error, &attempt.upstream_model),
+                    Instant::now() + rest,
+                );
+                tried_keys.push(key);
+            }
+            _ if matches!(error, UpstreamError::Unsupported { .. }) => {
+                admission.neutral();
+                return ChannelOutcome::Failed(error);
+            }
+            // Not again: the channel answers nothing now, and another route is left.
+            _ if matches!(error, UpstreamError::Silent { .. }) => {
+                admission.failed(Instant::now(), false);
+                return ChannelOutcome::Failed(error);
+            }
+            _ => {
+                admission.failed(Instant::now(), error.upstream_answered());
+                let backoff = retry_backoff(channel.config.retry_backoff_ms, retries);
+                if retries >= channel.config.retries || Instant::now() + backoff >= deadline {
+                    return ChannelOutcome::Failed(error);
+                }
+                retries += 1;
+                tokio::time::sleep(backoff).await;
+            }
+        }
+        if Instant::now() >= deadline {
+            return ChannelOutcome::Failed(error);
+        }
+        last_error = Some(error);
+    }
+}
+
+/// Exponential backoff with full jitter: a random wait up to `base * 2^retry`, capped at 10 s.
+fn retry_backoff(base_ms: u64, retry: u32) -> Duration {
+    let ceiling = base_ms.saturating_mul(1 << retry.min(16)).min(10_000);
+    Duration::from_millis(rand::random_range(ceiling / 2..=ceiling.max(1)))
+}
+
+/// The trace entry of a channel passed over without a call.
+fn skipped(
+    channel: &crate::gateway::Channel,
+    attempt: &PlannedAttempt,
+    class: &str,
+) -> RecordedAttempt {
+    RecordedAttempt {
+        channel: channel.config.name.clone(),
+        key: None,
+        upstream_model: attempt.upstream_model.clone(),
+        status: None,
+        error_class: Some(class.to_owned()),
+        latency_ms: 0,
+        ttfb_ms: None,
+    }
+}
+
+/// One attempt: translate (or, on a channel of the client's own protocol, forward), call, and
+/// deliver (whole answer, or a stream whose first content came). Returns the reply and its time to
+/// first byte (first content for streams, the answer's headers otherwise). With `routes_left`,
+/// the call leaves a channel that goes silent before its headers.
+async fn try_attempt(
+    gateway: &Gateway,
+    context: &mut RequestContext,
+    attempt: &PlannedAttempt,
+    key: Option<usize>,
+    routes_left: bool,
+) -> Result<(Reply, Duration), TranslateError> {
+    let started = Instant::now();
+    let channel = attempt.channel.as_ref();
+    let translator = translate::translator(context, channel)?;
+    let attempt_context = translate::attempt_context(context, channel, attempt);
+    let forwarded = context
+        .inbound
+        .as_ref()
+        .filter(|inbound| inbound.forwards_to(&channel.config.protocol));
+    let translated = match forwarded {
+        Some(inbound) => {
+            translate::forward(&translator, channel, &attempt_context, inbound).await?
+        }
+        None => {
+            translate::request(
+                &translator,
+                channel,
+                &attempt_context,
+                &context.request.body,
+            )
+            .await?
+        }
+    };
+    let forwarded = forwarded.map(|inbound| inbound.endpoint);
+    context.plugins.push(translated.trace);
+    // The rest of the attempt runs on the plugin that translated the request, and counts against
+    // its canary if the canary did.
+    let canary = translated.canary;
+    let fallback = translated.fallback;
+    let translator = translated.ran;
+    let upstream_request = translated.value;
+    let framing = upstream_request.framing;
+    let waiting = Instant::now();
+    let first_byte = channel.first_byte_timeout(&context.request.model);
+    if !context.reached_upstream {
+        context.reached_upstream = true;
+        note_opened(gateway, context, channel, attempt);
+    }
+    // The attempt's first-byte and total timeouts count from here.
+    let sent_at = waiting;
+    // With another route left, the wait for the headers and for a stream's first content ends
+    // when the channel goes silent.
+    let probe = routes_left.then(|| translate::SilenceProbe {
+        translator: &translator,
+        attempt: &attempt_context,
+    });
+    let upstream_key = key.map(|index| &channel.keys[index]);
+    let sending = upstream::send(channel, upstream_key, upstream_request, first_byte);
+    let sent =
+        upstream::unless_silent(&attempt.channel, key, sent_at, probe.as_ref(), sending).await;
+    context.upstream_wait += waiting.elapsed();
+    let response = sent?;
+    let reply = if let (true, Some(framing)) = (context.request.stream, framing) {
+        let shape = stream::StreamShape {
+            framing,
+            dialect: context.dialect(),
+            max_error_body_bytes: gateway.max_upstream_body_bytes,
+            prompt_estimate: context.request.estimated_input_tokens,
+            output_allowance: context
+                .grant
+                .as_ref()
+                .and_then(|grant| grant.output_allowance),
+            progress: context.grant.as_ref().map(|grant| stream::ProgressMarks {
+                store: gateway.store.clone(),
+                hold_id: grant.hold_id.clone(),
+                marked: None,
+            }),
+        };
+        let relay = async || -> Result<stream::Relay, TranslateError> {
+            if forwarded.is_some() {
+                let session = translator.open_forwarded_stream(&attempt_context).await?;
+                return Ok(stream::Relay::Forwarded(session));
+            }
+            let session = translator.open_stream(&attempt_context).await?;
+            Ok(match &context.inbound {
+                Some(inbound) => {
+                    let converter = inbound.plugin.open_openai_stream(&attempt_context).await?;
+                    stream::Relay::Converted(session, Box::new(converter))
+                }
+                None => stream::Relay::OpenAi(session),
+            })
+        };
+        let waiting = Instant::now();
+        let opening = stream::open(
+            &translator,
+            relay,
+            channel,
+            &attempt_context,
+            (response, sent_at),
+            shape,
+        );
+        let opened =
+            upstream::unless_silent(&attempt.channel, key, sent_at, probe.as_ref(), opening).await;
+        // Includes the translator's pushes before the first chunk: a few µs each.
+        context.upstream_wait += waiting.elapsed();
+        let open = counted(canary.as_ref(), opened)?.watched_by(canary);
+        (Reply::Streaming(Box::new(open)), started.elapsed())
+    } else {
+        let ttfb = started.elapsed();
+        let whole =
+            upstream::read_whole(channel, response, gateway.max_upstream_body_bytes, sent_at)
+                .await?;
+        let answer = match forwarded {
+            Some(endpoint) => {
+                let read = async |binding: Arc<Binding>| {
+                    let context = &attempt_context;
+                    translate::forwarded_answer(&binding, channel, context, endpoint, &whole).await
+                };
+                let answered = read(translator.clone()).await;
+                let answered = counted(canary.as_ref(), answered);
+                fail_open(context, &translator, fallback, answered, read).await?
+            }
+            None => {
+                let read = async |binding: Arc<Binding>| {
+                    translate::answer(&binding, channel, &attempt_context, &whole).await
+                };
+                let answered = read(translator.clone()).await;
+                let answered = counted(canary.as_ref(), answered);
+                let mut answer = fail_open(context, &translator, fallback, answered, read).await?;
+                complete_answer(context, &mut answer);
+                if let Some(inbound) = &context.inbound {
+                    inbound::convert_answer(inbound, &attempt_context, &mut answer).await?;
+                }
+                answer
+            }
+        };
+        context.served_model = answer.served_model.clone();
+        (Reply::Whole(answer), ttfb)
+    };
+    context.served_protocol = Some(channel.config.protocol.clone());
+    context.served_channel = Some(channel.config.name.clone());
+    context.routed_model = Some(attempt.upstream_model.clone());
+    Ok(reply)
+}
+
+/// The answer of the attempt's translator, or, when that plugin itself failed and its binding's
+/// policy is `open`, the global default's reading of the same upstream answer (the trace says so).
+async fn fail_open<T>(
+    context: &mut RequestContext,
+    translator: &Binding,
+    fallback: Option<Arc<Binding>>,
+    answered: Result<T, TranslateError>,
+    read: impl AsyncFnOnce(Arc<Binding>) -> Result<T, TranslateError>,
+) -> Result<T, TranslateError> {
+    let (Err(TranslateError::Plugin(error)), Some(fallback)) = (&answered, fallback) else {
+        return answered;
+    };
+    if error.culprit().is_none() {
+        return answered;
+    }
+    tracing::warn!(%error, fallback = %fallback.plugin(), "answer translation failed; failing open");
+    fallback.count_fail_open();
+    context.plugins.push(format!(
+        "{} (fail-open after {}: {})",
+        fallback.plugin(),
+        translator.plugin(),
+        error.class()
+    ));
+    read(fallback).await
+}
+
+/// `result` of a later call of the attempt's translator, counted against its canary when the
+/// canary translated the request: a canary that breaks only answers or streams is rolled back too.
+pub(super) fn counted<T>(
+    canary: Option<&CanaryTally>,
+    result: Result<T, TranslateError>,
+) -> Result<T, TranslateError> {
+    if let Some(canary) = canary {
+        let failure = match &result {
+            Err(TranslateError::Plugin(error)) => Some(error),
+            _ => None,
+        };
+        canary.count_outcome(failure);
+    }
+    result
+}
+
+/// Finishes an OpenAI-shaped whole answer: usage the upstream did not report is counted with the
+/// tokenizer (both sides) and written into the body, base64 embeddings encoded.
+fn complete_answer(context: &RequestContext, answer: &mut translate::Answer) {
+    if answer.usage.estimated {
+        answer.usage.input_tokens =
+            tokens::prompt_tokens(context.request.operation, &context.request.body);
+        if context.request.operation == Operation::Chat {
+            answer.usage.output_tokens = tokens::answer_tokens(&answer.body);
+        }
+    }
+    translate::complete_body(&context.request, answer);
+}
