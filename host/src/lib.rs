@@ -6,6 +6,7 @@
 //! maps every error to HTTP once. The binary (`main.rs`, `cli/`) is the command line around them;
 //! [`trial`] runs one plugin outside the gateway for it.
 
+pub mod channel;
 pub mod config;
 pub mod console;
 pub mod error;

@@ -331,7 +331,7 @@ fn start_workers(
         let worker = std::thread::Builder::new()
             .name(format!("worker-{index}"))
             .spawn(move || {
-                gateway::enter_worker(index);
+                tollgate::channel::enter_worker(index);
                 let _ = ready.send(());
                 drop(ready);
                 runtime.block_on(served).context("serving")

@@ -1,8 +1,9 @@
 //! The attempts of a plan: each route in turn (held-back routes last), each key and retry of a
 //! route, one attempt translating, calling and delivering.
 
+use crate::channel::KeyScope;
 use crate::error::ApiError;
-use crate::gateway::{Gateway, KeyScope};
+use crate::gateway::Gateway;
 use crate::health::ChannelHealth;
 use crate::metrics::{AttemptLabels, ChannelLabels};
 use crate::plugin::Binding;
@@ -325,7 +326,7 @@ fn retry_backoff(base_ms: u64, retry: u32) -> Duration {
 
 /// The trace entry of a channel passed over without a call.
 fn skipped(
-    channel: &crate::gateway::Channel,
+    channel: &crate::channel::Channel,
     attempt: &PlannedAttempt,
     class: &str,
 ) -> RecordedAttempt {

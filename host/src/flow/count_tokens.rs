@@ -33,7 +33,7 @@ async fn count_tokens_served(
 ) -> Result<String, ApiError> {
     let mut permit = limit::admit(&gateway.limiter, &context.caller, &context.request)?;
     permit.settle_tokens(0);
-    let plan = route::plan(&gateway, &mut context).await?;
+    let plan = route::plan(&gateway.channels(), &mut context).await?;
     let Some(inbound) = context.inbound.as_ref() else {
         return Err(ApiError::NoAttempt);
     };

@@ -176,8 +176,9 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
         &context.caller,
         &context.request,
     )?);
-    let plan = route::plan(gateway, context).await?;
-    let grant = bill::authorize(gateway, context).await?;
+    let plan = route::plan(&gateway.channels(), context).await?;
+    let limits = gateway.model_limits(&context.request.model);
+    let grant = bill::authorize(gateway.store.as_ref(), limits, context).await?;
     if let Some(cap) = grant.upstream_cap {
         context.request.cap_output(cap);
     }
@@ -195,7 +196,7 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
     {
         tracing::warn!(model = %context.request.model, %fallback, "every route failed; degrading");
         context.degraded_from = Some(std::mem::replace(&mut context.request.model, fallback));
-        let plan = route::plan(gateway, context).await?;
+        let plan = route::plan(&gateway.channels(), context).await?;
         return match run_plan(gateway, context, &plan, deadline, false).await {
             Ok(answered) => Ok(answered),
             Err(PlanFailure::Fatal(error)) => Err(error),

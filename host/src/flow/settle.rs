@@ -183,7 +183,7 @@ pub async fn recover(gateway: &Gateway) -> Result<usize, StoreError> {
             estimated: true,
             ..zero_usage()
         };
-        let priced = match Gateway::resolve(&bindings, &opened.tenant, Role::Billing, None) {
+        let priced = match bindings.require(&opened.tenant, Role::Billing, None) {
             Ok(billing) => bill::charge_recovered(&billing, opened, &usage).await,
             Err(error) => Priced {
                 failure: Some(error.to_string()),
@@ -206,7 +206,7 @@ pub async fn recover(gateway: &Gateway) -> Result<usize, StoreError> {
 pub(super) fn note_opened(
     gateway: &Gateway,
     context: &RequestContext,
-    channel: &crate::gateway::Channel,
+    channel: &crate::channel::Channel,
     attempt: &PlannedAttempt,
 ) {
     let Some(grant) = &context.grant else {

@@ -323,6 +323,23 @@ impl BindingTable {
             .filter_map(|scope| scope.protocol.as_deref())
     }
 
+    /// [`BindingTable::resolve`], or the error that names what lacks a binding.
+    pub fn require(
+        &self,
+        tenant: &str,
+        role: Role,
+        protocol: Option<&str>,
+    ) -> Result<Resolved, PluginError> {
+        self.resolve(tenant, role, protocol)
+            .ok_or_else(|| PluginError::Unbound {
+                role,
+                what: protocol.map_or_else(
+                    || format!("tenant `{tenant}`"),
+                    |protocol| format!("protocol `{protocol}`"),
+                ),
+            })
+    }
+
     /// The binding a request of `tenant` calls for `role` (and `protocol`, for translators): the
     /// tenant's own, else the global one, else the configuration file's. A canary is drawn here,
     /// once per request and role.

@@ -6,14 +6,16 @@
 //! [`Priced`] result, never past the hold, and never an error: a pricing failure leaves the record
 //! unpriced for reconciliation. Next: record.
 
-use crate::gateway::Gateway;
+use crate::config::ModelLimits;
 use crate::plugin::Operation;
 use crate::plugin::billing::{AuthorizeRequest, BillingDenial, CallOutcome, ChargeRequest, Price};
+use crate::plugin::table::BindingTable;
 use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::Usage;
 use crate::plugin::{PluginError, Role};
 use crate::request::ClientRequest;
 use crate::stages::context::{Grant, RequestContext};
+use crate::store::Store;
 use crate::store::StoreError;
 use crate::store::{HoldOutcome, HoldRequest, OpenedRequest};
 use crate::tokens;
@@ -79,10 +81,10 @@ const COUNTED_MARGIN: (u64, u64) = (3, 2);
 /// largest output the plugin allows, found by bisection (at most about 17 decisions), which flow
 /// then puts in the upstream request. A request whose own cap does not fit is refused.
 pub async fn authorize(
-    gateway: &Gateway,
+    store: &dyn Store,
+    limits: ModelLimits,
     context: &mut RequestContext,
 ) -> Result<Grant, BillingError> {
-    let limits = gateway.model_limits(&context.request.model);
     let chat = context.request.operation == Operation::Chat;
     let client_cap = context.request.max_output_tokens;
     let output_wanted = if chat {
@@ -111,15 +113,11 @@ pub async fn authorize(
         traced: false,
     };
     for _ in 0..HOLD_ATTEMPTS {
-        judge.available = gateway
-            .store
-            .available_picos(&judge.context.caller.tenant)?;
+        judge.available = store.available_picos(&judge.context.caller.tenant)?;
         judge.cap_room = match key_cap {
-            Some((cap, day)) => Some(
-                cap - gateway
-                    .store
-                    .key_committed_picos(&judge.context.caller.key_id, day)?,
-            ),
+            Some((cap, day)) => {
+                Some(cap - store.key_committed_picos(&judge.context.caller.key_id, day)?)
+            }
             None => None,
         };
         let sized = match judge.verdict(byte_bound, output_wanted).await? {
@@ -139,7 +137,7 @@ pub async fn authorize(
                     .ok_or(shortfall)?
             }
         };
-        let placed = gateway.store.place_hold(&HoldRequest {
+        let placed = store.place_hold(&HoldRequest {
             tenant: &judge.context.caller.tenant,
             key_id: &judge.context.caller.key_id,
             hold_id: &hold_id,
@@ -314,12 +312,12 @@ fn plugin_balance(picos: i128) -> i64 {
 /// plugin prices one; a refusal for want of balance means the balance is below the floor (the
 /// convention every billing plugin keeps: a request that costs nothing is refused only there).
 pub async fn below_floor(
-    gateway: &Gateway,
+    bindings: &BindingTable,
     tenant: &str,
     balance_picos: i128,
     models: &[String],
 ) -> Result<Option<String>, BillingError> {
-    let billing = Gateway::resolve(&gateway.bindings(), tenant, Role::Billing, None)?;
+    let billing = bindings.require(tenant, Role::Billing, None)?;
     for model in models {
         let request = AuthorizeRequest {
             request_id: String::new(),

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::gateway::Gateway;
 use crate::plugin::table::{BindingTable, Resolved};
 use crate::plugin::translator::{Endpoint, Header};
 use crate::plugin::{Binding, PluginError, Role};
@@ -89,8 +88,8 @@ impl RequestContext {
         bindings: Arc<BindingTable>,
     ) -> Result<Self, PluginError> {
         let received_unix_ms = crate::store::now_unix_ms();
-        let router = Gateway::resolve(&bindings, &caller.tenant, Role::Router, None)?;
-        let billing = Gateway::resolve(&bindings, &caller.tenant, Role::Billing, None)?;
+        let router = bindings.require(&caller.tenant, Role::Router, None)?;
+        let billing = bindings.require(&caller.tenant, Role::Billing, None)?;
         Ok(Self {
             request_id,
             received_at,

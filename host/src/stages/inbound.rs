@@ -8,7 +8,6 @@
 //! `RequestContext`, and the OpenAI body for `request::read`. Errors: [`TranslateError`] (a 400
 //! for a body the plugin refuses, or the plugin's failure). Next: `request::read`, then the flow.
 
-use crate::gateway::Gateway;
 use crate::plugin::Role;
 use crate::plugin::translator::{AttemptContext, Endpoint, Header};
 use crate::stages::context::{Dialect, Inbound};
@@ -37,7 +36,7 @@ pub async fn convert_request(
     body: String,
     headers: Vec<Header>,
 ) -> Result<(Inbound, String, String), TranslateError> {
-    let resolved = Gateway::resolve(bindings, tenant, Role::Translator, Some(protocol.name))?;
+    let resolved = bindings.require(tenant, Role::Translator, Some(protocol.name))?;
     let called = resolved
         .call(|binding| {
             let body = &body;

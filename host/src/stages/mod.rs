@@ -1,6 +1,6 @@
-//! The stages a request passes through, in order. A stage uses the types of the layers below it
-//! (`plugin`, `store`, `gateway`'s state) and of the request's context; [`crate::flow`] calls
-//! them in turn.
+//! The stages a request passes through, in order. A stage uses the request's [`context`] and the
+//! layers below (channels, plugins, the store), and is handed the parts of the gateway's state it
+//! needs; it never reaches up to the flow that calls the stages in turn, nor to HTTP.
 
 pub mod auth;
 pub mod bill;

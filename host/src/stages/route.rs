@@ -6,7 +6,7 @@
 use crate::stages::context::RequestContext;
 use std::sync::Arc;
 
-use crate::gateway::{Channel as GatewayChannel, Gateway};
+use crate::channel::Channel as GatewayChannel;
 use crate::plugin::PluginError;
 use crate::plugin::router::{self as wit, Channel, ChannelModel, Circuit, RequestFacts};
 
@@ -40,8 +40,12 @@ pub enum RouteError {
     Plugin(#[from] PluginError),
 }
 
-/// Asks the router for the plan and checks it names only active channels.
-pub async fn plan(gateway: &Gateway, context: &mut RequestContext) -> Result<Plan, RouteError> {
+/// Asks the router for the plan over the gateway's `channels` and checks it names only active
+/// ones.
+pub async fn plan(
+    channels: &[Arc<GatewayChannel>],
+    context: &mut RequestContext,
+) -> Result<Plan, RouteError> {
     let facts = RequestFacts {
         request_id: context.request_id.clone(),
         tenant: context.caller.tenant.clone(),
@@ -54,7 +58,6 @@ pub async fn plan(gateway: &Gateway, context: &mut RequestContext) -> Result<Pla
         tags: context.tags.clone(),
     };
     let now = std::time::Instant::now();
-    let channels = gateway.channels();
     let candidates: Vec<Channel> = channels
         .iter()
         .filter(|channel| channel.is_active())

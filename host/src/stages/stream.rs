@@ -16,8 +16,8 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
+use crate::channel::Channel;
 use crate::error::ApiError;
-use crate::gateway::Channel;
 use crate::plugin::Binding;
 use crate::plugin::table::CanaryTally;
 use crate::plugin::translator::{

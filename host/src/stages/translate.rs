@@ -7,7 +7,7 @@
 
 use base64::Engine as _;
 
-use crate::gateway::{Channel, Gateway};
+use crate::channel::Channel;
 use crate::plugin::Operation;
 use crate::plugin::table::{Called, Resolved};
 use crate::plugin::translator::{
@@ -120,8 +120,7 @@ impl TranslateError {
 
 /// The translator bound to a channel's protocol for this request's tenant.
 pub fn translator(context: &RequestContext, channel: &Channel) -> Result<Resolved, PluginError> {
-    Gateway::resolve(
-        &context.bindings,
+    context.bindings.require(
         &context.caller.tenant,
         Role::Translator,
         Some(&channel.config.protocol),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 
-use crate::gateway::{Channel, UpstreamKey};
+use crate::channel::{Channel, UpstreamKey};
 use crate::health::{SilenceCheck, SilenceWatch};
 use crate::plugin::translator::{
     AuthPlacement, FailureClass, HttpMethod, UpstreamFailure, UpstreamRequest, UpstreamResponse,

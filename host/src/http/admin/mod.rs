@@ -502,7 +502,7 @@ async fn reconcile(State(state): State<AdminState>) -> Result<Response, ApiError
     let mut tenants = Vec::with_capacity(books.len());
     for book in &books {
         let below_floor = crate::stages::bill::below_floor(
-            &state.gateway,
+            &state.gateway.bindings(),
             &book.tenant,
             book.balance_picos,
             &models,
@@ -716,7 +716,7 @@ fn channel_body(
         ));
     }
     if let Some(path) = &config.ca_file
-        && let Err(error) = crate::gateway::trusted_roots(&config.name, path)
+        && let Err(error) = crate::channel::trusted_roots(&config.name, path)
     {
         return Err(invalid(error.to_string(), Some("ca_file")));
     }
