@@ -1,10 +1,16 @@
 //! The attempts of a plan: each route in turn (held-back routes last), each key and retry of a
 //! route, one attempt translating, calling and delivering.
 
-use crate::channel::KeyScope;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use crate::channel::{Channel, KeyScope};
 use crate::error::ApiError;
 use crate::gateway::Gateway;
-use crate::health::ChannelHealth;
+use crate::health::{Admission, ChannelHealth};
 use crate::metrics::{AttemptLabels, ChannelLabels};
 use crate::plugin::Binding;
 use crate::plugin::Operation;
@@ -18,9 +24,6 @@ use crate::stages::translate::{self, TranslateError};
 use crate::stages::upstream::{self, UpstreamError};
 use crate::store::RecordedAttempt;
 use crate::tokens;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tracing::Instrument;
 
 use super::settle::note_opened;
 use super::{Answered, Reply};
@@ -146,30 +149,14 @@ async fn attempt_channel(
     let mut last_error = None;
     loop {
         let now = Instant::now();
-        let model_health = channel.model_health.get(&context.request.model);
-        let admitted = match (model_health, pass) {
-            (Some(model_health), Pass::Usable { .. }) => {
-                ChannelHealth::admit_all(&[&channel.health, model_health], now)
-            }
-            (None, Pass::Usable { .. }) => channel.health.admit(now),
-            (Some(model_health), Pass::LastResort { .. }) => Some(ChannelHealth::admit_anyway(&[
-                &channel.health,
-                model_health,
-            ])),
-            (None, Pass::LastResort { .. }) => {
-                Some(ChannelHealth::admit_anyway(&[&channel.health]))
-            }
-        };
-        let Some(admission) = admitted else {
+        let Some(admission) = admit(channel, &context.request.model, pass, now) else {
             context
                 .attempts
                 .push(skipped(channel, attempt, "circuit_open"));
-            return match last_error {
-                Some(error) => ChannelOutcome::Failed(error),
-                None => ChannelOutcome::HeldBack(UpstreamError::CircuitOpen {
-                    channel: channel.config.name.clone(),
-                }),
+            let open = UpstreamError::CircuitOpen {
+                channel: channel.config.name.clone(),
             };
+            return held_back(last_error, open);
         };
         let picked = channel.pick_key(
             &context.caller.tenant,
@@ -185,13 +172,11 @@ async fn attempt_channel(
                 context
                     .attempts
                     .push(skipped(channel, attempt, "no_usable_key"));
-                return match last_error {
-                    Some(error) => ChannelOutcome::Failed(error),
-                    None => ChannelOutcome::HeldBack(UpstreamError::NoUsableKey {
-                        channel: channel.config.name.clone(),
-                        retry_after: Some(back_at.saturating_duration_since(now)),
-                    }),
+                let no_key = UpstreamError::NoUsableKey {
+                    channel: channel.config.name.clone(),
+                    retry_after: Some(back_at.saturating_duration_since(now)),
                 };
+                return held_back(last_error, no_key);
             }
         };
         let span = tracing::info_span!(
@@ -199,57 +184,12 @@ async fn attempt_channel(
             channel = %channel.config.name,
             attempt = context.attempts.len() + 1
         );
-        context.attempt_in_flight = Some(RecordedAttempt {
-            channel: channel.config.name.clone(),
-            key: key.map(|index| channel.keys[index].id.clone()),
-            upstream_model: attempt.upstream_model.clone(),
-            status: None,
-            error_class: None,
-            latency_ms: 0,
-            ttfb_ms: None,
-        });
+        context.attempt_in_flight = Some(recorded(channel, attempt, key));
         let result = try_attempt(gateway, context, attempt, key, pass.routes_left())
             .instrument(span)
             .await;
         context.attempt_in_flight = None;
-        let latency = now.elapsed();
-        let latency_ms = latency.as_millis() as u64;
-        let key_id = key.map(|index| channel.keys[index].id.clone());
-        let (status, error_class, ttfb_ms) = match &result {
-            Ok((_, ttfb)) => (Some(200), None, Some(ttfb.as_millis() as u64)),
-            Err(TranslateError::Upstream(error)) => {
-                (error.status(), Some(error.class().to_owned()), None)
-            }
-            Err(_) => (None, Some("plugin".to_owned()), None),
-        };
-        let labels = AttemptLabels {
-            channel: channel.config.name.clone(),
-            outcome: error_class.clone().unwrap_or_else(|| "ok".to_owned()),
-        };
-        gateway.metrics.attempts.get_or_create(&labels).inc();
-        gateway
-            .metrics
-            .upstream_latency
-            .get_or_create(&labels)
-            .observe(latency.as_secs_f64());
-        if let Ok((_, ttfb)) = &result {
-            gateway
-                .metrics
-                .upstream_ttfb
-                .get_or_create(&ChannelLabels {
-                    channel: channel.config.name.clone(),
-                })
-                .observe(ttfb.as_secs_f64());
-        }
-        context.attempts.push(RecordedAttempt {
-            channel: channel.config.name.clone(),
-            key: key_id,
-            upstream_model: attempt.upstream_model.clone(),
-            status,
-            error_class,
-            latency_ms,
-            ttfb_ms,
-        });
+        record_attempt(gateway, context, attempt, key, now.elapsed(), &result);
         let error = match result {
             Ok((reply, ttfb)) => {
                 if let Some(key) = key {
@@ -269,53 +209,196 @@ async fn attempt_channel(
             }
         };
         tracing::info!(channel = %channel.config.name, class = error.class(), "upstream attempt failed");
-        match (error.failure_class(), key) {
-            (Some(FailureClass::InvalidRequest), _) => {
-                admission.neutral();
-                return ChannelOutcome::Fatal(error.into());
-            }
-            (Some(FailureClass::Authentication), Some(key)) => {
-                // Not this key again until its probe: the next key of the pool, or the next channel.
-                admission.neutral();
-                channel.keys[key].refuse(
-                    key_scope(&error, &attempt.upstream_model),
-                    format!("the upstream refused it: {error}"),
-                );
-                tried_keys.push(key);
-            }
-            (Some(FailureClass::RateLimited), Some(key)) => {
-                admission.neutral();
-                let rest = error.retry_after().unwrap_or(Duration::from_secs(1));
-                channel.keys[key].rest(
-                    key_scope(&error, &attempt.upstream_model),
-                    Instant::now() + rest,
-                );
-                tried_keys.push(key);
-            }
-            _ if matches!(error, UpstreamError::Unsupported { .. }) => {
-                admission.neutral();
-                return ChannelOutcome::Failed(error);
-            }
-            // Not again: the channel answers nothing now, and another route is left.
-            _ if matches!(error, UpstreamError::Silent { .. }) => {
-                admission.failed(Instant::now(), false);
-                return ChannelOutcome::Failed(error);
-            }
-            _ => {
-                admission.failed(Instant::now(), error.upstream_answered());
-                let backoff = retry_backoff(channel.config.retry_backoff_ms, retries);
-                if retries >= channel.config.retries || Instant::now() + backoff >= deadline {
-                    return ChannelOutcome::Failed(error);
-                }
-                retries += 1;
-                tokio::time::sleep(backoff).await;
-            }
-        }
+        let retry = Retry {
+            tried_keys: &mut tried_keys,
+            retries: &mut retries,
+            deadline,
+        };
+        let error = match after_attempt_failed(attempt, admission, key, error, retry).await {
+            ControlFlow::Break(outcome) => return outcome,
+            ControlFlow::Continue(error) => error,
+        };
         if Instant::now() >= deadline {
             return ChannelOutcome::Failed(error);
         }
         last_error = Some(error);
     }
+}
+
+/// A route that was not called: failed, when an earlier call on it failed; else held back.
+fn held_back(last_error: Option<UpstreamError>, why: UpstreamError) -> ChannelOutcome {
+    match last_error {
+        Some(error) => ChannelOutcome::Failed(error),
+        None => ChannelOutcome::HeldBack(why),
+    }
+}
+
+/// What a route's loop carries from one failed attempt to the next.
+struct Retry<'a> {
+    /// Keys refused or rested during this route's attempts.
+    tried_keys: &'a mut Vec<usize>,
+    /// Retries made on the channel's own failures.
+    retries: &'a mut u32,
+    deadline: Instant,
+}
+
+/// Carries out [`after_failure`]'s decision: the key's refusal or rest, the health's count, the
+/// backoff before a retry. `Break` ends the route with that outcome; `Continue` tries it again.
+async fn after_attempt_failed(
+    attempt: &PlannedAttempt,
+    admission: Admission,
+    key: Option<usize>,
+    error: UpstreamError,
+    retry: Retry<'_>,
+) -> ControlFlow<ChannelOutcome, UpstreamError> {
+    let channel = attempt.channel.as_ref();
+    let scope = key_scope(&error, &attempt.upstream_model);
+    match (after_failure(&error, key.is_some()), key) {
+        (AfterFailure::Fatal, _) => {
+            admission.neutral();
+            return ControlFlow::Break(ChannelOutcome::Fatal(error.into()));
+        }
+        (AfterFailure::RefuseKey, Some(key)) => {
+            // Not this key again until its probe: the next key of the pool, or the next channel.
+            admission.neutral();
+            channel.keys[key].refuse(scope, format!("the upstream refused it: {error}"));
+            retry.tried_keys.push(key);
+        }
+        (AfterFailure::RestKey, Some(key)) => {
+            admission.neutral();
+            let rest = error.retry_after().unwrap_or(Duration::from_secs(1));
+            channel.keys[key].rest(scope, Instant::now() + rest);
+            retry.tried_keys.push(key);
+        }
+        (AfterFailure::NextRoute { failed }, _) => {
+            if failed {
+                admission.failed(Instant::now(), false);
+            } else {
+                admission.neutral();
+            }
+            return ControlFlow::Break(ChannelOutcome::Failed(error));
+        }
+        (AfterFailure::Retry | AfterFailure::RefuseKey | AfterFailure::RestKey, _) => {
+            admission.failed(Instant::now(), error.upstream_answered());
+            let backoff = retry_backoff(channel.config.retry_backoff_ms, *retry.retries);
+            if *retry.retries >= channel.config.retries
+                || Instant::now() + backoff >= retry.deadline
+            {
+                return ControlFlow::Break(ChannelOutcome::Failed(error));
+            }
+            *retry.retries += 1;
+            tokio::time::sleep(backoff).await;
+        }
+    }
+    ControlFlow::Continue(error)
+}
+
+/// What a failed attempt means for its route (as pingora's `RetryType`): one decision over the
+/// failure's class, so the loop above only carries it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterFailure {
+    /// The client's own mistake: no route would do better.
+    Fatal,
+    /// The upstream refused the key: the next key of the pool, or the next route.
+    RefuseKey,
+    /// The upstream rate-limited the key: rest it; the next key, or the next route.
+    RestKey,
+    /// Not this route again: it cannot serve the request, or it went silent (`failed`: counted
+    /// against its health).
+    NextRoute {
+        /// Whether the channel's health counts it.
+        failed: bool,
+    },
+    /// The channel's own failure: again on it, within its `retries` and the deadline.
+    Retry,
+}
+
+/// The decision over a failed attempt; `keyed`: the attempt carried one of the pool's keys (a
+/// refusal or rate limit without one is the channel's own failure).
+fn after_failure(error: &UpstreamError, keyed: bool) -> AfterFailure {
+    match (error.failure_class(), error) {
+        (Some(FailureClass::InvalidRequest), _) => AfterFailure::Fatal,
+        (Some(FailureClass::Authentication), _) if keyed => AfterFailure::RefuseKey,
+        (Some(FailureClass::RateLimited), _) if keyed => AfterFailure::RestKey,
+        (_, UpstreamError::Unsupported { .. }) => AfterFailure::NextRoute { failed: false },
+        // The channel answers nothing now, and another route is left.
+        (_, UpstreamError::Silent { .. }) => AfterFailure::NextRoute { failed: true },
+        _ => AfterFailure::Retry,
+    }
+}
+
+/// Lets a call on `channel` for public `model` through its circuits: both the channel's and the
+/// model's; on the last-resort pass whatever they say.
+fn admit(channel: &Channel, model: &str, pass: Pass, now: Instant) -> Option<Admission> {
+    let model_health = channel.model_health.get(model);
+    match (model_health, pass) {
+        (Some(model_health), Pass::Usable { .. }) => {
+            ChannelHealth::admit_all(&[&channel.health, model_health], now)
+        }
+        (None, Pass::Usable { .. }) => channel.health.admit(now),
+        (Some(model_health), Pass::LastResort { .. }) => Some(ChannelHealth::admit_anyway(&[
+            &channel.health,
+            model_health,
+        ])),
+        (None, Pass::LastResort { .. }) => Some(ChannelHealth::admit_anyway(&[&channel.health])),
+    }
+}
+
+/// An attempt's record before it ends.
+fn recorded(channel: &Channel, attempt: &PlannedAttempt, key: Option<usize>) -> RecordedAttempt {
+    RecordedAttempt {
+        channel: channel.config.name.clone(),
+        key: key.map(|index| channel.keys[index].id.clone()),
+        upstream_model: attempt.upstream_model.clone(),
+        status: None,
+        error_class: None,
+        latency_ms: 0,
+        ttfb_ms: None,
+    }
+}
+
+/// Records how an attempt ended, in the request's trace and the metrics.
+fn record_attempt(
+    gateway: &Gateway,
+    context: &mut RequestContext,
+    attempt: &PlannedAttempt,
+    key: Option<usize>,
+    latency: Duration,
+    result: &Result<(Reply, Duration), TranslateError>,
+) {
+    let channel = attempt.channel.as_ref();
+    let (status, error_class, ttfb) = match result {
+        Ok((_, ttfb)) => (Some(200), None, Some(*ttfb)),
+        Err(TranslateError::Upstream(error)) => {
+            (error.status(), Some(error.class().to_owned()), None)
+        }
+        Err(_) => (None, Some("plugin".to_owned()), None),
+    };
+    let labels = AttemptLabels {
+        channel: channel.config.name.clone(),
+        outcome: error_class.clone().unwrap_or_else(|| "ok".to_owned()),
+    };
+    let metrics = &gateway.metrics;
+    metrics.attempts.get_or_create(&labels).inc();
+    metrics
+        .upstream_latency
+        .get_or_create(&labels)
+        .observe(latency.as_secs_f64());
+    if let Some(ttfb) = ttfb {
+        metrics
+            .upstream_ttfb
+            .get_or_create(&ChannelLabels {
+                channel: channel.config.name.clone(),
+            })
+            .observe(ttfb.as_secs_f64());
+    }
+    context.attempts.push(RecordedAttempt {
+        status,
+        error_class,
+        latency_ms: latency.as_millis() as u64,
+        ttfb_ms: ttfb.map(|ttfb| ttfb.as_millis() as u64),
+        ..recorded(channel, attempt, key)
+    });
 }
 
 /// Exponential backoff with full jitter: a random wait up to `base * 2^retry`, capped at 10 s.
@@ -325,19 +408,10 @@ fn retry_backoff(base_ms: u64, retry: u32) -> Duration {
 }
 
 /// The trace entry of a channel passed over without a call.
-fn skipped(
-    channel: &crate::channel::Channel,
-    attempt: &PlannedAttempt,
-    class: &str,
-) -> RecordedAttempt {
+fn skipped(channel: &Channel, attempt: &PlannedAttempt, class: &str) -> RecordedAttempt {
     RecordedAttempt {
-        channel: channel.config.name.clone(),
-        key: None,
-        upstream_model: attempt.upstream_model.clone(),
-        status: None,
         error_class: Some(class.to_owned()),
-        latency_ms: 0,
-        ttfb_ms: None,
+        ..recorded(channel, attempt, None)
     }
 }
 
@@ -539,4 +613,104 @@ fn complete_answer(context: &RequestContext, answer: &mut translate::Answer) {
         }
     }
     translate::complete_body(&context.request, answer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::translator::UpstreamFailure;
+
+    fn failure(class: FailureClass, status: u16) -> UpstreamError {
+        UpstreamError::Failure {
+            channel: "c".into(),
+            failure: Box::new(UpstreamFailure {
+                class,
+                status,
+                message: "upstream says no".into(),
+                code: None,
+                param: None,
+                retry_after_ms: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn each_failure_class_has_one_decision() {
+        let channel = || "c".to_owned();
+        let cases = [
+            (
+                failure(FailureClass::InvalidRequest, 400),
+                true,
+                AfterFailure::Fatal,
+            ),
+            (
+                failure(FailureClass::InvalidRequest, 400),
+                false,
+                AfterFailure::Fatal,
+            ),
+            (
+                failure(FailureClass::Authentication, 403),
+                true,
+                AfterFailure::RefuseKey,
+            ),
+            (
+                failure(FailureClass::Authentication, 401),
+                false,
+                AfterFailure::Retry,
+            ),
+            (
+                failure(FailureClass::RateLimited, 429),
+                true,
+                AfterFailure::RestKey,
+            ),
+            (
+                failure(FailureClass::RateLimited, 429),
+                false,
+                AfterFailure::Retry,
+            ),
+            (
+                failure(FailureClass::Server, 500),
+                true,
+                AfterFailure::Retry,
+            ),
+            (
+                failure(FailureClass::Overloaded, 529),
+                true,
+                AfterFailure::Retry,
+            ),
+            (
+                failure(FailureClass::ModelNotFound, 404),
+                true,
+                AfterFailure::Retry,
+            ),
+            (
+                UpstreamError::Timeout {
+                    channel: channel(),
+                    phase: upstream::TimeoutPhase::Headers,
+                },
+                true,
+                AfterFailure::Retry,
+            ),
+            (
+                UpstreamError::Unsupported {
+                    channel: channel(),
+                    reason: "no embeddings".into(),
+                },
+                true,
+                AfterFailure::NextRoute { failed: false },
+            ),
+            (
+                UpstreamError::Silent { channel: channel() },
+                true,
+                AfterFailure::NextRoute { failed: true },
+            ),
+        ];
+        for (error, keyed, expected) in cases {
+            assert_eq!(
+                after_failure(&error, keyed),
+                expected,
+                "{error} (keyed: {keyed})"
+            );
+        }
+    }
 }

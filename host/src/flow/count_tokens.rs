@@ -1,18 +1,19 @@
 //! `count_tokens` of the Messages API: forwarded to a channel of its own protocol when one
 //! answers, else counted here.
 
-use crate::error::ApiError;
-use crate::gateway::Gateway;
-use crate::plugin::Operation;
-use crate::plugin::{self};
-use crate::stages::context::RequestContext;
-use crate::stages::limit;
-use crate::stages::route::{self};
-use crate::stages::translate::{self, TranslateError};
-use crate::stages::upstream::{self};
-use crate::tokens;
 use std::sync::Arc;
 use std::time::Instant;
+
+use crate::error::ApiError;
+use crate::gateway::Gateway;
+use crate::plugin;
+use crate::plugin::Operation;
+use crate::stages::context::RequestContext;
+use crate::stages::limit;
+use crate::stages::route;
+use crate::stages::translate::{self, TranslateError};
+use crate::stages::upstream;
+use crate::tokens;
 
 /// Counts the prompt's tokens for a client protocol's count endpoint. The planned channels of the
 /// client's own protocol are asked in order, forwarded untouched (an exact count); when the plan

@@ -11,32 +11,34 @@ mod attempt;
 mod count_tokens;
 mod settle;
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::health::Admission;
 use crate::metrics::{ChannelLabels, Metrics, ModelLabels, RequestLabels, TokenLabels};
+use crate::plugin;
 use crate::plugin::billing::CallOutcome;
 use crate::plugin::translator::Usage;
-use crate::plugin::{self};
 use crate::stages::bill::{self, Priced};
 use crate::stages::context::RequestContext;
 use crate::stages::limit;
 use crate::stages::record;
-use crate::stages::route::{self};
+use crate::stages::route;
 use crate::stages::stream;
-use crate::stages::translate::{self};
+use crate::stages::translate;
 use crate::store::{Durable, UsageRecord};
-use bytes::Bytes;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tracing::Instrument;
 
-use attempt::{PlanFailure, run_plan};
-use settle::{Unsettled, carry_stream};
+use self::attempt::{PlanFailure, run_plan};
+use self::settle::{Unsettled, carry_stream};
 
-pub use count_tokens::count_tokens;
-pub use settle::recover;
+pub use self::count_tokens::count_tokens;
+pub use self::settle::recover;
 
 /// What an attempt produced.
 enum Reply {

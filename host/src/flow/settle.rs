@@ -1,6 +1,13 @@
 //! Settling: a request the client abandons, a stream that ends or is cut, and the requests a
 //! crash left open, are each priced and recorded once.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
 use crate::gateway::Gateway;
 use crate::health::Admission;
 use crate::plugin::Role;
@@ -13,11 +20,6 @@ use crate::stages::route::PlannedAttempt;
 use crate::stages::stream;
 use crate::store::{OpenedRequest, Settlement, StoreError};
 use crate::tokens;
-use bytes::Bytes;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tracing::Instrument;
 
 use super::{finish, zero_usage};
 
