@@ -9,12 +9,12 @@
 pub mod channel;
 pub mod config;
 pub mod console;
-pub mod error;
+pub(crate) mod error;
 pub mod flow;
 pub mod gateway;
-pub mod health;
+pub(crate) mod health;
 pub mod http;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod plugin;
 pub mod request;
 pub mod secrets;

@@ -3,12 +3,12 @@
 //! needs; it never reaches up to the flow that calls the stages in turn, nor to HTTP.
 
 pub mod auth;
-pub mod bill;
-pub mod context;
-pub mod inbound;
-pub mod limit;
-pub mod record;
-pub mod route;
-pub mod stream;
-pub mod translate;
-pub mod upstream;
+pub(crate) mod bill;
+pub(crate) mod context;
+pub(crate) mod inbound;
+pub(crate) mod limit;
+pub(crate) mod record;
+pub(crate) mod route;
+pub(crate) mod stream;
+pub(crate) mod translate;
+pub(crate) mod upstream;

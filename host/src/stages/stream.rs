@@ -334,8 +334,6 @@ pub struct StreamOutcome {
     pub cut: Option<&'static str>,
     /// The client went away before the end.
     pub client_gone: bool,
-    /// Bytes of generated text the client was sent.
-    pub delivered_text_bytes: u64,
 }
 
 /// Opens a streamed response with its relay and waits for its first content, within the channel's
@@ -402,10 +400,7 @@ pub async fn open(
 /// change the status any more: the client gets one error event in its dialect and the stream closes.
 pub async fn pump(mut stream: OpenStream, client: mpsc::Sender<Bytes>) -> StreamOutcome {
     let ending = relay_events(&mut stream, &client).await;
-    let outcome = StreamOutcome {
-        delivered_text_bytes: stream.delivered_text_bytes,
-        ..StreamOutcome::default()
-    };
+    let outcome = StreamOutcome::default();
     // A held stream keeps only the relaying loop's state: the ending's plugin calls are boxed,
     // so they take memory when the stream ends, not all its life (2.6 KiB for this future; 4.9
     // KiB with them inline).
