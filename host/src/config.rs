@@ -508,4 +508,50 @@ mod tests {
             "the error names the key: {source}"
         );
     }
+
+    /// The fields of every configuration struct in `source` (those deriving `Deserialize`).
+    fn configuration_fields(source: &str) -> Vec<String> {
+        let mut fields = Vec::new();
+        let mut in_config_struct = false;
+        let mut deserialized = false;
+        for line in source.lines() {
+            if line.starts_with("#[derive(") {
+                deserialized = line.contains("Deserialize");
+            } else if line.starts_with("pub struct ") && line.ends_with('{') {
+                in_config_struct = deserialized;
+            } else if line.starts_with('}') {
+                in_config_struct = false;
+            } else if in_config_struct
+                && let Some(field) = line.strip_prefix("    pub ")
+                && let Some((name, _)) = field.split_once(':')
+            {
+                fields.push(name.to_owned());
+            }
+        }
+        fields
+    }
+
+    #[test]
+    fn every_configuration_key_is_documented() {
+        let documented = include_str!("../../docs/configuration.md");
+        let spans: Vec<&str> = documented.split('`').skip(1).step_by(2).collect();
+        let fields: Vec<String> = [include_str!("config.rs"), include_str!("health.rs")]
+            .into_iter()
+            .flat_map(configuration_fields)
+            .collect();
+        assert!(fields.len() > 50, "the fields were found: {fields:?}");
+        let missing: Vec<&String> = fields
+            .iter()
+            .filter(|field| {
+                !spans.iter().any(|span| {
+                    span.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .any(|word| word == field.as_str())
+                })
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/configuration.md lacks {missing:?}"
+        );
+    }
 }
