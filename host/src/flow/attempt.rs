@@ -15,7 +15,7 @@ use crate::metrics::{AttemptLabels, ChannelLabels};
 use crate::plugin::Binding;
 use crate::plugin::Operation;
 use crate::plugin::table::CanaryTally;
-use crate::plugin::translator::FailureClass;
+use crate::plugin::translator::{AttemptContext, Endpoint, FailureClass, StreamFraming};
 use crate::stages::context::RequestContext;
 use crate::stages::inbound;
 use crate::stages::route::{self, PlannedAttempt};
@@ -439,118 +439,39 @@ async fn try_attempt(
             translate::forward(&translator, channel, &attempt_context, inbound).await?
         }
         None => {
-            translate::request(
-                &translator,
-                channel,
-                &attempt_context,
-                &context.request.body,
-            )
-            .await?
+            let body = &context.request.body;
+            translate::request(&translator, channel, &attempt_context, body).await?
         }
     };
-    let forwarded = forwarded.map(|inbound| inbound.endpoint);
     context.plugins.push(translated.trace);
-    // The rest of the attempt runs on the plugin that translated the request, and counts against
-    // its canary if the canary did.
-    let canary = translated.canary;
-    let fallback = translated.fallback;
-    let translator = translated.ran;
-    let upstream_request = translated.value;
-    let framing = upstream_request.framing;
-    let waiting = Instant::now();
-    let first_byte = channel.first_byte_timeout(&context.request.model);
+    let framing = translated.value.framing;
+    let sent = Sent {
+        attempt,
+        key,
+        context: attempt_context,
+        forwarded: forwarded.map(|inbound| inbound.endpoint),
+        translator: translated.ran,
+        canary: translated.canary,
+        fallback: translated.fallback,
+        sent_at: Instant::now(),
+        routes_left,
+    };
     if !context.reached_upstream {
         context.reached_upstream = true;
         note_opened(gateway, context, channel, attempt);
     }
-    // The attempt's first-byte and total timeouts count from here.
-    let sent_at = waiting;
-    // With another route left, the wait for the headers and for a stream's first content ends
-    // when the channel goes silent.
-    let probe = routes_left.then(|| translate::SilenceProbe {
-        translator: &translator,
-        attempt: &attempt_context,
-    });
+    let first_byte = channel.first_byte_timeout(&context.request.model);
     let upstream_key = key.map(|index| &channel.keys[index]);
-    let sending = upstream::send(channel, upstream_key, upstream_request, first_byte);
-    let sent =
-        upstream::unless_silent(&attempt.channel, key, sent_at, probe.as_ref(), sending).await;
-    context.upstream_wait += waiting.elapsed();
-    let response = sent?;
+    let sending = upstream::send(channel, upstream_key, translated.value, first_byte);
+    let response = sent.unless_silent(sending).await;
+    context.upstream_wait += sent.sent_at.elapsed();
+    let response = response?;
     let reply = if let (true, Some(framing)) = (context.request.stream, framing) {
-        let shape = stream::StreamShape {
-            framing,
-            dialect: context.dialect(),
-            max_error_body_bytes: gateway.max_upstream_body_bytes,
-            prompt_estimate: context.request.estimated_input_tokens,
-            output_allowance: context
-                .grant
-                .as_ref()
-                .and_then(|grant| grant.output_allowance),
-            progress: context.grant.as_ref().map(|grant| stream::ProgressMarks {
-                store: gateway.store.clone(),
-                hold_id: grant.hold_id.clone(),
-                marked: None,
-            }),
-        };
-        let relay = async || -> Result<stream::Relay, TranslateError> {
-            if forwarded.is_some() {
-                let session = translator.open_forwarded_stream(&attempt_context).await?;
-                return Ok(stream::Relay::Forwarded(session));
-            }
-            let session = translator.open_stream(&attempt_context).await?;
-            Ok(match &context.inbound {
-                Some(inbound) => {
-                    let converter = inbound.plugin.open_openai_stream(&attempt_context).await?;
-                    stream::Relay::Converted(session, Box::new(converter))
-                }
-                None => stream::Relay::OpenAi(session),
-            })
-        };
-        let waiting = Instant::now();
-        let opening = stream::open(
-            &translator,
-            relay,
-            channel,
-            &attempt_context,
-            (response, sent_at),
-            shape,
-        );
-        let opened =
-            upstream::unless_silent(&attempt.channel, key, sent_at, probe.as_ref(), opening).await;
-        // Includes the translator's pushes before the first chunk: a few µs each.
-        context.upstream_wait += waiting.elapsed();
-        let open = counted(canary.as_ref(), opened)?.watched_by(canary);
+        let open = open_stream(gateway, context, &sent, framing, response).await?;
         (Reply::Streaming(Box::new(open)), started.elapsed())
     } else {
         let ttfb = started.elapsed();
-        let whole =
-            upstream::read_whole(channel, response, gateway.max_upstream_body_bytes, sent_at)
-                .await?;
-        let answer = match forwarded {
-            Some(endpoint) => {
-                let read = async |binding: Arc<Binding>| {
-                    let context = &attempt_context;
-                    translate::forwarded_answer(&binding, channel, context, endpoint, &whole).await
-                };
-                let answered = read(translator.clone()).await;
-                let answered = counted(canary.as_ref(), answered);
-                fail_open(context, &translator, fallback, answered, read).await?
-            }
-            None => {
-                let read = async |binding: Arc<Binding>| {
-                    translate::answer(&binding, channel, &attempt_context, &whole).await
-                };
-                let answered = read(translator.clone()).await;
-                let answered = counted(canary.as_ref(), answered);
-                let mut answer = fail_open(context, &translator, fallback, answered, read).await?;
-                complete_answer(context, &mut answer);
-                if let Some(inbound) = &context.inbound {
-                    inbound::convert_answer(inbound, &attempt_context, &mut answer).await?;
-                }
-                answer
-            }
-        };
+        let answer = whole_answer(gateway, context, &sent, response).await?;
         context.served_model = answer.served_model.clone();
         (Reply::Whole(answer), ttfb)
     };
@@ -558,6 +479,119 @@ async fn try_attempt(
     context.served_channel = Some(channel.config.name.clone());
     context.routed_model = Some(attempt.upstream_model.clone());
     Ok(reply)
+}
+
+/// An attempt whose request went upstream. The rest of the attempt runs on the plugin that
+/// translated the request, and counts against its canary if the canary did.
+struct Sent<'a> {
+    attempt: &'a PlannedAttempt,
+    key: Option<usize>,
+    context: AttemptContext,
+    /// The client's endpoint, when its own body was forwarded to a channel of its protocol.
+    forwarded: Option<Endpoint>,
+    translator: Arc<Binding>,
+    canary: Option<CanaryTally>,
+    fallback: Option<Arc<Binding>>,
+    /// The attempt's first-byte and total timeouts count from here.
+    sent_at: Instant,
+    routes_left: bool,
+}
+
+impl Sent<'_> {
+    /// `waiting` (for the headers, or a stream's first content), given up when the channel goes
+    /// silent, while another route is left.
+    async fn unless_silent<T, E: From<UpstreamError>>(
+        &self,
+        waiting: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
+        let probe = self.routes_left.then(|| translate::SilenceProbe {
+            translator: &self.translator,
+            attempt: &self.context,
+        });
+        let channel = &self.attempt.channel;
+        upstream::unless_silent(channel, self.key, self.sent_at, probe.as_ref(), waiting).await
+    }
+}
+
+/// Opens the stream of an answer whose headers came, up to its first content.
+async fn open_stream(
+    gateway: &Gateway,
+    context: &mut RequestContext,
+    sent: &Sent<'_>,
+    framing: StreamFraming,
+    response: reqwest::Response,
+) -> Result<stream::OpenStream, TranslateError> {
+    let channel = sent.attempt.channel.as_ref();
+    let shape = stream::StreamShape {
+        framing,
+        dialect: context.dialect(),
+        max_error_body_bytes: gateway.max_upstream_body_bytes,
+        prompt_estimate: context.request.estimated_input_tokens,
+        output_allowance: context
+            .grant
+            .as_ref()
+            .and_then(|grant| grant.output_allowance),
+        progress: context.grant.as_ref().map(|grant| stream::ProgressMarks {
+            store: gateway.store.clone(),
+            hold_id: grant.hold_id.clone(),
+            marked: None,
+        }),
+    };
+    let (translator, attempt_context) = (&sent.translator, &sent.context);
+    let relay = async || -> Result<stream::Relay, TranslateError> {
+        if sent.forwarded.is_some() {
+            let session = translator.open_forwarded_stream(attempt_context).await?;
+            return Ok(stream::Relay::Forwarded(session));
+        }
+        let session = translator.open_stream(attempt_context).await?;
+        Ok(match &context.inbound {
+            Some(inbound) => {
+                let converter = inbound.plugin.open_openai_stream(attempt_context).await?;
+                stream::Relay::Converted(session, Box::new(converter))
+            }
+            None => stream::Relay::OpenAi(session),
+        })
+    };
+    let waiting = Instant::now();
+    let response = (response, sent.sent_at);
+    let opening = stream::open(translator, relay, channel, attempt_context, response, shape);
+    let opened = sent.unless_silent(opening).await;
+    // Includes the translator's pushes before the first chunk: a few µs each.
+    context.upstream_wait += waiting.elapsed();
+    let canary = sent.canary.clone();
+    Ok(counted(canary.as_ref(), opened)?.watched_by(canary))
+}
+
+/// Reads and translates a whole answer whose headers came (a forwarded one read as it came).
+async fn whole_answer(
+    gateway: &Gateway,
+    context: &mut RequestContext,
+    sent: &Sent<'_>,
+    response: reqwest::Response,
+) -> Result<translate::Answer, TranslateError> {
+    let channel = sent.attempt.channel.as_ref();
+    let max_bytes = gateway.max_upstream_body_bytes;
+    let whole = upstream::read_whole(channel, response, max_bytes, sent.sent_at).await?;
+    let (translator, attempt_context) = (&sent.translator, &sent.context);
+    let canary = sent.canary.as_ref();
+    let fallback = sent.fallback.clone();
+    if let Some(endpoint) = sent.forwarded {
+        let read = async |binding: Arc<Binding>| {
+            translate::forwarded_answer(&binding, channel, attempt_context, endpoint, &whole).await
+        };
+        let answered = counted(canary, read(translator.clone()).await);
+        return fail_open(context, translator, fallback, answered, read).await;
+    }
+    let read = async |binding: Arc<Binding>| {
+        translate::answer(&binding, channel, attempt_context, &whole).await
+    };
+    let answered = counted(canary, read(translator.clone()).await);
+    let mut answer = fail_open(context, translator, fallback, answered, read).await?;
+    complete_answer(context, &mut answer);
+    if let Some(inbound) = &context.inbound {
+        inbound::convert_answer(inbound, attempt_context, &mut answer).await?;
+    }
+    Ok(answer)
 }
 
 /// The answer of the attempt's translator, or, when that plugin itself failed and its binding's
