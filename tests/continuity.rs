@@ -142,6 +142,22 @@ async fn a_key_refused_for_good_answers_the_refusal_not_503() {
     assert_eq!(state["keys"][0]["state"]["state"], "refused", "{state}");
 }
 
+/// A gateway serving the test model on `first` (named `name`, tried first) and then on `healthy`.
+async fn two_routes(
+    name: &str,
+    first: &tollgate_simulator::Simulator,
+    healthy: &tollgate_simulator::Simulator,
+) -> Gateway {
+    start(&format!(
+        "{}{}{}",
+        billing(1_000_000),
+        channel(name, first, 1),
+        channel("healthy", healthy, 2)
+    ))
+    .await
+    .expect("the gateway starts")
+}
+
 /// A model on two channels, the first accepting connections and never answering: with the
 /// default settings, whole and streamed requests waiting on it move to the healthy channel within
 /// 3 s, and the requests after them go there at once.
@@ -153,14 +169,7 @@ async fn a_silent_channel_is_left_within_3_seconds() {
         delay_ms: Some(30_000),
         ..Fault::default()
     }));
-    let gateway = start(&format!(
-        "{}{}{}",
-        billing(1_000_000),
-        channel("silent", &silent, 1),
-        channel("healthy", &healthy, 2)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = two_routes("silent", &silent, &healthy).await;
     let started = Instant::now();
     let requests = (0..4).map(|index| {
         let mut body = chat("x");
@@ -206,14 +215,7 @@ async fn a_stream_waiting_for_content_leaves_a_channel_gone_silent() {
         delay_ms: Some(30_000),
         ..Fault::default()
     }));
-    let gateway = start(&format!(
-        "{}{}{}",
-        billing(1_000_000),
-        channel("silent", &silent, 1),
-        channel("healthy", &healthy, 2)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = two_routes("silent", &silent, &healthy).await;
     let mut body = chat("x");
     body["stream"] = json!(true);
     let started = Instant::now();
@@ -244,14 +246,7 @@ async fn a_slow_answer_on_a_channel_that_answers_stays() {
         delay_ms: Some(3_500),
         ..Fault::default()
     });
-    let gateway = start(&format!(
-        "{}{}{}",
-        billing(1_000_000),
-        channel("slow", &slow, 1),
-        channel("healthy", &healthy, 2)
-    ))
-    .await
-    .expect("the gateway starts");
+    let gateway = two_routes("slow", &slow, &healthy).await;
     let answer = gateway.post("/v1/chat/completions", &chat("x"), &[]).await;
     assert_eq!(answer.status, 200, "{}", answer.json);
     let record = gateway.record_eventually(&answer.request_id()).await;
@@ -564,20 +559,6 @@ async fn tenant_key(gateway: &Gateway, name: &str) -> String {
         .to_owned()
 }
 
-/// A chat request with tenant `key`: the status and body.
-async fn chat_as(gateway: &Gateway, key: &str, body: &Value) -> (u16, String) {
-    let answer = gateway
-        .http
-        .post(format!("{}/v1/chat/completions", gateway.url))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .expect("the gateway answers");
-    let status = answer.status().as_u16();
-    (status, answer.text().await.expect("a body"))
-}
-
 /// Tenant acme's own router spins to its deadline on every call, 60 requests at once: its calls
 /// may hold only its share of the plugin instances, so another tenant is served meanwhile.
 #[tokio::test]
@@ -617,7 +598,7 @@ async fn a_tenant_whose_plugin_calls_run_long_leaves_a_share_for_another() {
         for round in 0..6 {
             let mut request = chat("x");
             request["stream"] = json!(round % 2 == 1);
-            statuses.push(chat_as(&gateway, &other, &request).await);
+            statuses.push(gateway.chat_as(&other, &request).await);
         }
         statuses
     };
@@ -627,8 +608,8 @@ async fn a_tenant_whose_plugin_calls_run_long_leaves_a_share_for_another() {
     )
     .await
     .expect("every request ends");
-    for (round, (status, body)) in statuses.iter().enumerate() {
-        assert_eq!(*status, 200, "round {round}: {body}");
+    for (round, answer) in statuses.iter().enumerate() {
+        assert_eq!(answer.status, 200, "round {round}: {}", answer.json);
     }
     // acme's requests over its share are told to come back, never a 500 of the pool's.
     let over_share: Vec<_> = spun.iter().filter(|answer| answer.status != 500).collect();
@@ -693,8 +674,8 @@ async fn a_tenant_holding_streams_leaves_a_share_for_another() {
     for round in 0..6 {
         let mut request = chat("x");
         request["stream"] = json!(round % 2 == 1);
-        let (status, body) = chat_as(&gateway, &other, &request).await;
-        assert_eq!(status, 200, "round {round}: {body}");
+        let answer = gateway.chat_as(&other, &request).await;
+        assert_eq!(answer.status, 200, "round {round}: {}", answer.json);
     }
     sim.release();
     drop(held);

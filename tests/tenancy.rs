@@ -26,18 +26,6 @@ async fn admin(
     Answer::read(request.send().await.expect("the admin API answers")).await
 }
 
-async fn call_with(gateway: &harness::Gateway, key: &str, body: &Value) -> Answer {
-    let response = gateway
-        .http
-        .post(format!("{}/v1/chat/completions", gateway.url))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .expect("the gateway answers");
-    Answer::read(response).await
-}
-
 async fn new_key(gateway: &harness::Gateway, tenant: &str, terms: Value) -> String {
     let created = admin(
         gateway,
@@ -110,7 +98,7 @@ async fn tenants_and_keys_are_managed_through_the_admin_api() {
 
     let first = new_key(&gateway, "beta", json!({})).await;
     let second = new_key(&gateway, "beta", json!({})).await;
-    assert_eq!(call_with(&gateway, &first, &chat("x")).await.status, 200);
+    assert_eq!(gateway.chat_as(&first, &chat("x")).await.status, 200);
     let keys = admin(
         &gateway,
         Method::GET,
@@ -143,10 +131,11 @@ async fn tenants_and_keys_are_managed_through_the_admin_api() {
         .status,
         200
     );
-    call_with(&gateway, &first, &chat("x"))
+    gateway
+        .chat_as(&first, &chat("x"))
         .await
         .assert_error(401, Some("invalid_api_key"));
-    assert_eq!(call_with(&gateway, &second, &chat("x")).await.status, 200);
+    assert_eq!(gateway.chat_as(&second, &chat("x")).await.status, 200);
     assert_eq!(
         admin(
             &gateway,
@@ -159,7 +148,8 @@ async fn tenants_and_keys_are_managed_through_the_admin_api() {
         .status,
         200
     );
-    call_with(&gateway, &second, &chat("x"))
+    gateway
+        .chat_as(&second, &chat("x"))
         .await
         .assert_error(401, Some("invalid_api_key"));
 }
@@ -181,12 +171,13 @@ async fn key_terms_are_enforced_before_any_upstream_call() {
         json!({"allowed_models": ["test-embedding"]}),
     )
     .await;
-    call_with(&gateway, &only_embeddings, &chat("x"))
+    gateway
+        .chat_as(&only_embeddings, &chat("x"))
         .await
         .assert_error(404, Some("model_not_found"));
 
     let expired = new_key(&gateway, "acme", json!({"expires_unix_ms": 1})).await;
-    let answer = call_with(&gateway, &expired, &chat("x")).await;
+    let answer = gateway.chat_as(&expired, &chat("x")).await;
     answer.assert_error(401, Some("invalid_api_key"));
     assert!(
         answer.json["error"]["message"]
@@ -196,15 +187,9 @@ async fn key_terms_are_enforced_before_any_upstream_call() {
     );
 
     let two_a_minute = new_key(&gateway, "acme", json!({"rpm": 2})).await;
-    assert_eq!(
-        call_with(&gateway, &two_a_minute, &chat("x")).await.status,
-        200
-    );
-    assert_eq!(
-        call_with(&gateway, &two_a_minute, &chat("x")).await.status,
-        200
-    );
-    let limited = call_with(&gateway, &two_a_minute, &chat("x")).await;
+    assert_eq!(gateway.chat_as(&two_a_minute, &chat("x")).await.status, 200);
+    assert_eq!(gateway.chat_as(&two_a_minute, &chat("x")).await.status, 200);
+    let limited = gateway.chat_as(&two_a_minute, &chat("x")).await;
     limited.assert_error(429, Some("rate_limit_exceeded"));
     let retry_after: u64 = limited.headers["retry-after"]
         .to_str()
@@ -221,14 +206,16 @@ async fn key_terms_are_enforced_before_any_upstream_call() {
     // none, and the request never reaches the upstream (tests/money.rs counts a cap to the pico).
     let capped = new_key(&gateway, "acme", json!({"daily_spend_cap_micros": 5})).await;
     let calls = sim.calls();
-    call_with(&gateway, &capped, &chat("hello there world"))
+    gateway
+        .chat_as(&capped, &chat("hello there world"))
         .await
         .assert_error(429, Some("insufficient_quota"));
     assert_eq!(sim.calls(), calls, "refused before any upstream call");
 
     let few_tokens = new_key(&gateway, "acme", json!({"tpm": 40})).await;
     let long_prompt = chat(&"many words here ".repeat(20));
-    call_with(&gateway, &few_tokens, &long_prompt)
+    gateway
+        .chat_as(&few_tokens, &long_prompt)
         .await
         .assert_error(429, Some("rate_limit_exceeded"));
     assert_eq!(
@@ -273,14 +260,15 @@ async fn the_tenant_concurrency_cap_holds() {
         .await
         .expect("the first stream opens");
     assert_eq!(open.status(), 200);
-    call_with(&gateway, &key, &chat("x"))
+    gateway
+        .chat_as(&key, &chat("x"))
         .await
         .assert_error(429, Some("rate_limit_exceeded"));
     sim.release();
     open.bytes().await.expect("the stream ends");
     // The slot comes back when the stream's record is written.
     for _ in 0..100 {
-        if call_with(&gateway, &key, &chat("x")).await.status == 200 {
+        if gateway.chat_as(&key, &chat("x")).await.status == 200 {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -310,12 +298,13 @@ async fn usage_is_queried_by_filter_and_exported_as_csv() {
     let other = new_key(&gateway, "other, inc", json!({})).await;
     for _ in 0..3 {
         assert_eq!(
-            call_with(&gateway, &gateway.key, &chat("a b")).await.status,
+            gateway.chat_as(&gateway.key, &chat("a b")).await.status,
             200
         );
     }
     assert_eq!(
-        call_with(&gateway, &other, &chat("a \"quoted\" b"))
+        gateway
+            .chat_as(&other, &chat("a \"quoted\" b"))
             .await
             .status,
         200
@@ -415,7 +404,7 @@ async fn the_cli_drives_the_admin_api() {
     );
     let created = cli(&["key", "create", "--tenant", "gamma"]);
     let secret = created.lines().last().expect("the secret is the last line");
-    assert_eq!(call_with(&gateway, secret, &chat("x")).await.status, 200);
+    assert_eq!(gateway.chat_as(secret, &chat("x")).await.status, 200);
     let tenants: Value = serde_json::from_str(&cli(&["tenant", "list"])).expect("JSON");
     let file = gateway.data_dir.path().join("channel.json");
     let spec = json!({"name": "cli", "protocol": "openai", "base_url": sim.openai_base_url(), "models": {"cli-model": "sim-cli"}});
@@ -425,17 +414,15 @@ async fn the_cli_drives_the_admin_api() {
     assert_eq!(channels["data"][1]["name"], "cli");
     cli(&["channel", "delete", "cli"]);
     assert_eq!(tenants["data"][0]["name"], "acme");
-    assert_eq!(
-        call_with(&gateway, &gateway.key, &chat("x")).await.status,
-        200
-    );
+    assert_eq!(gateway.chat_as(&gateway.key, &chat("x")).await.status, 200);
     let export = cli(&["usage", "export", "--tenant", "acme"]);
     assert_eq!(export.lines().count(), 2, "{export}");
     let keys: Value =
         serde_json::from_str(&cli(&["key", "list", "--tenant", "acme"])).expect("JSON");
     let id = keys["data"][0]["id"].as_str().expect("a key id").to_owned();
     cli(&["key", "revoke", &id]);
-    call_with(&gateway, &gateway.key, &chat("x"))
+    gateway
+        .chat_as(&gateway.key, &chat("x"))
         .await
         .assert_error(401, Some("invalid_api_key"));
     let refused = std::process::Command::new(harness::binary())

@@ -311,6 +311,19 @@ impl Gateway {
         std::fs::read_to_string(self.data_dir.path().join("gateway.log")).unwrap_or_default()
     }
 
+    /// POSTs a chat completion with another key than the tenant's.
+    pub async fn chat_as(&self, key: &str, body: &Value) -> Answer {
+        let response = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("the gateway answers");
+        Answer::read(response).await
+    }
+
     /// POSTs JSON with the tenant key and extra headers.
     pub async fn post(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Answer {
         let mut request = self
