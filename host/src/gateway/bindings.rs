@@ -104,6 +104,14 @@ const DEFAULT_MIN_CALLS: u64 = 20;
 /// Deadlines longer than this would let one plugin call hold a request for a minute.
 const MAX_DEADLINE_MS: u64 = 60_000;
 
+/// The bindings as the admin API lists them: live and stored, as of one moment.
+pub struct BindingsView {
+    /// The table requests draw from.
+    pub live: Arc<BindingTable>,
+    /// The stored slots by scope key.
+    pub stored: Vec<(String, StoredBindingSlot)>,
+}
+
 impl Gateway {
     /// The live bindings: a snapshot that stays valid while they change.
     pub fn bindings(&self) -> Arc<BindingTable> {
@@ -394,6 +402,16 @@ impl Gateway {
                 gateway.canary_tripped(&tripped);
             }
         });
+    }
+
+    /// The live binding table and the stored slots, read together under the writers' lock: a
+    /// change (a bind, a canary's rollback) is never seen half made, stored but not yet live.
+    pub fn bindings_view(&self) -> Result<BindingsView, StoreError> {
+        let _writing = self.binding_writes();
+        Ok(BindingsView {
+            live: self.bindings(),
+            stored: self.store.binding_slots()?,
+        })
     }
 
     fn binding_writes(&self) -> std::sync::MutexGuard<'_, ()> {

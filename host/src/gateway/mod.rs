@@ -3,7 +3,7 @@
 
 mod bindings;
 
-pub use bindings::{BindError, BindingSpec, CanarySpec};
+pub use bindings::{BindError, BindingSpec, BindingsView, CanarySpec};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -171,18 +171,7 @@ impl Gateway {
 
     /// Builds the gateway: opens the store, compiles and binds the plugins, resolves channel keys.
     pub async fn start(config: &Config, config_dir: &Path) -> Result<Arc<Self>, StartError> {
-        std::fs::create_dir_all(&config.server.data_dir).map_err(|source| {
-            StartError::Store(StoreError::Backend(format!(
-                "cannot create {}: {source}",
-                config.server.data_dir.display()
-            )))
-        })?;
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(
-            &config.server.data_dir,
-            config.server.ledger_sync,
-        )?);
-        // Holds belong to requests in flight, and none survives a restart.
-        store.clear_holds()?;
+        let store = open_store(config)?;
         let runtime = PluginRuntime::new(&RuntimeSettings {
             max_instances: config.plugins.max_instances,
             max_memory_bytes: config.plugins.max_memory_mib << 20,
@@ -193,79 +182,10 @@ impl Gateway {
                 .unwrap_or_else(|| config.server.data_dir.join("plugin-cache")),
             max_instances_per_tenant: config.plugins.max_instances_per_tenant,
         })?;
-        let bind = |role: Role, binding: BindingConfig| {
-            let runtime = runtime.clone();
-            let defaults = &config.plugins;
-            async move {
-                let (name, bytes) = plugin_bytes(role, &binding, config_dir)?;
-                let compiled = runtime.load(&name, role, &bytes, None)?;
-                let limits = Limits {
-                    deadline: Duration::from_millis(
-                        binding.deadline_ms.unwrap_or(defaults.deadline_ms),
-                    ),
-                    memory_bytes: binding.memory_mib.unwrap_or(defaults.memory_mib) << 20,
-                    max_output_bytes: binding.max_output_kib.unwrap_or(defaults.max_output_kib)
-                        << 10,
-                };
-                Ok::<_, StartError>(Arc::new(
-                    Binding::new(runtime, compiled, binding.config_json(), limits).await?,
-                ))
-            }
-        };
-        let global = |role: Role, protocol: Option<&str>| Scope {
-            tenant: None,
-            role,
-            protocol: protocol.map(str::to_owned),
-        };
-        let mut defaults = HashMap::new();
-        defaults.insert(
-            global(Role::Router, None),
-            bind(Role::Router, config.bindings.router.clone()).await?,
-        );
-        defaults.insert(
-            global(Role::Billing, None),
-            bind(Role::Billing, config.bindings.billing.clone()).await?,
-        );
-        let protocols: std::collections::BTreeSet<&str> = config
-            .channels
-            .iter()
-            .map(|channel| channel.protocol.as_str())
-            .chain(config.bindings.translators.keys().map(String::as_str))
-            // Every shipped translator too, so channels created later can use its protocol.
-            .chain(
-                shipped::SHIPPED
-                    .iter()
-                    .filter(|plugin| plugin.role == Role::Translator)
-                    .map(|plugin| plugin.name),
-            )
-            .collect();
-        for protocol in protocols {
-            let binding = config
-                .bindings
-                .translators
-                .get(protocol)
-                .cloned()
-                .unwrap_or_else(|| BindingConfig::shipped(protocol));
-            defaults.insert(
-                global(Role::Translator, Some(protocol)),
-                bind(Role::Translator, binding).await?,
-            );
-        }
+        let defaults = default_bindings(config, config_dir, &runtime).await?;
         let sealer = Sealer::from_env()?;
         let workers = config.server.worker_count();
-        let mut channels = config
-            .channels
-            .iter()
-            .map(|channel| Ok(Arc::new(live_channel(channel, &config.health, workers)?)))
-            .collect::<Result<Vec<_>, StartError>>()?;
-        for stored in store.api_channels()? {
-            channels.push(Arc::new(api_channel(
-                &stored,
-                sealer.as_ref(),
-                &config.health,
-                workers,
-            )?));
-        }
+        let channels = start_channels(config, store.as_ref(), sealer.as_ref(), workers)?;
         let (trips, tripped) = tokio::sync::mpsc::unbounded_channel();
         let gateway = Arc::new(Self {
             ledger: crate::store::LedgerWriter::new(store.clone()),
@@ -316,6 +236,109 @@ impl Gateway {
     pub fn max_upload_bytes(&self) -> usize {
         self.plugin_settings.max_upload_mib << 20
     }
+}
+
+/// The store in `server.data_dir`, made if missing, with no hold left from a previous run (holds
+/// belong to requests in flight, and none survives a restart).
+fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
+    std::fs::create_dir_all(&config.server.data_dir).map_err(|source| {
+        StartError::Store(StoreError::Backend(format!(
+            "cannot create {}: {source}",
+            config.server.data_dir.display()
+        )))
+    })?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(
+        &config.server.data_dir,
+        config.server.ledger_sync,
+    )?);
+    store.clear_holds()?;
+    Ok(store)
+}
+
+/// The configuration file's global bindings: router, billing, and a translator for every protocol
+/// its channels name, it binds, or a shipped translator speaks (so channels created later can use
+/// it).
+async fn default_bindings(
+    config: &Config,
+    config_dir: &Path,
+    runtime: &Arc<PluginRuntime>,
+) -> Result<HashMap<Scope, Arc<Binding>>, StartError> {
+    let bind = |role: Role, binding: BindingConfig| {
+        let runtime = runtime.clone();
+        let defaults = &config.plugins;
+        async move {
+            let (name, bytes) = plugin_bytes(role, &binding, config_dir)?;
+            let compiled = runtime.load(&name, role, &bytes, None)?;
+            let limits = Limits {
+                deadline: Duration::from_millis(
+                    binding.deadline_ms.unwrap_or(defaults.deadline_ms),
+                ),
+                memory_bytes: binding.memory_mib.unwrap_or(defaults.memory_mib) << 20,
+                max_output_bytes: binding.max_output_kib.unwrap_or(defaults.max_output_kib) << 10,
+            };
+            Ok::<_, StartError>(Arc::new(
+                Binding::new(runtime, compiled, binding.config_json(), limits).await?,
+            ))
+        }
+    };
+    let global = |role: Role, protocol: Option<&str>| Scope {
+        tenant: None,
+        role,
+        protocol: protocol.map(str::to_owned),
+    };
+    let mut defaults = HashMap::new();
+    defaults.insert(
+        global(Role::Router, None),
+        bind(Role::Router, config.bindings.router.clone()).await?,
+    );
+    defaults.insert(
+        global(Role::Billing, None),
+        bind(Role::Billing, config.bindings.billing.clone()).await?,
+    );
+    let protocols: std::collections::BTreeSet<&str> = config
+        .channels
+        .iter()
+        .map(|channel| channel.protocol.as_str())
+        .chain(config.bindings.translators.keys().map(String::as_str))
+        .chain(
+            shipped::SHIPPED
+                .iter()
+                .filter(|plugin| plugin.role == Role::Translator)
+                .map(|plugin| plugin.name),
+        )
+        .collect();
+    for protocol in protocols {
+        let binding = config
+            .bindings
+            .translators
+            .get(protocol)
+            .cloned()
+            .unwrap_or_else(|| BindingConfig::shipped(protocol));
+        defaults.insert(
+            global(Role::Translator, Some(protocol)),
+            bind(Role::Translator, binding).await?,
+        );
+    }
+    Ok(defaults)
+}
+
+/// The configuration file's channels, then those created through the admin API.
+fn start_channels(
+    config: &Config,
+    store: &dyn Store,
+    sealer: Option<&Sealer>,
+    workers: usize,
+) -> Result<Vec<Arc<Channel>>, StartError> {
+    let mut channels = config
+        .channels
+        .iter()
+        .map(|channel| Ok(Arc::new(live_channel(channel, &config.health, workers)?)))
+        .collect::<Result<Vec<_>, StartError>>()?;
+    for stored in store.api_channels()? {
+        let channel = api_channel(&stored, sealer, &config.health, workers)?;
+        channels.push(Arc::new(channel));
+    }
+    Ok(channels)
 }
 
 fn plugin_bytes(

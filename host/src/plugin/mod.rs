@@ -443,21 +443,7 @@ impl PluginRuntime {
             name: name.to_owned(),
             reason,
         };
-        match bytes.get(..8) {
-            Some(&[0, b'a', b's', b'm', 1, 0, 0, 0]) => {
-                return Err(unfit(
-                    "it is a core WebAssembly module, not a component: build it for \
-                     `wasm32-wasip2` (or wrap it with `wasm-tools component new`)"
-                        .to_owned(),
-                ));
-            }
-            Some(&[0, b'a', b's', b'm', ..]) => {}
-            _ => {
-                return Err(unfit(
-                    "it is not WebAssembly (no `\\0asm` header)".to_owned(),
-                ));
-            }
-        }
+        component_header(bytes).map_err(unfit)?;
         let plugin = PluginRef {
             name: name.to_owned(),
             sha256: sha256.map_or_else(|| hex::encode(Sha256::digest(bytes)), str::to_owned),
@@ -470,41 +456,7 @@ impl PluginRuntime {
             })?;
         let shape = component.component_type();
         let exports: Vec<&str> = shape.exports(&self.engine).map(|(name, _)| name).collect();
-        let roles: Vec<(Role, &str)> = exports
-            .iter()
-            .filter_map(|export| {
-                let (interface, version) =
-                    export.strip_prefix("tollgate:plugin/")?.split_once('@')?;
-                Some((Role::parse(interface)?, version))
-            })
-            .collect();
-        let (role, contract) = match roles.as_slice() {
-            [(role, contract)] => (*role, *contract),
-            [] => {
-                return Err(unfit(format!(
-                    "it exports none of the role interfaces `tollgate:plugin/router`, \
-                     `tollgate:plugin/translator`, `tollgate:plugin/billing`; it exports {}",
-                    listed(&exports)
-                )));
-            }
-            several => {
-                let names: Vec<String> = several.iter().map(|(role, _)| role.to_string()).collect();
-                return Err(unfit(format!(
-                    "it exports several roles ({}); a plugin plays exactly one",
-                    names.join(", ")
-                )));
-            }
-        };
-        if !CONTRACTS.contains(&contract) {
-            return Err(unfit(format!(
-                "it was built against tollgate:plugin@{contract}; this host serves {}",
-                CONTRACTS
-                    .iter()
-                    .map(|version| format!("tollgate:plugin@{version}"))
-                    .collect::<Vec<_>>()
-                    .join(" and ")
-            )));
-        }
+        let (role, contract) = role_and_contract(&exports).map_err(unfit)?;
         let unprovided: Vec<&str> = shape
             .imports(&self.engine)
             .map(|(name, _)| name)
@@ -616,6 +568,59 @@ impl CompiledPlugin {
     pub fn contract(&self) -> &str {
         &self.contract
     }
+}
+
+/// Whether `bytes` start as a WebAssembly component; why not, if they do not.
+fn component_header(bytes: &[u8]) -> Result<(), String> {
+    match bytes.get(..8) {
+        Some(&[0, b'a', b's', b'm', 1, 0, 0, 0]) => Err(
+            "it is a core WebAssembly module, not a component: build it for `wasm32-wasip2` (or \
+             wrap it with `wasm-tools component new`)"
+                .to_owned(),
+        ),
+        Some(&[0, b'a', b's', b'm', ..]) => Ok(()),
+        _ => Err("it is not WebAssembly (no `\\0asm` header)".to_owned()),
+    }
+}
+
+/// The one role a component's exports play, and the contract version it was built against; why
+/// not, when it plays none, several, or speaks a version this host does not serve.
+fn role_and_contract<'e>(exports: &[&'e str]) -> Result<(Role, &'e str), String> {
+    let roles: Vec<(Role, &str)> = exports
+        .iter()
+        .filter_map(|export| {
+            let (interface, version) = export.strip_prefix("tollgate:plugin/")?.split_once('@')?;
+            Some((Role::parse(interface)?, version))
+        })
+        .collect();
+    let (role, contract) = match roles.as_slice() {
+        [(role, contract)] => (*role, *contract),
+        [] => {
+            return Err(format!(
+                "it exports none of the role interfaces `tollgate:plugin/router`, \
+                 `tollgate:plugin/translator`, `tollgate:plugin/billing`; it exports {}",
+                listed(exports)
+            ));
+        }
+        several => {
+            let names: Vec<String> = several.iter().map(|(role, _)| role.to_string()).collect();
+            return Err(format!(
+                "it exports several roles ({}); a plugin plays exactly one",
+                names.join(", ")
+            ));
+        }
+    };
+    if !CONTRACTS.contains(&contract) {
+        return Err(format!(
+            "it was built against tollgate:plugin@{contract}; this host serves {}",
+            CONTRACTS
+                .iter()
+                .map(|version| format!("tollgate:plugin@{version}"))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ));
+    }
+    Ok((role, contract))
 }
 
 /// `a`, `b` and `c` (or `nothing`), for messages.

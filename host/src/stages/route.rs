@@ -40,6 +40,38 @@ pub enum RouteError {
     Plugin(#[from] PluginError),
 }
 
+/// The router's view of one active channel: its models with their prices and circuits, and the
+/// channel's health now.
+fn candidate(channel: &GatewayChannel, now: std::time::Instant) -> Channel {
+    let health = channel.health.snapshot(now);
+    let models = channel.config.models.iter().map(|(public, upstream)| {
+        let price = channel.config.prices.get(public);
+        let circuit = channel
+            .model_health
+            .get(public)
+            .map_or(Circuit::Closed, |health| health.snapshot(now).circuit);
+        ChannelModel {
+            public_name: public.clone(),
+            upstream_name: upstream.clone(),
+            price_per_million_input_micros: price.map(|price| price.input),
+            price_per_million_output_micros: price.map(|price| price.output),
+            circuit,
+        }
+    });
+    Channel {
+        name: channel.config.name.clone(),
+        protocol: channel.config.protocol.clone(),
+        models: models.collect(),
+        priority: channel.config.priority,
+        weight: channel.config.weight,
+        circuit: health.circuit,
+        latency_ewma_ms: health.latency_ewma_ms,
+        ttfb_ewma_ms: health.ttfb_ewma_ms,
+        error_rate_permille: health.error_rate_permille,
+        in_flight: health.in_flight,
+    }
+}
+
 /// Asks the router for the plan over the gateway's `channels` and checks it names only active
 /// ones.
 pub async fn plan(
@@ -61,39 +93,7 @@ pub async fn plan(
     let candidates: Vec<Channel> = channels
         .iter()
         .filter(|channel| channel.is_active())
-        .map(|channel| {
-            let health = channel.health.snapshot(now);
-            Channel {
-                name: channel.config.name.clone(),
-                protocol: channel.config.protocol.clone(),
-                models: channel
-                    .config
-                    .models
-                    .iter()
-                    .map(|(public, upstream)| {
-                        let price = channel.config.prices.get(public);
-                        let circuit = channel
-                            .model_health
-                            .get(public)
-                            .map_or(Circuit::Closed, |health| health.snapshot(now).circuit);
-                        ChannelModel {
-                            public_name: public.clone(),
-                            upstream_name: upstream.clone(),
-                            price_per_million_input_micros: price.map(|price| price.input),
-                            price_per_million_output_micros: price.map(|price| price.output),
-                            circuit,
-                        }
-                    })
-                    .collect(),
-                priority: channel.config.priority,
-                weight: channel.config.weight,
-                circuit: health.circuit,
-                latency_ewma_ms: health.latency_ewma_ms,
-                ttfb_ewma_ms: health.ttfb_ewma_ms,
-                error_rate_permille: health.error_rate_permille,
-                in_flight: health.in_flight,
-            }
-        })
+        .map(|channel| candidate(channel, now))
         .collect();
     let called = context
         .router

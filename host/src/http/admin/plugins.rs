@@ -182,8 +182,10 @@ pub(super) async fn delete(
 /// `GET /admin/bindings`: every stored binding with its live canary tally, and the configuration
 /// file's defaults.
 pub(super) async fn bindings(State(state): State<AdminState>) -> Result<Response, ApiError> {
-    let table = state.gateway.bindings();
-    let mut stored = state.gateway.store.binding_slots()?;
+    let crate::gateway::BindingsView {
+        live: table,
+        mut stored,
+    } = state.gateway.bindings_view()?;
     stored.sort_by(|(a, _), (b, _)| a.cmp(b));
     let data: Vec<_> = stored
         .into_iter()
