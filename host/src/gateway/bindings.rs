@@ -415,7 +415,7 @@ impl Gateway {
     }
 
     fn binding_writes(&self) -> std::sync::MutexGuard<'_, ()> {
-        // Guards no data of its own: it only orders writers.
+        // Guards no data of its own: it orders writers, and the admin listing against them.
         self.binding_writes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
