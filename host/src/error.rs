@@ -2,12 +2,16 @@
 //! `type`/`code` (DESIGN.md §6). Rendering has no side effects: the error travels in the response
 //! extensions and the trace layer logs it once.
 
+use std::time::Duration;
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::json;
 
 use crate::gateway::BindError;
+use crate::http::admin::error::AdminError;
+use crate::http::admission::BodyReadTimedOut;
 use crate::plugin::translator::{FailureClass, StreamEvent};
 use crate::plugin::{PluginError, Role};
 use crate::request::InvalidBody;
@@ -37,7 +41,7 @@ pub enum ApiError {
     BodyTooLarge,
     /// The body did not arrive in time.
     #[error(transparent)]
-    BodyReadTimedOut(#[from] crate::http::admission::BodyReadTimedOut),
+    BodyReadTimedOut(#[from] BodyReadTimedOut),
     /// The client's address failed authentication too often; it is refused for a while.
     #[error(
         "Too many failed authentication attempts from your address; retry after {} s.",
@@ -45,7 +49,7 @@ pub enum ApiError {
     )]
     AuthThrottled {
         /// How long the address stays throttled.
-        retry_after: std::time::Duration,
+        retry_after: Duration,
     },
     /// No route.
     #[error(transparent)]
@@ -68,53 +72,9 @@ pub enum ApiError {
     /// The plan held no attempt.
     #[error("no upstream attempt could be made")]
     NoAttempt,
-    /// The admin token is missing or wrong (or the admin API is not enabled).
-    #[error("A valid admin token is required (Authorization: Bearer $TOLLGATE_ADMIN_TOKEN).")]
-    AdminUnauthorized,
-    /// No such tenant.
-    #[error("No tenant is named `{tenant}`.")]
-    UnknownTenant {
-        /// The name asked for.
-        tenant: String,
-    },
-    /// The admin API may not change a channel of the configuration file.
-    #[error("The channel `{name}` is defined in the configuration file; change it there.")]
-    ConfigChannel {
-        /// The channel.
-        name: String,
-    },
-    /// No API channel has that name.
-    #[error("No channel created through the API is named `{name}`.")]
-    UnknownChannel {
-        /// The name asked for.
-        name: String,
-    },
-    /// The channel set could not be rebuilt after a change.
-    #[error("the channels could not be reloaded")]
-    ChannelReload(#[source] Box<crate::gateway::StartError>),
-    /// No such key.
-    #[error("No key has the id `{key_id}`.")]
-    UnknownKey {
-        /// The id asked for.
-        key_id: String,
-    },
-    /// No record of that request id.
-    #[error("No request with id `{request_id}` is recorded.")]
-    UnknownRequest {
-        /// The id asked for.
-        request_id: String,
-    },
-    /// A plugin or binding change was refused.
+    /// The admin API refused the operator's request.
     #[error(transparent)]
-    Bind(#[from] crate::gateway::BindError),
-    /// An uploaded plugin is larger than the gateway accepts.
-    #[error(
-        "The plugin is larger than the {max_bytes} bytes this gateway accepts (`plugins.max_upload_mib`)."
-    )]
-    PluginTooLarge {
-        /// The cap.
-        max_bytes: usize,
-    },
+    Admin(#[from] AdminError),
     /// No such endpoint.
     #[error("Invalid URL ({method} {path})")]
     UnknownPath {
@@ -125,364 +85,139 @@ pub enum ApiError {
     },
 }
 
-/// The rendered facts of an error: status and OpenAI's error object.
+impl From<BindError> for ApiError {
+    fn from(error: BindError) -> Self {
+        ApiError::Admin(AdminError::Bind(error))
+    }
+}
+
+/// The rendered facts of an error: status, OpenAI's error object, and the short class usage
+/// records keep.
 #[derive(Debug, PartialEq, Eq)]
 struct Rendered {
     status: StatusCode,
     kind: &'static str,
     code: Option<String>,
+    class: &'static str,
     message: String,
     param: Option<String>,
     retry_after_ms: Option<u64>,
 }
 
-fn rendered(
-    status: StatusCode,
-    kind: &'static str,
-    code: Option<&str>,
-    message: String,
-) -> Rendered {
-    Rendered {
-        status,
-        kind,
-        code: code.map(str::to_owned),
-        message,
-        param: None,
-        retry_after_ms: None,
+impl Rendered {
+    /// The record class, where it says more than the code.
+    fn class(self, class: &'static str) -> Self {
+        Self { class, ..self }
+    }
+
+    fn retry_after(self, retry_after_ms: u64) -> Self {
+        Self {
+            retry_after_ms: Some(retry_after_ms),
+            ..self
+        }
     }
 }
 
-fn plugin_rendered(error: &PluginError) -> Rendered {
-    if let PluginError::TenantShare { .. } = error {
-        return Rendered {
-            retry_after_ms: Some(1000),
-            ..rendered(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                Some("rate_limit_exceeded"),
-                "This tenant's requests hold their share of the gateway's plugin instances; retry \
-                 shortly."
-                    .to_owned(),
-            )
-        };
+/// A status with the OpenAI error `type` it is answered with.
+#[derive(Clone, Copy)]
+struct Answer(StatusCode, &'static str);
+
+const BAD_REQUEST: Answer = Answer(StatusCode::BAD_REQUEST, "invalid_request_error");
+const UNAUTHORIZED: Answer = Answer(StatusCode::UNAUTHORIZED, "invalid_request_error");
+const FORBIDDEN: Answer = Answer(StatusCode::FORBIDDEN, "permission_error");
+const NOT_FOUND: Answer = Answer(StatusCode::NOT_FOUND, "invalid_request_error");
+const REQUEST_TIMEOUT: Answer = Answer(StatusCode::REQUEST_TIMEOUT, "invalid_request_error");
+const CONFLICT: Answer = Answer(StatusCode::CONFLICT, "invalid_request_error");
+const TOO_LARGE: Answer = Answer(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error");
+const RATE_LIMITED: Answer = Answer(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error");
+const NO_QUOTA: Answer = Answer(StatusCode::TOO_MANY_REQUESTS, "insufficient_quota");
+const FAILED: Answer = Answer(StatusCode::INTERNAL_SERVER_ERROR, "server_error");
+const UPSTREAM_FAILED: Answer = Answer(StatusCode::BAD_GATEWAY, "upstream_error");
+const UNAVAILABLE: Answer = Answer(StatusCode::SERVICE_UNAVAILABLE, "server_error");
+const UPSTREAM_TIMEOUT: Answer = Answer(StatusCode::GATEWAY_TIMEOUT, "upstream_error");
+
+impl Answer {
+    /// Answered with `code`, which is also the record class unless [`Rendered::class`] says more.
+    fn with(self, code: &'static str, message: impl Into<String>) -> Rendered {
+        Rendered {
+            code: Some(code.to_owned()),
+            class: code,
+            ..self.without_code(code, message)
+        }
     }
-    if let PluginError::PoolFull { .. } = error {
-        return Rendered {
-            retry_after_ms: Some(1000),
-            ..rendered(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("gateway_busy"),
-                "The gateway is at its limit of requests in flight; retry shortly.".to_owned(),
-            )
-        };
+
+    /// Answered with no `code` (OpenAI's own invalid-request errors have none).
+    fn without_code(self, class: &'static str, message: impl Into<String>) -> Rendered {
+        let Answer(status, kind) = self;
+        Rendered {
+            status,
+            kind,
+            code: None,
+            class,
+            message: message.into(),
+            param: None,
+            retry_after_ms: None,
+        }
     }
-    let message = match (error.culprit(), error) {
-        (Some((plugin, role)), PluginError::Deadline { after, .. }) => {
-            format!(
-                "The {role} plugin {plugin} did not answer within {} ms.",
-                after.as_millis()
-            )
-        }
-        (Some((plugin, role)), PluginError::MemoryCap { .. }) => {
-            format!("The {role} plugin {plugin} exceeded its memory limit.")
-        }
-        (Some((plugin, role)), PluginError::OutputTooLarge { cap_bytes, .. }) => {
-            format!(
-                "The {role} plugin {plugin} returned more than its {cap_bytes}-byte output cap."
-            )
-        }
-        (Some((plugin, role)), PluginError::Contract { detail, .. }) => {
-            format!("The {role} plugin {plugin} returned an invalid result: {detail}.")
-        }
-        (Some((plugin, role)), _) => format!("The {role} plugin {plugin} failed."),
-        (None, PluginError::Unbound { role, what }) => {
-            format!("No {role} plugin is bound for {what}.")
-        }
-        (None, _) => "The plugin engine failed.".to_owned(),
-    };
-    rendered(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "server_error",
-        Some("plugin_failed"),
-        message,
-    )
 }
 
-/// A refused plugin or binding change: the operator's input is at fault, except for the store.
-fn bind_rendered(error: &BindError) -> Rendered {
-    let (status, code) = match error {
-        BindError::Store(error) => {
-            return ApiError::Store(StoreError::Backend(error.to_string())).render();
-        }
-        BindError::Plugin(PluginError::Config { .. }) => {
-            (StatusCode::BAD_REQUEST, "plugin_config_rejected")
-        }
-        BindError::Plugin(PluginError::Engine(_)) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, "plugin_engine")
-        }
-        BindError::Plugin(PluginError::Unfit { .. } | PluginError::Invalid { .. }) => {
-            (StatusCode::BAD_REQUEST, "invalid_plugin")
-        }
-        BindError::Plugin(_) => (StatusCode::BAD_REQUEST, "plugin_failed"),
-        BindError::UnknownPlugin { .. } => (StatusCode::NOT_FOUND, "plugin_not_found"),
-        BindError::WrongRole { .. } => (StatusCode::BAD_REQUEST, "wrong_role"),
-        BindError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_binding"),
-        BindError::Conflict(_) => (StatusCode::CONFLICT, "binding_conflict"),
-    };
-    let kind = if status.is_server_error() {
-        "server_error"
-    } else {
-        "invalid_request_error"
-    };
-    rendered(status, kind, Some(code), error.to_string())
-}
-
-fn upstream_rendered(error: &UpstreamError) -> Rendered {
-    let class = error.class();
-    match error {
-        UpstreamError::Failure { failure, .. } => match failure.class {
-            FailureClass::InvalidRequest => Rendered {
-                status: StatusCode::from_u16(failure.status)
-                    .ok()
-                    .filter(|status| status.is_client_error())
-                    .unwrap_or(StatusCode::BAD_REQUEST),
-                kind: "invalid_request_error",
-                code: failure.code.clone(),
-                message: failure.message.clone(),
-                param: failure.param.clone(),
-                retry_after_ms: None,
-            },
-            FailureClass::RateLimited => Rendered {
-                retry_after_ms: failure.retry_after_ms,
-                ..rendered(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    Some("rate_limit_exceeded"),
-                    "Every upstream for this model is rate limited; retry later.".to_owned(),
-                )
-            },
-            FailureClass::Overloaded => rendered(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("upstream_overloaded"),
-                "Every upstream for this model is overloaded; retry later.".to_owned(),
-            ),
-            _ => rendered(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                Some(&format!("upstream_{class}")),
-                format!("The upstream failed ({class}): {}", failure.message),
-            ),
-        },
-        UpstreamError::NoUsableKey {
-            retry_after: Some(rest),
-            ..
-        } => Rendered {
-            retry_after_ms: Some(rest.as_millis() as u64),
-            ..rendered(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                Some("rate_limit_exceeded"),
-                "Every upstream key for this model is rate limited; retry later.".to_owned(),
-            )
-        },
-        // Decided by the gateway, not said by an upstream: a second is as good a hint as any.
-        UpstreamError::CircuitOpen { .. } | UpstreamError::NoUsableKey { .. } => Rendered {
-            retry_after_ms: Some(1000),
-            ..rendered(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some(&format!("upstream_{class}")),
-                "No upstream for this model is available right now; retry later.".to_owned(),
-            )
-        },
-        UpstreamError::Timeout { .. } | UpstreamError::Silent { .. } => rendered(
-            StatusCode::GATEWAY_TIMEOUT,
-            "upstream_error",
-            Some("upstream_timeout"),
-            "The upstream did not answer in time.".to_owned(),
-        ),
-        _ => rendered(
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            Some(&format!("upstream_{class}")),
-            format!("The upstream failed ({class})."),
-        ),
-    }
-}
+/// Gateway decisions carry no upstream hint: a second is as good as any.
+const DECIDED_RETRY_AFTER_MS: u64 = 1000;
 
 impl ApiError {
-    /// The one mapping from error to status and OpenAI error object.
+    /// The one mapping from error to status, OpenAI error object and record class.
     fn render(&self) -> Rendered {
+        let message = self.to_string();
         match self {
-            ApiError::Store(StoreError::Exists { .. }) => rendered(
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                Some("already_exists"),
-                self.to_string(),
-            ),
-            ApiError::Store(StoreError::Missing { .. }) | ApiError::UnknownKey { .. } => rendered(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("not_found"),
-                self.to_string(),
-            ),
-            ApiError::Auth(AuthError::Store(_)) | ApiError::Store(_) => rendered(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                Some("storage_failed"),
-                "The gateway's storage failed.".to_owned(),
-            ),
-            ApiError::Limit(LimitError::ModelNotAllowed { .. }) => rendered(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("model_not_found"),
-                self.to_string(),
-            ),
-            ApiError::Limit(LimitError::RateLimited { retry_after, .. })
-            | ApiError::AuthThrottled { retry_after } => Rendered {
-                retry_after_ms: Some(retry_after.as_millis() as u64),
-                ..rendered(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    Some("rate_limit_exceeded"),
-                    self.to_string(),
-                )
+            ApiError::Store(StoreError::Exists { .. }) => CONFLICT.with("already_exists", message),
+            ApiError::Store(StoreError::Missing { .. }) => NOT_FOUND.with("not_found", message),
+            ApiError::Auth(AuthError::Store(_))
+            | ApiError::Store(_)
+            | ApiError::Billing(BillingError::Store(_)) => storage_failed(),
+            ApiError::Auth(_) => UNAUTHORIZED.with("invalid_api_key", message),
+            ApiError::AuthThrottled { retry_after } => RATE_LIMITED
+                .with("rate_limit_exceeded", message)
+                .class("auth_throttled")
+                .retry_after(retry_after.as_millis() as u64),
+            ApiError::Limit(LimitError::ModelNotAllowed { .. }) => NOT_FOUND
+                .with("model_not_found", message)
+                .class("model_not_allowed"),
+            ApiError::Limit(LimitError::RateLimited { retry_after, .. }) => RATE_LIMITED
+                .with("rate_limit_exceeded", message)
+                .retry_after(retry_after.as_millis() as u64),
+            ApiError::InvalidBody(InvalidBody { message, param })
+            | ApiError::Translate(TranslateError::InvalidRequest { message, param }) => Rendered {
+                param: param.clone(),
+                ..BAD_REQUEST.without_code("invalid_request", message.clone())
             },
-            ApiError::Auth(error) => rendered(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                Some("invalid_api_key"),
-                error.to_string(),
-            ),
-            ApiError::InvalidBody(body) => Rendered {
-                param: body.param.clone(),
-                ..rendered(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    None,
-                    body.message.clone(),
-                )
-            },
-            ApiError::BodyTooLarge => rendered(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                Some("request_too_large"),
-                self.to_string(),
-            ),
-            ApiError::BodyReadTimedOut(_) => rendered(
-                StatusCode::REQUEST_TIMEOUT,
-                "invalid_request_error",
-                Some("request_timeout"),
-                self.to_string(),
-            ),
-            ApiError::Route(RouteError::NoRoute(message))
-            | ApiError::Billing(BillingError::UnpricedModel(message)) => rendered(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("model_not_found"),
-                message.clone(),
-            ),
-            ApiError::Route(RouteError::Refused(message)) => rendered(
-                StatusCode::FORBIDDEN,
-                "permission_error",
-                Some("route_refused"),
-                message.clone(),
-            ),
+            ApiError::BodyTooLarge => TOO_LARGE.with("request_too_large", message),
+            ApiError::BodyReadTimedOut(_) => REQUEST_TIMEOUT.with("request_timeout", message),
+            ApiError::Route(RouteError::NoRoute(detail))
+            | ApiError::Billing(BillingError::UnpricedModel(detail)) => {
+                NOT_FOUND.with("model_not_found", detail.clone())
+            }
+            ApiError::Route(RouteError::Refused(detail)) => {
+                FORBIDDEN.with("route_refused", detail.clone())
+            }
+            ApiError::Billing(
+                BillingError::InsufficientBalance(detail) | BillingError::BudgetExceeded(detail),
+            ) => NO_QUOTA.with("insufficient_quota", detail.clone()),
+            ApiError::Billing(BillingError::Contended) => RATE_LIMITED
+                .with("rate_limit_exceeded", message)
+                .class("billing_contended")
+                .retry_after(DECIDED_RETRY_AFTER_MS),
             ApiError::Route(RouteError::Plugin(error))
             | ApiError::Billing(BillingError::Plugin(error))
             | ApiError::Translate(TranslateError::Plugin(error))
             | ApiError::Plugin(error) => plugin_rendered(error),
-            ApiError::Billing(BillingError::InsufficientBalance(message))
-            | ApiError::Billing(BillingError::BudgetExceeded(message)) => rendered(
-                StatusCode::TOO_MANY_REQUESTS,
-                "insufficient_quota",
-                Some("insufficient_quota"),
-                message.clone(),
-            ),
-            ApiError::Billing(BillingError::Contended) => Rendered {
-                retry_after_ms: Some(1000),
-                ..rendered(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    Some("rate_limit_exceeded"),
-                    self.to_string(),
-                )
-            },
-            ApiError::Billing(BillingError::Store(_)) => {
-                ApiError::Store(StoreError::Backend(String::new())).render()
-            }
-            ApiError::Translate(TranslateError::InvalidRequest { message, param }) => Rendered {
-                param: param.clone(),
-                ..rendered(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    None,
-                    message.clone(),
-                )
-            },
             ApiError::Translate(TranslateError::Upstream(error)) | ApiError::Upstream(error) => {
-                upstream_rendered(error)
+                upstream_rendered(error).class(error.class())
             }
-            ApiError::NoAttempt => Rendered {
-                retry_after_ms: Some(1000),
-                ..rendered(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    Some("no_upstream"),
-                    self.to_string(),
-                )
-            },
-            ApiError::AdminUnauthorized => rendered(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                Some("invalid_admin_token"),
-                self.to_string(),
-            ),
-            ApiError::ConfigChannel { .. } => rendered(
-                StatusCode::CONFLICT,
-                "invalid_request_error",
-                Some("channel_in_config"),
-                self.to_string(),
-            ),
-            ApiError::UnknownChannel { .. } => rendered(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("channel_not_found"),
-                self.to_string(),
-            ),
-            ApiError::ChannelReload(_) => rendered(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                Some("channel_reload_failed"),
-                "The channel was stored but the live channel set could not be rebuilt.".to_owned(),
-            ),
-            ApiError::UnknownTenant { .. } => rendered(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("tenant_not_found"),
-                self.to_string(),
-            ),
-            ApiError::UnknownRequest { .. } => rendered(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("request_not_found"),
-                self.to_string(),
-            ),
-            ApiError::Bind(error) => bind_rendered(error),
-            ApiError::PluginTooLarge { .. } => rendered(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                Some("plugin_too_large"),
-                self.to_string(),
-            ),
-            ApiError::UnknownPath { .. } => rendered(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                Some("unknown_url"),
-                self.to_string(),
-            ),
+            ApiError::NoAttempt => UNAVAILABLE
+                .with("no_upstream", message)
+                .retry_after(DECIDED_RETRY_AFTER_MS),
+            ApiError::Admin(error) => admin_rendered(error, message),
+            ApiError::UnknownPath { .. } => NOT_FOUND.with("unknown_url", message),
         }
     }
 
@@ -491,53 +226,9 @@ impl ApiError {
         self.render().status.as_u16()
     }
 
-    /// A short class for usage records: the error code, or its type.
+    /// A short class for usage records: the error code, or what it says more precisely.
     pub fn class(&self) -> &'static str {
-        match self {
-            ApiError::Store(StoreError::Exists { .. }) => "already_exists",
-            ApiError::Store(StoreError::Missing { .. }) => "not_found",
-            ApiError::Auth(AuthError::Store(_))
-            | ApiError::Store(_)
-            | ApiError::Billing(BillingError::Store(_)) => "storage",
-            ApiError::Auth(_) => "invalid_api_key",
-            ApiError::Limit(LimitError::ModelNotAllowed { .. }) => "model_not_allowed",
-            ApiError::Limit(LimitError::RateLimited { .. }) => "rate_limit_exceeded",
-            ApiError::InvalidBody(_)
-            | ApiError::Translate(TranslateError::InvalidRequest { .. }) => "invalid_request",
-            ApiError::BodyTooLarge => "request_too_large",
-            ApiError::BodyReadTimedOut(_) => "request_timeout",
-            ApiError::AuthThrottled { .. } => "auth_throttled",
-            ApiError::Route(RouteError::NoRoute(_))
-            | ApiError::Billing(BillingError::UnpricedModel(_)) => "model_not_found",
-            ApiError::Route(RouteError::Refused(_)) => "route_refused",
-            ApiError::Route(RouteError::Plugin(error))
-            | ApiError::Billing(BillingError::Plugin(error))
-            | ApiError::Translate(TranslateError::Plugin(error))
-            | ApiError::Plugin(error) => match error.culprit().map(|(_, role)| role) {
-                _ if matches!(error, PluginError::PoolFull { .. }) => "gateway_busy",
-                _ if matches!(error, PluginError::TenantShare { .. }) => "tenant_share",
-                Some(Role::Router) => "plugin_router",
-                Some(Role::Translator) => "plugin_translator",
-                Some(Role::Billing) => "plugin_billing",
-                None => "plugin",
-            },
-            ApiError::Billing(BillingError::Contended) => "billing_contended",
-            ApiError::Billing(_) => "insufficient_quota",
-            ApiError::Translate(TranslateError::Upstream(error)) | ApiError::Upstream(error) => {
-                error.class()
-            }
-            ApiError::NoAttempt => "no_upstream",
-            ApiError::AdminUnauthorized => "invalid_admin_token",
-            ApiError::UnknownTenant { .. } => "tenant_not_found",
-            ApiError::ConfigChannel { .. } => "channel_in_config",
-            ApiError::UnknownChannel { .. } => "channel_not_found",
-            ApiError::ChannelReload(_) => "channel_reload_failed",
-            ApiError::UnknownKey { .. } => "not_found",
-            ApiError::UnknownRequest { .. } => "request_not_found",
-            ApiError::UnknownPath { .. } => "unknown_url",
-            ApiError::Bind(_) => "binding_refused",
-            ApiError::PluginTooLarge { .. } => "plugin_too_large",
-        }
+        self.render().class
     }
 
     /// Status and body in the dialect.
@@ -640,7 +331,7 @@ impl ApiError {
         matches!(
             self,
             ApiError::Auth(AuthError::Missing | AuthError::Invalid | AuthError::Expired)
-                | ApiError::AdminUnauthorized
+                | ApiError::Admin(AdminError::Unauthorized)
                 | ApiError::AuthThrottled { .. }
         )
     }
@@ -668,9 +359,177 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The store's detail stays in the log: a client learns only that storage failed.
+fn storage_failed() -> Rendered {
+    FAILED
+        .with("storage_failed", "The gateway's storage failed.")
+        .class("storage")
+}
+
+fn plugin_rendered(error: &PluginError) -> Rendered {
+    let culprit = error.culprit();
+    let message = match (culprit, error) {
+        (_, PluginError::TenantShare { .. }) => {
+            return RATE_LIMITED
+                .with(
+                    "rate_limit_exceeded",
+                    "This tenant's requests hold their share of the gateway's plugin instances; \
+                     retry shortly.",
+                )
+                .class("tenant_share")
+                .retry_after(DECIDED_RETRY_AFTER_MS);
+        }
+        (_, PluginError::PoolFull { .. }) => {
+            return UNAVAILABLE
+                .with(
+                    "gateway_busy",
+                    "The gateway is at its limit of requests in flight; retry shortly.",
+                )
+                .retry_after(DECIDED_RETRY_AFTER_MS);
+        }
+        (Some((plugin, role)), PluginError::Deadline { after, .. }) => format!(
+            "The {role} plugin {plugin} did not answer within {} ms.",
+            after.as_millis()
+        ),
+        (Some((plugin, role)), PluginError::MemoryCap { .. }) => {
+            format!("The {role} plugin {plugin} exceeded its memory limit.")
+        }
+        (Some((plugin, role)), PluginError::OutputTooLarge { cap_bytes, .. }) => {
+            format!(
+                "The {role} plugin {plugin} returned more than its {cap_bytes}-byte output cap."
+            )
+        }
+        (Some((plugin, role)), PluginError::Contract { detail, .. }) => {
+            format!("The {role} plugin {plugin} returned an invalid result: {detail}.")
+        }
+        (Some((plugin, role)), _) => format!("The {role} plugin {plugin} failed."),
+        (None, PluginError::Unbound { role, what }) => {
+            format!("No {role} plugin is bound for {what}.")
+        }
+        (None, _) => "The plugin engine failed.".to_owned(),
+    };
+    let class = match culprit.map(|(_, role)| role) {
+        Some(Role::Router) => "plugin_router",
+        Some(Role::Translator) => "plugin_translator",
+        Some(Role::Billing) => "plugin_billing",
+        None => "plugin",
+    };
+    FAILED.with("plugin_failed", message).class(class)
+}
+
+/// An upstream's failure; its record class is the upstream error's own class.
+fn upstream_rendered(error: &UpstreamError) -> Rendered {
+    let class = error.class();
+    let failure = match error {
+        UpstreamError::Failure { failure, .. } => failure,
+        UpstreamError::NoUsableKey {
+            retry_after: Some(rest),
+            ..
+        } => {
+            return RATE_LIMITED
+                .with(
+                    "rate_limit_exceeded",
+                    "Every upstream key for this model is rate limited; retry later.",
+                )
+                .retry_after(rest.as_millis() as u64);
+        }
+        UpstreamError::CircuitOpen { .. } | UpstreamError::NoUsableKey { .. } => {
+            return upstream_coded(
+                UNAVAILABLE,
+                class,
+                "No upstream for this model is available right now; retry later.",
+            )
+            .retry_after(DECIDED_RETRY_AFTER_MS);
+        }
+        UpstreamError::Timeout { .. } | UpstreamError::Silent { .. } => {
+            return UPSTREAM_TIMEOUT
+                .with("upstream_timeout", "The upstream did not answer in time.");
+        }
+        _ => {
+            return upstream_coded(
+                UPSTREAM_FAILED,
+                class,
+                format!("The upstream failed ({class})."),
+            );
+        }
+    };
+    match failure.class {
+        // The upstream's own words about the request: relayed with its status, code and param.
+        FailureClass::InvalidRequest => Rendered {
+            status: StatusCode::from_u16(failure.status)
+                .ok()
+                .filter(|status| status.is_client_error())
+                .unwrap_or(StatusCode::BAD_REQUEST),
+            code: failure.code.clone(),
+            param: failure.param.clone(),
+            ..BAD_REQUEST.without_code(class, failure.message.clone())
+        },
+        FailureClass::RateLimited => Rendered {
+            retry_after_ms: failure.retry_after_ms,
+            ..RATE_LIMITED.with(
+                "rate_limit_exceeded",
+                "Every upstream for this model is rate limited; retry later.",
+            )
+        },
+        FailureClass::Overloaded => UNAVAILABLE.with(
+            "upstream_overloaded",
+            "Every upstream for this model is overloaded; retry later.",
+        ),
+        _ => upstream_coded(
+            UPSTREAM_FAILED,
+            class,
+            format!("The upstream failed ({class}): {}", failure.message),
+        ),
+    }
+}
+
+/// Coded `upstream_` and the upstream error's class.
+fn upstream_coded(answer: Answer, class: &'static str, message: impl Into<String>) -> Rendered {
+    Rendered {
+        code: Some(format!("upstream_{class}")),
+        ..answer.without_code(class, message)
+    }
+}
+
+/// The admin API's refusals; a refused binding is recorded as one class, whatever the cause.
+fn admin_rendered(error: &AdminError, message: String) -> Rendered {
+    match error {
+        AdminError::Unauthorized => UNAUTHORIZED.with("invalid_admin_token", message),
+        AdminError::UnknownTenant { .. } => NOT_FOUND.with("tenant_not_found", message),
+        AdminError::ConfigChannel { .. } => CONFLICT.with("channel_in_config", message),
+        AdminError::UnknownChannel { .. } => NOT_FOUND.with("channel_not_found", message),
+        AdminError::ChannelReload(_) => FAILED.with(
+            "channel_reload_failed",
+            "The channel was stored but the live channel set could not be rebuilt.",
+        ),
+        AdminError::UnknownKey { .. } => NOT_FOUND.with("not_found", message),
+        AdminError::UnknownRequest { .. } => NOT_FOUND.with("request_not_found", message),
+        AdminError::Bind(error) => bind_rendered(error, message).class("binding_refused"),
+        AdminError::PluginTooLarge { .. } => TOO_LARGE.with("plugin_too_large", message),
+    }
+}
+
+/// A refused plugin or binding change: the operator's input is at fault, except for the store.
+fn bind_rendered(error: &BindError, message: String) -> Rendered {
+    match error {
+        BindError::Store(_) => storage_failed(),
+        BindError::Plugin(PluginError::Config { .. }) => {
+            BAD_REQUEST.with("plugin_config_rejected", message)
+        }
+        BindError::Plugin(PluginError::Engine(_)) => FAILED.with("plugin_engine", message),
+        BindError::Plugin(PluginError::Unfit { .. } | PluginError::Invalid { .. }) => {
+            BAD_REQUEST.with("invalid_plugin", message)
+        }
+        BindError::Plugin(_) => BAD_REQUEST.with("plugin_failed", message),
+        BindError::UnknownPlugin { .. } => NOT_FOUND.with("plugin_not_found", message),
+        BindError::WrongRole { .. } => BAD_REQUEST.with("wrong_role", message),
+        BindError::Invalid(_) => BAD_REQUEST.with("invalid_binding", message),
+        BindError::Conflict(_) => CONFLICT.with("binding_conflict", message),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
     use crate::plugin::PluginRef;
@@ -697,292 +556,357 @@ mod tests {
         })
     }
 
+    /// Asserts the status, OpenAI `type`, `code` and record class an error is answered with.
+    #[track_caller]
+    fn maps(error: impl Into<ApiError>, status: u16, kind: &str, code: Option<&str>, class: &str) {
+        let error = error.into();
+        let rendered = error.render();
+        assert_eq!(rendered.status.as_u16(), status, "{error:?}");
+        assert_eq!(rendered.kind, kind, "{error:?}");
+        assert_eq!(rendered.code.as_deref(), code, "{error:?}");
+        assert_eq!(error.class(), class, "{error:?}");
+    }
+
+    const INVALID: &str = "invalid_request_error";
+
     #[test]
-    fn every_variant_maps_to_its_status_and_code() {
-        let table: Vec<(ApiError, u16, &str, Option<&str>)> = vec![
+    fn authentication_and_body_errors_map_to_their_status_code_and_class() {
+        let key = Some("invalid_api_key");
+        maps(AuthError::Missing, 401, INVALID, key, "invalid_api_key");
+        maps(AuthError::Invalid, 401, INVALID, key, "invalid_api_key");
+        let body = InvalidBody {
+            message: "bad".into(),
+            param: None,
+        };
+        maps(body, 400, INVALID, None, "invalid_request");
+        let too_large = Some("request_too_large");
+        maps(
+            ApiError::BodyTooLarge,
+            413,
+            INVALID,
+            too_large,
+            "request_too_large",
+        );
+        let late = BodyReadTimedOut {
+            timeout_ms: 10_000,
+            min_bytes_per_second: 8_192,
+            received: 3,
+        };
+        maps(
+            late,
+            408,
+            INVALID,
+            Some("request_timeout"),
+            "request_timeout",
+        );
+        let throttled = ApiError::AuthThrottled {
+            retry_after: Duration::from_secs(10),
+        };
+        let limited = Some("rate_limit_exceeded");
+        maps(
+            throttled,
+            429,
+            "rate_limit_error",
+            limited,
+            "auth_throttled",
+        );
+        let path = ApiError::UnknownPath {
+            method: "GET".into(),
+            path: "/x".into(),
+        };
+        maps(path, 404, INVALID, Some("unknown_url"), "unknown_url");
+    }
+
+    #[test]
+    fn limit_route_and_billing_refusals_map_to_their_status_code_and_class() {
+        let limited = Some("rate_limit_exceeded");
+        let rate = LimitError::RateLimited {
+            what: "requests per minute",
+            retry_after: Duration::from_secs(2),
+        };
+        maps(
+            rate,
+            429,
+            "rate_limit_error",
+            limited,
+            "rate_limit_exceeded",
+        );
+        let unknown_model = Some("model_not_found");
+        let not_allowed = LimitError::ModelNotAllowed { model: "m".into() };
+        maps(
+            not_allowed,
+            404,
+            INVALID,
+            unknown_model,
+            "model_not_allowed",
+        );
+        maps(
+            RouteError::NoRoute("m".into()),
+            404,
+            INVALID,
+            unknown_model,
+            "model_not_found",
+        );
+        let refused = RouteError::Refused("no".into());
+        maps(
+            refused,
+            403,
+            "permission_error",
+            Some("route_refused"),
+            "route_refused",
+        );
+        let quota = Some("insufficient_quota");
+        let poor = BillingError::InsufficientBalance("poor".into());
+        maps(poor, 429, "insufficient_quota", quota, "insufficient_quota");
+        let over = BillingError::BudgetExceeded("cap".into());
+        maps(over, 429, "insufficient_quota", quota, "insufficient_quota");
+        let unpriced = BillingError::UnpricedModel("m".into());
+        maps(unpriced, 404, INVALID, unknown_model, "model_not_found");
+        let contended = BillingError::Contended;
+        maps(
+            contended,
+            429,
+            "rate_limit_error",
+            limited,
+            "billing_contended",
+        );
+    }
+
+    #[test]
+    fn gateway_plugin_and_store_errors_map_to_their_status_code_and_class() {
+        let failed = Some("plugin_failed");
+        let deadline = PluginError::Deadline {
+            plugin: plugin(),
+            role: Role::Router,
+            export: "plan",
+            after: Duration::from_millis(5),
+        };
+        maps(deadline, 500, "server_error", failed, "plugin_router");
+        let output = PluginError::OutputTooLarge {
+            plugin: plugin(),
+            role: Role::Billing,
+            export: "charge",
+            bytes: 2,
+            cap_bytes: 1,
+        };
+        maps(output, 500, "server_error", failed, "plugin_billing");
+        let busy = PluginError::PoolFull { role: Role::Router };
+        maps(
+            busy,
+            503,
+            "server_error",
+            Some("gateway_busy"),
+            "gateway_busy",
+        );
+        let share = PluginError::TenantShare { role: Role::Router };
+        let limited = Some("rate_limit_exceeded");
+        maps(share, 429, "rate_limit_error", limited, "tenant_share");
+        let storage = Some("storage_failed");
+        maps(
+            StoreError::Backend("x".into()),
+            500,
+            "server_error",
+            storage,
+            "storage",
+        );
+        let exists = StoreError::Exists {
+            what: "tenant",
+            name: "t".into(),
+        };
+        maps(
+            exists,
+            409,
+            INVALID,
+            Some("already_exists"),
+            "already_exists",
+        );
+        let missing = StoreError::Missing {
+            what: "tenant",
+            name: "t".into(),
+        };
+        maps(missing, 404, INVALID, Some("not_found"), "not_found");
+        maps(
+            ApiError::NoAttempt,
+            503,
+            "server_error",
+            Some("no_upstream"),
+            "no_upstream",
+        );
+    }
+
+    #[test]
+    fn upstream_errors_map_to_their_status_code_and_class() {
+        let failing = [
             (
-                AuthError::Missing.into(),
-                401,
-                "invalid_request_error",
-                Some("invalid_api_key"),
-            ),
-            (
-                AuthError::Invalid.into(),
-                401,
-                "invalid_request_error",
-                Some("invalid_api_key"),
-            ),
-            (
-                InvalidBody {
-                    message: "bad".into(),
-                    param: None,
-                }
-                .into(),
-                400,
-                "invalid_request_error",
-                None,
-            ),
-            (
-                ApiError::BodyTooLarge,
-                413,
-                "invalid_request_error",
-                Some("request_too_large"),
-            ),
-            (
-                ApiError::BodyReadTimedOut(crate::http::admission::BodyReadTimedOut {
-                    timeout_ms: 10_000,
-                    min_bytes_per_second: 8_192,
-                    received: 3,
-                }),
-                408,
-                "invalid_request_error",
-                Some("request_timeout"),
-            ),
-            (
-                ApiError::AuthThrottled {
-                    retry_after: Duration::from_secs(10),
-                },
-                429,
-                "rate_limit_error",
-                Some("rate_limit_exceeded"),
-            ),
-            (
-                RouteError::NoRoute("m".into()).into(),
-                404,
-                "invalid_request_error",
-                Some("model_not_found"),
-            ),
-            (
-                RouteError::Refused("no".into()).into(),
-                403,
-                "permission_error",
-                Some("route_refused"),
-            ),
-            (
-                BillingError::InsufficientBalance("poor".into()).into(),
-                429,
-                "insufficient_quota",
-                Some("insufficient_quota"),
-            ),
-            (
-                BillingError::UnpricedModel("m".into()).into(),
-                404,
-                "invalid_request_error",
-                Some("model_not_found"),
-            ),
-            (
-                PluginError::Deadline {
-                    plugin: plugin(),
-                    role: Role::Router,
-                    export: "plan",
-                    after: Duration::from_millis(5),
-                }
-                .into(),
-                500,
-                "server_error",
-                Some("plugin_failed"),
-            ),
-            (
-                failure(FailureClass::InvalidRequest, 422),
+                FailureClass::InvalidRequest,
                 422,
-                "invalid_request_error",
-                Some("some_code"),
+                INVALID,
+                "some_code",
+                "invalid_request",
             ),
             (
-                failure(FailureClass::RateLimited, 429),
+                FailureClass::RateLimited,
                 429,
                 "rate_limit_error",
-                Some("rate_limit_exceeded"),
+                "rate_limit_exceeded",
+                "rate_limited",
             ),
             (
-                failure(FailureClass::Overloaded, 529),
+                FailureClass::Overloaded,
                 503,
                 "server_error",
-                Some("upstream_overloaded"),
+                "upstream_overloaded",
+                "overloaded",
             ),
             (
-                failure(FailureClass::Server, 500),
+                FailureClass::Server,
                 502,
                 "upstream_error",
-                Some("upstream_server"),
+                "upstream_server",
+                "server",
             ),
             (
-                failure(FailureClass::Authentication, 401),
+                FailureClass::Authentication,
                 502,
                 "upstream_error",
-                Some("upstream_authentication"),
+                "upstream_authentication",
+                "authentication",
             ),
+        ];
+        for (class, status, kind, code, record_class) in failing {
+            let said = if class == FailureClass::Overloaded {
+                529
+            } else {
+                status
+            };
+            maps(failure(class, said), status, kind, Some(code), record_class);
+        }
+        let timeout = Some("upstream_timeout");
+        let headers = UpstreamError::Timeout {
+            channel: "c".into(),
+            phase: crate::stages::upstream::TimeoutPhase::Headers,
+        };
+        maps(headers, 504, "upstream_error", timeout, "timeout_headers");
+        let silent = UpstreamError::Silent {
+            channel: "c".into(),
+        };
+        maps(silent, 504, "upstream_error", timeout, "channel_silent");
+        let keyless = UpstreamError::NoUsableKey {
+            channel: "c".into(),
+            retry_after: None,
+        };
+        let no_key = Some("upstream_no_usable_key");
+        maps(keyless, 503, "server_error", no_key, "no_usable_key");
+        let resting = UpstreamError::NoUsableKey {
+            channel: "c".into(),
+            retry_after: Some(Duration::from_secs(3)),
+        };
+        let limited = Some("rate_limit_exceeded");
+        maps(resting, 429, "rate_limit_error", limited, "no_usable_key");
+    }
+
+    #[test]
+    fn admin_errors_map_to_their_status_code_and_class() {
+        let token = Some("invalid_admin_token");
+        maps(
+            AdminError::Unauthorized,
+            401,
+            INVALID,
+            token,
+            "invalid_admin_token",
+        );
+        let request = AdminError::UnknownRequest {
+            request_id: "r".into(),
+        };
+        maps(
+            request,
+            404,
+            INVALID,
+            Some("request_not_found"),
+            "request_not_found",
+        );
+        let tenant = AdminError::UnknownTenant { tenant: "t".into() };
+        maps(
+            tenant,
+            404,
+            INVALID,
+            Some("tenant_not_found"),
+            "tenant_not_found",
+        );
+        let key = AdminError::UnknownKey { key_id: "k".into() };
+        maps(key, 404, INVALID, Some("not_found"), "not_found");
+        let in_config = AdminError::ConfigChannel { name: "c".into() };
+        maps(
+            in_config,
+            409,
+            INVALID,
+            Some("channel_in_config"),
+            "channel_in_config",
+        );
+        let channel = AdminError::UnknownChannel { name: "c".into() };
+        maps(
+            channel,
+            404,
+            INVALID,
+            Some("channel_not_found"),
+            "channel_not_found",
+        );
+        let large = AdminError::PluginTooLarge { max_bytes: 1 };
+        maps(
+            large,
+            413,
+            INVALID,
+            Some("plugin_too_large"),
+            "plugin_too_large",
+        );
+    }
+
+    #[test]
+    fn refused_bindings_map_to_their_status_and_code_and_one_class() {
+        let unfit = BindError::Plugin(PluginError::Unfit {
+            name: "x".into(),
+            reason: "not wasm".into(),
+        });
+        let config = BindError::Plugin(PluginError::Config {
+            plugin: plugin(),
+            role: Role::Router,
+            message: "no".into(),
+        });
+        let unknown = BindError::UnknownPlugin {
+            role: Role::Router,
+            reference: "r".into(),
+        };
+        let wrong = BindError::WrongRole {
+            plugin: "p".into(),
+            actual: Role::Billing,
+            expected: Role::Router,
+        };
+        let table = [
+            (unfit, 400, INVALID, "invalid_plugin"),
+            (config, 400, INVALID, "plugin_config_rejected"),
+            (unknown, 404, INVALID, "plugin_not_found"),
+            (wrong, 400, INVALID, "wrong_role"),
             (
-                UpstreamError::Timeout {
-                    channel: "c".into(),
-                    phase: crate::stages::upstream::TimeoutPhase::Headers,
-                }
-                .into(),
-                504,
-                "upstream_error",
-                Some("upstream_timeout"),
-            ),
-            (
-                UpstreamError::Silent {
-                    channel: "c".into(),
-                }
-                .into(),
-                504,
-                "upstream_error",
-                Some("upstream_timeout"),
-            ),
-            (
-                StoreError::Backend("x".into()).into(),
-                500,
-                "server_error",
-                Some("storage_failed"),
-            ),
-            (
-                ApiError::UnknownPath {
-                    method: "GET".into(),
-                    path: "/x".into(),
-                },
-                404,
-                "invalid_request_error",
-                Some("unknown_url"),
-            ),
-            (
-                ApiError::AdminUnauthorized,
-                401,
-                "invalid_request_error",
-                Some("invalid_admin_token"),
-            ),
-            (
-                ApiError::UnknownRequest {
-                    request_id: "r".into(),
-                },
-                404,
-                "invalid_request_error",
-                Some("request_not_found"),
-            ),
-            (
-                ApiError::UnknownTenant { tenant: "t".into() },
-                404,
-                "invalid_request_error",
-                Some("tenant_not_found"),
-            ),
-            (
-                BillingError::Contended.into(),
-                429,
-                "rate_limit_error",
-                Some("rate_limit_exceeded"),
-            ),
-            (
-                PluginError::PoolFull { role: Role::Router }.into(),
-                503,
-                "server_error",
-                Some("gateway_busy"),
-            ),
-            (
-                UpstreamError::NoUsableKey {
-                    channel: "c".into(),
-                    retry_after: None,
-                }
-                .into(),
-                503,
-                "server_error",
-                Some("upstream_no_usable_key"),
-            ),
-            (
-                UpstreamError::NoUsableKey {
-                    channel: "c".into(),
-                    retry_after: Some(Duration::from_secs(3)),
-                }
-                .into(),
-                429,
-                "rate_limit_error",
-                Some("rate_limit_exceeded"),
-            ),
-            (
-                BindError::Plugin(PluginError::Unfit {
-                    name: "x".into(),
-                    reason: "not wasm".into(),
-                })
-                .into(),
+                BindError::Invalid("percent".into()),
                 400,
-                "invalid_request_error",
-                Some("invalid_plugin"),
+                INVALID,
+                "invalid_binding",
             ),
             (
-                BindError::Plugin(PluginError::Config {
-                    plugin: plugin(),
-                    role: Role::Router,
-                    message: "no".into(),
-                })
-                .into(),
-                400,
-                "invalid_request_error",
-                Some("plugin_config_rejected"),
-            ),
-            (
-                BindError::UnknownPlugin {
-                    role: Role::Router,
-                    reference: "r".into(),
-                }
-                .into(),
-                404,
-                "invalid_request_error",
-                Some("plugin_not_found"),
-            ),
-            (
-                BindError::WrongRole {
-                    plugin: "p".into(),
-                    actual: Role::Billing,
-                    expected: Role::Router,
-                }
-                .into(),
-                400,
-                "invalid_request_error",
-                Some("wrong_role"),
-            ),
-            (
-                BindError::Invalid("percent".into()).into(),
-                400,
-                "invalid_request_error",
-                Some("invalid_binding"),
-            ),
-            (
-                BindError::Conflict("bound".into()).into(),
+                BindError::Conflict("bound".into()),
                 409,
-                "invalid_request_error",
-                Some("binding_conflict"),
+                INVALID,
+                "binding_conflict",
             ),
             (
-                BindError::Store(StoreError::Backend("disk".into())).into(),
+                BindError::Store(StoreError::Backend("disk".into())),
                 500,
                 "server_error",
-                Some("storage_failed"),
-            ),
-            (
-                ApiError::PluginTooLarge { max_bytes: 1 },
-                413,
-                "invalid_request_error",
-                Some("plugin_too_large"),
-            ),
-            (
-                PluginError::OutputTooLarge {
-                    plugin: plugin(),
-                    role: Role::Router,
-                    export: "plan",
-                    bytes: 2,
-                    cap_bytes: 1,
-                }
-                .into(),
-                500,
-                "server_error",
-                Some("plugin_failed"),
+                "storage_failed",
             ),
         ];
         for (error, status, kind, code) in table {
-            let rendered = error.render();
-            assert_eq!(rendered.status.as_u16(), status, "{error:?}");
-            assert_eq!(rendered.kind, kind, "{error:?}");
-            assert_eq!(rendered.code.as_deref(), code, "{error:?}");
+            maps(error, status, kind, Some(code), "binding_refused");
         }
     }
 

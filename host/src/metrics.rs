@@ -92,101 +92,117 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_1, 2.0, 20))
 }
 
+/// `metric`, registered under `name` (a family shares its series with its clones).
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// A family of latency histograms.
+fn latency_family<L>() -> Family<L, Histogram, fn() -> Histogram>
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    Family::new_with_constructor(latency_histogram)
+}
+
+/// The plugin runtime's figures, under the gateway's prefix.
+fn register_plugin_metrics(registry: &mut Registry, plugins: &PluginMetrics) {
+    registry.register(
+        "plugin_call_duration_seconds",
+        "Plugin calls, instantiation included when the call made its instance",
+        plugins.calls.clone(),
+    );
+    registry.register(
+        "plugin_failures",
+        "Plugin traps, deadlines and limit hits",
+        plugins.failures.clone(),
+    );
+    registry.register(
+        "plugin_fail_opens",
+        "Requests served by the global default plugin after their own failed (policy open)",
+        plugins.fail_opens.clone(),
+    );
+    registry.register(
+        "plugin_canary_rollbacks",
+        "Canaries rolled back by themselves for failing too often",
+        plugins.canary_rollbacks.clone(),
+    );
+    registry.register(
+        "plugin_instances_made_ahead",
+        "Plugin instances made off the request's path, before the call that used them",
+        plugins.made_ahead.clone(),
+    );
+    registry.register(
+        "plugin_instances_made_in_call",
+        "Plugin instances a call made itself, none being ready",
+        plugins.made_in_call.clone(),
+    );
+}
+
 impl Metrics {
     /// Registers every family, the plugin runtime's included.
     pub fn new(plugins: &PluginMetrics) -> Self {
         let mut registry = Registry::with_prefix("tollgate");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Requests answered", requests.clone());
-        let request_duration =
-            Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram,
-            );
-        registry.register(
+        let requests = registered(
+            &mut registry,
+            "requests",
+            "Requests answered",
+            Family::default(),
+        );
+        let request_duration = registered(
+            &mut registry,
             "request_duration_seconds",
             "Arrival to last byte",
-            request_duration.clone(),
+            latency_family(),
         );
-        let gateway_overhead = latency_histogram();
-        registry.register(
+        let gateway_overhead = registered(
+            &mut registry,
             "gateway_overhead_seconds",
             "Time to the client's first byte minus time waiting on upstreams",
-            gateway_overhead.clone(),
+            latency_histogram(),
         );
-        let upstream_ttfb =
-            Family::<ChannelLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram,
-            );
-        registry.register(
+        let upstream_ttfb = registered(
+            &mut registry,
             "upstream_ttfb_seconds",
             "Upstream time to first byte",
-            upstream_ttfb.clone(),
+            latency_family(),
         );
-        let attempts = Family::<AttemptLabels, Counter>::default();
-        registry.register(
+        let attempts = registered(
+            &mut registry,
             "upstream_attempts",
             "Upstream attempts by outcome",
-            attempts.clone(),
+            Family::default(),
         );
-        let upstream_latency =
-            Family::<AttemptLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram,
-            );
-        registry.register(
+        let upstream_latency = registered(
+            &mut registry,
             "upstream_latency_seconds",
             "Upstream attempts until their answer, first stream content or failure",
-            upstream_latency.clone(),
+            latency_family(),
         );
-        let tokens = Family::<TokenLabels, Counter>::default();
-        registry.register("tokens", "Tokens by kind", tokens.clone());
-        let cost_picos = Family::<ModelLabels, Counter>::default();
-        registry.register(
+        let tokens = registered(&mut registry, "tokens", "Tokens by kind", Family::default());
+        let cost_picos = registered(
+            &mut registry,
             "cost_picos",
             "Cost charged, in 10^-12 currency units",
-            cost_picos.clone(),
+            Family::default(),
         );
-        let model_mismatches = Family::<ChannelLabels, Counter>::default();
-        registry.register(
+        let model_mismatches = registered(
+            &mut registry,
             "model_mismatches",
             "Answers reporting another model than the route asked for",
-            model_mismatches.clone(),
+            Family::default(),
         );
-        let circuit = Family::<ChannelLabels, Gauge>::default();
-        registry.register(
+        let circuit = registered(
+            &mut registry,
             "circuit_state",
             "0 closed, 1 half-open, 2 open",
-            circuit.clone(),
+            Family::default(),
         );
-        registry.register(
-            "plugin_call_duration_seconds",
-            "Plugin calls, instantiation included when the call made its instance",
-            plugins.calls.clone(),
-        );
-        registry.register(
-            "plugin_failures",
-            "Plugin traps, deadlines and limit hits",
-            plugins.failures.clone(),
-        );
-        registry.register(
-            "plugin_fail_opens",
-            "Requests served by the global default plugin after their own failed (policy open)",
-            plugins.fail_opens.clone(),
-        );
-        registry.register(
-            "plugin_canary_rollbacks",
-            "Canaries rolled back by themselves for failing too often",
-            plugins.canary_rollbacks.clone(),
-        );
-        registry.register(
-            "plugin_instances_made_ahead",
-            "Plugin instances made off the request's path, before the call that used them",
-            plugins.made_ahead.clone(),
-        );
-        registry.register(
-            "plugin_instances_made_in_call",
-            "Plugin instances a call made itself, none being ready",
-            plugins.made_in_call.clone(),
-        );
+        register_plugin_metrics(&mut registry, plugins);
         Self {
             registry,
             requests,

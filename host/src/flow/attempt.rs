@@ -149,35 +149,9 @@ async fn attempt_channel(
     let mut last_error = None;
     loop {
         let now = Instant::now();
-        let Some(admission) = admit(channel, &context.request.model, pass, now) else {
-            context
-                .attempts
-                .push(skipped(channel, attempt, "circuit_open"));
-            let open = UpstreamError::CircuitOpen {
-                channel: channel.config.name.clone(),
-            };
-            return held_back(last_error, open);
-        };
-        let picked = channel.pick_key(
-            &context.caller.tenant,
-            &attempt.upstream_model,
-            now,
-            &tried_keys,
-            matches!(pass, Pass::LastResort { .. }),
-        );
-        let key = match picked {
-            Ok(key) => key,
-            Err(back_at) => {
-                admission.neutral();
-                context
-                    .attempts
-                    .push(skipped(channel, attempt, "no_usable_key"));
-                let no_key = UpstreamError::NoUsableKey {
-                    channel: channel.config.name.clone(),
-                    retry_after: Some(back_at.saturating_duration_since(now)),
-                };
-                return held_back(last_error, no_key);
-            }
+        let (admission, key) = match admit_call(context, attempt, pass, now, &tried_keys) {
+            Ok(cleared) => cleared,
+            Err(why) => return held_back(last_error, why),
         };
         let span = tracing::info_span!(
             "upstream.attempt",
@@ -222,6 +196,46 @@ async fn attempt_channel(
             return ChannelOutcome::Failed(error);
         }
         last_error = Some(error);
+    }
+}
+
+/// The circuits' admission and a key for the route's next call, or why the route is not called
+/// now (its attempt is then recorded as skipped).
+fn admit_call(
+    context: &mut RequestContext,
+    attempt: &PlannedAttempt,
+    pass: Pass,
+    now: Instant,
+    tried_keys: &[usize],
+) -> Result<(Admission, Option<usize>), UpstreamError> {
+    let channel = attempt.channel.as_ref();
+    let Some(admission) = admit(channel, &context.request.model, pass, now) else {
+        context
+            .attempts
+            .push(skipped(channel, attempt, "circuit_open"));
+        return Err(UpstreamError::CircuitOpen {
+            channel: channel.config.name.clone(),
+        });
+    };
+    let picked = channel.pick_key(
+        &context.caller.tenant,
+        &attempt.upstream_model,
+        now,
+        tried_keys,
+        matches!(pass, Pass::LastResort { .. }),
+    );
+    match picked {
+        Ok(key) => Ok((admission, key)),
+        Err(back_at) => {
+            admission.neutral();
+            context
+                .attempts
+                .push(skipped(channel, attempt, "no_usable_key"));
+            Err(UpstreamError::NoUsableKey {
+                channel: channel.config.name.clone(),
+                retry_after: Some(back_at.saturating_duration_since(now)),
+            })
+        }
     }
 }
 

@@ -17,7 +17,9 @@ use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::http::admission::{ClientConnection, Credential};
 use crate::store::UsageRecord;
+use error::AdminError;
 
+pub(crate) mod error;
 mod plugins;
 
 /// The bearer tokens the admin surfaces accept, as digests.
@@ -167,7 +169,7 @@ async fn admit(
     if !admitted {
         let throttled = connection.and_then(|client| client.failed(Credential::AdminToken));
         return Err(
-            throttled.map_or(ApiError::AdminUnauthorized, |retry_after| {
+            throttled.map_or(ApiError::from(AdminError::Unauthorized), |retry_after| {
                 ApiError::AuthThrottled { retry_after }
             }),
         );
@@ -359,7 +361,7 @@ async fn request_trace(
         .gateway
         .store
         .usage_by_request(&request_id)?
-        .ok_or(ApiError::UnknownRequest { request_id })?;
+        .ok_or(AdminError::UnknownRequest { request_id })?;
     Ok(axum::Json(record).into_response())
 }
 
@@ -424,7 +426,7 @@ async fn balance(
 ) -> Result<Response, ApiError> {
     let store = &state.gateway.store;
     if store.tenant(&tenant)?.is_none() {
-        return Err(ApiError::UnknownTenant { tenant });
+        return Err(AdminError::UnknownTenant { tenant }.into());
     }
     let balance = store.balance_picos(&tenant)?;
     let available = store.available_picos(&tenant)?;
@@ -467,7 +469,7 @@ async fn top_up(
     }
     let store = &state.gateway.store;
     if store.tenant(&tenant)?.is_none() {
-        return Err(ApiError::UnknownTenant { tenant });
+        return Err(AdminError::UnknownTenant { tenant }.into());
     }
     let unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -584,7 +586,7 @@ async fn get_tenant(
         .gateway
         .store
         .tenant(&tenant)?
-        .ok_or(ApiError::UnknownTenant { tenant })?;
+        .ok_or(AdminError::UnknownTenant { tenant })?;
     Ok(axum::Json(found).into_response())
 }
 
@@ -594,7 +596,7 @@ async fn disable_tenant(
     Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
     if !state.gateway.store.disable_tenant(&tenant)? {
-        return Err(ApiError::UnknownTenant { tenant });
+        return Err(AdminError::UnknownTenant { tenant }.into());
     }
     Ok(axum::Json(serde_json::json!({ "tenant": tenant, "disabled": true })).into_response())
 }
@@ -612,7 +614,7 @@ async fn create_key(
     };
     let store = state.gateway.store.as_ref();
     if store.tenant(&tenant)?.is_none() {
-        return Err(ApiError::UnknownTenant { tenant });
+        return Err(AdminError::UnknownTenant { tenant }.into());
     }
     let (key, secret) =
         crate::stages::auth::issue_key(store, &tenant, terms, crate::store::now_unix_ms())?;
@@ -630,7 +632,7 @@ async fn list_keys(
 ) -> Result<Response, ApiError> {
     let store = &state.gateway.store;
     if store.tenant(&tenant)?.is_none() {
-        return Err(ApiError::UnknownTenant { tenant });
+        return Err(AdminError::UnknownTenant { tenant }.into());
     }
     let keys = store.keys_of(&tenant)?;
     Ok(axum::Json(serde_json::json!({ "object": "list", "data": keys })).into_response())
@@ -642,7 +644,7 @@ async fn revoke_key(
     Path(key_id): Path<String>,
 ) -> Result<Response, ApiError> {
     if !state.gateway.store.revoke_key(&key_id)? {
-        return Err(ApiError::UnknownKey { key_id });
+        return Err(AdminError::UnknownKey { key_id }.into());
     }
     Ok(axum::Json(serde_json::json!({ "key": key_id, "revoked": true })).into_response())
 }
@@ -752,7 +754,7 @@ fn store_channel(
         })?;
     gateway
         .reload_api_channels()
-        .map_err(|error| ApiError::ChannelReload(Box::new(error)))
+        .map_err(|error| AdminError::ChannelReload(Box::new(error)).into())
 }
 
 fn seal_keys(state: &AdminState, keys: &[String]) -> Result<Vec<String>, ApiError> {
@@ -823,7 +825,7 @@ async fn update_channel(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     if state.gateway.is_config_channel(&name) {
-        return Err(ApiError::ConfigChannel { name });
+        return Err(AdminError::ConfigChannel { name }.into());
     }
     let (config, keys) = channel_body(&body)?;
     if config.name != name {
@@ -840,7 +842,7 @@ async fn update_channel(
         .into_iter()
         .find(|channel| channel.config.name == name)
     else {
-        return Err(ApiError::UnknownChannel { name });
+        return Err(AdminError::UnknownChannel { name }.into());
     };
     let sealed = match keys {
         Some(keys) => seal_keys(&state, &keys)?,
@@ -857,14 +859,14 @@ async fn delete_channel(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     if state.gateway.is_config_channel(&name) {
-        return Err(ApiError::ConfigChannel { name });
+        return Err(AdminError::ConfigChannel { name }.into());
     }
     if !state.gateway.store.delete_api_channel(&name)? {
-        return Err(ApiError::UnknownChannel { name });
+        return Err(AdminError::UnknownChannel { name }.into());
     }
     state
         .gateway
         .reload_api_channels()
-        .map_err(|error| ApiError::ChannelReload(Box::new(error)))?;
+        .map_err(|error| AdminError::ChannelReload(Box::new(error)))?;
     Ok(axum::Json(serde_json::json!({ "channel": name, "deleted": true })).into_response())
 }

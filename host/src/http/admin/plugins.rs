@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::error::AdminError;
 use super::{AdminState, admin_body};
 use crate::error::ApiError;
 use crate::gateway::{BindingSpec, CanarySpec};
@@ -81,9 +82,10 @@ fn scope(
     if let Some(tenant) = &query.tenant
         && state.gateway.store.tenant(tenant)?.is_none()
     {
-        return Err(ApiError::UnknownTenant {
+        return Err(AdminError::UnknownTenant {
             tenant: tenant.clone(),
-        });
+        }
+        .into());
     }
     Ok(Scope {
         tenant: query.tenant,
@@ -101,9 +103,10 @@ pub(super) async fn upload(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PluginTooLarge {
+            AdminError::PluginTooLarge {
                 max_bytes: state.gateway.max_upload_bytes(),
             }
+            .into()
         } else {
             invalid(rejection.body_text(), "body")
         }
