@@ -2,6 +2,8 @@
 //! records requests, tokens, cost and attempts as they finish; circuit states are read from the
 //! channels' health at scrape time; plugin call figures come from the plugin runtime.
 
+use std::time::Duration;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,6 +13,7 @@ use prometheus_client::registry::Registry;
 
 use crate::plugin::PluginMetrics;
 use crate::plugin::router::Circuit;
+use crate::store::UsageRecord;
 
 /// Labels of a finished request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -215,6 +218,54 @@ impl Metrics {
             cost_picos,
             model_mismatches,
             circuit,
+        }
+    }
+
+    /// Counts a finished request. `elapsed` is its duration at full precision (the
+    /// record keeps whole milliseconds, too coarse for a gateway's sub-millisecond figures).
+    pub fn observe(&self, record: &UsageRecord, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                tenant: record.tenant.clone(),
+                model: record.model_asked.clone(),
+                channel: record.channel.clone(),
+                status: record.status,
+            })
+            .inc();
+        let model = ModelLabels {
+            tenant: record.tenant.clone(),
+            model: record.model_asked.clone(),
+        };
+        self.request_duration
+            .get_or_create(&model)
+            .observe(elapsed.as_secs_f64());
+        if let Some(cost) = record.cost_picos {
+            self.cost_picos.get_or_create(&model).inc_by(cost);
+        }
+        let usage = &record.usage;
+        for (kind, tokens) in [
+            ("input", usage.input_tokens),
+            ("cache_read", usage.cache_read_tokens),
+            ("cache_write", usage.cache_write_tokens),
+            ("output", usage.output_tokens),
+            ("reasoning", usage.reasoning_tokens),
+        ] {
+            if tokens > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        tenant: record.tenant.clone(),
+                        model: record.model_asked.clone(),
+                        kind,
+                    })
+                    .inc_by(tokens);
+            }
+        }
+        if record.model_mismatch {
+            self.model_mismatches
+                .get_or_create(&ChannelLabels {
+                    channel: record.channel.clone(),
+                })
+                .inc();
         }
     }
 

@@ -8,6 +8,7 @@
 //! are not text: an image or a file counts a fixed number of tokens, documented in
 //! `docs/money.md`, and is never fetched to be sized.
 
+use bytes::Bytes;
 use serde_json::Value;
 
 use crate::plugin::Operation;
@@ -51,6 +52,35 @@ fn invalid(message: impl Into<String>, param: &str) -> InvalidBody {
         message: message.into(),
         param: Some(param.to_owned()),
     }
+}
+
+/// A body as JSON text and value; a 400 naming the parse error otherwise.
+pub fn parse_json(body: Bytes) -> Result<(String, Value), InvalidBody> {
+    let value: Value = serde_json::from_slice(&body).map_err(|error| InvalidBody {
+        message: format!(
+            "We could not parse the JSON body of your request ({error}). The OpenAI API expects a \
+             JSON payload."
+        ),
+        param: None,
+    })?;
+    Ok((utf8(body)?, value))
+}
+
+/// A body as JSON text, checked to be JSON without building a value (the client protocol's
+/// plugin reads it); a 400 naming the parse error otherwise.
+pub fn json_text(body: Bytes) -> Result<String, InvalidBody> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|error| InvalidBody {
+        message: format!("The request body is not valid JSON ({error})."),
+        param: None,
+    })?;
+    utf8(body)
+}
+
+fn utf8(body: Bytes) -> Result<String, InvalidBody> {
+    String::from_utf8(Vec::from(body)).map_err(|_| InvalidBody {
+        message: "The request body is not UTF-8.".to_owned(),
+        param: None,
+    })
 }
 
 /// Reads the facts of a parsed body.

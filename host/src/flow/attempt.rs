@@ -26,7 +26,6 @@ use crate::store::RecordedAttempt;
 use crate::tokens;
 
 use super::settle::note_opened;
-use super::{Answered, Reply};
 
 /// Why a plan ended without an answer.
 pub(super) enum PlanFailure {
@@ -104,6 +103,22 @@ impl Pass {
             Pass::Usable { routes_left } | Pass::LastResort { routes_left } => routes_left,
         }
     }
+}
+
+/// What an attempt produced.
+pub(super) enum Reply {
+    /// A whole answer in the client's protocol; pricing and recording follow.
+    Whole(translate::Answer),
+    /// A stream whose first content has arrived; pumping, pricing and recording follow.
+    Streaming(Box<stream::OpenStream>),
+}
+
+/// A successful attempt with its health bookkeeping, which ends when the answer does.
+pub(super) struct Answered {
+    pub(super) reply: Reply,
+    pub(super) admission: Admission,
+    pub(super) started: Instant,
+    pub(super) ttfb: Duration,
 }
 
 /// How one planned channel ended.

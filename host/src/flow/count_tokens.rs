@@ -15,15 +15,15 @@ use crate::stages::translate::{self, TranslateError};
 use crate::stages::upstream;
 use crate::tokens;
 
+use super::Arrival;
+
 /// Counts the prompt's tokens for a client protocol's count endpoint. The planned channels of the
 /// client's own protocol are asked in order, forwarded untouched (an exact count); when the plan
 /// reaches a channel of another protocol, or they all fail, the host counts with its tokenizer
 /// and the protocol's plugin writes the answer. Counting is free: nothing is held, charged or
 /// recorded, but the key's model allow-list and request rate apply.
-pub async fn count_tokens(
-    gateway: Arc<Gateway>,
-    context: RequestContext,
-) -> Result<String, ApiError> {
+pub async fn count_tokens(gateway: Arc<Gateway>, arrival: Arrival) -> Result<String, ApiError> {
+    let context = super::arrive(&gateway, arrival).await?;
     let tenant = Arc::from(context.caller.tenant.as_str());
     plugin::serving(tenant, count_tokens_served(gateway, context)).await
 }

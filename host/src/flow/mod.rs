@@ -1,60 +1,43 @@
-//! The request flow: the stages in order, and the per-request state they share.
+//! The request flow: the stages in order, from the arrival listen hands over to the record.
 //!
 //! ```text
-//! listen → auth → route → bill::authorize → for each planned attempt:
-//!     translate request → upstream → translate answer | stream   (failover on retryable errors
-//!                                                                  until a byte reached the client)
-//! → bill::charge → record
+//! auth → read the body → inbound (another client protocol) → context → limit → route
+//!   → bill::authorize → for each planned attempt:
+//!       translate request → upstream → translate answer | stream   (failover on retryable
+//!                                                                   errors until a byte
+//!                                                                   reached the client)
+//!   → bill::charge → record
 //! ```
 
+mod arrival;
 mod attempt;
 mod count_tokens;
 mod settle;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 use crate::error::ApiError;
 use crate::gateway::Gateway;
-use crate::health::Admission;
-use crate::metrics::{ChannelLabels, Metrics, ModelLabels, RequestLabels, TokenLabels};
 use crate::plugin;
 use crate::plugin::billing::CallOutcome;
-use crate::plugin::translator::Usage;
-use crate::stages::bill::{self, Priced};
+use crate::request;
+use crate::stages::bill::{self};
 use crate::stages::context::RequestContext;
+use crate::stages::inbound;
 use crate::stages::limit;
-use crate::stages::record;
 use crate::stages::route;
-use crate::stages::stream;
-use crate::stages::translate;
-use crate::store::{Durable, UsageRecord};
 
-use self::attempt::{PlanFailure, run_plan};
-use self::settle::{Unsettled, carry_stream};
+use self::attempt::{Answered, PlanFailure, Reply, run_plan};
+use self::settle::{Unsettled, carry_stream, finish, finish_failed};
 
+pub use self::arrival::{Arrival, Asked, BodyRead, ClientStanding, Credentials, authenticate};
 pub use self::count_tokens::count_tokens;
 pub use self::settle::recover;
-
-/// What an attempt produced.
-enum Reply {
-    /// A whole answer in the client's protocol; pricing and recording follow.
-    Whole(translate::Answer),
-    /// A stream whose first content has arrived; pumping, pricing and recording follow.
-    Streaming(Box<stream::OpenStream>),
-}
-
-/// A successful attempt with its health bookkeeping, which ends when the answer does.
-struct Answered {
-    reply: Reply,
-    admission: Admission,
-    started: Instant,
-    ttfb: Duration,
-}
 
 /// What the client gets on success.
 pub enum Delivery {
@@ -77,29 +60,18 @@ pub struct Served {
     pub degraded_to: Option<String>,
 }
 
-/// Runs a chat-completions or embeddings request through every stage. Failures are recorded
-/// before they are returned, so the ledger holds one record per authenticated request; a request
-/// the client abandons is settled by [`Unsettled`].
-pub async fn run(
-    gateway: Arc<Gateway>,
-    context: RequestContext,
-) -> Result<(Delivery, Served), ApiError> {
+/// Runs a request through every stage. Failures after arrival are recorded before they are
+/// returned, so the ledger holds one record per authenticated request whose body was read; a
+/// request the client abandons is settled by [`Unsettled`].
+pub async fn run(gateway: Arc<Gateway>, arrival: Arrival) -> Result<(Delivery, Served), ApiError> {
+    let context = arrive(&gateway, arrival).await?;
     let mut unsettled = Unsettled::new(gateway.clone(), context);
     let context = unsettled.context();
     let tenant = Arc::from(context.caller.tenant.as_str());
     let answered = match plugin::serving(tenant, deliver(&gateway, context)).await {
         Ok(answered) => answered,
         Err(error) => {
-            let usage = zero_usage();
-            let status = error.status_code();
-            let durable = finish(
-                &gateway,
-                context,
-                &usage,
-                &Priced::default(),
-                status,
-                Some(error.class()),
-            );
+            let durable = finish_failed(&gateway, context, &error);
             unsettled.settled();
             durable.wait().await;
             return Err(error);
@@ -124,13 +96,8 @@ pub async fn run(
         started,
         ttfb,
     } = answered;
-    gateway.metrics.gateway_overhead.observe(
-        context
-            .received_at
-            .elapsed()
-            .saturating_sub(context.upstream_wait)
-            .as_secs_f64(),
-    );
+    let overhead = context.gateway_time().as_secs_f64();
+    gateway.metrics.gateway_overhead.observe(overhead);
     match reply {
         Reply::Whole(answer) => {
             admission.succeeded(started.elapsed(), ttfb);
@@ -144,13 +111,7 @@ pub async fn run(
             Ok((Delivery::Json(answer.body), served))
         }
         Reply::Streaming(open) => {
-            let mut context = unsettled.hand_over();
-            // The client's own body served the attempts. A stream keeps its context until it
-            // ends, and the prompt settling may have to count is `request.body`: one copy of a
-            // long context per open stream is enough.
-            if let Some(inbound) = context.inbound.as_mut() {
-                inbound.body = String::new();
-            }
+            let context = unsettled.hand_over();
             let (sender, receiver) = mpsc::channel(32);
             tokio::spawn(
                 carry_stream(gateway, context, open, sender, admission, started, ttfb)
@@ -161,17 +122,42 @@ pub async fn run(
     }
 }
 
-fn zero_usage() -> Usage {
-    Usage {
-        input_tokens: 0,
-        cache_read_tokens: 0,
-        cache_write_tokens: 0,
-        output_tokens: 0,
-        reasoning_tokens: 0,
-        estimated: false,
+/// Who calls (from the head alone: a refused request's body is never read), then the body, in
+/// the OpenAI form the stages read, then the context they share.
+async fn arrive(gateway: &Gateway, arrival: Arrival) -> Result<RequestContext, ApiError> {
+    let caller = authenticate(gateway, &arrival.credentials)?;
+    let body = arrival.body.await?;
+    let bindings = gateway.bindings();
+    let (request, inbound) = match arrival.asked {
+        Asked::OpenAi(operation) => {
+            let (text, value) = request::parse_json(body)?;
+            (request::read(operation, text, &value)?, None)
+        }
+        Asked::Inbound {
+            protocol,
+            endpoint,
+            headers,
+        } => {
+            let text = request::json_text(body)?;
+            let tenant = &caller.tenant;
+            let (inbound, request, trace) =
+                inbound::convert_request(&bindings, tenant, protocol, endpoint, text, headers)
+                    .await?;
+            (request, Some((inbound, trace)))
+        }
+    };
+    Span::current().record("model", request.model.as_str());
+    let (id, received_at, tags) = (arrival.request_id, arrival.received_at, arrival.tags);
+    let mut context = RequestContext::new(id, received_at, caller, request, tags, bindings)?;
+    if let Some((inbound, trace)) = inbound {
+        context.plugins.push(trace);
+        context.inbound = Some(inbound);
     }
+    Ok(context)
 }
 
+/// Limit, route, authorize the spend, then the attempts (and the fallback model's, when every
+/// route of the asked one failed).
 async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answered, ApiError> {
     context.permit = Some(limit::admit(
         &gateway.limiter,
@@ -206,93 +192,4 @@ async fn deliver(gateway: &Gateway, context: &mut RequestContext) -> Result<Answ
         };
     }
     Err(last_error.into())
-}
-
-/// Writes the request's usage record; what it returns resolves once the record is durable. A
-/// failed write is logged loudly: the answer goes out anyway.
-fn finish(
-    gateway: &Gateway,
-    context: &mut RequestContext,
-    usage: &Usage,
-    priced: &Priced,
-    status: u16,
-    class: Option<&str>,
-) -> Durable {
-    if let Some(failure) = &priced.failure {
-        tracing::error!(
-            failure,
-            "the call could not be priced; recorded as unpriced"
-        );
-    }
-    if let Some(permit) = context.permit.as_mut() {
-        permit.settle_tokens(usage.input_tokens + usage.output_tokens);
-    }
-    if let Some(trace) = &priced.trace
-        && !context.plugins.contains(trace)
-    {
-        context.plugins.push(trace.clone());
-    }
-    let usage_record = record::usage_record(context, usage, priced, status, class);
-    observe(
-        &gateway.metrics,
-        &usage_record,
-        context.received_at.elapsed(),
-    );
-    let hold_id = context.grant.as_ref().map(|grant| grant.hold_id.clone());
-    record::commit(&gateway.ledger, usage_record, hold_id).unwrap_or_else(|error| {
-            tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
-            Durable::now()
-        })
-}
-
-/// Counts a finished request in the metrics. `elapsed` is its duration at full precision (the
-/// record keeps whole milliseconds, too coarse for a gateway's sub-millisecond figures).
-fn observe(metrics: &Metrics, record: &UsageRecord, elapsed: Duration) {
-    metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            tenant: record.tenant.clone(),
-            model: record.model_asked.clone(),
-            channel: record.channel.clone(),
-            status: record.status,
-        })
-        .inc();
-    let model = ModelLabels {
-        tenant: record.tenant.clone(),
-        model: record.model_asked.clone(),
-    };
-    metrics
-        .request_duration
-        .get_or_create(&model)
-        .observe(elapsed.as_secs_f64());
-    if let Some(cost) = record.cost_picos {
-        metrics.cost_picos.get_or_create(&model).inc_by(cost);
-    }
-    let usage = &record.usage;
-    for (kind, tokens) in [
-        ("input", usage.input_tokens),
-        ("cache_read", usage.cache_read_tokens),
-        ("cache_write", usage.cache_write_tokens),
-        ("output", usage.output_tokens),
-        ("reasoning", usage.reasoning_tokens),
-    ] {
-        if tokens > 0 {
-            metrics
-                .tokens
-                .get_or_create(&TokenLabels {
-                    tenant: record.tenant.clone(),
-                    model: record.model_asked.clone(),
-                    kind,
-                })
-                .inc_by(tokens);
-        }
-    }
-    if record.model_mismatch {
-        metrics
-            .model_mismatches
-            .get_or_create(&ChannelLabels {
-                channel: record.channel.clone(),
-            })
-            .inc();
-    }
 }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::health::Admission;
 use crate::plugin::Role;
@@ -18,10 +19,8 @@ use crate::stages::context::RequestContext;
 use crate::stages::record;
 use crate::stages::route::PlannedAttempt;
 use crate::stages::stream;
-use crate::store::{OpenedRequest, Settlement, StoreError};
+use crate::store::{Durable, OpenedRequest, Settlement, StoreError};
 use crate::tokens;
-
-use super::{finish, zero_usage};
 
 /// A request on its way, until it is settled (priced and recorded) or handed to the task that
 /// carries its stream. The client's connection owns the request's future, and drops it when the
@@ -121,13 +120,19 @@ async fn settle_abandoned(
 /// 6.3 KiB (13.9 KiB before the boxing).
 pub(super) async fn carry_stream(
     gateway: Arc<Gateway>,
-    context: RequestContext,
+    mut context: RequestContext,
     open: Box<stream::OpenStream>,
     sender: mpsc::Sender<Bytes>,
     admission: Admission,
     started: Instant,
     ttfb: Duration,
 ) {
+    // The client's own body served the attempts. A stream keeps its context until it ends, and
+    // the prompt settling may have to count is `request.body`: one copy of a long context per
+    // open stream is enough.
+    if let Some(inbound) = context.inbound.as_mut() {
+        inbound.body = String::new();
+    }
     let outcome = stream::pump(*open, sender).await;
     match (outcome.cut, outcome.client_gone) {
         (Some(_), _) => admission.failed(Instant::now(), true),
@@ -234,5 +239,69 @@ pub(super) fn note_opened(
     if let Err(error) = gateway.store.open_request(&opened) {
         // The record still settles it; only a crash before then would leave it unbilled.
         tracing::error!(%error, "the request could not be noted as opened");
+    }
+}
+
+/// Writes the request's usage record; what it returns resolves once the record is durable. A
+/// failed write is logged loudly: the answer goes out anyway.
+pub(super) fn finish(
+    gateway: &Gateway,
+    context: &mut RequestContext,
+    usage: &Usage,
+    priced: &Priced,
+    status: u16,
+    class: Option<&str>,
+) -> Durable {
+    if let Some(failure) = &priced.failure {
+        tracing::error!(
+            failure,
+            "the call could not be priced; recorded as unpriced"
+        );
+    }
+    if let Some(permit) = context.permit.as_mut() {
+        permit.settle_tokens(usage.input_tokens + usage.output_tokens);
+    }
+    if let Some(trace) = &priced.trace
+        && !context.plugins.contains(trace)
+    {
+        context.plugins.push(trace.clone());
+    }
+    let usage_record = record::usage_record(context, usage, priced, status, class);
+    gateway
+        .metrics
+        .observe(&usage_record, context.received_at.elapsed());
+    let hold_id = context.grant.as_ref().map(|grant| grant.hold_id.clone());
+    record::commit(&gateway.ledger, usage_record, hold_id).unwrap_or_else(|error| {
+            tracing::error!(error = %error, source = ?std::error::Error::source(&error), "usage record lost");
+            Durable::now()
+        })
+}
+
+/// Records a request that failed before an answer: nothing charged, the error's status and class.
+pub(super) fn finish_failed(
+    gateway: &Gateway,
+    context: &mut RequestContext,
+    error: &ApiError,
+) -> Durable {
+    let (status, class) = (error.status_code(), Some(error.class()));
+    finish(
+        gateway,
+        context,
+        &zero_usage(),
+        &Priced::default(),
+        status,
+        class,
+    )
+}
+
+/// The usage of a request that never reached an upstream.
+pub(super) fn zero_usage() -> Usage {
+    Usage {
+        input_tokens: 0,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
+        output_tokens: 0,
+        reasoning_tokens: 0,
+        estimated: false,
     }
 }

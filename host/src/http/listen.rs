@@ -1,11 +1,11 @@
 //! Listen: the HTTP surface. The connection loop, the axum router, the request id, the body cap,
-//! the request span, and the handlers that turn HTTP into a [`RequestContext`] and a
-//! [`Delivery`] back into HTTP.
+//! the request span, and the handlers that turn HTTP into an [`Arrival`] and a [`Delivery`] back
+//! into HTTP.
 //!
 //! In: HTTP requests. Out: OpenAI-shaped responses (Anthropic-shaped on `/v1/messages`), or an
-//! [`ApiError`] rendered by `error.rs` in the endpoint's dialect. Next: auth from the request head
-//! (under `admission`'s throttle), then the body (under its deadline), then `inbound` for another
-//! client protocol, then `flow::run`.
+//! [`ApiError`] rendered by `error.rs` in the endpoint's dialect. Next: `flow::run`, which
+//! authenticates from the head's facts (under `admission`'s throttle) before it reads the body
+//! (under its deadline).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,21 +26,17 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::error::{ApiError, CountedRefusal, LoggedError};
-use crate::flow::{self, Delivery};
+use crate::flow::{self, Arrival, Asked, ClientStanding, Credentials, Delivery};
 use crate::gateway::Gateway;
 use crate::http::admin::AdminTokens;
 use crate::http::admission::{
     BodyReadTimedOut, ClientAdmission, ClientConnection, Credential, TimedBody,
 };
 use crate::plugin::Operation;
-use crate::plugin::table::BindingTable;
 use crate::plugin::translator::Endpoint;
-use crate::plugin::{PluginError, Role};
-use crate::request::{self, ClientRequest, InvalidBody};
-use crate::stages::auth::{self, AuthError, Caller};
+use crate::request::InvalidBody;
 use crate::stages::context::Dialect;
-use crate::stages::context::RequestContext;
-use crate::stages::inbound::{self, ClientProtocol};
+use crate::stages::inbound::ClientProtocol;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Client headers with this prefix become router tags (`x-tollgate-tier: batch` → `tier=batch`).
@@ -229,98 +225,91 @@ fn served(routes: Router, max_body: usize) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, TimeOrderedRequestId))
 }
 
-/// A request body, read whole under the body cap and its deadline, after authentication.
-pub struct RequestBody(Bytes);
+/// What the flow takes: the head's facts, free of HTTP, and the body, read only when the flow
+/// asks for it (after authentication).
+fn arrival(gateway: &Gateway, request: Request, asked: fn(&HeaderMap) -> Asked) -> Arrival {
+    let received_at = Instant::now();
+    let (head, body) = request.into_parts();
+    Arrival {
+        request_id: header_str(&head.headers, REQUEST_ID.as_str())
+            .unwrap_or_default()
+            .to_owned(),
+        received_at,
+        credentials: credentials(&head),
+        tags: tags(&head.headers),
+        asked: asked(&head.headers),
+        body: Box::pin(read_body(body, gateway.max_body_bytes)),
+    }
+}
 
-impl RequestBody {
-    /// Reads `body`: a 413 past `max_bytes`, a 408 when it is late (see [`TimedBody`]).
-    async fn read(body: Body, max_bytes: usize) -> Result<Self, ApiError> {
-        use http_body_util::BodyExt;
-        let collected = http_body_util::Limited::new(body, max_bytes)
-            .collect()
-            .await
-            .map_err(|error| {
-                if error.is::<http_body_util::LengthLimitError>() {
-                    return ApiError::BodyTooLarge;
-                }
-                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
-                while let Some(error) = cause {
-                    if let Some(timed_out) = error.downcast_ref::<BodyReadTimedOut>() {
-                        return ApiError::BodyReadTimedOut(timed_out.clone());
-                    }
-                    cause = error.source();
-                }
-                ApiError::InvalidBody(InvalidBody {
-                    message: format!("The request body could not be read: {error}"),
-                    param: None,
-                })
-            })?;
-        Ok(Self(collected.to_bytes()))
+/// The credential headers, and the connection the throttle counts them on.
+fn credentials(head: &Parts) -> Credentials {
+    let header = |name| header_str(&head.headers, name).map(str::to_owned);
+    Credentials {
+        authorization: header("authorization"),
+        api_key: header("x-api-key"),
+        client: head
+            .extensions
+            .get::<Arc<ClientConnection>>()
+            .map(|client| client.clone() as Arc<dyn ClientStanding>),
+    }
+}
+
+/// Failed API keys count against the connection's address.
+impl ClientStanding for ClientConnection {
+    fn refused(&self) -> Option<Duration> {
+        self.failed(Credential::ApiKey)
     }
 
-    /// The body as JSON text and value; a 400 naming the parse error otherwise.
-    fn parse(self) -> Result<(String, Value), ApiError> {
-        let value: Value = serde_json::from_slice(&self.0).map_err(|error| InvalidBody {
-            message: format!(
-                "We could not parse the JSON body of your request ({error}). The OpenAI API \
-                 expects a JSON payload."
-            ),
-            param: None,
-        })?;
-        let text = String::from_utf8(Vec::from(self.0)).map_err(|_| InvalidBody {
-            message: "The request body is not UTF-8.".to_owned(),
-            param: None,
-        })?;
-        Ok((text, value))
+    fn authenticated(&self) {
+        ClientConnection::authenticated(self);
     }
+}
 
-    /// The body as JSON text, checked to be JSON without building a value (the client protocol's
-    /// plugin reads it); a 400 naming the parse error otherwise.
-    fn json_text(self) -> Result<String, ApiError> {
-        serde_json::from_slice::<serde::de::IgnoredAny>(&self.0).map_err(|error| InvalidBody {
-            message: format!("The request body is not valid JSON ({error})."),
-            param: None,
-        })?;
-        String::from_utf8(Vec::from(self.0)).map_err(|_| {
-            ApiError::from(InvalidBody {
-                message: "The request body is not UTF-8.".to_owned(),
+/// An endpoint of Anthropic's Messages API, with the client's `anthropic-*` headers.
+fn anthropic(endpoint: Endpoint, headers: &HeaderMap) -> Asked {
+    let protocol = ANTHROPIC_MESSAGES;
+    let headers = headers
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with(protocol.header_prefix))
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+        })
+        .collect();
+    Asked::Inbound {
+        protocol,
+        endpoint,
+        headers,
+    }
+}
+
+/// Reads `body` whole: a 413 past `max_bytes`, a 408 when it is late (see [`TimedBody`]).
+async fn read_body(body: Body, max_bytes: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let collected = http_body_util::Limited::new(body, max_bytes)
+        .collect()
+        .await
+        .map_err(|error| {
+            if error.is::<http_body_util::LengthLimitError>() {
+                return ApiError::BodyTooLarge;
+            }
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+            while let Some(error) = cause {
+                if let Some(timed_out) = error.downcast_ref::<BodyReadTimedOut>() {
+                    return ApiError::BodyReadTimedOut(timed_out.clone());
+                }
+                cause = error.source();
+            }
+            ApiError::InvalidBody(InvalidBody {
+                message: format!("The request body could not be read: {error}"),
                 param: None,
             })
-        })
-    }
+        })?;
+    Ok(collected.to_bytes())
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name).and_then(|value| value.to_str().ok())
-}
-
-/// The caller of a request, from its head alone. A refusal is counted against the client's
-/// address (429 once it is throttled); a success frees the connection from the cap on
-/// unauthenticated ones.
-fn authenticate(gateway: &Gateway, head: &Parts) -> Result<Caller, ApiError> {
-    let connection = head.extensions.get::<Arc<ClientConnection>>();
-    let caller = auth::authenticate(
-        gateway.store.as_ref(),
-        header_str(&head.headers, "authorization"),
-        header_str(&head.headers, "x-api-key"),
-        crate::store::now_unix_ms(),
-    );
-    let caller =
-        match caller {
-            Ok(caller) => caller,
-            Err(AuthError::Store(error)) => return Err(AuthError::Store(error).into()),
-            Err(refused) => {
-                let throttled = connection.and_then(|client| client.failed(Credential::ApiKey));
-                return Err(throttled.map_or(refused.into(), |retry_after| {
-                    ApiError::AuthThrottled { retry_after }
-                }));
-            }
-        };
-    if let Some(connection) = connection {
-        connection.authenticated();
-    }
-    Span::current().record("tenant", caller.tenant.as_str());
-    Ok(caller)
 }
 
 fn tags(headers: &HeaderMap) -> Vec<(String, String)> {
@@ -337,114 +326,47 @@ async fn chat_completions(
     State(gateway): State<Arc<Gateway>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    serve(gateway, request, Operation::Chat).await
+    let arrival = arrival(&gateway, request, |_| Asked::OpenAi(Operation::Chat));
+    respond(gateway, arrival).await
 }
 
 async fn embeddings(
     State(gateway): State<Arc<Gateway>>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    serve(gateway, request, Operation::Embeddings).await
+    let arrival = arrival(&gateway, request, |_| Asked::OpenAi(Operation::Embeddings));
+    respond(gateway, arrival).await
 }
 
 /// `POST /v1/messages`: Anthropic's Messages API, answered and failed in its shape.
 async fn messages(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    let (head, body) = request.into_parts();
-    let served = async {
-        let context = arrive_in(&gateway, &head, body, Endpoint::Messages).await?;
-        deliver(gateway, context).await
-    };
-    in_dialect(&head.headers, served.await)
+    let request_id = request.headers().get(REQUEST_ID).cloned();
+    let arrival = arrival(&gateway, request, |headers| {
+        anthropic(Endpoint::Messages, headers)
+    });
+    in_dialect(request_id, respond(gateway, arrival).await)
 }
 
 /// `POST /v1/messages/count_tokens`.
 async fn count_tokens(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    let (head, body) = request.into_parts();
-    let counted = async {
-        let context = arrive_in(&gateway, &head, body, Endpoint::CountTokens).await?;
-        let answer = flow::count_tokens(gateway, context).await?;
-        Ok(json_response(answer))
-    };
-    in_dialect(&head.headers, counted.await)
+    let request_id = request.headers().get(REQUEST_ID).cloned();
+    let arrival = arrival(&gateway, request, |headers| {
+        anthropic(Endpoint::CountTokens, headers)
+    });
+    let counted = flow::count_tokens(gateway, arrival).await;
+    in_dialect(request_id, counted.map(json_response))
 }
 
 /// An Anthropic-endpoint response: errors in Anthropic's shape, the request id in `request-id`
 /// as Anthropic's SDKs read it.
-fn in_dialect(headers: &HeaderMap, result: Result<Response, ApiError>) -> Response {
+fn in_dialect(request_id: Option<HeaderValue>, result: Result<Response, ApiError>) -> Response {
     let mut response = result.unwrap_or_else(|error| error.response_in(ANTHROPIC_MESSAGES.dialect));
-    if let Some(request_id) = headers.get(REQUEST_ID) {
+    if let Some(request_id) = request_id {
         response
             .headers_mut()
-            .insert(HeaderName::from_static("request-id"), request_id.clone());
+            .insert(HeaderName::from_static("request-id"), request_id);
     }
     response
-}
-
-/// Authenticates a request in the Anthropic protocol and converts it to the OpenAI form the flow
-/// reads, keeping the client's own body for channels of the same protocol.
-async fn arrive_in(
-    gateway: &Gateway,
-    head: &Parts,
-    body: Body,
-    endpoint: Endpoint,
-) -> Result<RequestContext, ApiError> {
-    let received_at = Instant::now();
-    let caller = authenticate(gateway, head)?;
-    let text = RequestBody::read(body, gateway.max_body_bytes)
-        .await?
-        .json_text()?;
-    let headers = &head.headers;
-    let bindings = gateway.bindings();
-    let protocol_headers = headers
-        .iter()
-        .filter(|(name, _)| name.as_str().starts_with(ANTHROPIC_MESSAGES.header_prefix))
-        .filter_map(|(name, value)| {
-            Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-        })
-        .collect();
-    let (inbound, openai, trace) = inbound::convert_request(
-        &bindings,
-        &caller.tenant,
-        ANTHROPIC_MESSAGES,
-        endpoint,
-        text,
-        protocol_headers,
-    )
-    .await?;
-    let value: Value = serde_json::from_str(&openai).map_err(|error| {
-        ApiError::from(PluginError::Contract {
-            plugin: inbound.plugin.plugin().clone(),
-            role: Role::Translator,
-            detail: format!("`to-openai-request` returned no JSON: {error}"),
-        })
-    })?;
-    let client_request = request::read(Operation::Chat, openai, &value)?;
-    let mut context = start_context(headers, received_at, caller, client_request, bindings)?;
-    context.plugins.push(trace);
-    context.inbound = Some(inbound);
-    Ok(context)
-}
-
-/// The context of an authenticated request whose body was read.
-fn start_context(
-    headers: &HeaderMap,
-    received_at: Instant,
-    caller: Caller,
-    client_request: ClientRequest,
-    bindings: Arc<BindingTable>,
-) -> Result<RequestContext, ApiError> {
-    Span::current().record("model", client_request.model.as_str());
-    let request_id = header_str(headers, REQUEST_ID.as_str())
-        .unwrap_or_default()
-        .to_owned();
-    Ok(RequestContext::new(
-        request_id,
-        received_at,
-        caller,
-        client_request,
-        tags(headers),
-        bindings,
-    )?)
 }
 
 fn json_response(body: String) -> Response {
@@ -458,31 +380,9 @@ fn json_response(body: String) -> Response {
         .into_response()
 }
 
-async fn serve(
-    gateway: Arc<Gateway>,
-    request: Request,
-    operation: Operation,
-) -> Result<Response, ApiError> {
-    let received_at = Instant::now();
-    let (head, body) = request.into_parts();
-    let caller = authenticate(&gateway, &head)?;
-    let (text, value) = RequestBody::read(body, gateway.max_body_bytes)
-        .await?
-        .parse()?;
-    let client_request = request::read(operation, text, &value)?;
-    let context = start_context(
-        &head.headers,
-        received_at,
-        caller,
-        client_request,
-        gateway.bindings(),
-    )?;
-    deliver(gateway, context).await
-}
-
 /// Runs the flow and writes what it delivers.
-async fn deliver(gateway: Arc<Gateway>, context: RequestContext) -> Result<Response, ApiError> {
-    let (delivery, served) = flow::run(gateway, context).await?;
+async fn respond(gateway: Arc<Gateway>, arrival: Arrival) -> Result<Response, ApiError> {
+    let (delivery, served) = flow::run(gateway, arrival).await?;
     let mut response = match delivery {
         Delivery::Json(body) => json_response(body),
         Delivery::Stream(receiver) => {
@@ -527,7 +427,7 @@ async fn models(
     request: Request,
 ) -> Result<Response, ApiError> {
     let (head, _) = request.into_parts();
-    let caller = authenticate(&gateway, &head)?;
+    let caller = flow::authenticate(&gateway, &credentials(&head))?;
     let channels = gateway.channels();
     let names: std::collections::BTreeSet<&str> = channels
         .iter()

@@ -77,6 +77,13 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
+    /// Time since arrival not spent waiting on upstreams: what the gateway itself took.
+    pub fn gateway_time(&self) -> Duration {
+        self.received_at
+            .elapsed()
+            .saturating_sub(self.upstream_wait)
+    }
+
     /// Starts the context of an authenticated request, with its router and billing plugin drawn
     /// from the bindings of the moment.
     pub fn new(

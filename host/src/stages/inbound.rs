@@ -5,11 +5,12 @@
 //! `flow`); any other channel gets the OpenAI form, and its answer is converted back here.
 //!
 //! In: the client's body and protocol headers, after auth. Out: [`Inbound`], kept on the
-//! `RequestContext`, and the OpenAI body for `request::read`. Errors: [`TranslateError`] (a 400
-//! for a body the plugin refuses, or the plugin's failure). Next: `request::read`, then the flow.
+//! `RequestContext`, and the request read from the OpenAI body. Errors: [`TranslateError`] (a 400
+//! for a body the plugin refuses, or the plugin's failure). Next: the request context, then the flow.
 
-use crate::plugin::Role;
 use crate::plugin::translator::{AttemptContext, Endpoint, Header};
+use crate::plugin::{Operation, PluginError, Role};
+use crate::request::{self, ClientRequest};
 use crate::stages::context::{Dialect, Inbound};
 use crate::stages::translate::{self, Answer, TranslateError};
 
@@ -27,7 +28,8 @@ pub struct ClientProtocol {
 }
 
 /// Converts the client's body to the OpenAI form with the protocol's translator (bound for the
-/// tenant, else globally). Returns the inbound facts, the OpenAI body and the plugin's trace entry.
+/// tenant, else globally). Returns the inbound facts, the request read from the OpenAI body and
+/// the plugin's trace entry.
 pub async fn convert_request(
     bindings: &crate::plugin::table::BindingTable,
     tenant: &str,
@@ -35,7 +37,7 @@ pub async fn convert_request(
     endpoint: Endpoint,
     body: String,
     headers: Vec<Header>,
-) -> Result<(Inbound, String, String), TranslateError> {
+) -> Result<(Inbound, ClientRequest, String), TranslateError> {
     let resolved = bindings.require(tenant, Role::Translator, Some(protocol.name))?;
     let called = resolved
         .call(|binding| {
@@ -49,6 +51,19 @@ pub async fn convert_request(
             message: invalid.message,
             param: invalid.param,
         })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&openai).map_err(|error| PluginError::Contract {
+            plugin: called.ran.plugin().clone(),
+            role: Role::Translator,
+            detail: format!("`to-openai-request` returned no JSON: {error}"),
+        })?;
+    // The stages read what the plugin wrote: a body they refuse is the client's (a 400).
+    let request = request::read(Operation::Chat, openai, &value).map_err(|invalid| {
+        TranslateError::InvalidRequest {
+            message: invalid.message,
+            param: invalid.param,
+        }
+    })?;
     let inbound = Inbound {
         protocol: protocol.name,
         dialect: protocol.dialect,
@@ -57,7 +72,7 @@ pub async fn convert_request(
         headers,
         plugin: called.ran,
     };
-    Ok((inbound, openai, called.trace))
+    Ok((inbound, request, called.trace))
 }
 
 /// Converts a whole OpenAI answer (from a channel of another protocol) to the client's protocol.
