@@ -472,3 +472,35 @@ async fn a_protocol_whose_translator_has_no_client_side_is_refused_naming_why() 
     );
     assert_eq!(sim.calls(), 0);
 }
+
+#[tokio::test]
+async fn a_count_its_channel_fails_is_counted_by_the_gateway() {
+    let (sim, gateway) = anthropic_channel_gateway().await;
+    sim.set_standing_fault(Some(Fault {
+        status: Some(503),
+        ..Fault::default()
+    }));
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/messages/count_tokens", gateway.url))
+        .header("x-api-key", &gateway.key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({"model": "test-model",
+            "messages": [{"role": "user", "content": "one two three four five six"}]}))
+        .send()
+        .await
+        .expect("the gateway answers");
+    assert_eq!(response.status(), 200);
+    let counted: Value = response.json().await.expect("a JSON count");
+    assert!(
+        counted["input_tokens"]
+            .as_u64()
+            .is_some_and(|tokens| tokens >= 6),
+        "the gateway counted: {counted}"
+    );
+    let asked = sim
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.path == "/v1/messages/count_tokens")
+        .count();
+    assert!(asked >= 1, "the channel was asked first");
+}

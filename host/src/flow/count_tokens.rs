@@ -2,7 +2,6 @@
 //! answers, else counted here.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::error::ApiError;
 use crate::gateway::Gateway;
@@ -10,15 +9,15 @@ use crate::plugin;
 use crate::plugin::Operation;
 use crate::stages::context::RequestContext;
 use crate::stages::limit;
-use crate::stages::route;
-use crate::stages::translate::{self, TranslateError};
-use crate::stages::upstream;
+use crate::stages::route::{self, Plan};
 use crate::tokens;
 
 use super::Arrival;
+use super::attempt::{PlanFailure, Reply, run_plan};
 
 /// Counts the prompt's tokens for a client protocol's count endpoint. The planned channels of the
-/// client's own protocol are asked in order, forwarded untouched (an exact count); when the plan
+/// client's own protocol are asked in order, forwarded untouched (an exact count), on the same
+/// attempt loop as any request (circuits, key pools, retries, the silence watch); when the plan
 /// reaches a channel of another protocol, or they all fail, the host counts with its tokenizer
 /// and the protocol's plugin writes the answer. Counting is free: nothing is held, charged or
 /// recorded, but the key's model allow-list and request rate apply.
@@ -38,63 +37,31 @@ async fn count_tokens_served(
     let Some(inbound) = context.inbound.as_ref() else {
         return Err(ApiError::NoAttempt);
     };
-    for attempt in &plan.attempts {
-        let channel = attempt.channel.as_ref();
-        if !inbound.forwards_to(&channel.config.protocol) {
-            break;
+    let writer = inbound.plugin.clone();
+    let forwarded = Plan {
+        attempts: plan
+            .attempts
+            .into_iter()
+            .take_while(|attempt| inbound.forwards_to(&attempt.channel.config.protocol))
+            .collect(),
+    };
+    // A count is a whole answer, whatever the body says.
+    context.request.stream = false;
+    let deadline = context.received_at + gateway.failover_budget;
+    // The local count is always left to go to.
+    match run_plan(&gateway, &mut context, &forwarded, deadline, true).await {
+        Ok(answered) => {
+            let Reply::Whole(answer) = answered.reply else {
+                unreachable!("a request with `stream` false is answered whole");
+            };
+            answered
+                .admission
+                .succeeded(answered.started.elapsed(), answered.ttfb);
+            return Ok(answer.body);
         }
-        let now = Instant::now();
-        let Ok(key) = channel.pick_key(
-            &context.caller.tenant,
-            &attempt.upstream_model,
-            now,
-            &[],
-            true,
-        ) else {
-            continue;
-        };
-        let translator = translate::translator(&context, channel)?;
-        let attempt_context = translate::attempt_context(&context, channel, attempt);
-        let forwarded = translate::forward(&translator, channel, &attempt_context, inbound).await?;
-        let first_byte = channel.first_byte_timeout(&context.request.model);
-        let sent_at = Instant::now();
-        // The local estimate is always left to go to.
-        let probe = translate::SilenceProbe {
-            translator: &forwarded.ran,
-            attempt: &attempt_context,
-        };
-        let upstream_key = key.map(|index| &channel.keys[index]);
-        let sending = upstream::send(channel, upstream_key, forwarded.value, first_byte);
-        let sent =
-            upstream::unless_silent(&attempt.channel, key, sent_at, Some(&probe), sending).await;
-        let answered = match sent {
-            Ok(response) => {
-                let max_bytes = gateway.max_upstream_body_bytes;
-                upstream::read_whole(channel, response, max_bytes, sent_at).await
-            }
-            Err(error) => Err(error),
-        };
-        let counted = match answered {
-            Ok(whole) => {
-                translate::forwarded_answer(
-                    &forwarded.ran,
-                    channel,
-                    &attempt_context,
-                    inbound.endpoint,
-                    &whole,
-                )
-                .await
-            }
-            Err(error) => Err(error.into()),
-        };
-        match counted {
-            Ok(answer) => return Ok(answer.body),
-            Err(TranslateError::Upstream(error)) if error.is_retryable() => {
-                tracing::info!(channel = %channel.config.name, class = error.class(), "token count failed; next channel");
-            }
-            Err(error) => return Err(error.into()),
-        }
+        Err(PlanFailure::Fatal(ApiError::NoAttempt) | PlanFailure::Failed(_)) => {}
+        Err(PlanFailure::Fatal(error)) => return Err(error),
     }
     let counted = tokens::prompt_tokens(Operation::Chat, &context.request.body);
-    Ok(inbound.plugin.count_tokens_answer(counted).await?)
+    Ok(writer.count_tokens_answer(counted).await?)
 }
