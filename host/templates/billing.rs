@@ -39,7 +39,7 @@ fn line(kind: &str, tokens: u64, price_per_million_micros: u64) -> LineItem {
 }
 
 /// The billing plugin.
-pub struct Plugin;
+struct Plugin;
 
 impl Billing for Plugin {
     fn validate_config(config: &str) -> Result<(), String> {

@@ -17,7 +17,7 @@ struct Settings {
 }
 
 /// The router.
-pub struct Plugin;
+struct Plugin;
 
 impl Router for Plugin {
     fn validate_config(config: &str) -> Result<(), String> {

@@ -42,7 +42,7 @@ impl Tokens {
 }
 
 /// The translator.
-pub struct Plugin;
+struct Plugin;
 
 impl Translator for Plugin {
     type Stream = Stream;

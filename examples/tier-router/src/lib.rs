@@ -27,7 +27,7 @@ impl Default for Settings {
 }
 
 /// The router.
-pub struct TierRouter;
+struct TierRouter;
 
 impl Router for TierRouter {
     fn validate_config(config: &str) -> Result<(), String> {

@@ -51,8 +51,8 @@ fn default_hold_output_tokens() -> u64 {
 
 const PICOS_PER_MICRO: i128 = 1_000_000;
 
-/// The billing plugin; `pub` so a native build (unit tests) sees it used.
-pub struct PriceTablePlugin;
+/// The billing plugin.
+struct PriceTablePlugin;
 
 impl Billing for PriceTablePlugin {
     fn validate_config(config: &str) -> Result<(), String> {

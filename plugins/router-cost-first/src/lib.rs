@@ -26,8 +26,8 @@ impl Default for CostFirstConfig {
     }
 }
 
-/// The router; `pub` so a native build (unit tests) sees it used.
-pub struct CostFirst;
+/// The router.
+struct CostFirst;
 
 impl Router for CostFirst {
     fn validate_config(config: &str) -> Result<(), String> {

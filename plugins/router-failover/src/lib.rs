@@ -14,8 +14,8 @@ struct FailoverConfig {
     max_attempts: usize,
 }
 
-/// The router; `pub` so a native build (unit tests) sees it used.
-pub struct Failover;
+/// The router.
+struct Failover;
 
 impl Router for Failover {
     fn validate_config(config: &str) -> Result<(), String> {

@@ -6,8 +6,8 @@ use tollgate_plugin_sdk::router::{
     Attempt, Candidate, Channel, RequestFacts, RouteError, Router, plan_by,
 };
 
-/// The router; `pub` so a native build (unit tests) sees it used.
-pub struct LatencyFirst;
+/// The router.
+struct LatencyFirst;
 
 impl Router for LatencyFirst {
     fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {

@@ -8,8 +8,8 @@ use tollgate_plugin_sdk::router::{
     Attempt, Candidate, Channel, RequestFacts, RouteError, Router, candidates, no_route,
 };
 
-/// The router; `pub` so a native build (unit tests) sees it used.
-pub struct Weighted;
+/// The router.
+struct Weighted;
 
 impl Router for Weighted {
     fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {

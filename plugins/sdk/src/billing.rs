@@ -49,7 +49,11 @@ macro_rules! export_billing {
         }
 
         // Only a wasm build exports the world: a native build (for the plugin's unit tests) cannot
-        // link the component-model export names.
+        // link the component-model export names, and holds the export here instead, so that the
+        // plugin's own type is not dead code there.
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: fn(String) -> Result<(), String> =
+            <TollgateBillingExport as $crate::wit::billing::exports::tollgate::plugin::billing::Guest>::validate_config;
         #[cfg(target_arch = "wasm32")]
         $crate::wit::billing::export_billing_world!(TollgateBillingExport with_types_in $crate::wit::billing);
     };

@@ -6,7 +6,7 @@
 //! ```
 //! use tollgate_plugin_sdk::router::*;
 //!
-//! pub struct CheapestFirst; // `pub`: a native build (for unit tests) then sees it used
+//! struct CheapestFirst;
 //!
 //! impl Router for CheapestFirst {
 //!     fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {

@@ -90,6 +90,59 @@ pub fn tool_choice(request: &Map<String, Value>) -> Result<Option<ToolChoice<'_>
     }
 }
 
+/// One of OpenAI's function `tools`, as every provider's tool declaration needs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FunctionTool<'a> {
+    /// `function.name`.
+    pub name: &'a str,
+    /// `function.description`, when it is a string.
+    pub description: Option<&'a Value>,
+    /// `function.parameters` (a JSON schema), unless absent or null.
+    pub parameters: Option<&'a Value>,
+    /// `function.strict` is `true`.
+    pub strict: bool,
+}
+
+/// The request's `tools`, every one a named function; `provider` names the upstream in the
+/// refusal of any other kind of tool ("an Anthropic model").
+pub fn function_tools<'a>(
+    tools: &'a Value,
+    provider: &str,
+) -> Result<Vec<FunctionTool<'a>>, InvalidRequest> {
+    let tools = tools
+        .as_array()
+        .ok_or_else(|| invalid("tools must be an array", "tools"))?;
+    let mut functions = Vec::with_capacity(tools.len());
+    for (index, tool) in tools.iter().enumerate() {
+        let at = format!("tools[{index}]");
+        if tool.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(invalid(
+                format!("only `function` tools can be sent to {provider}"),
+                format!("{at}.type"),
+            ));
+        }
+        let function = tool.get("function").unwrap_or(&Value::Null);
+        let name = function
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                invalid(
+                    "a function tool needs a name",
+                    format!("{at}.function.name"),
+                )
+            })?;
+        functions.push(FunctionTool {
+            name,
+            description: function.get("description").filter(|text| text.is_string()),
+            parameters: function
+                .get("parameters")
+                .filter(|schema| !schema.is_null()),
+            strict: function.get("strict").and_then(Value::as_bool) == Some(true),
+        });
+    }
+    Ok(functions)
+}
+
 /// A `data:<media type>;base64,<data>` URL split into its media type and data.
 pub fn data_url(url: &str) -> Option<(&str, &str)> {
     let (media_type, data) = url.strip_prefix("data:")?.split_once(',')?;

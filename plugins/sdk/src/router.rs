@@ -110,7 +110,11 @@ macro_rules! export_router {
         }
 
         // Only a wasm build exports the world: a native build (for the plugin's unit tests) cannot
-        // link the component-model export names.
+        // link the component-model export names, and holds the export here instead, so that the
+        // plugin's own type is not dead code there.
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: fn(String) -> Result<(), String> =
+            <TollgateRouterExport as $crate::wit::router::exports::tollgate::plugin::router::Guest>::validate_config;
         #[cfg(target_arch = "wasm32")]
         $crate::wit::router::export_router_world!(TollgateRouterExport with_types_in $crate::wit::router);
     };

@@ -6,6 +6,37 @@ pub use crate::wit::translator::exports::tollgate::plugin::translator::{
     StreamEvent, StreamFraming, TranslateError, UpstreamRequest, UpstreamResponse,
 };
 
+/// The client's body as a JSON object of `T`'s shape (a map of values, or of raw JSON text to
+/// splice without parsing); otherwise the client's mistake.
+pub fn request_object<'a, T: serde::Deserialize<'a>>(body: &'a str) -> Result<T, TranslateError> {
+    serde_json::from_str(body).map_err(|_| {
+        TranslateError::InvalidRequest(InvalidRequest {
+            message: "the request body must be a JSON object".to_owned(),
+            param: None,
+        })
+    })
+}
+
+/// A `POST` of `body` as JSON to `path` under the channel's base URL.
+pub fn post_json(
+    path: String,
+    headers: Vec<Header>,
+    body: &impl serde::Serialize,
+    auth: AuthPlacement,
+    framing: Option<StreamFraming>,
+) -> Result<UpstreamRequest, TranslateError> {
+    let body = serde_json::to_vec(body)
+        .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
+    Ok(UpstreamRequest {
+        method: HttpMethod::Post,
+        path,
+        headers,
+        body,
+        auth,
+        framing,
+    })
+}
+
 /// Usage the upstream did not report: zeros flagged `estimated`. The host counts the prompt itself
 /// when `input_tokens` is 0; a translator that saw some of the answer sets `output_tokens` (about
 /// four bytes of text a token).
@@ -426,7 +457,13 @@ macro_rules! export_translator {
         }
 
         // Only a wasm build exports the world: a native build (for the plugin's unit tests) cannot
-        // link the component-model export names.
+        // link the component-model export names, and holds the exports here instead, so that the
+        // plugin's own types are not dead code there.
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: (fn(String) -> Result<(), String>, fn(u64) -> String) = (
+            <TollgateTranslatorExport as $crate::wit::translator::exports::tollgate::plugin::translator::Guest>::validate_config,
+            <TollgateTranslatorExport as $crate::wit::translator::exports::tollgate::plugin::inbound::Guest>::count_tokens_answer,
+        );
         #[cfg(target_arch = "wasm32")]
         $crate::wit::translator::export_translator_world!(TollgateTranslatorExport with_types_in $crate::wit::translator);
     };

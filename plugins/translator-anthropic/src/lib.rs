@@ -22,8 +22,8 @@ use serde_json::{Map, Value};
 use tollgate_plugin_sdk::export_translator;
 use tollgate_plugin_sdk::host;
 use tollgate_plugin_sdk::translator::{
-    AttemptContext, AuthPlacement, ChatResponse, HttpMethod, InvalidRequest, StreamFraming,
-    TranslateError, Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse,
+    AttemptContext, AuthPlacement, ChatResponse, StreamFraming, TranslateError, Translator,
+    UpstreamFailure, UpstreamRequest, UpstreamResponse, post_json, request_object,
 };
 
 pub use inbound::{ConvertedStream, ForwardedStream, Messages};
@@ -58,7 +58,7 @@ pub(crate) struct ChannelOptions {
     pub(crate) beta: Vec<String>,
 }
 
-/// The translator; `pub` so a native build (unit tests, fuzzing) sees it used.
+/// The translator; `pub` for the fuzz targets.
 pub struct Anthropic;
 
 impl Anthropic {
@@ -69,14 +69,7 @@ impl Anthropic {
         body: &str,
         config: &Config,
     ) -> Result<UpstreamRequest, TranslateError> {
-        let invalid = |message: &str| {
-            TranslateError::InvalidRequest(InvalidRequest {
-                message: message.to_owned(),
-                param: None,
-            })
-        };
-        let request: Map<String, Value> = serde_json::from_str(body)
-            .map_err(|_| invalid("the request body must be a JSON object"))?;
+        let request: Map<String, Value> = request_object(body)?;
         let body = request::messages_body(
             &request,
             &context.upstream_model,
@@ -95,16 +88,9 @@ impl Anthropic {
         if !options.beta.is_empty() {
             headers.push(("anthropic-beta".to_owned(), options.beta.join(",")));
         }
-        let body = serde_json::to_vec(&body)
-            .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
-        Ok(UpstreamRequest {
-            method: HttpMethod::Post,
-            path: "/messages".to_owned(),
-            headers,
-            body,
-            auth: AuthPlacement::Header("x-api-key".to_owned()),
-            framing: context.stream.then_some(StreamFraming::Sse),
-        })
+        let auth = AuthPlacement::Header("x-api-key".to_owned());
+        let framing = context.stream.then_some(StreamFraming::Sse);
+        post_json("/messages".to_owned(), headers, &body, auth, framing)
     }
 }
 

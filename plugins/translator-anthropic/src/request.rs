@@ -340,44 +340,23 @@ fn tool_result(message: &Value, content: &Value, at: &str) -> Result<Value, Inva
 }
 
 fn tool_definitions(tools: &Value) -> Result<Value, InvalidRequest> {
-    let tools = tools
-        .as_array()
-        .ok_or_else(|| invalid("tools must be an array", "tools"))?;
-    let mut definitions = Vec::with_capacity(tools.len());
-    for (index, tool) in tools.iter().enumerate() {
-        let at = format!("tools[{index}]");
-        if tool.get("type").and_then(Value::as_str) != Some("function") {
-            return Err(invalid(
-                "only `function` tools can be sent to an Anthropic model",
-                format!("{at}.type"),
-            ));
-        }
-        let function = tool.get("function").unwrap_or(&Value::Null);
-        let name = function
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                invalid(
-                    "a function tool needs a name",
-                    format!("{at}.function.name"),
-                )
-            })?;
-        let schema = function
-            .get("parameters")
-            .filter(|schema| !schema.is_null())
-            .cloned()
-            .unwrap_or_else(|| json!({ "type": "object", "properties": {} }));
-        let mut definition = json!({ "name": name, "input_schema": schema });
-        if let Some(object) = definition.as_object_mut() {
-            if let Some(description) = function.get("description").filter(|d| d.is_string()) {
-                object.insert("description".into(), description.clone());
+    let definitions = openai::function_tools(tools, "an Anthropic model")?
+        .into_iter()
+        .map(|function| {
+            let schema = function
+                .parameters
+                .cloned()
+                .unwrap_or_else(|| json!({ "type": "object", "properties": {} }));
+            let mut definition = json!({ "name": function.name, "input_schema": schema });
+            if let Some(description) = function.description {
+                definition["description"] = description.clone();
             }
-            if function.get("strict").and_then(Value::as_bool) == Some(true) {
-                object.insert("strict".into(), Value::Bool(true));
+            if function.strict {
+                definition["strict"] = Value::Bool(true);
             }
-        }
-        definitions.push(definition);
-    }
+            definition
+        })
+        .collect();
     Ok(Value::Array(definitions))
 }
 

@@ -19,39 +19,23 @@ mod usage;
 use serde_json::{Map, Value};
 use tollgate_plugin_sdk::export_translator;
 use tollgate_plugin_sdk::translator::{
-    AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, HttpMethod, InvalidRequest,
-    StreamFraming, TranslateError, Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse,
+    AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, StreamFraming, TranslateError,
+    Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse, post_json, request_object,
 };
 
 pub use stream::GeminiStream;
 
-/// The translator; `pub` so a native build (unit tests, fuzzing) sees it used.
+/// The translator; `pub` for the fuzz targets.
 pub struct Gemini;
 
-fn parse_object(body: &str) -> Result<Map<String, Value>, TranslateError> {
-    serde_json::from_str(body).map_err(|_| {
-        TranslateError::InvalidRequest(InvalidRequest {
-            message: "the request body must be a JSON object".to_owned(),
-            param: None,
-        })
-    })
-}
-
+/// A POST to Gemini, with the key in its header.
 fn post(
     path: String,
     body: &Value,
     framing: Option<StreamFraming>,
 ) -> Result<UpstreamRequest, TranslateError> {
-    let body = serde_json::to_vec(body)
-        .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
-    Ok(UpstreamRequest {
-        method: HttpMethod::Post,
-        path,
-        headers: Vec::new(),
-        body,
-        auth: AuthPlacement::Header("x-goog-api-key".to_owned()),
-        framing,
-    })
+    let auth = AuthPlacement::Header("x-goog-api-key".to_owned());
+    post_json(path, Vec::new(), body, auth, framing)
 }
 
 impl Translator for Gemini {
@@ -61,7 +45,7 @@ impl Translator for Gemini {
         context: AttemptContext,
         body: String,
     ) -> Result<UpstreamRequest, TranslateError> {
-        let request = parse_object(&body)?;
+        let request = request_object::<Map<String, Value>>(&body)?;
         let body =
             request::generate_content_body(&request).map_err(TranslateError::InvalidRequest)?;
         let model = &context.upstream_model;
@@ -87,7 +71,7 @@ impl Translator for Gemini {
         context: AttemptContext,
         body: String,
     ) -> Result<UpstreamRequest, TranslateError> {
-        let request = parse_object(&body)?;
+        let request = request_object::<Map<String, Value>>(&body)?;
         let body = embeddings::batch_body(&request, &context.upstream_model)
             .map_err(TranslateError::InvalidRequest)?;
         post(

@@ -361,42 +361,19 @@ fn function_response(
 }
 
 fn tool_declarations(tools: &Value) -> Result<Value, InvalidRequest> {
-    let tools = tools
-        .as_array()
-        .ok_or_else(|| invalid("tools must be an array", "tools"))?;
-    let mut declarations = Vec::with_capacity(tools.len());
-    for (index, tool) in tools.iter().enumerate() {
-        let at = format!("tools[{index}]");
-        if tool.get("type").and_then(Value::as_str) != Some("function") {
-            return Err(invalid(
-                "only `function` tools can be sent to a Gemini model",
-                format!("{at}.type"),
-            ));
-        }
-        let function = tool.get("function").unwrap_or(&Value::Null);
-        let name = function
-            .get("name")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                invalid(
-                    "a function tool needs a name",
-                    format!("{at}.function.name"),
-                )
-            })?;
-        let mut declaration = json!({ "name": name });
-        if let Some(object) = declaration.as_object_mut() {
-            if let Some(description) = function.get("description").filter(|d| d.is_string()) {
-                object.insert("description".into(), description.clone());
+    let declarations: Vec<Value> = openai::function_tools(tools, "a Gemini model")?
+        .into_iter()
+        .map(|function| {
+            let mut declaration = json!({ "name": function.name });
+            if let Some(description) = function.description {
+                declaration["description"] = description.clone();
             }
-            if let Some(schema) = function
-                .get("parameters")
-                .filter(|schema| !schema.is_null())
-            {
-                object.insert("parametersJsonSchema".into(), schema.clone());
+            if let Some(schema) = function.parameters {
+                declaration["parametersJsonSchema"] = schema.clone();
             }
-        }
-        declarations.push(declaration);
-    }
+            declaration
+        })
+        .collect();
     Ok(json!([{ "functionDeclarations": declarations }]))
 }
 

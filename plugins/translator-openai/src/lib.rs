@@ -8,9 +8,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tollgate_plugin_sdk::export_translator;
 use tollgate_plugin_sdk::translator::{
-    AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, FailureClass, HttpMethod,
-    InvalidRequest, StreamEnd, StreamEvent, StreamFraming, StreamTranslate, TranslateError,
-    Translator, UpstreamFailure, UpstreamRequest, UpstreamResponse, Usage, failure_message,
+    AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, FailureClass, StreamEnd,
+    StreamEvent, StreamFraming, StreamTranslate, TranslateError, Translator, UpstreamFailure,
+    UpstreamRequest, UpstreamResponse, Usage, failure_message, post_json, request_object,
     retry_after_ms, stream_usage, unreported_usage,
 };
 
@@ -129,8 +129,8 @@ struct OpenAiErrorBody {
     error: OpenAiError,
 }
 
-/// The translator; `pub` so a native build (unit tests) sees it used.
-pub struct OpenAi;
+/// The translator.
+struct OpenAi;
 
 impl Translator for OpenAi {
     type Stream = OpenAiStream;
@@ -140,7 +140,10 @@ impl Translator for OpenAi {
         body: String,
     ) -> Result<UpstreamRequest, TranslateError> {
         let model = raw(&context.upstream_model)?;
-        let mut request = parse_object(&body)?;
+        // Each top-level value kept as raw JSON text: the request goes upstream as the client
+        // wrote it but for the fields replaced, and a long conversation is never parsed into a
+        // tree and written out again.
+        let mut request: BTreeMap<String, &RawValue> = request_object(&body)?;
         request.insert("model".to_owned(), &model);
         let include_usage;
         if context.stream {
@@ -175,7 +178,10 @@ impl Translator for OpenAi {
         body: String,
     ) -> Result<UpstreamRequest, TranslateError> {
         let model = raw(&context.upstream_model)?;
-        let mut request = parse_object(&body)?;
+        // Each top-level value kept as raw JSON text: the request goes upstream as the client
+        // wrote it but for the fields replaced, and a long conversation is never parsed into a
+        // tree and written out again.
+        let mut request: BTreeMap<String, &RawValue> = request_object(&body)?;
         request.insert("model".to_owned(), &model);
         upstream_request(&context, "/embeddings", &request)
     }
@@ -226,18 +232,6 @@ fn read_answer(
     Ok((body, usage, answer.model))
 }
 
-/// The client's body as its top-level fields, each value kept as raw JSON text: the request goes
-/// upstream as the client wrote it but for the fields replaced, and a long conversation is never
-/// parsed into a tree and written out again.
-fn parse_object(body: &str) -> Result<BTreeMap<String, &RawValue>, TranslateError> {
-    serde_json::from_str(body).map_err(|_| {
-        TranslateError::InvalidRequest(InvalidRequest {
-            message: "the request body must be a JSON object".to_owned(),
-            param: None,
-        })
-    })
-}
-
 /// A value as raw JSON text, to replace a field of the client's body. Fields are never rebuilt
 /// through a `serde_json::Value`, so what the client wrote passes as written (a number is not
 /// reformatted through a float).
@@ -261,16 +255,14 @@ fn upstream_request(
     if let Some(project) = options.project {
         headers.push(("openai-project".to_owned(), project));
     }
-    let body = serde_json::to_vec(body)
-        .map_err(|error| TranslateError::MalformedResponse(error.to_string()))?;
-    Ok(UpstreamRequest {
-        method: HttpMethod::Post,
-        path: path.to_owned(),
+    let framing = context.stream.then_some(StreamFraming::Sse);
+    post_json(
+        path.to_owned(),
         headers,
         body,
-        auth: AuthPlacement::Bearer,
-        framing: context.stream.then_some(StreamFraming::Sse),
-    })
+        AuthPlacement::Bearer,
+        framing,
+    )
 }
 
 /// Maps an OpenAI error (from a status or a stream's error event) onto a failure class.

@@ -19,7 +19,7 @@ use tollgate_plugin_sdk::inbound::{
 pub use forward::ForwardedStream;
 pub use stream::ConvertedStream;
 
-/// Anthropic's Messages API as a client protocol; `pub` so a native build sees it used.
+/// Anthropic's Messages API as a client protocol; `pub` for the fuzz targets.
 pub struct Messages;
 
 impl Inbound for Messages {

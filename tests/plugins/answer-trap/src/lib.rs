@@ -10,7 +10,7 @@ use tollgate_plugin_sdk::translator::{
 };
 
 /// The translator.
-pub struct AnswerTrap;
+struct AnswerTrap;
 
 impl Translator for AnswerTrap {
     type Stream = AnswerTrapStream;

@@ -20,7 +20,7 @@ fn mark(request_id: &str) -> Option<String> {
 }
 
 /// The probe.
-pub struct InstanceProbe;
+struct InstanceProbe;
 
 impl Billing for InstanceProbe {
     fn authorize(request: AuthorizeRequest) -> Result<Hold, BillingDenial> {

@@ -7,7 +7,7 @@ use tollgate_plugin_sdk::billing::{
 use tollgate_plugin_sdk::export_billing;
 
 /// The hostile billing plugin.
-pub struct ChargeTrap;
+struct ChargeTrap;
 
 impl Billing for ChargeTrap {
     fn authorize(_request: AuthorizeRequest) -> Result<Hold, BillingDenial> {

@@ -5,7 +5,7 @@ use tollgate_plugin_sdk::export_router;
 use tollgate_plugin_sdk::router::{Attempt, Channel, RequestFacts, RouteError, Router, plan_by};
 
 /// The router.
-pub struct ReadsFiles;
+struct ReadsFiles;
 
 impl Router for ReadsFiles {
     fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {

@@ -38,7 +38,7 @@ enum Misbehaviour {
 }
 
 /// The router.
-pub struct Scripted;
+struct Scripted;
 
 impl Router for Scripted {
     fn validate_config(config: &str) -> Result<(), String> {

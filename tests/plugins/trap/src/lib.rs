@@ -6,7 +6,7 @@ use tollgate_plugin_sdk::export_router;
 use tollgate_plugin_sdk::router::{Attempt, Channel, RequestFacts, RouteError, Router, plan_by};
 
 /// The hostile router.
-pub struct Trap;
+struct Trap;
 
 impl Router for Trap {
     fn plan(facts: RequestFacts, channels: Vec<Channel>) -> Result<Vec<Attempt>, RouteError> {
