@@ -32,15 +32,17 @@ impl Binding {
         let Exports::Billing(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Billing));
         };
-        let mut store = self.store()?;
-        sandbox::bounded(&mut store, "authorize", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            let plugin = indices.load(&mut *store, &instance)?;
-            plugin
-                .tollgate_plugin_billing()
-                .call_authorize(&mut *store, request)
-                .await
-        })
+        self.call(
+            "authorize",
+            async |store, instance| {
+                let plugin = indices.load(&mut *store, &instance)?;
+                plugin
+                    .tollgate_plugin_billing()
+                    .call_authorize(&mut *store, request)
+                    .await
+            },
+            |_| 0,
+        )
         .await
     }
 
@@ -70,15 +72,15 @@ impl Binding {
             return Err(self.wrong_role(Role::Billing));
         };
         let mut store = self.settlement_store();
-        let price = sandbox::bounded(&mut store, "charge", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            let plugin = indices.load(&mut *store, &instance)?;
-            plugin
-                .tollgate_plugin_billing()
-                .call_charge(&mut *store, request)
-                .await
-        })
-        .await?;
+        let price = self
+            .call_in(&mut store, "charge", async |store, instance| {
+                let plugin = indices.load(&mut *store, &instance)?;
+                plugin
+                    .tollgate_plugin_billing()
+                    .call_charge(&mut *store, request)
+                    .await
+            })
+            .await?;
         if let Ok(price) = &price {
             // Each line item is stored with the usage record: its text and three numbers.
             let bytes = price
@@ -95,15 +97,17 @@ impl Binding {
         let Exports::Billing(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Billing));
         };
-        let mut store = self.store()?;
-        sandbox::bounded(&mut store, "validate-config", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            let plugin = indices.load(&mut *store, &instance)?;
-            plugin
-                .tollgate_plugin_billing()
-                .call_validate_config(&mut *store, &self.config)
-                .await
-        })
+        self.call(
+            "validate-config",
+            async |store, instance| {
+                let plugin = indices.load(&mut *store, &instance)?;
+                plugin
+                    .tollgate_plugin_billing()
+                    .call_validate_config(&mut *store, &self.config)
+                    .await
+            },
+            |_| 0,
+        )
         .await
     }
 }

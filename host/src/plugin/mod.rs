@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::component::{Component, Instance, InstancePre, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 pub use sandbox::{Limits, fair_share, serving};
@@ -697,8 +697,8 @@ impl Binding {
         self.compiled.plugin()
     }
 
-    /// A fresh store for one call or one stream: nothing survives from an earlier call.
-    /// A store for a call or a stream, within the pool's share for them.
+    /// A fresh store for one call or one stream (nothing survives from an earlier call), within
+    /// the pool's share for them.
     fn store(&self) -> Result<PluginStore, PluginError> {
         let role = self.compiled.role();
         self.standby.store().map_err(|unlent| match unlent {
@@ -712,6 +712,41 @@ impl Binding {
     fn settlement_store(&self) -> PluginStore {
         self.standby.settlement_store()
     }
+
+    /// Calls one export on a fresh instance in a fresh store, under the call deadline, and holds
+    /// what it returns (`output_bytes` of it) to the output cap.
+    async fn call<R>(
+        &self,
+        export: &'static str,
+        call: impl AsyncFnOnce(&mut wasmtime::Store<PluginState>, Instance) -> wasmtime::Result<R>,
+        output_bytes: impl FnOnce(&R) -> usize,
+    ) -> Result<R, PluginError> {
+        let mut store = self.store()?;
+        let value = self.call_in(&mut store, export, call).await?;
+        sandbox::check_output(&store, export, output_bytes(&value))?;
+        Ok(value)
+    }
+
+    /// Calls one export on a fresh instance in `store`, under the call deadline; the store (and
+    /// its instance) stays the caller's, for a stream that goes on in it.
+    async fn call_in<R>(
+        &self,
+        store: &mut PluginStore,
+        export: &'static str,
+        call: impl AsyncFnOnce(&mut wasmtime::Store<PluginState>, Instance) -> wasmtime::Result<R>,
+    ) -> Result<R, PluginError> {
+        let pre = &self.compiled.pre;
+        sandbox::bounded(store, export, async |store| {
+            let instance = sandbox::instance(&mut *store, pre).await?;
+            call(store, instance).await
+        })
+        .await
+    }
+}
+
+/// The bytes of an answer, for the output cap; a refusal is not held to it.
+fn answered_bytes<T, E>(answer: &Result<T, E>, bytes: impl FnOnce(&T) -> usize) -> usize {
+    answer.as_ref().map_or(0, bytes)
 }
 
 impl Binding {

@@ -1,6 +1,6 @@
 //! Bindings of `world router-plugin` and the typed call the route stage makes.
 
-use super::{Binding, Exports, PluginError, Role, sandbox};
+use super::{Binding, Exports, PluginError, Role};
 
 wasmtime::component::bindgen!({
     world: "router-plugin",
@@ -27,40 +27,38 @@ impl Binding {
         let Exports::Router(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Router));
         };
-        let mut store = self.store()?;
-        let plan = sandbox::bounded(&mut store, "plan", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            let plugin = indices.load(&mut *store, &instance)?;
-            plugin
-                .tollgate_plugin_router()
-                .call_plan(&mut *store, facts, channels)
-                .await
-        })
-        .await?;
-        let bytes = match &plan {
+        let output_bytes = |plan: &Result<Vec<Attempt>, RouteError>| match plan {
             Ok(attempts) => attempts
                 .iter()
                 .map(|attempt| attempt.channel.len() + attempt.upstream_model.len())
                 .sum(),
             Err(RouteError::NoRoute(message) | RouteError::Refused(message)) => message.len(),
         };
-        sandbox::check_output(&store, "plan", bytes)?;
-        Ok(plan)
+        let plan = async |store: &mut wasmtime::Store<_>, instance| {
+            let plugin = indices.load(&mut *store, &instance)?;
+            plugin
+                .tollgate_plugin_router()
+                .call_plan(&mut *store, facts, channels)
+                .await
+        };
+        self.call("plan", plan, output_bytes).await
     }
 
     pub(super) async fn router_validate_config(&self) -> Result<Result<(), String>, PluginError> {
         let Exports::Router(indices) = &self.compiled.exports else {
             return Err(self.wrong_role(Role::Router));
         };
-        let mut store = self.store()?;
-        sandbox::bounded(&mut store, "validate-config", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            let plugin = indices.load(&mut *store, &instance)?;
-            plugin
-                .tollgate_plugin_router()
-                .call_validate_config(&mut *store, &self.config)
-                .await
-        })
+        self.call(
+            "validate-config",
+            async |store, instance| {
+                let plugin = indices.load(&mut *store, &instance)?;
+                plugin
+                    .tollgate_plugin_router()
+                    .call_validate_config(&mut *store, &self.config)
+                    .await
+            },
+            |_| 0,
+        )
         .await
     }
 }

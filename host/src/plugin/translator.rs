@@ -127,14 +127,13 @@ impl Binding {
         body: &str,
     ) -> Result<Result<UpstreamRequest, TranslateError>, PluginError> {
         let exports = self.translator_exports()?;
-        let mut store = self.store()?;
         let export = match kind {
             RequestKind::Chat => "translate-chat-request",
             RequestKind::Embeddings => "translate-embeddings-request",
         };
-        let request = sandbox::bounded(&mut store, export, async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            match kind {
+        self.call(
+            export,
+            async |store, instance| match kind {
                 RequestKind::Chat => {
                     let call = instance.get_typed_func::<
                         (&AttemptContext, &str),
@@ -149,13 +148,10 @@ impl Binding {
                         .call_translate_embeddings_request(&mut *store, context, body)
                         .await
                 }
-            }
-        })
-        .await?;
-        if let Ok(request) = &request {
-            sandbox::check_output(&store, export, request_bytes(request))?;
-        }
-        Ok(request)
+            },
+            |answer| super::answered_bytes(answer, request_bytes),
+        )
+        .await
     }
 
     /// Reads a 2xx whole answer (chat or embeddings) into OpenAI's shape.
@@ -166,45 +162,43 @@ impl Binding {
         response: &UpstreamResponse,
     ) -> Result<Result<TranslatedAnswer, TranslateError>, PluginError> {
         let exports = self.translator_exports()?;
-        let mut store = self.store()?;
         let export = match kind {
             RequestKind::Chat => "translate-chat-response",
             RequestKind::Embeddings => "translate-embeddings-response",
         };
-        let answer = sandbox::bounded(&mut store, export, async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            Ok(match kind {
-                RequestKind::Chat => {
-                    let call = instance.get_typed_func::<
+        self.call(
+            export,
+            async |store, instance| {
+                Ok(match kind {
+                    RequestKind::Chat => {
+                        let call = instance.get_typed_func::<
                         (&AttemptContext, &UpstreamResponse),
                         (Result<translator::ChatResponse, TranslateError>,),
                     >(&mut *store, &exports.chat_response)?;
-                    call.call_async(&mut *store, (context, response))
+                        call.call_async(&mut *store, (context, response))
+                            .await?
+                            .0
+                            .map(|answer| TranslatedAnswer {
+                                body: answer.body,
+                                usage: answer.usage,
+                                served_model: answer.served_model,
+                            })
+                    }
+                    RequestKind::Embeddings => exports
+                        .translator
+                        .load(&mut *store, &instance)?
+                        .call_translate_embeddings_response(&mut *store, context, response)
                         .await?
-                        .0
                         .map(|answer| TranslatedAnswer {
                             body: answer.body,
                             usage: answer.usage,
                             served_model: answer.served_model,
-                        })
-                }
-                RequestKind::Embeddings => exports
-                    .translator
-                    .load(&mut *store, &instance)?
-                    .call_translate_embeddings_response(&mut *store, context, response)
-                    .await?
-                    .map(|answer| TranslatedAnswer {
-                        body: answer.body,
-                        usage: answer.usage,
-                        served_model: answer.served_model,
-                    }),
-            })
-        })
-        .await?;
-        if let Ok(answer) = &answer {
-            sandbox::check_output(&store, export, answer.body.len())?;
-        }
-        Ok(answer)
+                        }),
+                })
+            },
+            |answer| super::answered_bytes(answer, |answer| answer.body.len()),
+        )
+        .await
     }
 
     /// Classifies a non-2xx answer.
@@ -214,15 +208,17 @@ impl Binding {
         response: &UpstreamResponse,
     ) -> Result<UpstreamFailure, PluginError> {
         let exports = self.translator_exports()?;
-        let mut store = self.store()?;
-        sandbox::bounded(&mut store, "read-failure", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            exports
-                .translator
-                .load(&mut *store, &instance)?
-                .call_read_failure(&mut *store, context, response)
-                .await
-        })
+        self.call(
+            "read-failure",
+            async |store, instance| {
+                exports
+                    .translator
+                    .load(&mut *store, &instance)?
+                    .call_read_failure(&mut *store, context, response)
+                    .await
+            },
+            |_| 0,
+        )
         .await
     }
 
@@ -234,16 +230,16 @@ impl Binding {
     ) -> Result<StreamSession, PluginError> {
         let exports = self.translator_exports()?;
         let mut store = self.store()?;
-        let (plugin, resource) = sandbox::bounded(&mut store, "stream-translator", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            let plugin = exports.translator.load(&mut *store, &instance)?;
-            let resource = plugin
-                .stream_translator()
-                .call_constructor(&mut *store, context)
-                .await?;
-            Ok((plugin, resource))
-        })
-        .await?;
+        let (plugin, resource) = self
+            .call_in(&mut store, "stream-translator", async |store, instance| {
+                let plugin = exports.translator.load(&mut *store, &instance)?;
+                let resource = plugin
+                    .stream_translator()
+                    .call_constructor(&mut *store, context)
+                    .await?;
+                Ok((plugin, resource))
+            })
+            .await?;
         Ok(StreamSession {
             store,
             plugin,
@@ -255,15 +251,17 @@ impl Binding {
         &self,
     ) -> Result<Result<(), String>, PluginError> {
         let exports = self.translator_exports()?;
-        let mut store = self.store()?;
-        sandbox::bounded(&mut store, "validate-config", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            exports
-                .translator
-                .load(&mut *store, &instance)?
-                .call_validate_config(&mut *store, &self.config)
-                .await
-        })
+        self.call(
+            "validate-config",
+            async |store, instance| {
+                exports
+                    .translator
+                    .load(&mut *store, &instance)?
+                    .call_validate_config(&mut *store, &self.config)
+                    .await
+            },
+            |_| 0,
+        )
         .await
     }
 }
@@ -321,19 +319,17 @@ impl Binding {
         body: &str,
     ) -> Result<Result<String, InvalidRequest>, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store()?;
-        let converted = sandbox::bounded(&mut store, "to-openai-request", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            indices
-                .load(&mut *store, &instance)?
-                .call_to_openai_request(&mut *store, endpoint, body)
-                .await
-        })
-        .await?;
-        if let Ok(converted) = &converted {
-            sandbox::check_output(&store, "to-openai-request", converted.len())?;
-        }
-        Ok(converted)
+        self.call(
+            "to-openai-request",
+            async |store, instance| {
+                indices
+                    .load(&mut *store, &instance)?
+                    .call_to_openai_request(&mut *store, endpoint, body)
+                    .await
+            },
+            |answer| super::answered_bytes(answer, String::len),
+        )
+        .await
     }
 
     /// The upstream request for the client's own body, on a channel of the same protocol.
@@ -345,19 +341,17 @@ impl Binding {
         client_headers: &[Header],
     ) -> Result<Result<UpstreamRequest, TranslateError>, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store()?;
-        let request = sandbox::bounded(&mut store, "forward-request", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            indices
-                .load(&mut *store, &instance)?
-                .call_forward_request(&mut *store, endpoint, context, body, client_headers)
-                .await
-        })
-        .await?;
-        if let Ok(request) = &request {
-            sandbox::check_output(&store, "forward-request", request_bytes(request))?;
-        }
-        Ok(request)
+        self.call(
+            "forward-request",
+            async |store, instance| {
+                indices
+                    .load(&mut *store, &instance)?
+                    .call_forward_request(&mut *store, endpoint, context, body, client_headers)
+                    .await
+            },
+            |answer| super::answered_bytes(answer, request_bytes),
+        )
+        .await
     }
 
     /// Reads a same-protocol 2xx whole answer: passed through, usage read.
@@ -368,19 +362,17 @@ impl Binding {
         response: &UpstreamResponse,
     ) -> Result<Result<ForwardedAnswer, TranslateError>, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store()?;
-        let answer = sandbox::bounded(&mut store, "read-forwarded-response", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            indices
-                .load(&mut *store, &instance)?
-                .call_read_forwarded_response(&mut *store, endpoint, context, response)
-                .await
-        })
-        .await?;
-        if let Ok(answer) = &answer {
-            sandbox::check_output(&store, "read-forwarded-response", answer.body.len())?;
-        }
-        Ok(answer)
+        self.call(
+            "read-forwarded-response",
+            async |store, instance| {
+                indices
+                    .load(&mut *store, &instance)?
+                    .call_read_forwarded_response(&mut *store, endpoint, context, response)
+                    .await
+            },
+            |answer| super::answered_bytes(answer, |answer| answer.body.len()),
+        )
+        .await
     }
 
     /// An OpenAI `chat.completion` body in the plugin's protocol.
@@ -390,35 +382,33 @@ impl Binding {
         body: &str,
     ) -> Result<Result<String, TranslateError>, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store()?;
-        let converted = sandbox::bounded(&mut store, "from-openai-response", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            indices
-                .load(&mut *store, &instance)?
-                .call_from_openai_response(&mut *store, context, body)
-                .await
-        })
-        .await?;
-        if let Ok(converted) = &converted {
-            sandbox::check_output(&store, "from-openai-response", converted.len())?;
-        }
-        Ok(converted)
+        self.call(
+            "from-openai-response",
+            async |store, instance| {
+                indices
+                    .load(&mut *store, &instance)?
+                    .call_from_openai_response(&mut *store, context, body)
+                    .await
+            },
+            |answer| super::answered_bytes(answer, String::len),
+        )
+        .await
     }
 
     /// The count-tokens answer for the host's own count.
     pub async fn count_tokens_answer(&self, input_tokens: u64) -> Result<String, PluginError> {
         let indices = self.inbound_exports()?;
-        let mut store = self.store()?;
-        let answer = sandbox::bounded(&mut store, "count-tokens-answer", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            indices
-                .load(&mut *store, &instance)?
-                .call_count_tokens_answer(&mut *store, input_tokens)
-                .await
-        })
-        .await?;
-        sandbox::check_output(&store, "count-tokens-answer", answer.len())?;
-        Ok(answer)
+        self.call(
+            "count-tokens-answer",
+            async |store, instance| {
+                indices
+                    .load(&mut *store, &instance)?
+                    .call_count_tokens_answer(&mut *store, input_tokens)
+                    .await
+            },
+            String::len,
+        )
+        .await
     }
 
     /// Opens a same-protocol stream reader; like [`Binding::open_stream`], it keeps its own store.
@@ -428,16 +418,16 @@ impl Binding {
     ) -> Result<ForwardedSession, PluginError> {
         let indices = self.inbound_exports()?;
         let mut store = self.store()?;
-        let (plugin, resource) = sandbox::bounded(&mut store, "forwarded-stream", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            let plugin = indices.load(&mut *store, &instance)?;
-            let resource = plugin
-                .forwarded_stream()
-                .call_constructor(&mut *store, context)
-                .await?;
-            Ok((plugin, resource))
-        })
-        .await?;
+        let (plugin, resource) = self
+            .call_in(&mut store, "forwarded-stream", async |store, instance| {
+                let plugin = indices.load(&mut *store, &instance)?;
+                let resource = plugin
+                    .forwarded_stream()
+                    .call_constructor(&mut *store, context)
+                    .await?;
+                Ok((plugin, resource))
+            })
+            .await?;
         Ok(ForwardedSession {
             store,
             plugin,
@@ -452,16 +442,16 @@ impl Binding {
     ) -> Result<ConvertedSession, PluginError> {
         let indices = self.inbound_exports()?;
         let mut store = self.store()?;
-        let (plugin, resource) = sandbox::bounded(&mut store, "openai-stream", async |store| {
-            let instance = sandbox::instance(&mut *store, &self.compiled.pre).await?;
-            let plugin = indices.load(&mut *store, &instance)?;
-            let resource = plugin
-                .openai_stream()
-                .call_constructor(&mut *store, context)
-                .await?;
-            Ok((plugin, resource))
-        })
-        .await?;
+        let (plugin, resource) = self
+            .call_in(&mut store, "openai-stream", async |store, instance| {
+                let plugin = indices.load(&mut *store, &instance)?;
+                let resource = plugin
+                    .openai_stream()
+                    .call_constructor(&mut *store, context)
+                    .await?;
+                Ok((plugin, resource))
+            })
+            .await?;
         Ok(ConvertedSession {
             store,
             plugin,
