@@ -331,7 +331,7 @@ impl ApiError {
         matches!(
             self,
             ApiError::Auth(AuthError::Missing | AuthError::Invalid | AuthError::Expired)
-                | ApiError::Admin(AdminError::Unauthorized)
+                | ApiError::Admin(AdminError::Unauthorized | AdminError::Closed)
                 | ApiError::AuthThrottled { .. }
         )
     }
@@ -495,6 +495,7 @@ fn upstream_coded(answer: Answer, class: &'static str, message: impl Into<String
 fn admin_rendered(error: &AdminError, message: String) -> Rendered {
     match error {
         AdminError::Unauthorized => UNAUTHORIZED.with("invalid_admin_token", message),
+        AdminError::Closed => UNAUTHORIZED.with("admin_api_closed", message),
         AdminError::UnknownTenant { .. } => NOT_FOUND.with("tenant_not_found", message),
         AdminError::ConfigChannel { .. } => CONFLICT.with("channel_in_config", message),
         AdminError::UnknownChannel { .. } => NOT_FOUND.with("channel_not_found", message),
@@ -815,6 +816,8 @@ mod tests {
             token,
             "invalid_admin_token",
         );
+        let closed = Some("admin_api_closed");
+        maps(AdminError::Closed, 401, INVALID, closed, "admin_api_closed");
         let request = AdminError::UnknownRequest {
             request_id: "r".into(),
         };

@@ -23,6 +23,9 @@ pub(crate) enum Command {
         /// Configuration file; without it the embedded demo configuration is used.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Listen here instead of the configuration's `server.listen` (port 0: any free port).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Manages tenants.
     Tenant {

@@ -17,7 +17,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         serve::init_tracing(None)?;
     }
     match cli.command {
-        Command::Serve { config } => serve::run(config.as_deref()),
+        Command::Serve { config, listen } => serve::run(config.as_deref(), listen),
         Command::Tenant { action } => data_dir::tenant(action),
         Command::Key { action } => data_dir::key(action),
         Command::Balance { action } => admin_client::balance(action),

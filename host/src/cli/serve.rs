@@ -20,9 +20,16 @@ use tollgate::{console, gateway};
 
 use super::data_dir::{load_config, new_tenant};
 
-/// Runs the gateway with the configuration at `config_path` (or the embedded one) until a signal.
-pub(crate) fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
-    let loaded = load_config(config_path)?;
+/// Runs the gateway with the configuration at `config_path` (or the embedded one), on `listen`
+/// when given, until a signal.
+pub(crate) fn run(
+    config_path: Option<&Path>,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let mut loaded = load_config(config_path)?;
+    if let Some(listen) = listen {
+        loaded.server.listen = listen;
+    }
     let provider = init_tracing(Some(&loaded.telemetry))?;
     return_freed_memory_at_once();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -177,7 +184,8 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
             "charged the requests the last run left in flight"
         );
     }
-    bootstrap(&config, gateway.store.as_ref())?;
+    let demo_key = bootstrap(&config, gateway.store.as_ref())?;
+    let admin_token = admin_token(&config, config_path.is_none())?;
     log_channels(&gateway);
     let mut listeners = bind_listeners(config.server.listen, config.server.worker_count())?;
     let first = listeners.remove(0);
@@ -186,9 +194,8 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
     if let Some(days) = config.server.ledger_retention_days {
         tokio::spawn(apply_ledger_retention(store.clone(), days));
     }
-    let admin_token = std::env::var("TOLLGATE_ADMIN_TOKEN").ok();
     let metrics_token = config.server.metrics_token.as_ref().map(Redacted::expose);
-    let tokens = AdminTokens::new(admin_token.as_deref(), metrics_token);
+    let tokens = AdminTokens::new(admin_token.token(), metrics_token);
     let (app, admin_app) = listen::apps(gateway, &tokens, config.server.admin_listen.is_some());
     let admission = client_admission(&config.server);
     // Every worker stops accepting as soon as the signal comes, then finishes what it holds.
@@ -215,6 +222,9 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
         }
         _ => None,
     };
+    if let AdminToken::Demo(token) = &admin_token {
+        say_how_to_call(address, demo_key.as_deref(), token);
+    }
     // Said once every worker's thread runs: scripts and tests wait for this line.
     console::line(&format!("tollgate listening on http://{address}"));
     // This thread is worker 0. Should it stop serving for another reason, so do the others.
@@ -363,13 +373,13 @@ fn serve_admin(
 }
 
 /// On a data directory without tenants, creates the configured demo tenant with its balance and
-/// prints one key, so a newcomer can call the gateway at once.
-fn bootstrap(config: &Config, store: &dyn Store) -> anyhow::Result<()> {
+/// prints one key, so a newcomer can call the gateway at once. Returns the key's secret.
+fn bootstrap(config: &Config, store: &dyn Store) -> anyhow::Result<Option<String>> {
     let Some(bootstrap) = &config.bootstrap else {
-        return Ok(());
+        return Ok(None);
     };
     if !store.tenants()?.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     store.create_tenant(&new_tenant(&bootstrap.tenant))?;
     store.top_up(&tollgate::store::TopUp {
@@ -390,7 +400,88 @@ fn bootstrap(config: &Config, store: &dyn Store) -> anyhow::Result<()> {
         bootstrap.tenant, key.id
     ));
     console::line(&secret);
-    Ok(())
+    Ok(Some(secret))
+}
+
+/// Where the admin token comes from.
+enum AdminToken {
+    /// `TOLLGATE_ADMIN_TOKEN`: always the token when set, whatever the configuration.
+    Variable(String),
+    /// The demo's own, kept in its data directory.
+    Demo(String),
+    /// None: the admin API refuses every call.
+    Closed,
+}
+
+impl AdminToken {
+    fn token(&self) -> Option<&str> {
+        match self {
+            AdminToken::Variable(token) | AdminToken::Demo(token) => Some(token),
+            AdminToken::Closed => None,
+        }
+    }
+}
+
+/// Where the demo keeps its admin token, in its data directory.
+const DEMO_ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// The admin token: `TOLLGATE_ADMIN_TOKEN` when it is set. Without it, the demo (embedded
+/// defaults) makes one on its first run and keeps it in its data directory, readable by its owner
+/// only, so that its admin API and CLI work at once; a gateway with a configuration file then has
+/// no admin API, and says so.
+fn admin_token(config: &Config, demo: bool) -> anyhow::Result<AdminToken> {
+    if let Some(token) = std::env::var("TOLLGATE_ADMIN_TOKEN")
+        .ok()
+        .filter(|token| !token.is_empty())
+    {
+        return Ok(AdminToken::Variable(token));
+    }
+    if !demo {
+        tracing::warn!(
+            "the admin API is closed: TOLLGATE_ADMIN_TOKEN is not set (every admin call answers \
+             401 admin_api_closed)"
+        );
+        return Ok(AdminToken::Closed);
+    }
+    let path = config.server.data_dir.join(DEMO_ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => {
+            return Ok(AdminToken::Demo(token.trim().to_owned()));
+        }
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+    }
+    let token = format!("tga-{}", hex::encode(rand::random::<[u8; 24]>()));
+    write_owner_only(&path, &token)?;
+    Ok(AdminToken::Demo(token))
+}
+
+/// Writes `text` into a new file only its owner may read.
+fn write_owner_only(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The demo's ready-to-paste lines: where to call it, with which key (on the run that made it)
+/// and which admin token.
+fn say_how_to_call(address: std::net::SocketAddr, key: Option<&str>, admin_token: &str) {
+    console::line("To call it, paste into a shell:");
+    console::line(&format!("  export TOLLGATE_BASE_URL=http://{address}/v1"));
+    if let Some(key) = key {
+        console::line(&format!("  export TOLLGATE_KEY={key}"));
+    }
+    console::line(&format!("  export TOLLGATE_ADMIN_TOKEN={admin_token}"));
 }
 
 /// Binds `count` listening sockets to `address`, all with `SO_REUSEPORT`, so the kernel spreads

@@ -505,6 +505,10 @@ impl PluginRuntime {
         if let Some(component) = self.load_artifact(&path) {
             return Ok(component);
         }
+        // Seconds per plugin, once per engine build: a first start would otherwise say nothing
+        // for that long.
+        tracing::info!(%plugin, cache = %self.cache_dir.display(), "compiling a plugin for this machine (once; later starts load it from the cache)");
+        let started = std::time::Instant::now();
         let artifact = self
             .engine
             .precompile_component(bytes)
@@ -512,6 +516,8 @@ impl PluginRuntime {
                 name: plugin.name.clone(),
                 reason: format!("{e:#}"),
             })?;
+        let compile_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(%plugin, compile_ms, "plugin compiled");
         // Write then rename, so a concurrent reader never sees half an artifact.
         let partial = path.with_extension(format!("partial-{}", std::process::id()));
         std::fs::write(&partial, &artifact)

@@ -6,9 +6,18 @@ use crate::gateway::{BindError, StartError};
 /// An admin request refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    /// The admin token is missing or wrong (or the admin API is not enabled).
-    #[error("A valid admin token is required (Authorization: Bearer $TOLLGATE_ADMIN_TOKEN).")]
+    /// The admin token is missing or wrong.
+    #[error(
+        "The admin token is missing or wrong: send `Authorization: Bearer $TOLLGATE_ADMIN_TOKEN` \
+         with the token the gateway was started with."
+    )]
     Unauthorized,
+    /// The gateway was started without an admin token: no token opens the admin API.
+    #[error(
+        "This gateway has no admin token, so its admin API is closed: start it with \
+         TOLLGATE_ADMIN_TOKEN set."
+    )]
+    Closed,
     /// No such tenant.
     #[error("No tenant is named `{tenant}`.")]
     UnknownTenant {

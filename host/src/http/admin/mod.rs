@@ -168,9 +168,14 @@ async fn admit(
     });
     if !admitted {
         let throttled = connection.and_then(|client| client.failed(Credential::AdminToken));
+        let refused = if accepted.iter().all(Option::is_none) {
+            AdminError::Closed
+        } else {
+            AdminError::Unauthorized
+        };
         return Err(
-            throttled.map_or(ApiError::from(AdminError::Unauthorized), |retry_after| {
-                ApiError::AuthThrottled { retry_after }
+            throttled.map_or(refused.into(), |retry_after| ApiError::AuthThrottled {
+                retry_after,
             }),
         );
     }

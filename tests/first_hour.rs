@@ -1,0 +1,167 @@
+//! The first hour: what a newcomer starting the demo, and an operator starting a configured
+//! gateway, see and can do without outside knowledge.
+
+mod harness;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A `tollgate serve` started for a test, with what it printed up to its "listening" line.
+struct Started {
+    child: Child,
+    url: String,
+    printed: Vec<String>,
+}
+
+/// Starts `tollgate serve` in `dir` with `args`, the admin token variable set to `admin_token`
+/// (or unset), its log in `dir/stderr.log`, and waits for it to listen.
+async fn serve_in(dir: &Path, args: &[&str], admin_token: Option<&str>) -> Started {
+    let log = std::fs::File::create(dir.join("stderr.log")).expect("a log file");
+    let mut command = Command::new(harness::binary());
+    command
+        .arg("serve")
+        .args(args)
+        .current_dir(dir)
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true);
+    if let Some(token) = admin_token {
+        command.env("TOLLGATE_ADMIN_TOKEN", token);
+    }
+    let mut child = command.spawn().expect("tollgate starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut printed = Vec::new();
+    let url = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(line) = lines.next_line().await.expect("stdout reads") {
+            if let Some(url) = line.strip_prefix("tollgate listening on ") {
+                return url.to_owned();
+            }
+            printed.push(line);
+        }
+        panic!("the gateway exited before listening: {printed:?}");
+    })
+    .await
+    .expect("the gateway listens within 120 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Started {
+        child,
+        url,
+        printed,
+    }
+}
+
+impl Started {
+    /// Kills the gateway and waits for it to exit: the next start on its data directory finds it
+    /// unlocked.
+    async fn stop(mut self) {
+        self.child.kill().await.expect("the gateway stops");
+    }
+}
+
+/// The demo in a fresh directory, its plugin cache the tests' shared one (compiling every shipped
+/// plugin again would take a minute in a debug build).
+fn demo_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::create_dir(dir.path().join("data")).expect("the data directory");
+    let shared = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-cache");
+    std::fs::create_dir_all(&shared).expect("the shared plugin cache");
+    std::os::unix::fs::symlink(&shared, dir.path().join("data/plugin-cache"))
+        .expect("the cache linked");
+    dir
+}
+
+/// The value of `export NAME=value` among the printed lines.
+fn exported<'a>(printed: &'a [String], name: &str) -> Option<&'a str> {
+    let prefix = format!("export {name}=");
+    printed
+        .iter()
+        .find_map(|line| line.trim().strip_prefix(prefix.as_str()))
+}
+
+async fn admin_status(url: &str, token: &str) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .get(format!("{url}/admin/tenants"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("the gateway answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn the_demo_makes_its_admin_token_once_and_prints_how_to_call_it() {
+    let dir = demo_dir();
+    let first = serve_in(dir.path(), &["--listen", "127.0.0.1:0"], None).await;
+    let printed = &first.printed;
+    assert_eq!(
+        exported(printed, "TOLLGATE_BASE_URL"),
+        Some(format!("{}/v1", first.url).as_str()),
+        "{printed:?}"
+    );
+    let key = exported(printed, "TOLLGATE_KEY").expect("the new key is printed");
+    assert!(key.starts_with("tg-"), "{key}");
+    let token = exported(printed, "TOLLGATE_ADMIN_TOKEN")
+        .expect("the admin token is printed")
+        .to_owned();
+    let kept = dir.path().join("data/admin-token");
+    assert_eq!(std::fs::read_to_string(&kept).expect("kept"), token);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&kept)
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "only its owner reads it");
+    assert_eq!(admin_status(&first.url, &token).await.0, 200);
+    let (status, wrong) = admin_status(&first.url, "not-the-token").await;
+    assert_eq!(status, 401);
+    assert_eq!(wrong["error"]["code"], "invalid_admin_token", "{wrong}");
+    first.stop().await;
+
+    // The next start keeps the token, and prints no key: the secret was shown once.
+    let second = serve_in(dir.path(), &["--listen", "127.0.0.1:0"], None).await;
+    assert_eq!(
+        exported(&second.printed, "TOLLGATE_ADMIN_TOKEN"),
+        Some(token.as_str())
+    );
+    assert_eq!(exported(&second.printed, "TOLLGATE_KEY"), None);
+    second.stop().await;
+
+    // With the variable set, it is the token and the kept one opens nothing.
+    let chosen = "the-operators-token";
+    let third = serve_in(dir.path(), &["--listen", "127.0.0.1:0"], Some(chosen)).await;
+    assert_eq!(admin_status(&third.url, chosen).await.0, 200);
+    assert_eq!(admin_status(&third.url, &token).await.0, 401);
+    assert_eq!(exported(&third.printed, "TOLLGATE_ADMIN_TOKEN"), None);
+    third.stop().await;
+}
+
+#[tokio::test]
+async fn a_configured_gateway_without_an_admin_token_says_its_admin_api_is_closed() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let body = harness::billing(1_000_000);
+    let config = harness::write_config(dir.path(), "listen = \"127.0.0.1:0\"\n", &body)
+        .expect("the configuration");
+    let config = config.to_str().expect("a UTF-8 path");
+    let gateway = serve_in(dir.path(), &["--config", config], None).await;
+    assert!(
+        !dir.path().join("data/admin-token").exists(),
+        "nothing is generated outside the demo"
+    );
+    let (status, closed) = admin_status(&gateway.url, "any-token").await;
+    assert_eq!(status, 401);
+    assert_eq!(closed["error"]["code"], "admin_api_closed", "{closed}");
+    let message = closed["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("TOLLGATE_ADMIN_TOKEN"), "{message}");
+    let log = std::fs::read_to_string(dir.path().join("stderr.log")).expect("the log");
+    assert!(
+        log.contains("the admin API is closed"),
+        "said at start-up: {log}"
+    );
+}
