@@ -638,3 +638,47 @@ async fn fail_open_covers_a_translators_whole_answers() {
         "{traces:?}"
     );
 }
+
+#[tokio::test]
+async fn a_canary_without_a_configuration_keeps_the_one_it_runs_beside() {
+    let (_sim, gateway) = two_channel_gateway().await;
+    let stable = upload(&gateway, "scripted", scripted_router()).await;
+    let candidate = upload(
+        &gateway,
+        "scripted",
+        plugin_version(&scripted_router(), "candidate"),
+    )
+    .await;
+    let config = json!({"prefer": "secondary"});
+    let bound = bind(
+        &gateway,
+        ACME_ROUTER,
+        json!({"plugin": stable, "config": config}),
+    )
+    .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+    let canary = gateway
+        .admin(
+            Method::PUT,
+            "/bindings/canary?role=router&tenant=acme",
+            Some(json!({"plugin": candidate, "percent": 20})),
+        )
+        .await;
+    assert_eq!(canary.status, 200, "{}", canary.json);
+    assert_eq!(
+        canary.json["canary"]["binding"]["config"], config,
+        "the answer shows the configuration used: {}",
+        canary.json
+    );
+    // Given, it is the canary's own.
+    let own = json!({"prefer": "primary"});
+    let canary = gateway
+        .admin(
+            Method::PUT,
+            "/bindings/canary?role=router&tenant=acme",
+            Some(json!({"plugin": candidate, "config": own, "percent": 20})),
+        )
+        .await;
+    assert_eq!(canary.status, 200, "{}", canary.json);
+    assert_eq!(canary.json["canary"]["binding"]["config"], own);
+}

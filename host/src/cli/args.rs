@@ -92,9 +92,10 @@ pub(crate) struct BindingArgs {
     /// version) or a shipped plugin's name.
     #[arg(long)]
     pub(crate) plugin: String,
-    /// The plugin's configuration, as JSON.
-    #[arg(long, default_value = "{}")]
-    pub(crate) config: String,
+    /// The plugin's configuration, as JSON (default: `{}`; a canary's: the configuration of the
+    /// binding it runs beside).
+    #[arg(long)]
+    pub(crate) config: Option<String>,
     /// `closed` (the request gets the plugin's error) or `open` (the global default serves it).
     #[arg(long)]
     pub(crate) failure_policy: Option<String>,
@@ -111,9 +112,10 @@ pub(crate) struct BindingArgs {
 
 impl BindingArgs {
     pub(crate) fn body(&self) -> anyhow::Result<serde_json::Value> {
-        let config: serde_json::Value =
-            serde_json::from_str(&self.config).context("--config is not JSON")?;
-        let mut body = serde_json::json!({"plugin": self.plugin, "config": config});
+        let mut body = serde_json::json!({"plugin": self.plugin});
+        if let Some(config) = &self.config {
+            body["config"] = serde_json::from_str(config).context("--config is not JSON")?;
+        }
         let optional = [
             (
                 "failure_policy",

@@ -61,9 +61,10 @@ pub struct BindingSpec {
     /// A plugin hash (or its first 12+ hex digits), the name of an uploaded plugin (its newest
     /// version), or a shipped plugin's name.
     pub plugin: String,
-    /// The plugin's configuration.
-    #[serde(default = "empty_object")]
-    pub config: serde_json::Value,
+    /// The plugin's configuration: `{}` when absent, except for a canary, which then keeps the
+    /// configuration of the binding it runs beside.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
     /// `closed` (default) or `open`.
     #[serde(default)]
     pub failure_policy: Option<String>,
@@ -252,8 +253,16 @@ impl Gateway {
                 "`max_failure_percent` is between 1 and 100".to_owned(),
             ));
         }
+        let mut candidate = spec.binding.clone();
+        if candidate.config.is_none() {
+            // A canary is mostly a new version of what serves: it keeps that configuration.
+            let bindings = self.bindings();
+            candidate.config = bindings
+                .serving(scope)
+                .and_then(|current| serde_json::from_str(current.config()).ok());
+        }
         let canary = StoredCanary {
-            binding: self.stored_binding(scope.role, &spec.binding)?,
+            binding: self.stored_binding(scope.role, &candidate)?,
             percent: spec.percent,
             max_failure_percent,
             min_calls: spec.min_calls.unwrap_or(DEFAULT_MIN_CALLS).max(1),
@@ -501,7 +510,7 @@ impl Gateway {
         }
         Ok(StoredBinding {
             plugin: self.plugin_reference(role, &spec.plugin)?,
-            config: spec.config.clone(),
+            config: spec.config.clone().unwrap_or_else(empty_object),
             failure_policy: failure_policy.to_owned(),
             deadline_ms: spec.deadline_ms,
             memory_mib: spec.memory_mib,

@@ -693,6 +693,11 @@ impl Binding {
         Ok(binding)
     }
 
+    /// The configuration JSON the plugin was bound with.
+    pub fn config(&self) -> &str {
+        &self.config
+    }
+
     /// Counts a failing-open onto this binding (`tollgate_plugin_fail_opens_total`).
     pub fn count_fail_open(&self) {
         self.runtime.metrics.fail_opens.inc();

@@ -310,6 +310,17 @@ impl BindingTable {
         self.slots.get(scope).map(Arc::as_ref)
     }
 
+    /// What serves a scope's requests outside its canary: its own binding, else the global one.
+    pub fn serving(&self, scope: &Scope) -> Option<&Arc<Binding>> {
+        let global = Scope {
+            tenant: None,
+            ..scope.clone()
+        };
+        [scope, &global]
+            .into_iter()
+            .find_map(|scope| self.slot(scope)?.current.as_ref())
+    }
+
     /// The configuration file's bindings.
     pub fn defaults(&self) -> impl Iterator<Item = (&Scope, &Arc<Binding>)> {
         self.defaults.iter()
