@@ -165,3 +165,50 @@ async fn a_configured_gateway_without_an_admin_token_says_its_admin_api_is_close
         "said at start-up: {log}"
     );
 }
+
+/// Runs the CLI with `args`, the admin token `token`, and backtraces asked for (a failure must
+/// still be one line).
+fn cli_as(token: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(harness::binary())
+        .args(args)
+        .env("TOLLGATE_ADMIN_TOKEN", token)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("the CLI runs")
+}
+
+#[tokio::test]
+async fn a_failed_cli_command_says_why_in_one_line_and_its_exit_status_says_its_kind() {
+    let gateway = harness::start(&harness::billing(1_000_000))
+        .await
+        .expect("the gateway starts");
+    let admin_url = gateway.admin_url.as_str();
+    let listed = cli_as(
+        harness::ADMIN_TOKEN,
+        &["tenant", "list", "--admin-url", admin_url],
+    );
+    assert_eq!(listed.status.code(), Some(0));
+
+    let refused = cli_as("wrong", &["tenant", "list", "--admin-url", admin_url]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(
+        refused.status.code(),
+        Some(3),
+        "the admin API refused: {said}"
+    );
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
+    assert!(
+        said.starts_with("error: 401 Unauthorized invalid_admin_token: The admin token is"),
+        "the status, the code and the API's own message: {said}"
+    );
+    assert!(!said.contains('{'), "no raw JSON: {said}");
+
+    let nobody = cli_as(
+        harness::ADMIN_TOKEN,
+        &["tenant", "list", "--admin-url", "http://127.0.0.1:1"],
+    );
+    let said = String::from_utf8_lossy(&nobody.stderr);
+    assert_eq!(nobody.status.code(), Some(4), "no gateway there: {said}");
+    assert_eq!(said.trim().lines().count(), 1, "{said}");
+    assert!(said.contains("no gateway answers at"), "{said}");
+}

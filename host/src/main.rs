@@ -11,6 +11,14 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
-    cli::run(cli::Cli::parse())
+/// A failure is one line on stderr, its causes after colons (never a backtrace: the message is
+/// for an operator), and an exit status that says its kind.
+fn main() -> std::process::ExitCode {
+    match cli::run(cli::Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::from(cli::exit_code(&error))
+        }
+    }
 }

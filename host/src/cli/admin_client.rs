@@ -7,6 +7,43 @@ use tollgate::console;
 
 use super::args::{AdminArgs, BalanceAction, ChannelAction, UsageAction, percent_encode};
 
+/// The admin API answered with an error: its status, code and message, as it said them.
+#[derive(Debug, thiserror::Error)]
+#[error("{status}{}: {message}", code.as_deref().map(|code| format!(" {code}")).unwrap_or_default())]
+pub(crate) struct AdminRefusal {
+    status: reqwest::StatusCode,
+    code: Option<String>,
+    message: String,
+}
+
+impl AdminRefusal {
+    /// Reads an error answer: OpenAI's error object when it is one, else its text.
+    fn read(status: reqwest::StatusCode, body: &str) -> Self {
+        let error = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|answer| answer.get("error").cloned());
+        let text = |field: &str| {
+            error
+                .as_ref()
+                .and_then(|error| error[field].as_str())
+                .map(str::to_owned)
+        };
+        Self {
+            status,
+            code: text("code").or_else(|| text("type")),
+            message: text("message").unwrap_or_else(|| body.trim().to_owned()),
+        }
+    }
+}
+
+/// The gateway at `--admin-url` could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("no gateway answers at {url} ({cause}); is it running, and is --admin-url right?")]
+pub(crate) struct Unreachable {
+    url: String,
+    cause: String,
+}
+
 /// Calls the admin API and prints its JSON answer; a non-2xx answer is an error.
 pub(crate) fn admin_call(
     admin: &AdminArgs,
@@ -53,12 +90,26 @@ pub(crate) fn send_admin(
         let response = request
             .send()
             .await
-            .with_context(|| format!("calling {url}"))?;
+            .map_err(|error| unreachable(&url, &error))?;
         let status = response.status();
-        let answer: serde_json::Value = response.json().await.context("reading the answer")?;
-        anyhow::ensure!(status.is_success(), "{status}: {answer}");
-        Ok(answer)
+        let body = response.text().await.context("reading the answer")?;
+        if !status.is_success() {
+            return Err(AdminRefusal::read(status, &body).into());
+        }
+        serde_json::from_str(&body).context("the answer is not JSON")
     })
+}
+
+fn unreachable(url: &str, error: &reqwest::Error) -> Unreachable {
+    // The innermost cause says why (connection refused, a name that does not resolve).
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    Unreachable {
+        url: url.to_owned(),
+        cause: cause.to_string(),
+    }
 }
 
 /// Copies a CSV export to stdout as it arrives.
@@ -75,9 +126,11 @@ fn export_csv(admin: &AdminArgs, path: &str) -> anyhow::Result<()> {
             .bearer_auth(&admin.admin_token)
             .send()
             .await
-            .with_context(|| format!("calling {url}"))?;
+            .map_err(|error| unreachable(&url, &error))?;
         let status = response.status();
-        anyhow::ensure!(status.is_success(), "{status}: {}", response.text().await?);
+        if !status.is_success() {
+            return Err(AdminRefusal::read(status, &response.text().await?).into());
+        }
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
             console::raw(&chunk.context("the export broke off")?)?;

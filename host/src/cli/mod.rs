@@ -10,6 +10,18 @@ mod serve;
 pub(crate) use args::Cli;
 use args::Command;
 
+/// The exit status of a failed command (documented in docs/operating.md; clap exits 2 for a
+/// command line it cannot read).
+pub(crate) fn exit_code(error: &anyhow::Error) -> u8 {
+    if error.is::<admin_client::AdminRefusal>() {
+        3
+    } else if error.is::<admin_client::Unreachable>() {
+        4
+    } else {
+        1
+    }
+}
+
 /// Runs one subcommand.
 pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
     // `serve` sets up tracing once its configuration (which may name an OTLP endpoint) is read.
