@@ -188,7 +188,6 @@ async fn a_failed_cli_command_says_why_in_one_line_and_its_exit_status_says_its_
         &["tenant", "list", "--admin-url", admin_url],
     );
     assert_eq!(listed.status.code(), Some(0));
-
     let refused = cli_as("wrong", &["tenant", "list", "--admin-url", admin_url]);
     let said = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(
@@ -211,4 +210,50 @@ async fn a_failed_cli_command_says_why_in_one_line_and_its_exit_status_says_its_
     assert_eq!(nobody.status.code(), Some(4), "no gateway there: {said}");
     assert_eq!(said.trim().lines().count(), 1, "{said}");
     assert!(said.contains("no gateway answers at"), "{said}");
+}
+
+#[tokio::test]
+async fn the_cli_shows_amounts_in_currency_units_beside_the_picos() {
+    let gateway = harness::start(&harness::billing(1_000_000))
+        .await
+        .expect("the gateway starts");
+    let admin_url = gateway.admin_url.as_str();
+    let topped = cli_as(
+        harness::ADMIN_TOKEN,
+        &[
+            "balance",
+            "top-up",
+            "--tenant",
+            "acme",
+            "--amount-micros",
+            "2500000",
+            "--reason",
+            "test",
+            "--admin-url",
+            admin_url,
+        ],
+    );
+    assert_eq!(
+        topped.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&topped.stderr)
+    );
+    let balance = cli_as(
+        harness::ADMIN_TOKEN,
+        &[
+            "balance",
+            "get",
+            "--tenant",
+            "acme",
+            "--admin-url",
+            admin_url,
+        ],
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&balance.stdout).expect("JSON");
+    assert_eq!(shown["balance_picos"], "2500000000000", "{shown}");
+    assert_eq!(
+        shown["balance"], "2.50",
+        "beside it, in currency units: {shown}"
+    );
 }

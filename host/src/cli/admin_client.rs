@@ -52,8 +52,53 @@ pub(crate) fn admin_call(
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<serde_json::Value> {
     let answer = admin_request(admin, method, path, body)?;
-    console::line(&serde_json::to_string_pretty(&answer)?);
+    console::line(&serde_json::to_string_pretty(&with_currency_units(
+        answer.clone(),
+    ))?);
     Ok(answer)
+}
+
+/// Picos (10^-12 currency units) per currency unit.
+const PICOS_PER_UNIT: i128 = 1_000_000_000_000;
+
+/// `value` with every amount in picos (`cost_picos`, `balance_picos`: exact integers, as numbers
+/// or strings) shown beside it in currency units too (`cost`, `balance`), for a person to read.
+fn with_currency_units(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(fields) => {
+            let mut shown = serde_json::Map::new();
+            for (name, value) in fields {
+                let units = name.strip_suffix("_picos");
+                let amount = match &value {
+                    Value::Number(number) => number.as_i64().map(i128::from),
+                    Value::String(text) => text.parse::<i128>().ok(),
+                    _ => None,
+                };
+                let value = with_currency_units(value);
+                if let (Some(units), Some(amount)) = (units, amount) {
+                    shown.insert(units.to_owned(), Value::String(currency_units(amount)));
+                }
+                shown.insert(name, value);
+            }
+            Value::Object(shown)
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(with_currency_units).collect()),
+        other => other,
+    }
+}
+
+/// Picos as an exact decimal amount of currency units, with at least two decimals (`9.998`,
+/// `10.00`, `-0.000000000001`).
+fn currency_units(picos: i128) -> String {
+    let sign = if picos < 0 { "-" } else { "" };
+    let (whole, fraction) = (
+        picos.unsigned_abs() / PICOS_PER_UNIT.unsigned_abs(),
+        picos.unsigned_abs() % PICOS_PER_UNIT.unsigned_abs(),
+    );
+    let fraction = format!("{fraction:012}");
+    let kept = fraction.trim_end_matches('0').len().max(2);
+    format!("{sign}{whole}.{}", &fraction[..kept])
 }
 
 /// Calls the admin API and returns its JSON answer; a non-2xx answer is an error.
@@ -214,5 +259,34 @@ pub(crate) fn usage(action: UsageAction) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picos_are_shown_exactly_in_currency_units() {
+        assert_eq!(currency_units(10 * PICOS_PER_UNIT), "10.00");
+        assert_eq!(currency_units(9_998_000_000_000), "9.998");
+        assert_eq!(currency_units(1), "0.000000000001");
+        assert_eq!(currency_units(-1_500_000_000_000), "-1.50");
+        assert_eq!(currency_units(0), "0.00");
+    }
+
+    #[test]
+    fn every_amount_in_picos_gets_its_currency_units_beside_it() {
+        let shown = with_currency_units(serde_json::json!({
+            "balance_picos": "2500000000000",
+            "records": [{"cost_picos": 30, "latency_ms": 5}],
+        }));
+        assert_eq!(shown["balance"], "2.50");
+        assert_eq!(
+            shown["balance_picos"], "2500000000000",
+            "the exact figure stays"
+        );
+        assert_eq!(shown["records"][0]["cost"], "0.00000000003");
+        assert!(shown["records"][0].get("latency").is_none());
     }
 }
