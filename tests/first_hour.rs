@@ -257,3 +257,64 @@ async fn the_cli_shows_amounts_in_currency_units_beside_the_picos() {
         "beside it, in currency units: {shown}"
     );
 }
+
+#[tokio::test]
+async fn key_terms_change_for_the_next_request_and_a_disabled_tenant_comes_back() {
+    let sim = harness::simulator().await;
+    let config = format!(
+        "{}{}",
+        harness::billing(1_000_000),
+        harness::channel("only", &sim, 1)
+    );
+    let gateway = harness::start(&config).await.expect("the gateway starts");
+    let admin_url = gateway.admin_url.as_str();
+    let admin = |args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["--admin-url", admin_url]);
+        let output = cli_as(harness::ADMIN_TOKEN, &args);
+        let said = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {said}");
+        String::from_utf8(output.stdout).expect("UTF-8")
+    };
+    let created = admin(&["key", "create", "--tenant", "acme", "--rpm", "1"]);
+    let secret = created.lines().last().expect("the secret, last");
+    let id = created
+        .split_whitespace()
+        .find(|word| word.starts_with("key_"))
+        .expect("the key's id");
+    let hello = harness::chat("hello");
+    assert_eq!(gateway.chat_as(secret, &hello).await.status, 200);
+    assert_eq!(
+        gateway.chat_as(secret, &hello).await.status,
+        429,
+        "1 a minute"
+    );
+    admin(&["key", "update", id, "--rpm", "2"]);
+    assert_eq!(
+        gateway.chat_as(secret, &hello).await.status,
+        200,
+        "the raised limit is there at once"
+    );
+    admin(&["key", "update", id, "--allowed-models", "another-model"]);
+    gateway
+        .chat_as(secret, &hello)
+        .await
+        .assert_error(404, Some("model_not_found"));
+    admin(&[
+        "key",
+        "update",
+        id,
+        "--clear",
+        "allowed_models",
+        "--clear",
+        "rpm",
+    ]);
+    for _ in 0..3 {
+        assert_eq!(gateway.chat_as(secret, &hello).await.status, 200);
+    }
+
+    admin(&["tenant", "disable", "acme"]);
+    assert_eq!(gateway.chat_as(&gateway.key, &hello).await.status, 401);
+    admin(&["tenant", "enable", "acme"]);
+    assert_eq!(gateway.chat_as(&gateway.key, &hello).await.status, 200);
+}

@@ -455,6 +455,13 @@ pub(crate) enum TenantAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Enables a disabled tenant again. Through the admin API.
+    Enable {
+        /// Tenant name.
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -465,7 +472,22 @@ pub(crate) enum KeyAction {
         #[arg(long)]
         tenant: String,
         #[command(flatten)]
+        terms: KeyTermArgs,
+        #[command(flatten)]
         data: DataDirArgs,
+    },
+    /// Changes a key's terms, in force for its next request; through the admin API.
+    Update {
+        /// Key id (`key_…`).
+        id: String,
+        #[command(flatten)]
+        terms: KeyTermArgs,
+        /// Clears a term (no expiry, every model, no limit): `expires_unix_ms`,
+        /// `allowed_models`, `rpm`, `tpm` or `daily_spend_cap_micros`; repeatable.
+        #[arg(long, value_name = "TERM")]
+        clear: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Lists a tenant's keys (prefixes, never secrets), through the admin API.
     List {
@@ -482,6 +504,52 @@ pub(crate) enum KeyAction {
         #[command(flatten)]
         admin: AdminArgs,
     },
+}
+
+/// A key's terms, as flags (each left out: unchanged on update, none on creation).
+#[derive(clap::Args)]
+pub(crate) struct KeyTermArgs {
+    /// Expiry, milliseconds since the Unix epoch.
+    #[arg(long)]
+    pub(crate) expires_unix_ms: Option<u64>,
+    /// Public models the key may use, comma-separated (default: every model).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) allowed_models: Option<Vec<String>>,
+    /// Requests per minute, at most.
+    #[arg(long)]
+    pub(crate) rpm: Option<u32>,
+    /// Tokens (prompt and output) per minute, at most.
+    #[arg(long)]
+    pub(crate) tpm: Option<u64>,
+    /// Spend per UTC day, at most, in micro-units.
+    #[arg(long)]
+    pub(crate) daily_spend_cap_micros: Option<u64>,
+}
+
+impl KeyTermArgs {
+    /// The terms given, as the admin API's key fields.
+    pub(crate) fn body(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut body = serde_json::Map::new();
+        let given = [
+            ("expires_unix_ms", self.expires_unix_ms.map(Into::into)),
+            (
+                "allowed_models",
+                self.allowed_models.clone().map(Into::into),
+            ),
+            ("rpm", self.rpm.map(Into::into)),
+            ("tpm", self.tpm.map(Into::into)),
+            (
+                "daily_spend_cap_micros",
+                self.daily_spend_cap_micros.map(Into::into),
+            ),
+        ];
+        for (name, value) in given {
+            if let Some(value) = value {
+                body.insert(name.to_owned(), value);
+            }
+        }
+        body
+    }
 }
 
 /// Percent-encodes a query value (everything but unreserved characters).

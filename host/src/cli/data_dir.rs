@@ -73,6 +73,10 @@ pub(crate) fn tenant(action: TenantAction) -> anyhow::Result<()> {
             let path = format!("/tenants/{}/disable", percent_encode(&name));
             admin_call(&admin, Method::POST, &path, None).map(drop)
         }
+        TenantAction::Enable { name, admin } => {
+            let path = format!("/tenants/{}/enable", percent_encode(&name));
+            admin_call(&admin, Method::POST, &path, None).map(drop)
+        }
     }
 }
 
@@ -80,10 +84,16 @@ pub(crate) fn tenant(action: TenantAction) -> anyhow::Result<()> {
 /// and prints the secret once, as the last line; the rest through the admin API.
 pub(crate) fn key(action: KeyAction) -> anyhow::Result<()> {
     match action {
-        KeyAction::Create { tenant, data } => {
+        KeyAction::Create {
+            tenant,
+            terms,
+            data,
+        } => {
+            let terms = terms.body();
             if let Some(admin) = data.admin()? {
                 let path = format!("/tenants/{}/keys", percent_encode(&tenant));
-                let created = admin_request(&admin, Method::POST, &path, None)?;
+                let body = serde_json::Value::Object(terms);
+                let created = admin_request(&admin, Method::POST, &path, Some(body))?;
                 let id = created["key"]["id"].as_str().unwrap_or_default();
                 console::line(&format!("created key {id} for tenant {tenant}"));
                 console::line(
@@ -94,8 +104,9 @@ pub(crate) fn key(action: KeyAction) -> anyhow::Result<()> {
                 return Ok(());
             }
             let store = open_store(&data)?;
-            let (key, secret) =
-                auth::issue_key(&store, &tenant, auth::KeyTerms::default(), now_unix_ms())?;
+            let terms: auth::KeyTerms = serde_json::from_value(serde_json::Value::Object(terms))
+                .context("the key's terms")?;
+            let (key, secret) = auth::issue_key(&store, &tenant, terms, now_unix_ms())?;
             store.flush()?;
             console::line(&format!("created key {} for tenant {}", key.id, key.tenant));
             console::line(&secret);
@@ -104,6 +115,20 @@ pub(crate) fn key(action: KeyAction) -> anyhow::Result<()> {
         KeyAction::List { tenant, admin } => {
             let path = format!("/tenants/{}/keys", percent_encode(&tenant));
             admin_call(&admin, Method::GET, &path, None).map(drop)
+        }
+        KeyAction::Update {
+            id,
+            terms,
+            clear,
+            admin,
+        } => {
+            let mut body = terms.body();
+            for term in clear {
+                body.insert(term, serde_json::Value::Null);
+            }
+            let path = format!("/keys/{}", percent_encode(&id));
+            let body = Some(serde_json::Value::Object(body));
+            admin_call(&admin, Method::PATCH, &path, body).map(drop)
         }
         KeyAction::Revoke { id, admin } => {
             let path = format!("/keys/{}/revoke", percent_encode(&id));

@@ -56,6 +56,18 @@ impl Bucket {
         self.refreshed = now;
     }
 
+    /// The bucket at `capacity`, the key's limit of the moment (changed terms are in force for
+    /// the next request): a raised limit adds what it raised at once, a lowered one keeps at most
+    /// the new capacity.
+    fn at_capacity(&mut self, capacity: f64) -> &mut Self {
+        if self.capacity != capacity {
+            let raised = (capacity - self.capacity).max(0.0);
+            self.tokens = (self.tokens + raised).min(capacity);
+            self.capacity = capacity;
+        }
+        self
+    }
+
     /// Takes `amount`, or says how long until it could.
     fn take(&mut self, amount: f64, now: Instant) -> Result<(), Duration> {
         self.refill(now);
@@ -183,6 +195,7 @@ pub fn admit(
         locked(&limiter.requests)
             .entry(caller.key_id.clone())
             .or_insert_with(|| Bucket::new(f64::from(rpm), now))
+            .at_capacity(f64::from(rpm))
             .take(1.0, now)
             .map_err(|retry_after| LimitError::RateLimited {
                 what: "requests per minute",
@@ -200,6 +213,7 @@ pub fn admit(
         locked(&limiter.tokens)
             .entry(caller.key_id.clone())
             .or_insert_with(|| Bucket::new(tpm as f64, now))
+            .at_capacity(tpm as f64)
             .take(reserved as f64, now)
             .map_err(|retry_after| LimitError::RateLimited {
                 what: "tokens per minute",

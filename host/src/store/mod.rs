@@ -468,10 +468,22 @@ pub trait Store: Send + Sync {
     fn key_by_id(&self, key_id: &str) -> Result<Option<ApiKey>, StoreError>;
     /// Every key of a tenant.
     fn keys_of(&self, tenant: &str) -> Result<Vec<ApiKey>, StoreError>;
+    /// Changes a key in place (its terms, or revoked); in force for the next request. `None` when
+    /// no key has that id.
+    fn update_key(
+        &self,
+        key_id: &str,
+        change: &mut dyn FnMut(&mut ApiKey),
+    ) -> Result<Option<ApiKey>, StoreError>;
     /// Marks a key revoked; `false` when no key has that id.
-    fn revoke_key(&self, key_id: &str) -> Result<bool, StoreError>;
-    /// Marks a tenant disabled; `false` when no tenant has that name.
-    fn disable_tenant(&self, name: &str) -> Result<bool, StoreError>;
+    fn revoke_key(&self, key_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .update_key(key_id, &mut |key| key.revoked = true)?
+            .is_some())
+    }
+    /// Disables a tenant (its keys are refused) or enables it again; `false` when no tenant has
+    /// that name.
+    fn set_tenant_disabled(&self, name: &str, disabled: bool) -> Result<bool, StoreError>;
     /// The key whose secret hashes to this value.
     fn key_by_secret_sha256(&self, secret_sha256: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
     /// A tenant's balance in picos (10^-12 currency units); negative when overdrawn.

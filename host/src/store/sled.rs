@@ -210,31 +210,35 @@ impl Store for SledStore {
         Ok(keys)
     }
 
-    fn revoke_key(&self, key_id: &str) -> Result<bool, StoreError> {
+    fn update_key(
+        &self,
+        key_id: &str,
+        change: &mut dyn FnMut(&mut ApiKey),
+    ) -> Result<Option<ApiKey>, StoreError> {
         self.durable(|| {
             let Some(hash) = self.key_ids.get(key_id).map_err(backend)? else {
-                return Ok(false);
+                return Ok(None);
             };
             let Some(bytes) = self.keys.get(&hash).map_err(backend)? else {
-                return Ok(false);
+                return Ok(None);
             };
             let mut key: ApiKey = decode("api_keys", &bytes)?;
-            key.revoked = true;
+            change(&mut key);
             let mut cached = self.keys_read.writing();
             self.keys.insert(&hash, encode(&key)?).map_err(backend)?;
             if let Ok(sha256) = <[u8; 32]>::try_from(&hash[..]) {
                 cached.remove(&sha256);
             }
-            Ok(true)
+            Ok(Some(key))
         })
     }
 
-    fn disable_tenant(&self, name: &str) -> Result<bool, StoreError> {
+    fn set_tenant_disabled(&self, name: &str, disabled: bool) -> Result<bool, StoreError> {
         self.durable(|| {
             let Some(mut tenant) = self.tenant(name)? else {
                 return Ok(false);
             };
-            tenant.disabled = true;
+            tenant.disabled = disabled;
             let mut cached = self.tenants_read.writing();
             self.tenants
                 .insert(name, encode(&tenant)?)

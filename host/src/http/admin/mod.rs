@@ -74,7 +74,12 @@ pub fn routes(gateway: Arc<Gateway>, tokens: &AdminTokens) -> Router {
             "/tenants/{tenant}/disable",
             axum::routing::post(disable_tenant),
         )
+        .route(
+            "/tenants/{tenant}/enable",
+            axum::routing::post(enable_tenant),
+        )
         .route("/tenants/{tenant}/keys", get(list_keys).post(create_key))
+        .route("/keys/{key_id}", axum::routing::patch(update_key))
         .route("/keys/{key_id}/revoke", axum::routing::post(revoke_key))
         .route("/tenants/{tenant}/balance", get(balance))
         .route("/tenants/{tenant}/top-ups", axum::routing::post(top_up))
@@ -600,10 +605,26 @@ async fn disable_tenant(
     State(state): State<AdminState>,
     Path(tenant): Path<String>,
 ) -> Result<Response, ApiError> {
-    if !state.gateway.store.disable_tenant(&tenant)? {
+    set_tenant_disabled(&state, tenant, true)
+}
+
+/// `POST /admin/tenants/{tenant}/enable`: its keys are accepted again (those not revoked).
+async fn enable_tenant(
+    State(state): State<AdminState>,
+    Path(tenant): Path<String>,
+) -> Result<Response, ApiError> {
+    set_tenant_disabled(&state, tenant, false)
+}
+
+fn set_tenant_disabled(
+    state: &AdminState,
+    tenant: String,
+    disabled: bool,
+) -> Result<Response, ApiError> {
+    if !state.gateway.store.set_tenant_disabled(&tenant, disabled)? {
         return Err(AdminError::UnknownTenant { tenant }.into());
     }
-    Ok(axum::Json(serde_json::json!({ "tenant": tenant, "disabled": true })).into_response())
+    Ok(axum::Json(serde_json::json!({ "tenant": tenant, "disabled": disabled })).into_response())
 }
 
 /// `POST /admin/tenants/{tenant}/keys` with the key's terms; answers the secret, once.
@@ -641,6 +662,69 @@ async fn list_keys(
     }
     let keys = store.keys_of(&tenant)?;
     Ok(axum::Json(serde_json::json!({ "object": "list", "data": keys })).into_response())
+}
+
+/// A change of a key's terms: any subset of the creation fields; `null` clears one (no expiry, every
+/// model, no limit).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyChange {
+    #[serde(default, deserialize_with = "present")]
+    expires_unix_ms: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    allowed_models: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    rpm: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    tpm: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    daily_spend_cap_micros: Option<Option<u64>>,
+}
+
+/// A field that is there, `null` or not: absent fields stay `None` by `default`.
+fn present<'de, T, D>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: serde::Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    serde::Deserialize::deserialize(deserializer).map(Some)
+}
+
+impl KeyChange {
+    fn apply(&self, key: &mut crate::store::ApiKey) {
+        if let Some(expires) = self.expires_unix_ms {
+            key.expires_unix_ms = expires;
+        }
+        if let Some(models) = &self.allowed_models {
+            key.allowed_models = models.clone().unwrap_or_default();
+        }
+        if let Some(rpm) = self.rpm {
+            key.rpm = rpm;
+        }
+        if let Some(tpm) = self.tpm {
+            key.tpm = tpm;
+        }
+        if let Some(cap) = self.daily_spend_cap_micros {
+            key.daily_spend_cap_micros = cap;
+        }
+    }
+}
+
+/// `PATCH /admin/keys/{key_id}` with a [`KeyChange`]: in force for the key's next request.
+async fn update_key(
+    State(state): State<AdminState>,
+    Path(key_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let change: KeyChange = admin_body(&body)?;
+    let updated = state
+        .gateway
+        .store
+        .update_key(&key_id, &mut |key| change.apply(key))?;
+    let Some(key) = updated else {
+        return Err(AdminError::UnknownKey { key_id }.into());
+    };
+    Ok(axum::Json(serde_json::json!({ "key": key })).into_response())
 }
 
 /// `POST /admin/keys/{key_id}/revoke`.
