@@ -318,3 +318,72 @@ async fn key_terms_change_for_the_next_request_and_a_disabled_tenant_comes_back(
     admin(&["tenant", "enable", "acme"]);
     assert_eq!(gateway.chat_as(&gateway.key, &hello).await.status, 200);
 }
+
+/// A fresh clone's set-up files in a temporary directory: no virtual environment, no npm packages.
+fn bare_clone() -> tempfile::TempDir {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let clone = tempfile::tempdir().expect("a temporary directory");
+    for file in [
+        "scripts/setup.sh",
+        "tests/sdk/requirements.txt",
+        "tests/sdk/package.json",
+        "tests/sdk/package-lock.json",
+    ] {
+        let to = clone.path().join(file);
+        std::fs::create_dir_all(to.parent().expect("a folder")).expect("the folder");
+        std::fs::copy(root.join(file), &to).expect("copied");
+    }
+    clone
+}
+
+/// Runs the clone's set-up with `path` as `PATH`.
+fn set_up(clone: &Path, path: &str, args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new("bash")
+        .arg(clone.join("scripts/setup.sh"))
+        .args(args)
+        .env("PATH", path)
+        .output()
+        .expect("bash runs");
+    let said = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), said)
+}
+
+#[test]
+fn the_set_up_of_a_bare_machine_says_what_it_installs_and_what_it_cannot() {
+    let home = std::env::var("HOME").expect("HOME");
+    // Rust through rustup, and the system's python3 and node; no cargo-nextest.
+    let bare_path = format!("{home}/.cargo/bin:/usr/bin:/bin");
+    let clone = bare_clone();
+    let (code, said) = set_up(clone.path(), &bare_path, &["--with-test-deps", "--dry-run"]);
+    assert_eq!(code, Some(0), "{said}");
+    for planned in [
+        "would install cargo-nextest",
+        "would install a Python virtual environment in tests/sdk/.venv",
+        "would install the openai and anthropic Python SDKs into tests/sdk/.venv",
+        "would install the openai npm package",
+    ] {
+        assert!(said.contains(planned), "{planned}: {said}");
+    }
+    assert!(
+        !clone.path().join("tests/sdk/.venv").exists(),
+        "a dry run installs nothing"
+    );
+
+    // A node older than 20 is named, not worked around.
+    let old = tempfile::tempdir().expect("a temporary directory");
+    let node = old.path().join("node");
+    std::fs::write(
+        &node,
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo v18.19.0 && exit 0\nexit 1\n",
+    )
+    .expect("a stand-in node");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o755)).expect("executable");
+    let old_path = format!("{}:{bare_path}", old.path().display());
+    let (code, said) = set_up(clone.path(), &old_path, &["--with-test-deps", "--dry-run"]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(
+        said.contains("node 20 or newer is required; this is v18.19.0"),
+        "{said}"
+    );
+}

@@ -638,9 +638,13 @@ pub async fn sdk_script(
     gateway: &Gateway,
     env: &[(&str, &str)],
 ) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/sdk")
-        .join(script);
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/sdk");
+    let script = sdk.join(script);
+    // Python runs in the set-up's virtual environment, where the SDKs are.
+    let program = match program {
+        "python3" => sdk.join(".venv/bin/python3"),
+        other => PathBuf::from(other),
+    };
     let output = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(program)
