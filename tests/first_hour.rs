@@ -387,3 +387,33 @@ fn the_set_up_of_a_bare_machine_says_what_it_installs_and_what_it_cannot() {
         "{said}"
     );
 }
+
+#[test]
+fn plugin_test_says_a_refusal_in_plain_words() {
+    let translator = harness::test_plugin("tollgate_translator_anthropic.wasm");
+    let request = serde_json::json!({
+        "model": "test-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "code_interpreter"}],
+    });
+    let output = harness::cli(&[
+        "plugin",
+        "test",
+        translator.to_str().expect("UTF-8"),
+        "--request",
+        &request.to_string(),
+    ])
+    .expect("plugin test runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let tested: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(
+        tested["decision"]["refused"],
+        serde_json::json!({
+            "kind": "invalid_request",
+            "message": "only `function` tools can be sent to an Anthropic model",
+            "param": "tools[0].type",
+        }),
+        "{tested}"
+    );
+}

@@ -12,10 +12,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::plugin::Operation;
-use crate::plugin::billing::{AuthorizeRequest, CallOutcome, ChargeRequest};
+use crate::plugin::billing::{
+    AuthorizeRequest, BillingDenial, BillingError, CallOutcome, ChargeRequest,
+};
 use crate::plugin::router::{Channel, ChannelModel, Circuit, RequestFacts, RouteError};
 use crate::plugin::translator::{
-    AttemptContext, AuthPlacement, HttpMethod, RequestKind, StreamFraming, Usage,
+    AttemptContext, AuthPlacement, HttpMethod, RequestKind, StreamFraming, TranslateError, Usage,
 };
 use crate::plugin::{Binding, Limits, PluginError, PluginRuntime, Role, RuntimeSettings};
 use crate::request::{self, InvalidBody};
@@ -252,7 +254,7 @@ async fn translate(
                     "body": body,
                 })
             }
-            Err(error) => json!({"refused": format!("{error:?}")}),
+            Err(error) => json!({"refused": translate_refusal(&error)}),
         },
     )
 }
@@ -297,7 +299,14 @@ async fn bill(binding: &Binding, client: &request::ClientRequest) -> Result<Valu
     Ok(json!({
         "authorize": match authorized {
             Ok(hold) => json!({"hold_picos": hold.amount_picos}),
-            Err(denial) => json!({"denied": format!("{denial:?}")}),
+            Err(denial) => json!({"denied": match denial {
+                BillingDenial::InsufficientBalance(message) =>
+                    json!({"kind": "insufficient_balance", "message": message}),
+                BillingDenial::UnpricedModel(message) =>
+                    json!({"kind": "unpriced_model", "message": message}),
+                BillingDenial::BudgetExceeded(message) =>
+                    json!({"kind": "budget_exceeded", "message": message}),
+            }}),
         },
         "charge_for_estimate": match charged {
             Ok(price) => json!({
@@ -308,9 +317,29 @@ async fn bill(binding: &Binding, client: &request::ClientRequest) -> Result<Valu
                     "amount_picos": item.amount_picos,
                 })).collect::<Vec<_>>(),
             }),
-            Err(error) => json!({"error": format!("{error:?}")}),
+            Err(error) => json!({"error": match error {
+                BillingError::UnpricedModel(message) =>
+                    json!({"kind": "unpriced_model", "message": message}),
+                BillingError::Internal(message) => json!({"kind": "internal", "message": message}),
+            }}),
         },
     }))
+}
+
+/// A translator's refusal as plain words: its kind, and what it said.
+fn translate_refusal(error: &TranslateError) -> Value {
+    match error {
+        TranslateError::InvalidRequest(invalid) => json!({
+            "kind": "invalid_request", "message": invalid.message, "param": invalid.param,
+        }),
+        TranslateError::Upstream(failure) => json!({
+            "kind": "upstream", "status": failure.status, "message": failure.message,
+        }),
+        TranslateError::MalformedResponse(message) => {
+            json!({"kind": "malformed_response", "message": message})
+        }
+        TranslateError::Unsupported(message) => json!({"kind": "unsupported", "message": message}),
+    }
 }
 
 /// Where `tollgate plugin new` finds the SDK when not told: the source tree this binary was built

@@ -424,7 +424,15 @@ async fn price(billing: &Resolved, request: &ChargeRequest) -> Priced {
             ..Priced::default()
         },
         Err(error) => Priced {
-            failure: Some(format!("{error:?}")),
+            // The plugin's own error, not the stage's [`BillingError`].
+            failure: Some(match error {
+                crate::plugin::billing::BillingError::UnpricedModel(message) => {
+                    format!("unpriced model: {message}")
+                }
+                crate::plugin::billing::BillingError::Internal(message) => {
+                    format!("internal: {message}")
+                }
+            }),
             trace: Some(called.trace),
             ..Priced::default()
         },
