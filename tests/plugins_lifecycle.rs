@@ -300,16 +300,33 @@ async fn upload_bind_rebind_under_load_rollback_and_restart() {
     assert_eq!(listed.json["data"].as_array().map(Vec::len), Some(2));
 }
 
-#[tokio::test]
-async fn a_canary_takes_its_share_and_a_failing_one_rolls_itself_back() {
-    let (_sim, gateway) = two_channel_gateway().await;
-    let stable = upload(&gateway, "scripted", scripted_router()).await;
+/// Starts a canary beside acme's router binding.
+async fn start_canary(gateway: &harness::Gateway, body: Value) -> Answer {
+    gateway
+        .admin(
+            Method::PUT,
+            "/bindings/canary?role=router&tenant=acme",
+            Some(body),
+        )
+        .await
+}
+
+/// Uploads the scripted router and a second version of it: (stable, candidate) hashes.
+async fn stable_and_candidate(gateway: &harness::Gateway) -> (String, String) {
+    let stable = upload(gateway, "scripted", scripted_router()).await;
     let candidate = upload(
-        &gateway,
+        gateway,
         "scripted",
         plugin_version(&scripted_router(), "candidate"),
     )
     .await;
+    (stable, candidate)
+}
+
+#[tokio::test]
+async fn a_canary_takes_its_share_and_a_failing_one_rolls_itself_back() {
+    let (_sim, gateway) = two_channel_gateway().await;
+    let (stable, candidate) = stable_and_candidate(&gateway).await;
     let bound = bind(
         &gateway,
         ACME_ROUTER,
@@ -317,13 +334,11 @@ async fn a_canary_takes_its_share_and_a_failing_one_rolls_itself_back() {
     )
     .await;
     assert_eq!(bound.status, 200, "{}", bound.json);
-    let canary = gateway
-        .admin(
-            Method::PUT,
-            "/bindings/canary?role=router&tenant=acme",
-            Some(json!({"plugin": candidate, "config": {"prefer": "primary"}, "percent": 20})),
-        )
-        .await;
+    let canary = start_canary(
+        &gateway,
+        json!({"plugin": candidate, "config": {"prefer": "primary"}, "percent": 20}),
+    )
+    .await;
     assert_eq!(canary.status, 200, "{}", canary.json);
 
     let mut by_canary = 0;
@@ -351,16 +366,14 @@ async fn a_canary_takes_its_share_and_a_failing_one_rolls_itself_back() {
     );
 
     // A canary that traps on every call is rolled back once its failure share passes 20 %.
-    let failing = gateway
-        .admin(
-            Method::PUT,
-            "/bindings/canary?role=router&tenant=acme",
-            Some(json!({
-                "plugin": candidate, "config": {"misbehave": "trap"},
-                "percent": 50, "min_calls": 4, "max_failure_percent": 20
-            })),
-        )
-        .await;
+    let failing = start_canary(
+        &gateway,
+        json!({
+            "plugin": candidate, "config": {"misbehave": "trap"},
+            "percent": 50, "min_calls": 4, "max_failure_percent": 20
+        }),
+    )
+    .await;
     assert_eq!(failing.status, 200, "{}", failing.json);
     let mut failed = 0;
     let mut rolled_back = false;
@@ -642,13 +655,7 @@ async fn fail_open_covers_a_translators_whole_answers() {
 #[tokio::test]
 async fn a_canary_without_a_configuration_keeps_the_one_it_runs_beside() {
     let (_sim, gateway) = two_channel_gateway().await;
-    let stable = upload(&gateway, "scripted", scripted_router()).await;
-    let candidate = upload(
-        &gateway,
-        "scripted",
-        plugin_version(&scripted_router(), "candidate"),
-    )
-    .await;
+    let (stable, candidate) = stable_and_candidate(&gateway).await;
     let config = json!({"prefer": "secondary"});
     let bound = bind(
         &gateway,
@@ -657,13 +664,7 @@ async fn a_canary_without_a_configuration_keeps_the_one_it_runs_beside() {
     )
     .await;
     assert_eq!(bound.status, 200, "{}", bound.json);
-    let canary = gateway
-        .admin(
-            Method::PUT,
-            "/bindings/canary?role=router&tenant=acme",
-            Some(json!({"plugin": candidate, "percent": 20})),
-        )
-        .await;
+    let canary = start_canary(&gateway, json!({"plugin": candidate, "percent": 20})).await;
     assert_eq!(canary.status, 200, "{}", canary.json);
     assert_eq!(
         canary.json["canary"]["binding"]["config"], config,
@@ -672,13 +673,11 @@ async fn a_canary_without_a_configuration_keeps_the_one_it_runs_beside() {
     );
     // Given, it is the canary's own.
     let own = json!({"prefer": "primary"});
-    let canary = gateway
-        .admin(
-            Method::PUT,
-            "/bindings/canary?role=router&tenant=acme",
-            Some(json!({"plugin": candidate, "config": own, "percent": 20})),
-        )
-        .await;
+    let canary = start_canary(
+        &gateway,
+        json!({"plugin": candidate, "config": own, "percent": 20}),
+    )
+    .await;
     assert_eq!(canary.status, 200, "{}", canary.json);
     assert_eq!(canary.json["canary"]["binding"]["config"], own);
 }

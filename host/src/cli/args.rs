@@ -86,7 +86,8 @@ impl ScopeArgs {
 }
 
 /// A binding's plugin, configuration and limits.
-#[derive(clap::Args)]
+/// Serialized, it is the admin API's binding body but for `config`, which is JSON text here.
+#[derive(clap::Args, serde::Serialize)]
 pub(crate) struct BindingArgs {
     /// A plugin hash (12+ leading hex digits suffice), an uploaded plugin's name (its newest
     /// version) or a shipped plugin's name.
@@ -95,43 +96,31 @@ pub(crate) struct BindingArgs {
     /// The plugin's configuration, as JSON (default: `{}`; a canary's: the configuration of the
     /// binding it runs beside).
     #[arg(long)]
+    #[serde(skip)]
     pub(crate) config: Option<String>,
     /// `closed` (the request gets the plugin's error) or `open` (the global default serves it).
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) failure_policy: Option<String>,
     /// Per-call deadline, in milliseconds.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) deadline_ms: Option<u64>,
     /// Memory cap, in MiB.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) memory_mib: Option<usize>,
     /// Cap on one call's output, in KiB.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) max_output_kib: Option<usize>,
 }
 
 impl BindingArgs {
     pub(crate) fn body(&self) -> anyhow::Result<serde_json::Value> {
-        let mut body = serde_json::json!({"plugin": self.plugin});
+        let mut body = serde_json::to_value(self)?;
         if let Some(config) = &self.config {
             body["config"] = serde_json::from_str(config).context("--config is not JSON")?;
-        }
-        let optional = [
-            (
-                "failure_policy",
-                self.failure_policy.clone().map(serde_json::Value::from),
-            ),
-            ("deadline_ms", self.deadline_ms.map(serde_json::Value::from)),
-            ("memory_mib", self.memory_mib.map(serde_json::Value::from)),
-            (
-                "max_output_kib",
-                self.max_output_kib.map(serde_json::Value::from),
-            ),
-        ];
-        for (name, value) in optional {
-            if let Some(value) = value {
-                body[name] = value;
-            }
         }
         Ok(body)
     }
@@ -507,48 +496,35 @@ pub(crate) enum KeyAction {
 }
 
 /// A key's terms, as flags (each left out: unchanged on update, none on creation).
-#[derive(clap::Args)]
+/// Serialized, it is the admin API's key terms, those given only.
+#[derive(clap::Args, serde::Serialize)]
 pub(crate) struct KeyTermArgs {
     /// Expiry, milliseconds since the Unix epoch.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) expires_unix_ms: Option<u64>,
     /// Public models the key may use, comma-separated (default: every model).
     #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) allowed_models: Option<Vec<String>>,
     /// Requests per minute, at most.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) rpm: Option<u32>,
     /// Tokens (prompt and output) per minute, at most.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) tpm: Option<u64>,
     /// Spend per UTC day, at most, in micro-units.
     #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) daily_spend_cap_micros: Option<u64>,
 }
 
 impl KeyTermArgs {
     /// The terms given, as the admin API's key fields.
-    pub(crate) fn body(&self) -> serde_json::Map<String, serde_json::Value> {
-        let mut body = serde_json::Map::new();
-        let given = [
-            ("expires_unix_ms", self.expires_unix_ms.map(Into::into)),
-            (
-                "allowed_models",
-                self.allowed_models.clone().map(Into::into),
-            ),
-            ("rpm", self.rpm.map(Into::into)),
-            ("tpm", self.tpm.map(Into::into)),
-            (
-                "daily_spend_cap_micros",
-                self.daily_spend_cap_micros.map(Into::into),
-            ),
-        ];
-        for (name, value) in given {
-            if let Some(value) = value {
-                body.insert(name.to_owned(), value);
-            }
-        }
-        body
+    pub(crate) fn body(&self) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+        Ok(serde_json::from_value(serde_json::to_value(self)?)?)
     }
 }
 

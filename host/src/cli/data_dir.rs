@@ -89,7 +89,7 @@ pub(crate) fn key(action: KeyAction) -> anyhow::Result<()> {
             terms,
             data,
         } => {
-            let terms = terms.body();
+            let terms = terms.body()?;
             if let Some(admin) = data.admin()? {
                 let path = format!("/tenants/{}/keys", percent_encode(&tenant));
                 let body = serde_json::Value::Object(terms);
@@ -122,7 +122,7 @@ pub(crate) fn key(action: KeyAction) -> anyhow::Result<()> {
             clear,
             admin,
         } => {
-            let mut body = terms.body();
+            let mut body = terms.body()?;
             for term in clear {
                 body.insert(term, serde_json::Value::Null);
             }
