@@ -417,3 +417,53 @@ fn plugin_test_says_a_refusal_in_plain_words() {
         "{tested}"
     );
 }
+
+#[tokio::test]
+async fn an_operator_starts_from_an_empty_directory_with_a_funded_tenant() {
+    let dir = demo_dir();
+    let tollgate = |args: &[&str]| {
+        std::process::Command::new(harness::binary())
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("the CLI runs")
+    };
+    let written = tollgate(&["init"]);
+    assert!(written.status.success(), "{written:?}");
+    let config = std::fs::read_to_string(dir.path().join("tollgate.toml")).expect("written");
+    assert!(
+        config.contains("[[channels]]"),
+        "a starting point: {config}"
+    );
+    let again = tollgate(&["init"]);
+    assert_eq!(again.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(said.contains("never overwrites"), "{said}");
+
+    let funded = ["tenant", "create", "acme", "--balance-micros", "2500000"];
+    let created = tollgate(&[&funded[..], &["--config", "tollgate.toml"]].concat());
+    assert!(created.status.success(), "{created:?}");
+    let key = tollgate(&[
+        "key",
+        "create",
+        "--tenant",
+        "acme",
+        "--config",
+        "tollgate.toml",
+    ]);
+    assert!(key.status.success(), "{key:?}");
+
+    let token = "the-operators-token";
+    let args = ["--config", "tollgate.toml", "--listen", "127.0.0.1:0"];
+    let gateway = serve_in(dir.path(), &args, Some(token)).await;
+    let balance: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/admin/tenants/acme/balance", gateway.url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("the gateway answers")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(balance["balance_picos"], "2500000000000", "{balance}");
+}

@@ -18,6 +18,12 @@ pub(crate) struct Cli {
 
 #[derive(Subcommand)]
 pub(crate) enum Command {
+    /// Writes a starter configuration (the demo's, commented) to begin from.
+    Init {
+        /// Where to write it; an existing file is never overwritten.
+        #[arg(long, default_value = "tollgate.toml")]
+        config: PathBuf,
+    },
     /// Runs the gateway.
     Serve {
         /// Configuration file; without it the embedded demo configuration is used.
@@ -422,6 +428,9 @@ pub(crate) enum TenantAction {
     Create {
         /// Tenant name.
         name: String,
+        /// Opening balance, in micro-units (a top-up recorded as the opening balance).
+        #[arg(long, default_value_t = 0)]
+        balance_micros: u64,
         #[command(flatten)]
         data: DataDirArgs,
     },

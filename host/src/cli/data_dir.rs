@@ -49,17 +49,60 @@ pub(crate) fn new_tenant(name: &str) -> tollgate::store::Tenant {
     }
 }
 
+/// The reason recorded with a balance given at creation.
+const OPENING_BALANCE: &str = "opening balance";
+
+/// `tollgate init`: the demo's configuration as a file to begin from, never over an existing one.
+pub(crate) fn init(path: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("creating {} (init never overwrites a file)", path.display()))?;
+    file.write_all(config::EMBEDDED_DEFAULT.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    console::line(&format!(
+        "wrote {}: the demo's configuration, commented; edit its channels, then \
+         `tollgate serve --config {}`",
+        path.display(),
+        path.display()
+    ));
+    Ok(())
+}
+
 /// `tollgate tenant …`: creation works on the data directory (or the admin API with
 /// `--admin-url`); the rest through the admin API.
 pub(crate) fn tenant(action: TenantAction) -> anyhow::Result<()> {
     match action {
-        TenantAction::Create { name, data } => {
+        TenantAction::Create {
+            name,
+            balance_micros,
+            data,
+        } => {
             if let Some(admin) = data.admin()? {
                 let body = serde_json::json!({ "name": name });
                 admin_request(&admin, Method::POST, "/tenants", Some(body))?;
+                if balance_micros > 0 {
+                    let path = format!("/tenants/{}/top-ups", percent_encode(&name));
+                    let top_up = serde_json::json!({
+                        "amount_micros": balance_micros,
+                        "reason": OPENING_BALANCE,
+                    });
+                    admin_request(&admin, Method::POST, &path, Some(top_up))?;
+                }
             } else {
                 let store = open_store(&data)?;
                 store.create_tenant(&new_tenant(&name))?;
+                if balance_micros > 0 {
+                    store.top_up(&tollgate::store::TopUp {
+                        tenant: name.clone(),
+                        amount_picos: i128::from(balance_micros) * 1_000_000,
+                        reason: OPENING_BALANCE.to_owned(),
+                        unix_ms: now_unix_ms(),
+                    })?;
+                }
+                store.flush()?;
             }
             console::line(&format!("created tenant {name}"));
             Ok(())

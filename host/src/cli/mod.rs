@@ -29,6 +29,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<()> {
         serve::init_tracing(None)?;
     }
     match cli.command {
+        Command::Init { config } => data_dir::init(&config),
         Command::Serve { config, listen } => serve::run(config.as_deref(), listen),
         Command::Tenant { action } => data_dir::tenant(action),
         Command::Key { action } => data_dir::key(action),
