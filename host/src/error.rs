@@ -167,31 +167,34 @@ const DECIDED_RETRY_AFTER_MS: u64 = 1000;
 impl ApiError {
     /// The one mapping from error to status, OpenAI error object and record class.
     fn render(&self) -> Rendered {
-        let message = self.to_string();
+        // Formatted only by the rows that answer with the error's own words.
+        let message = || self.to_string();
         match self {
-            ApiError::Store(StoreError::Exists { .. }) => CONFLICT.with("already_exists", message),
-            ApiError::Store(StoreError::Missing { .. }) => NOT_FOUND.with("not_found", message),
+            ApiError::Store(StoreError::Exists { .. }) => {
+                CONFLICT.with("already_exists", message())
+            }
+            ApiError::Store(StoreError::Missing { .. }) => NOT_FOUND.with("not_found", message()),
             ApiError::Auth(AuthError::Store(_))
             | ApiError::Store(_)
             | ApiError::Billing(BillingError::Store(_)) => storage_failed(),
-            ApiError::Auth(_) => UNAUTHORIZED.with("invalid_api_key", message),
+            ApiError::Auth(_) => UNAUTHORIZED.with("invalid_api_key", message()),
             ApiError::AuthThrottled { retry_after } => RATE_LIMITED
-                .with("rate_limit_exceeded", message)
+                .with("rate_limit_exceeded", message())
                 .class("auth_throttled")
                 .retry_after(retry_after.as_millis() as u64),
             ApiError::Limit(LimitError::ModelNotAllowed { .. }) => NOT_FOUND
-                .with("model_not_found", message)
+                .with("model_not_found", message())
                 .class("model_not_allowed"),
             ApiError::Limit(LimitError::RateLimited { retry_after, .. }) => RATE_LIMITED
-                .with("rate_limit_exceeded", message)
+                .with("rate_limit_exceeded", message())
                 .retry_after(retry_after.as_millis() as u64),
             ApiError::InvalidBody(InvalidBody { message, param })
             | ApiError::Translate(TranslateError::InvalidRequest { message, param }) => Rendered {
                 param: param.clone(),
                 ..BAD_REQUEST.without_code("invalid_request", message.clone())
             },
-            ApiError::BodyTooLarge => TOO_LARGE.with("request_too_large", message),
-            ApiError::BodyReadTimedOut(_) => REQUEST_TIMEOUT.with("request_timeout", message),
+            ApiError::BodyTooLarge => TOO_LARGE.with("request_too_large", message()),
+            ApiError::BodyReadTimedOut(_) => REQUEST_TIMEOUT.with("request_timeout", message()),
             ApiError::Route(RouteError::NoRoute(detail))
             | ApiError::Billing(BillingError::UnpricedModel(detail)) => {
                 NOT_FOUND.with("model_not_found", detail.clone())
@@ -203,7 +206,7 @@ impl ApiError {
                 BillingError::InsufficientBalance(detail) | BillingError::BudgetExceeded(detail),
             ) => NO_QUOTA.with("insufficient_quota", detail.clone()),
             ApiError::Billing(BillingError::Contended) => RATE_LIMITED
-                .with("rate_limit_exceeded", message)
+                .with("rate_limit_exceeded", message())
                 .class("billing_contended")
                 .retry_after(DECIDED_RETRY_AFTER_MS),
             ApiError::Route(RouteError::Plugin(error))
@@ -214,16 +217,17 @@ impl ApiError {
                 upstream_rendered(error).class(error.class())
             }
             ApiError::NoAttempt => UNAVAILABLE
-                .with("no_upstream", message)
+                .with("no_upstream", message())
                 .retry_after(DECIDED_RETRY_AFTER_MS),
-            ApiError::Admin(error) => admin_rendered(error, message),
-            ApiError::UnknownPath { .. } => NOT_FOUND.with("unknown_url", message),
+            ApiError::Admin(error) => admin_rendered(error, message()),
+            ApiError::UnknownPath { .. } => NOT_FOUND.with("unknown_url", message()),
         }
     }
 
-    /// The HTTP status this error is answered with.
-    pub fn status_code(&self) -> u16 {
-        self.render().status.as_u16()
+    /// The HTTP status this error is answered with and the class its usage record keeps.
+    pub fn recorded_as(&self) -> (u16, &'static str) {
+        let rendered = self.render();
+        (rendered.status.as_u16(), rendered.class)
     }
 
     /// A short class for usage records: the error code, or what it says more precisely.

@@ -283,14 +283,14 @@ pub(super) fn finish_failed(
     context: &mut RequestContext,
     error: &ApiError,
 ) -> Durable {
-    let (status, class) = (error.status_code(), Some(error.class()));
+    let (status, class) = error.recorded_as();
     finish(
         gateway,
         context,
         &zero_usage(),
         &Priced::default(),
         status,
-        class,
+        Some(class),
     )
 }
 
