@@ -313,6 +313,24 @@ async fn key_terms_change_for_the_next_request_and_a_disabled_tenant_comes_back(
         assert_eq!(gateway.chat_as(secret, &hello).await.status, 200);
     }
 
+    let patch = |path: String, body: serde_json::Value| {
+        reqwest::Client::new()
+            .patch(format!("{admin_url}/admin{path}"))
+            .bearer_auth(harness::ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let bad = patch(format!("/keys/{id}"), serde_json::json!({"rpm": "many"}))
+        .await
+        .expect("the gateway answers");
+    assert_eq!(bad.status(), 400, "a term of the wrong type is refused");
+    let unknown = patch("/keys/key_nobody".to_owned(), serde_json::json!({"rpm": 1}))
+        .await
+        .expect("the gateway answers");
+    assert_eq!(unknown.status(), 404);
+    let said: serde_json::Value = unknown.json().await.expect("JSON");
+    assert_eq!(said["error"]["code"], "not_found", "{said}");
+
     admin(&["tenant", "disable", "acme"]);
     assert_eq!(gateway.chat_as(&gateway.key, &hello).await.status, 401);
     admin(&["tenant", "enable", "acme"]);
