@@ -105,6 +105,11 @@ async fn the_demo_makes_its_admin_token_once_and_prints_how_to_call_it() {
         Some(format!("{}/v1", first.url).as_str()),
         "{printed:?}"
     );
+    assert_eq!(
+        exported(printed, "TOLLGATE_ADMIN_URL"),
+        Some(first.url.as_str()),
+        "the CLI's admin API: {printed:?}"
+    );
     let key = exported(printed, "TOLLGATE_KEY").expect("the new key is printed");
     assert!(key.starts_with("tg-"), "{key}");
     let token = exported(printed, "TOLLGATE_ADMIN_TOKEN")
@@ -484,4 +489,242 @@ async fn an_operator_starts_from_an_empty_directory_with_a_funded_tenant() {
         .await
         .expect("JSON");
     assert_eq!(balance["balance_picos"], "2500000000000", "{balance}");
+}
+
+/// The demo's configuration on free ports, as the docs' runnable blocks expect to find it: the
+/// configuration `tollgate init` writes (the embedded defaults) with the simulator it names on a
+/// free port instead of 8099, served with `--listen 127.0.0.1:0`.
+struct DocsDemo {
+    dir: tempfile::TempDir,
+    gateway: Started,
+    simulator: tollgate_simulator::Simulator,
+    /// What the gateway's `export` lines set, and the admin token.
+    env: Vec<(String, String)>,
+}
+
+const DOCS_ADMIN_TOKEN: &str = "the-docs-admin-token";
+
+async fn docs_demo() -> DocsDemo {
+    let simulator = tollgate_simulator::Simulator::start(([127, 0, 0, 1], 0).into(), Vec::new())
+        .await
+        .expect("the simulator binds a loopback port");
+    let dir = demo_dir();
+    let written = std::process::Command::new(harness::binary())
+        .arg("init")
+        .current_dir(dir.path())
+        .output()
+        .expect("the CLI runs");
+    assert!(written.status.success(), "{written:?}");
+    let config = dir.path().join("tollgate.toml");
+    let text = std::fs::read_to_string(&config).expect("written");
+    let address = simulator.address().to_string();
+    std::fs::write(&config, text.replace("127.0.0.1:8099", &address)).expect("rewritten");
+    let args = ["--config", "tollgate.toml", "--listen", "127.0.0.1:0"];
+    let gateway = serve_in(dir.path(), &args, Some(DOCS_ADMIN_TOKEN)).await;
+    let mut env: Vec<(String, String)> =
+        ["TOLLGATE_BASE_URL", "TOLLGATE_ADMIN_URL", "TOLLGATE_KEY"]
+            .into_iter()
+            .map(|name| {
+                let value = exported(&gateway.printed, name)
+                    .unwrap_or_else(|| panic!("{name} is printed: {:?}", gateway.printed));
+                (name.to_owned(), value.to_owned())
+            })
+            .collect();
+    env.push((
+        "TOLLGATE_ADMIN_TOKEN".to_owned(),
+        DOCS_ADMIN_TOKEN.to_owned(),
+    ));
+    DocsDemo {
+        dir,
+        gateway,
+        simulator,
+        env,
+    }
+}
+
+impl DocsDemo {
+    fn value(&self, name: &str) -> &str {
+        self.env
+            .iter()
+            .find_map(|(key, value)| (key == name).then_some(value.as_str()))
+            .expect("a variable the demo set")
+    }
+
+    /// The blocks of `document` fenced `sh runnable` or `python runnable`, in order, as one bash
+    /// script (a Python block runs in the SDKs' virtual environment), with the docs' addresses and
+    /// key placeholder replaced by this demo's.
+    fn runnable_script(&self, document: &str) -> String {
+        let markdown = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(document),
+        )
+        .expect("the document reads");
+        let gateway = self.gateway.url.trim_start_matches("http://");
+        let simulator = self.simulator.address().to_string();
+        let replacements = [
+            ("127.0.0.1:8080", gateway),
+            ("127.0.0.1:8099", simulator.as_str()),
+            ("tg-...", self.value("TOLLGATE_KEY")),
+        ];
+        let mut script = String::from("set -euo pipefail\n");
+        let mut lines = markdown.lines();
+        let mut blocks = 0;
+        while let Some(line) = lines.next() {
+            let python = match line.trim_end() {
+                "```sh runnable" => false,
+                "```python runnable" => true,
+                _ => continue,
+            };
+            let mut text = lines
+                .by_ref()
+                .take_while(|line| line.trim_end() != "```")
+                .collect::<Vec<_>>()
+                .join("\n");
+            for (from, to) in replacements {
+                text = text.replace(from, to);
+            }
+            blocks += 1;
+            script.push_str(&format!(
+                "echo '# {document}: runnable block {blocks}' >&2\n"
+            ));
+            if python {
+                script.push_str(&format!(
+                    "\"$PYTHON\" - <<'PYTHON_BLOCK'\n{text}\nPYTHON_BLOCK\n"
+                ));
+            } else {
+                script.push_str(&text);
+                script.push('\n');
+            }
+        }
+        assert!(blocks > 0, "{document} has runnable blocks");
+        script
+    }
+
+    /// Runs `document`'s runnable blocks in the demo's directory, `tollgate` on the `PATH` and
+    /// every `curl` failing on an HTTP error (`fail-with-body` in its configuration), with
+    /// `extra_path` searched first; returns what they printed.
+    async fn run(&self, document: &str, extra_path: Option<&Path>) -> String {
+        let script = self.runnable_script(document);
+        let curl_home = self.dir.path().join("curl-home");
+        std::fs::create_dir_all(&curl_home).expect("curl's home");
+        std::fs::write(curl_home.join(".curlrc"), "fail-with-body\nshow-error\n")
+            .expect("curl's configuration");
+        let binary_dir = Path::new(harness::binary()).parent().expect("a folder");
+        let mut path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+            .collect::<Vec<_>>();
+        path.insert(0, binary_dir.to_path_buf());
+        if let Some(extra) = extra_path {
+            path.insert(0, extra.to_path_buf());
+        }
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/sdk/.venv/bin/python3");
+        let output = tokio::time::timeout(
+            Duration::from_secs(900),
+            Command::new("bash")
+                .arg("-c")
+                .arg(&script)
+                .current_dir(self.dir.path())
+                .env("PATH", std::env::join_paths(path).expect("a PATH"))
+                .env("CURL_HOME", &curl_home)
+                .env("PYTHON", python)
+                .envs(self.env.iter().map(|(name, value)| (name, value)))
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("the blocks finish within 15 minutes")
+        .expect("bash runs");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "{document}'s runnable blocks fail:\n{}\nstdout: {stdout}\nscript:\n{script}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    /// The demo tenant's usage records, oldest first.
+    async fn records(&self) -> Vec<serde_json::Value> {
+        let answer: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/admin/usage?tenant=demo", self.gateway.url))
+            .bearer_auth(DOCS_ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("the gateway answers")
+            .json()
+            .await
+            .expect("JSON");
+        answer["data"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+#[tokio::test]
+async fn the_readmes_runnable_blocks_run_against_the_demo() {
+    let demo = docs_demo().await;
+    let printed = demo.run("README.md", None).await;
+    let records = demo.records().await;
+    let asked: Vec<_> = records
+        .iter()
+        .map(|record| (record["model_asked"].as_str(), record["status"].as_u64()))
+        .collect();
+    assert_eq!(
+        asked,
+        [
+            (Some("gpt-4o-mini"), Some(200)),
+            (Some("gpt-4o-mini"), Some(200)),
+            (Some("claude-sonnet"), Some(200)),
+        ],
+        "one answered request per call: {printed}"
+    );
+}
+
+/// A stand-in `cargo` for the walkthrough's plugin crate: its build shares the tests' compiled
+/// SDK (a `target` linked to theirs) and the workspace's lock, offline, as `plugin_authoring` does.
+fn cargo_sharing_the_tests_target(dir: &Path) -> std::path::PathBuf {
+    let shim = dir.join("cargo-shim");
+    std::fs::create_dir_all(&shim).expect("the shim's folder");
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("plugin-new-target");
+    std::fs::create_dir_all(&target).expect("the shared target");
+    let lock = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock");
+    let cargo = std::env::var("CARGO").expect("cargo runs the tests");
+    let script = format!(
+        "#!/bin/sh\n[ -e target ] || ln -s '{}' target\n[ -e Cargo.lock ] || cp '{}' Cargo.lock\n\
+         unset RUSTFLAGS CARGO_ENCODED_RUSTFLAGS RUSTC_WRAPPER RUSTC_WORKSPACE_WRAPPER\n\
+         CARGO_NET_OFFLINE=true exec '{cargo}' \"$@\"\n",
+        target.display(),
+        lock.display()
+    );
+    let file = shim.join("cargo");
+    std::fs::write(&file, script).expect("the shim");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).expect("executable");
+    shim
+}
+
+#[tokio::test]
+async fn the_tier_router_walkthrough_runs_as_written_against_the_demo() {
+    let demo = docs_demo().await;
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    std::os::unix::fs::symlink(&examples, demo.dir.path().join("examples"))
+        .expect("the examples linked");
+    let shim = cargo_sharing_the_tests_target(demo.dir.path());
+    let printed = demo
+        .run("examples/tier-router/README.md", Some(&shim))
+        .await;
+    let records = demo.records().await;
+    let premium = records
+        .iter()
+        .find(|record| {
+            record["request_id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("tier-walkthrough-"))
+        })
+        .unwrap_or_else(|| panic!("the named request is recorded: {printed}"));
+    assert_eq!(premium["channel"], "best", "{premium}");
+    assert!(
+        premium["plugins"][0]
+            .as_str()
+            .is_some_and(|plugin| plugin.starts_with("tier-router@")),
+        "{premium}"
+    );
 }

@@ -1,7 +1,7 @@
 //! End-to-end for plugin authors: `tollgate plugin new` writes a crate per role that builds for
-//! `wasm32-wasip2` and runs under `tollgate plugin test`; the `examples/tier-router` walkthrough
-//! (upload and bind with the CLI, then live requests routed by the tier header) works as the
-//! README tells it.
+//! `wasm32-wasip2` and runs under `tollgate plugin test`; the `examples/tier-router` rule, uploaded
+//! and bound with the CLI, routes live requests by the tier header and refuses an unknown tier.
+//! (`first_hour` runs its README's walkthrough as written.)
 
 mod harness;
 

@@ -254,8 +254,12 @@ pub(crate) enum PluginAction {
 
 #[derive(clap::Args)]
 pub(crate) struct AdminArgs {
-    /// The gateway's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    /// The gateway's admin API: its address without a path (`serve` prints it).
+    #[arg(
+        long,
+        env = "TOLLGATE_ADMIN_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub(crate) admin_url: String,
     /// The admin token.
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]

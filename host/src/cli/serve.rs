@@ -222,9 +222,12 @@ async fn serve(config: Config, config_path: Option<&Path>) -> anyhow::Result<()>
         }
         _ => None,
     };
-    if let AdminToken::Demo(token) = &admin_token {
-        say_how_to_call(address, demo_key.as_deref(), token);
-    }
+    let admin_address = config.server.admin_listen.unwrap_or(address);
+    let demo_token = match &admin_token {
+        AdminToken::Demo(token) => Some(token.as_str()),
+        _ => None,
+    };
+    say_how_to_call(address, admin_address, demo_key.as_deref(), demo_token);
     // Said once every worker's thread runs: scripts and tests wait for this line.
     console::line(&format!("tollgate listening on http://{address}"));
     // This thread is worker 0. Should it stop serving for another reason, so do the others.
@@ -473,15 +476,26 @@ fn write_owner_only(path: &Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The demo's ready-to-paste lines: where to call it, with which key (on the run that made it)
-/// and which admin token.
-fn say_how_to_call(address: std::net::SocketAddr, key: Option<&str>, admin_token: &str) {
+/// Ready-to-paste lines: where to call it and its admin API (the CLI reads
+/// `TOLLGATE_ADMIN_URL`), with which key (on the run that made it) and, for the demo, which admin
+/// token (an operator's is already in their environment).
+fn say_how_to_call(
+    address: std::net::SocketAddr,
+    admin_address: std::net::SocketAddr,
+    key: Option<&str>,
+    demo_admin_token: Option<&str>,
+) {
     console::line("To call it, paste into a shell:");
     console::line(&format!("  export TOLLGATE_BASE_URL=http://{address}/v1"));
+    console::line(&format!(
+        "  export TOLLGATE_ADMIN_URL=http://{admin_address}"
+    ));
     if let Some(key) = key {
         console::line(&format!("  export TOLLGATE_KEY={key}"));
     }
-    console::line(&format!("  export TOLLGATE_ADMIN_TOKEN={admin_token}"));
+    if let Some(token) = demo_admin_token {
+        console::line(&format!("  export TOLLGATE_ADMIN_TOKEN={token}"));
+    }
 }
 
 /// Binds `count` listening sockets to `address`, all with `SO_REUSEPORT`, so the kernel spreads
