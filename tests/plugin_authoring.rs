@@ -55,28 +55,29 @@ fn plugin_new_crates_build_and_pass_plugin_test() {
         );
         // The workspace's lock pins the versions this machine has, so the build works offline.
         std::fs::copy(workspace.join("Cargo.lock"), dir.join("Cargo.lock")).expect("lock copied");
-        let built = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
-            .current_dir(&dir)
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "--offline",
-                "--quiet",
-            ])
-            .env("CARGO_TARGET_DIR", &target)
-            .env_remove("RUSTFLAGS")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("RUSTC_WRAPPER")
-            .env_remove("RUSTC_WORKSPACE_WRAPPER")
-            .output()
-            .expect("cargo runs");
-        assert!(
-            built.status.success(),
-            "{role} template builds: {}",
-            String::from_utf8_lossy(&built.stderr)
-        );
+        let cargo = |args: &[&str]| {
+            let output =
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+                    .current_dir(&dir)
+                    .args(args)
+                    .args(["--offline", "--quiet"])
+                    .env("CARGO_TARGET_DIR", &target)
+                    .env_remove("RUSTFLAGS")
+                    .env_remove("CARGO_ENCODED_RUSTFLAGS")
+                    .env_remove("RUSTC_WRAPPER")
+                    .env_remove("RUSTC_WORKSPACE_WRAPPER")
+                    .output()
+                    .expect("cargo runs");
+            assert!(
+                output.status.success(),
+                "{role} template: cargo {args:?}: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        // Its generated unit tests run natively, on the SDK's stand-ins for the host.
+        cargo(&["test"]);
+        cargo(&["build", "--release", "--target", "wasm32-wasip2"]);
         let component = target
             .join("wasm32-wasip2/release")
             .join(format!("my_{role}.wasm"));

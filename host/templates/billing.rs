@@ -78,3 +78,28 @@ impl Billing for Plugin {
 }
 
 export_billing!(Plugin);
+
+// `cargo test` runs these natively: the SDK stands in for the host (`host::testing`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_plugin_sdk::billing::testing::{authorize_request, usage};
+    use tollgate_plugin_sdk::host::testing::set_config;
+
+    #[test]
+    fn the_hold_prices_the_estimate_at_the_configured_prices() {
+        set_config(r#"{"input_micros_per_million": 3, "output_micros_per_million": 5}"#);
+        let request = authorize_request("test-model", usage(100, 10), 1_000_000);
+        let hold = Plugin::authorize(request).expect("authorized");
+        assert_eq!(hold.amount_picos, 100 * 3 + 10 * 5);
+    }
+
+    #[test]
+    fn a_balance_short_of_the_hold_is_refused() {
+        let request = authorize_request("test-model", usage(100, 10), 1);
+        assert!(matches!(
+            Plugin::authorize(request),
+            Err(BillingDenial::InsufficientBalance(_))
+        ));
+    }
+}

@@ -38,3 +38,35 @@ impl Router for Plugin {
 }
 
 export_router!(Plugin);
+
+// `cargo test` runs these natively: the SDK stands in for the host (`host::testing`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_plugin_sdk::host::testing::set_config;
+    use tollgate_plugin_sdk::router::testing::{channel, facts};
+
+    fn order(attempts: &[Attempt]) -> Vec<&str> {
+        attempts.iter().map(|attempt| attempt.channel.as_str()).collect()
+    }
+
+    #[test]
+    fn last_resort_channels_go_last() {
+        set_config(r#"{"last_resort": ["first"]}"#);
+        let channels = vec![channel("first", "test-model"), channel("second", "test-model")];
+        let plan = Plugin::plan(facts("test-model"), channels).expect("a plan");
+        assert_eq!(order(&plan), ["second", "first"]);
+    }
+
+    #[test]
+    fn channels_not_serving_the_model_are_left_out() {
+        let channels = vec![channel("other", "other-model"), channel("serving", "test-model")];
+        let plan = Plugin::plan(facts("test-model"), channels).expect("a plan");
+        assert_eq!(order(&plan), ["serving"]);
+    }
+
+    #[test]
+    fn a_misspelt_setting_is_refused_at_bind_time() {
+        assert!(Plugin::validate_config(r#"{"last_resrot": []}"#).is_err());
+    }
+}

@@ -150,3 +150,32 @@ impl StreamTranslate for Stream {
 }
 
 export_translator!(Plugin);
+
+// `cargo test` runs these natively: the SDK stands in for the host (`host::testing`).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_plugin_sdk::translator::testing::context;
+
+    #[test]
+    fn the_upstream_model_goes_in_and_the_key_in_api_key() {
+        let body = r#"{"model":"public-model","messages":[{"role":"user","content":"hi"}]}"#;
+        let request = Plugin::chat_request(context("upstream-model", false), body.to_owned())
+            .expect("translated");
+        let sent: Value = serde_json::from_slice(&request.body).expect("JSON");
+        assert_eq!(sent["model"], "upstream-model");
+        assert!(matches!(request.auth, AuthPlacement::Header(name) if name == "api-key"));
+    }
+
+    #[test]
+    fn a_rate_limit_is_read_as_one() {
+        let response = UpstreamResponse {
+            status: 429,
+            headers: Vec::new(),
+            body: br#"{"error":{"message":"slow down"}}"#.to_vec(),
+        };
+        let failure = Plugin::read_failure(context("upstream-model", false), response);
+        assert!(matches!(failure.class, FailureClass::RateLimited));
+        assert_eq!(failure.message, "slow down");
+    }
+}

@@ -58,3 +58,39 @@ macro_rules! export_billing {
         $crate::wit::billing::export_billing_world!(TollgateBillingExport with_types_in $crate::wit::billing);
     };
 }
+
+/// Builders for testing billing plugins natively (`cargo test`); set prices with
+/// [`host::testing::set_config`](crate::host::testing::set_config).
+pub mod testing {
+    use super::{AuthorizeRequest, Operation, Usage};
+
+    /// Usage of `input_tokens` prompt tokens and `output_tokens` generated ones, as reported.
+    pub fn usage(input_tokens: u64, output_tokens: u64) -> Usage {
+        Usage {
+            input_tokens,
+            cache_read_tokens: 0,
+            cache_write_tokens: 0,
+            output_tokens,
+            reasoning_tokens: 0,
+            estimated: false,
+        }
+    }
+
+    /// A chat request for `model` estimated at `estimated`, from a tenant whose balance is
+    /// `balance_picos`.
+    pub fn authorize_request(
+        model: &str,
+        estimated: Usage,
+        balance_picos: i64,
+    ) -> AuthorizeRequest {
+        AuthorizeRequest {
+            request_id: "test-request".into(),
+            tenant: "tenant".into(),
+            key_id: "key".into(),
+            operation: Operation::Chat,
+            model: model.into(),
+            estimated_usage: estimated,
+            balance_picos,
+        }
+    }
+}

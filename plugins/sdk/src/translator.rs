@@ -496,3 +496,24 @@ mod tests {
         assert_eq!(retry_after_ms("18446744073709551615"), None, "overflow");
     }
 }
+
+/// Builders for testing translators natively (`cargo test`).
+pub mod testing {
+    use super::{AttemptContext, Operation};
+
+    /// The context of a chat attempt asking for `public-model`, sent upstream as `upstream_model`
+    /// on channel `channel`, streamed or not, with no channel options.
+    pub fn context(upstream_model: &str, stream: bool) -> AttemptContext {
+        AttemptContext {
+            request_id: "test-request".into(),
+            operation: Operation::Chat,
+            public_model: "public-model".into(),
+            upstream_model: upstream_model.into(),
+            channel: "channel".into(),
+            channel_options: "{}".into(),
+            stream,
+            include_usage: stream,
+            created_unix_s: 1_700_000_000,
+        }
+    }
+}
