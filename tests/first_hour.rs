@@ -728,3 +728,75 @@ async fn the_tier_router_walkthrough_runs_as_written_against_the_demo() {
         "{premium}"
     );
 }
+
+#[tokio::test]
+async fn channel_list_shows_the_order_a_request_would_try() {
+    let simulator = harness::simulator().await;
+    let priced = |output: u64| {
+        format!(
+            "api_key_env = [\"TEST_UPSTREAM_KEY\"]\nprices = {{ \"test-model\" = {{ input = 1, output = {output} }} }}"
+        )
+    };
+    // Listed cheaper first, but the failover router tries the lower priority first.
+    let config = format!(
+        "{}{}{}",
+        harness::billing(1_000_000),
+        harness::channel_with("cheap", &simulator, 5, &priced(200)),
+        harness::channel_with("dear", &simulator, 1, &priced(9_000)),
+    );
+    let gateway = harness::start(&config).await.expect("the gateway starts");
+    let admin = |args: &[&str]| {
+        let output = std::process::Command::new(harness::binary())
+            .args(args)
+            .args(["--admin-url", &gateway.url])
+            .env("TOLLGATE_ADMIN_TOKEN", harness::ADMIN_TOKEN)
+            .output()
+            .expect("the CLI runs");
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("JSON")
+    };
+    let global = admin(&["channel", "list"]);
+    let order = &global["try_order"];
+    assert_eq!(
+        order["models"]["test-model"]["channels"],
+        serde_json::json!(["dear", "cheap"]),
+        "{order}"
+    );
+    assert!(
+        order["router"]
+            .as_str()
+            .is_some_and(|router| router.starts_with("failover@")),
+        "{order}"
+    );
+
+    admin(&[
+        "plugin",
+        "bind",
+        "--role",
+        "router",
+        "--tenant",
+        "acme",
+        "--plugin",
+        "cost-first",
+    ]);
+    let own = admin(&["channel", "list", "--tenant", "acme"]);
+    assert_eq!(
+        own["try_order"]["models"]["test-model"]["channels"],
+        serde_json::json!(["cheap", "dear"]),
+        "{}",
+        own["try_order"]
+    );
+    let answer = gateway
+        .post("/v1/chat/completions", &harness::chat("hi"), &[])
+        .await;
+    assert_eq!(
+        gateway.record(&answer.request_id()).await["channel"],
+        "cheap",
+        "a request tries what the list said"
+    );
+
+    let unknown = gateway
+        .admin(reqwest::Method::GET, "/channels?tenant=nobody", None)
+        .await;
+    unknown.assert_error(404, Some("tenant_not_found"));
+}

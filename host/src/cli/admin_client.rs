@@ -216,7 +216,13 @@ pub(crate) fn channel(action: ChannelAction) -> anyhow::Result<()> {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
     };
     match action {
-        ChannelAction::List { admin } => admin_call(&admin, Method::GET, "/channels", None),
+        ChannelAction::List { tenant, admin } => {
+            let path = match tenant {
+                Some(tenant) => format!("/channels?tenant={}", percent_encode(&tenant)),
+                None => "/channels".to_owned(),
+            };
+            admin_call(&admin, Method::GET, &path, None)
+        }
         ChannelAction::Create { file, admin } => {
             admin_call(&admin, Method::POST, "/channels", Some(read(&file)?))
         }

@@ -294,8 +294,12 @@ pub(crate) enum BalanceAction {
 
 #[derive(Subcommand)]
 pub(crate) enum ChannelAction {
-    /// Lists every channel with its health and key state (never a secret).
+    /// Lists every channel with its health and key state (never a secret), and the order a request
+    /// for each model would try them now (`try_order`).
     List {
+        /// Order by this tenant's router instead of the global one.
+        #[arg(long)]
+        tenant: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },

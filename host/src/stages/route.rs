@@ -72,6 +72,16 @@ fn candidate(channel: &GatewayChannel, now: std::time::Instant) -> Channel {
     }
 }
 
+/// What the router sees of the gateway's `channels`: the active ones, with their state now.
+pub fn candidates(channels: &[Arc<GatewayChannel>]) -> Vec<Channel> {
+    let now = std::time::Instant::now();
+    channels
+        .iter()
+        .filter(|channel| channel.is_active())
+        .map(|channel| candidate(channel, now))
+        .collect()
+}
+
 /// Asks the router for the plan over the gateway's `channels` and checks it names only active
 /// ones.
 pub async fn plan(
@@ -89,12 +99,7 @@ pub async fn plan(
         max_output_tokens: context.request.max_output_tokens,
         tags: context.tags.clone(),
     };
-    let now = std::time::Instant::now();
-    let candidates: Vec<Channel> = channels
-        .iter()
-        .filter(|channel| channel.is_active())
-        .map(|channel| candidate(channel, now))
-        .collect();
+    let candidates = candidates(channels);
     let called = context
         .router
         .call(|router| {

@@ -375,9 +375,34 @@ async fn request_trace(
     Ok(axum::Json(record).into_response())
 }
 
-/// `GET /admin/channels`: every channel's health, per model too, and its keys' state (by the
-/// name of their environment variable; never a secret).
-async fn channels(State(state): State<AdminState>) -> Result<Response, ApiError> {
+/// The query of `GET /admin/channels`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelsQuery {
+    /// Whose router orders `try_order` (default: the global binding's).
+    tenant: Option<String>,
+}
+
+/// `GET /admin/channels[?tenant=]`: every channel's health, per model too, and its keys' state (by
+/// the name of their environment variable; never a secret); and `try_order`, the order a request
+/// for each public model would try them now.
+async fn channels(
+    State(state): State<AdminState>,
+    query: Result<Query<ChannelsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|rejection| crate::request::InvalidBody {
+        message: format!("invalid channels query: {}", rejection.body_text()),
+        param: None,
+    })?;
+    if let Some(tenant) = &query.tenant
+        && state.gateway.store.tenant(tenant)?.is_none()
+    {
+        return Err(AdminError::UnknownTenant {
+            tenant: tenant.clone(),
+        }
+        .into());
+    }
+    let try_order = try_order(&state.gateway, query.tenant.as_deref()).await?;
     let now = std::time::Instant::now();
     let health = |snapshot: crate::health::HealthSnapshot| {
         serde_json::json!({
@@ -423,7 +448,64 @@ async fn channels(State(state): State<AdminState>) -> Result<Response, ApiError>
             })
         })
         .collect();
-    Ok(axum::Json(serde_json::json!({ "object": "list", "data": channels })).into_response())
+    Ok(axum::Json(serde_json::json!({
+        "object": "list",
+        "data": channels,
+        "try_order": try_order,
+    }))
+    .into_response())
+}
+
+/// What the router bound for `tenant` (or globally) plans for a plain chat request of each public
+/// model the active channels serve: channel names in the order a request tries them, or the
+/// router's refusal. The call is a real one in the sandbox, but counts toward no canary.
+async fn try_order(gateway: &Gateway, tenant: Option<&str>) -> Result<serde_json::Value, ApiError> {
+    use crate::plugin::Operation;
+    use crate::plugin::router::{RequestFacts, RouteError};
+    let resolved = gateway.bindings().require(
+        tenant.unwrap_or_default(),
+        crate::plugin::Role::Router,
+        None,
+    )?;
+    let candidates = crate::stages::route::candidates(&gateway.channels());
+    let models: std::collections::BTreeSet<&str> = candidates
+        .iter()
+        .flat_map(|channel| {
+            channel
+                .models
+                .iter()
+                .map(|model| model.public_name.as_str())
+        })
+        .collect();
+    let mut planned = serde_json::Map::new();
+    for model in models {
+        let facts = RequestFacts {
+            request_id: "try-order".to_owned(),
+            tenant: tenant.unwrap_or_default().to_owned(),
+            key_id: String::new(),
+            operation: Operation::Chat,
+            model: model.to_owned(),
+            stream: false,
+            estimated_input_tokens: 0,
+            max_output_tokens: None,
+            tags: Vec::new(),
+        };
+        let order = match resolved.binding.plan(&facts, &candidates).await {
+            Ok(Ok(attempts)) => serde_json::json!({
+                "channels": attempts.iter().map(|attempt| &attempt.channel).collect::<Vec<_>>(),
+            }),
+            Ok(Err(RouteError::NoRoute(message) | RouteError::Refused(message))) => {
+                serde_json::json!({ "refused": message })
+            }
+            Err(error) => serde_json::json!({ "error": error.to_string() }),
+        };
+        planned.insert(model.to_owned(), order);
+    }
+    Ok(serde_json::json!({
+        "router": resolved.binding.plugin().to_string(),
+        "canary": resolved.canary.is_some(),
+        "models": planned,
+    }))
 }
 
 /// Picos per micro-unit: top-ups and balances are shown in micro-units, kept in picos.
