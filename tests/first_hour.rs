@@ -800,3 +800,64 @@ async fn channel_list_shows_the_order_a_request_would_try() {
         .await;
     unknown.assert_error(404, Some("tenant_not_found"));
 }
+
+#[tokio::test]
+async fn a_channel_may_name_its_providers_bare_host_and_a_wrong_path_says_so() {
+    let simulator = harness::simulator().await;
+    let host = format!("http://{}", simulator.address());
+    let config = format!(
+        "{}{}{}{}{}",
+        harness::billing(1_000_000).replace("\"test-embedding\"", "\"gemini-model\""),
+        // As Anthropic's and Google's SDKs take them: no `/v1`, no `/v1beta`.
+        harness::protocol_channel(
+            "anthropic",
+            "anthropic",
+            &host,
+            1,
+            r#""test-model" = "claude-sim""#
+        ),
+        harness::protocol_channel(
+            "gemini",
+            "gemini",
+            &host,
+            1,
+            r#""gemini-model" = "gemini-sim""#
+        ),
+        // A path the upstream lacks, tried first for `test-model`.
+        harness::protocol_channel(
+            "misplaced",
+            "anthropic",
+            &format!("{host}/anthropic/v2"),
+            0,
+            r#""test-model" = "claude-sim""#,
+        ),
+        harness::protocol_channel(
+            "misplaced-gemini",
+            "gemini",
+            &format!("{host}/v2"),
+            0,
+            r#""gemini-model" = "gemini-sim""#,
+        ),
+    );
+    let gateway = harness::start(&config).await.expect("the gateway starts");
+    for (model, answering) in [("test-model", "anthropic"), ("gemini-model", "gemini")] {
+        let mut body = harness::chat("hi");
+        body["model"] = model.into();
+        let answer = gateway.post("/v1/chat/completions", &body, &[]).await;
+        assert_eq!(answer.status, 200, "{model}: {}", answer.json);
+        let record = gateway.record(&answer.request_id()).await;
+        assert_eq!(record["channel"], answering, "{record}");
+        let first = &record["attempts"][0];
+        assert_eq!(first["status"], 404, "{record}");
+        assert_eq!(
+            first["error_class"], "server",
+            "a path the upstream lacks is not a missing model: {record}"
+        );
+    }
+    let log = gateway.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("misplaced") && line.contains("no such path")),
+        "the attempt's log line says what the 404 was about"
+    );
+}

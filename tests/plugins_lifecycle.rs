@@ -148,7 +148,7 @@ async fn upload_bind_rebind_under_load_rollback_and_restart() {
     let again = gateway.upload_plugin("scripted", scripted_router()).await;
     assert_eq!(again.status, 200, "the same bytes again: {}", again.json);
     assert_eq!(again.json["role"], "router");
-    assert_eq!(again.json["contract"], "0.1.1");
+    assert_eq!(again.json["contract"], "0.1.2");
 
     // A configuration the plugin refuses is refused at bind time, with the plugin's message.
     let refused = bind(

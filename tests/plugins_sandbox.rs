@@ -338,7 +338,7 @@ async fn uploads_that_are_not_plugins_are_refused_naming_why() {
                     .expect("built"),
                 b"0.9.0",
             ),
-            "built against tollgate:plugin@0.9.0; this host serves tollgate:plugin@0.1.1 and tollgate:plugin@0.1.0",
+            "built against tollgate:plugin@0.9.0; this host serves tollgate:plugin@0.1.2, tollgate:plugin@0.1.1 and tollgate:plugin@0.1.0",
         ),
     ];
     for (name, bytes, expected) in cases {

@@ -52,7 +52,7 @@ pub fn test_plugin(file: &str) -> PathBuf {
 /// A component's bytes with every `tollgate:plugin` interface version rewritten (same length, so
 /// the binary stays well-formed): a plugin built against a contract this host does not serve.
 pub fn built_against(component: &[u8], version: &[u8; 5]) -> Vec<u8> {
-    let needle = b"@0.1.1";
+    let needle = b"@0.1.2";
     let mut bytes = component.to_vec();
     let mut at = 0;
     while let Some(found) = bytes[at..]

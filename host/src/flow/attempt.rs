@@ -197,7 +197,9 @@ async fn attempt_channel(
                 return ChannelOutcome::Fatal(error.into());
             }
         };
-        tracing::info!(channel = %channel.config.name, class = error.class(), "upstream attempt failed");
+        // The upstream's own words (scrubbed of the channel's secrets) say what the class cannot:
+        // a 404 about a path rather than a model, say.
+        tracing::info!(channel = %channel.config.name, class = error.class(), %error, "upstream attempt failed");
         let retry = Retry {
             tried_keys: &mut tried_keys,
             retries: &mut retries,
@@ -533,11 +535,12 @@ impl Sent<'_> {
         &self,
         waiting: impl Future<Output = Result<T, E>>,
     ) -> Result<T, E> {
+        let channel = &self.attempt.channel;
         let probe = self.routes_left.then(|| translate::SilenceProbe {
             translator: &self.translator,
             attempt: &self.context,
+            channel,
         });
-        let channel = &self.attempt.channel;
         upstream::unless_silent(channel, self.key, self.sent_at, probe.as_ref(), waiting).await
     }
 }

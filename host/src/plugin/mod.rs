@@ -56,7 +56,7 @@ const KEEP_RESIDENT_BYTES: usize = 4 << 20;
 
 /// Versions of the `tollgate:plugin` WIT package this host serves, newest first. A plugin built
 /// against another is refused at upload, naming both.
-pub const CONTRACTS: &[&str] = &["0.1.1", "0.1.0"];
+pub const CONTRACTS: &[&str] = &["0.1.2", "0.1.1", "0.1.0"];
 
 impl Role {
     /// `router`, `translator` or `billing`.
@@ -617,13 +617,16 @@ fn role_and_contract<'e>(exports: &[&'e str]) -> Result<(Role, &'e str), String>
         }
     };
     if !CONTRACTS.contains(&contract) {
+        let served: Vec<String> = CONTRACTS
+            .iter()
+            .map(|version| format!("tollgate:plugin@{version}"))
+            .collect();
+        let served = match served.split_last() {
+            Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+            _ => served.concat(),
+        };
         return Err(format!(
-            "it was built against tollgate:plugin@{contract}; this host serves {}",
-            CONTRACTS
-                .iter()
-                .map(|version| format!("tollgate:plugin@{version}"))
-                .collect::<Vec<_>>()
-                .join(" and ")
+            "it was built against tollgate:plugin@{contract}; this host serves {served}"
         ));
     }
     Ok((role, contract))
@@ -655,6 +658,8 @@ pub struct Binding {
     config: Arc<str>,
     runtime: Arc<PluginRuntime>,
     standby: Arc<Standby>,
+    /// A translator's `version-path`: what a channel's bare base URL stands for.
+    version_path: Option<String>,
 }
 
 impl Binding {
@@ -674,11 +679,12 @@ impl Binding {
             limits,
             runtime.standby_counts.clone(),
         ));
-        let binding = Self {
+        let mut binding = Self {
             compiled,
             config,
             runtime,
             standby,
+            version_path: None,
         };
         let verdict = match binding.compiled.role() {
             Role::Router => binding.router_validate_config().await?,
@@ -690,7 +696,26 @@ impl Binding {
             role: binding.compiled.role(),
             message,
         })?;
+        if binding.compiled.role() == Role::Translator {
+            let version_path = binding.translator_version_path().await?;
+            if let Some(path) = version_path
+                .as_deref()
+                .filter(|path| !path.starts_with('/'))
+            {
+                return Err(PluginError::Contract {
+                    plugin: binding.compiled.plugin().clone(),
+                    role: Role::Translator,
+                    detail: format!("version-path `{path}` does not start with `/`"),
+                });
+            }
+            binding.version_path = version_path;
+        }
         Ok(binding)
+    }
+
+    /// The path a translator puts under a channel's bare base URL (`/v1`), if it has one.
+    pub fn version_path(&self) -> Option<&str> {
+        self.version_path.as_deref()
     }
 
     /// The configuration JSON the plugin was bound with.

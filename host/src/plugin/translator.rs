@@ -26,13 +26,15 @@ pub use exports::tollgate::plugin::translator::{
     AttemptContext, AuthPlacement, HttpMethod, StreamEnd, StreamEvent, StreamFraming,
     TranslateError, UpstreamRequest, UpstreamResponse,
 };
-use exports::tollgate::plugin::{inbound, translator};
+use exports::tollgate::plugin::{inbound, translator, upstream_address};
 
 /// A translator's exports, found once at load.
 pub(super) struct TranslatorExports {
     translator: translator::GuestIndices,
     /// `None` for a plugin built against 0.1.0, which has no client side.
     inbound: Option<inbound::GuestIndices>,
+    /// `None` for a plugin built before 0.1.2, which does not say where its paths live.
+    upstream_address: Option<upstream_address::GuestIndices>,
     /// The two calls every whole chat answer makes, looked up on their own: loading the whole
     /// interface type-checks every one of its functions on every instance.
     chat_request: ComponentExportIndex,
@@ -44,6 +46,7 @@ impl TranslatorExports {
     pub(super) fn new(pre: &InstancePre<PluginState>) -> wasmtime::Result<Self> {
         let translator = translator::GuestIndices::new(pre)?;
         let inbound = inbound::GuestIndices::new(pre).ok();
+        let upstream_address = upstream_address::GuestIndices::new(pre).ok();
         let component = pre.component();
         let interface = component
             .get_export_index(
@@ -61,6 +64,7 @@ impl TranslatorExports {
             chat_response: function("translate-chat-response")?,
             translator,
             inbound,
+            upstream_address,
         })
     }
 }
@@ -245,6 +249,26 @@ impl Binding {
             plugin,
             resource,
         })
+    }
+
+    /// The translator's `version-path` (0.1.2), asked once at bind time; `None` for an older
+    /// plugin.
+    pub(super) async fn translator_version_path(&self) -> Result<Option<String>, PluginError> {
+        let exports = self.translator_exports()?;
+        let Some(indices) = &exports.upstream_address else {
+            return Ok(None);
+        };
+        self.call(
+            "version-path",
+            async |store, instance| {
+                indices
+                    .load(&mut *store, &instance)?
+                    .call_version_path(&mut *store)
+                    .await
+            },
+            |path| path.as_ref().map_or(0, String::len),
+        )
+        .await
     }
 
     pub(super) async fn translator_validate_config(

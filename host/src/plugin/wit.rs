@@ -3,8 +3,8 @@
 
 wasmtime::component::bindgen!({
     inline: "package tollgate:host-side; world shared {
-        import tollgate:plugin/host@0.1.1;
-        import tollgate:plugin/types@0.1.1;
+        import tollgate:plugin/host@0.1.2;
+        import tollgate:plugin/types@0.1.2;
     }",
     path: "../wit",
 });

@@ -190,10 +190,36 @@ pub async fn request(
     body: &str,
 ) -> Result<Called<UpstreamRequest>, TranslateError> {
     let kind = request_kind(attempt.operation);
-    translator
+    let called = translator
         .call(|binding| async move { binding.translate_request(kind, attempt, body).await })
-        .await?
-        .try_map(|translated| translated.map_err(|error| plugin_error(channel, error)))
+        .await?;
+    addressed(called, channel)
+}
+
+/// The translator's answer, placed under the channel's base URL by [`place`].
+fn addressed(
+    called: Called<Result<UpstreamRequest, wit::TranslateError>>,
+    channel: &Channel,
+) -> Result<Called<UpstreamRequest>, TranslateError> {
+    let translator = called.ran.clone();
+    called.try_map(|translated| {
+        let mut request = translated.map_err(|error| plugin_error(channel, error))?;
+        place(&mut request, &translator, channel);
+        Ok(request)
+    })
+}
+
+/// Puts the request under the channel's base URL as its translator means it: when the base URL
+/// is a bare host, under the translator's version path (`/v1`) first, so an operator may write the
+/// base URL as the provider's SDKs take it.
+fn place(request: &mut UpstreamRequest, translator: &Binding, channel: &Channel) {
+    if let Some(version_path) = translator.version_path()
+        && channel.base_url.path() == "/"
+    {
+        request
+            .path
+            .insert_str(0, version_path.trim_end_matches('/'));
+    }
 }
 
 /// The request of a channel's silence probe (see [`crate::health::SilenceWatch`]): the smallest
@@ -204,6 +230,8 @@ pub struct SilenceProbe<'a> {
     pub translator: &'a Binding,
     /// The attempt.
     pub attempt: &'a AttemptContext,
+    /// The channel it goes to.
+    pub channel: &'a Channel,
 }
 
 impl ProbeRequest for SilenceProbe<'_> {
@@ -221,14 +249,16 @@ impl ProbeRequest for SilenceProbe<'_> {
             "stream": true,
         })
         .to_string();
-        match self
+        let mut request = match self
             .translator
             .translate_request(RequestKind::Chat, &probe, &body)
             .await
         {
-            Ok(Ok(request)) => Some(request),
-            _ => None,
-        }
+            Ok(Ok(request)) => request,
+            _ => return None,
+        };
+        place(&mut request, self.translator, self.channel);
+        Some(request)
     }
 }
 
@@ -240,14 +270,14 @@ pub async fn forward(
     attempt: &AttemptContext,
     inbound: &Inbound,
 ) -> Result<Called<UpstreamRequest>, TranslateError> {
-    translator
+    let called = translator
         .call(|binding| async move {
             binding
                 .forward_request(inbound.endpoint, attempt, &inbound.body, &inbound.headers)
                 .await
         })
-        .await?
-        .try_map(|forwarded| forwarded.map_err(|error| plugin_error(channel, error)))
+        .await?;
+    addressed(called, channel)
 }
 
 /// Reads a whole answer of the client's own protocol: a failure for non-2xx, else the body as it

@@ -59,6 +59,32 @@ pub fn failure_message(message: Option<String>, status: u16) -> String {
         .unwrap_or_else(|| format!("upstream answered HTTP {status}"))
 }
 
+/// A 404 about the path, not the model: the upstream has nothing where the channel's base URL and
+/// the translator's path lead (a base URL missing or doubling its version path, a proxy's prefix).
+/// Classed `server`, so the request fails over: this channel can serve nothing, another may. The
+/// message says so and quotes the start of what the upstream answered (the host scrubs secrets
+/// from it before anyone sees it).
+pub fn unknown_path(body: &[u8]) -> UpstreamFailure {
+    const QUOTED_CHARS: usize = 200;
+    let answered: String = String::from_utf8_lossy(body)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(QUOTED_CHARS)
+        .collect();
+    UpstreamFailure {
+        class: FailureClass::Server,
+        status: 404,
+        message: format!(
+            "the upstream has no such path (404): check the channel's base_url; it answered: {answered}"
+        ),
+        code: None,
+        param: None,
+        retry_after_ms: None,
+    }
+}
+
 /// The delay of a `retry-after` header in milliseconds: its delay-seconds, with a fraction as some
 /// upstreams send (`2`, `1.5`; digits past milliseconds are dropped). `None` for anything else,
 /// an HTTP date included. Read without float parsing, whose tables would add 10 KiB to the memory
@@ -218,6 +244,12 @@ impl ChunkWriter {
 pub trait Translator {
     /// Translates one streamed answer; see [`StreamTranslate`].
     type Stream: StreamTranslate;
+
+    /// The path a channel's bare base URL stands for (`/v1` when the provider's SDKs call
+    /// `https://api.example.com` and the API lives under `/v1`): the host puts it before every
+    /// request path when the channel's base URL has no path. `None` (the default): base URLs are
+    /// used as they are.
+    const VERSION_PATH: Option<&'static str> = None;
 
     /// Checks the configuration JSON before the operator's binding takes effect. Accepts anything by default.
     fn validate_config(config: &str) -> Result<(), String> {
@@ -453,6 +485,14 @@ macro_rules! export_translator {
 
             fn count_tokens_answer(input_tokens: u64) -> String {
                 <$inbound as $crate::inbound::Inbound>::count_tokens_answer(input_tokens)
+            }
+        }
+
+        impl $crate::wit::translator::exports::tollgate::plugin::upstream_address::Guest
+            for TollgateTranslatorExport
+        {
+            fn version_path() -> Option<String> {
+                <$translator as $crate::translator::Translator>::VERSION_PATH.map(str::to_owned)
             }
         }
 

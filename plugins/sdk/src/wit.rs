@@ -24,8 +24,8 @@ pub mod translator {
         export_macro_name: "export_translator_world",
         default_bindings_module: "tollgate_plugin_sdk::wit::translator",
         with: {
-            "tollgate:plugin/host@0.1.1": crate::wit::router::tollgate::plugin::host,
-            "tollgate:plugin/types@0.1.1": crate::wit::router::tollgate::plugin::types,
+            "tollgate:plugin/host@0.1.2": crate::wit::router::tollgate::plugin::host,
+            "tollgate:plugin/types@0.1.2": crate::wit::router::tollgate::plugin::types,
         },
     });
 }
@@ -39,8 +39,8 @@ pub mod billing {
         export_macro_name: "export_billing_world",
         default_bindings_module: "tollgate_plugin_sdk::wit::billing",
         with: {
-            "tollgate:plugin/host@0.1.1": crate::wit::router::tollgate::plugin::host,
-            "tollgate:plugin/types@0.1.1": crate::wit::router::tollgate::plugin::types,
+            "tollgate:plugin/host@0.1.2": crate::wit::router::tollgate::plugin::host,
+            "tollgate:plugin/types@0.1.2": crate::wit::router::tollgate::plugin::types,
         },
     });
 }

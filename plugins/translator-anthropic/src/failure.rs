@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 use tollgate_plugin_sdk::translator::{
-    FailureClass, UpstreamFailure, UpstreamResponse, failure_message, retry_after_ms,
+    FailureClass, UpstreamFailure, UpstreamResponse, failure_message, retry_after_ms, unknown_path,
 };
 
 /// Anthropic's error body.
@@ -25,11 +25,19 @@ pub struct ErrorDetail {
     pub message: Option<String>,
 }
 
-/// Classifies a non-2xx answer.
+/// Classifies a non-2xx answer. A 404 that is not Anthropic's error object, or is its bare
+/// `Not Found` (what api.anthropic.com answers for a path it lacks, where an unknown model says
+/// `model: …`), is about the path.
 pub fn read_failure(response: &UpstreamResponse) -> UpstreamFailure {
-    let detail = serde_json::from_slice::<ErrorBody>(&response.body)
-        .map(|body| body.error)
-        .unwrap_or_default();
+    let body = serde_json::from_slice::<ErrorBody>(&response.body).ok();
+    if response.status == 404
+        && body
+            .as_ref()
+            .is_none_or(|body| body.error.message.as_deref() == Some("Not Found"))
+    {
+        return unknown_path(&response.body);
+    }
+    let detail = body.map(|body| body.error).unwrap_or_default();
     let retry_after_ms = response
         .headers
         .iter()
@@ -58,5 +66,31 @@ pub fn failure(status: u16, detail: ErrorDetail, retry_after_ms: Option<u64>) ->
         code: detail.kind,
         param: None,
         retry_after_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_404_names_the_path_unless_it_names_a_model() {
+        let failure = |body: &str| {
+            read_failure(&UpstreamResponse {
+                status: 404,
+                headers: Vec::new(),
+                body: body.as_bytes().to_vec(),
+            })
+        };
+        let unknown_model = r#"{"type": "error", "error": {"type": "not_found_error",
+            "message": "model: claude-9"}}"#;
+        assert_eq!(failure(unknown_model).class, FailureClass::ModelNotFound);
+        // What api.anthropic.com answers for a path it lacks (`/messages` without `/v1`).
+        let bare =
+            r#"{"type": "error", "error": {"type": "not_found_error", "message": "Not Found"}}"#;
+        let lost = failure(bare);
+        assert_eq!(lost.class, FailureClass::Server);
+        assert!(lost.message.contains("no such path"), "{}", lost.message);
+        assert_eq!(failure("<html>404</html>").class, FailureClass::Server);
     }
 }

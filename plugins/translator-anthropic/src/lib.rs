@@ -97,6 +97,9 @@ impl Anthropic {
 impl Translator for Anthropic {
     type Stream = AnthropicStream;
 
+    /// A channel's base URL may be the bare host, as Anthropic's SDKs take it.
+    const VERSION_PATH: Option<&'static str> = Some("/v1");
+
     fn validate_config(config: &str) -> Result<(), String> {
         let config: Config = host::parse_config(config)?;
         if config.default_max_tokens == 0 {

@@ -8,7 +8,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 use tollgate_plugin_sdk::translator::{
-    FailureClass, UpstreamFailure, UpstreamResponse, failure_message, retry_after_ms,
+    FailureClass, UpstreamFailure, UpstreamResponse, failure_message, retry_after_ms, unknown_path,
 };
 
 /// Google's error object.
@@ -49,12 +49,23 @@ impl GoogleError {
     }
 }
 
-/// Classifies a non-2xx answer.
+/// Classifies a non-2xx answer. A 404 that is not Google's error object (Google answers a path it
+/// lacks with an HTML page), or one that names no model (`Method not found.`), is about the path.
 pub fn read_failure(response: &UpstreamResponse) -> UpstreamFailure {
     let error = serde_json::from_slice::<ErrorBody>(&response.body)
-        .map(|body| body.error)
-        .unwrap_or_default();
-    failure(response.status, error)
+        .ok()
+        .map(|body| body.error);
+    if response.status == 404
+        && error.as_ref().is_none_or(|error| {
+            !error
+                .message
+                .as_deref()
+                .is_some_and(|message| message.contains("models/"))
+        })
+    {
+        return unknown_path(&response.body);
+    }
+    failure(response.status, error.unwrap_or_default())
 }
 
 /// Maps an error (from a status, or from a stream event with status 0) onto a class.
@@ -89,6 +100,26 @@ pub fn failure(status: u16, error: GoogleError) -> UpstreamFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_404_names_the_path_unless_it_names_a_model() {
+        let class = |body: &str| {
+            read_failure(&UpstreamResponse {
+                status: 404,
+                headers: Vec::new(),
+                body: body.as_bytes().to_vec(),
+            })
+            .class
+        };
+        let unknown_model = r#"{"error": {"code": 404, "status": "NOT_FOUND",
+            "message": "models/gemini-9 is not found for API version v1beta"}}"#;
+        assert_eq!(class(unknown_model), FailureClass::ModelNotFound);
+        let html = "<!DOCTYPE html><title>Error 404 (Not Found)!!1</title>";
+        assert_eq!(class(html), FailureClass::Server);
+        let method =
+            r#"{"error": {"code": 404, "status": "NOT_FOUND", "message": "Method not found."}}"#;
+        assert_eq!(class(method), FailureClass::Server);
+    }
 
     /// Found by the `gemini_decoding` fuzz target: an error with an empty message left the client
     /// an empty error message.

@@ -41,6 +41,9 @@ fn post(
 impl Translator for Gemini {
     type Stream = GeminiStream;
 
+    /// A channel's base URL may be the bare host, as Google's SDKs take it.
+    const VERSION_PATH: Option<&'static str> = Some("/v1beta");
+
     fn chat_request(
         context: AttemptContext,
         body: String,

@@ -11,7 +11,7 @@ use tollgate_plugin_sdk::translator::{
     AttemptContext, AuthPlacement, ChatResponse, EmbeddingsResponse, FailureClass, StreamEnd,
     StreamEvent, StreamFraming, StreamTranslate, TranslateError, Translator, UpstreamFailure,
     UpstreamRequest, UpstreamResponse, Usage, failure_message, post_json, request_object,
-    retry_after_ms, stream_usage, unreported_usage,
+    retry_after_ms, stream_usage, unknown_path, unreported_usage,
 };
 
 /// Channel options an operator may attach to an OpenAI channel.
@@ -198,10 +198,23 @@ impl Translator for OpenAi {
         })
     }
 
+    /// A 404 that is not OpenAI's error object (a server without such a route answers plain text
+    /// or HTML), or its `Invalid URL (…)`, is about the path.
     fn read_failure(_context: AttemptContext, response: UpstreamResponse) -> UpstreamFailure {
         let error = serde_json::from_slice::<OpenAiErrorBody>(&response.body)
-            .map(|body| body.error)
-            .unwrap_or_default();
+            .ok()
+            .map(|body| body.error);
+        if response.status == 404
+            && error.as_ref().is_none_or(|error| {
+                error
+                    .message
+                    .as_deref()
+                    .is_some_and(|message| message.starts_with("Invalid URL"))
+            })
+        {
+            return unknown_path(&response.body);
+        }
+        let error = error.unwrap_or_default();
         let retry_after_ms =
             response
                 .headers

@@ -296,6 +296,11 @@ fn router(shared: Arc<Shared>) -> Router {
             post(anthropic::count_tokens),
         )
         .route("/gemini/v1beta/models/{target}", post(gemini::models))
+        // Where each provider serves them on its own host, for channels whose base URL is the
+        // bare host its SDKs take.
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route("/v1beta/models/{target}", post(gemini::models))
         .route("/_sim/faults", post(control_fault))
         .route("/_sim/release", post(control_release))
         .route("/_sim/calls", get(control_calls))
