@@ -479,10 +479,11 @@ async fn the_openapi_document_matches_the_server() {
             )
             .await;
             unauthorized.assert_error(401, Some("invalid_admin_token"));
-            assert!(
-                operation["responses"].get("401").is_some(),
-                "{method} {path} documents its 401"
-            );
+            let schema = &operation["responses"]["401"]["content"]["application/json"]["schema"];
+            assert!(schema.is_object(), "{method} {path} documents its 401");
+            if let Some(found) = departure(&spec, schema, &unauthorized.json, "answer") {
+                panic!("{method} {path} 401: {found}");
+            }
             let answer = admin(
                 &gateway,
                 method.clone(),
@@ -655,4 +656,363 @@ async fn channels_are_created_through_the_api_with_sealed_secrets() {
     admin(&gateway, Method::DELETE, "/channels/api", None, ADMIN_TOKEN)
         .await
         .assert_error(404, Some("channel_not_found"));
+}
+
+/// Where `value` departs from `schema` (OpenAPI 3.1's JSON Schema, the parts the document uses:
+/// `$ref`, `anyOf`, `type`, `properties`, `required`, `items`, `additionalProperties`, `enum`), or
+/// `None`.
+/// An object schema with `properties` is closed: an answer's field the document does not name is a
+/// departure too.
+fn departure(spec: &Value, schema: &Value, value: &Value, at: &str) -> Option<String> {
+    if let Some(reference) = schema["$ref"].as_str() {
+        let name = reference.trim_start_matches("#/components/schemas/");
+        return departure(spec, &spec["components"]["schemas"][name], value, at);
+    }
+    if let Some(branches) = schema["anyOf"].as_array() {
+        let departures: Vec<String> = branches
+            .iter()
+            .filter_map(|branch| departure(spec, branch, value, at))
+            .collect();
+        return (departures.len() == branches.len()).then(|| departures.join("; "));
+    }
+    if let Some(types) = schema.get("type") {
+        let types: Vec<&str> = match types {
+            Value::String(one) => vec![one.as_str()],
+            Value::Array(many) => many.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let is = |name: &str| match name {
+            "object" => value.is_object(),
+            "array" => value.is_array(),
+            "string" => value.is_string(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "number" => value.is_number(),
+            "boolean" => value.is_boolean(),
+            "null" => value.is_null(),
+            _ => false,
+        };
+        if !types.iter().any(|name| is(name)) {
+            return Some(format!("{at}: {value} is not {types:?}"));
+        }
+    }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        return Some(format!("{at}: {value} is not one of {allowed:?}"));
+    }
+    if let (Some(object), Some(properties)) = (value.as_object(), schema["properties"].as_object())
+    {
+        for required in schema["required"].as_array().into_iter().flatten() {
+            let name = required.as_str().unwrap_or_default();
+            if !object.contains_key(name) {
+                return Some(format!("{at}: `{name}` is missing"));
+            }
+        }
+        for (name, field) in object {
+            let Some(documented) = properties.get(name) else {
+                return Some(format!("{at}: `{name}` is not documented"));
+            };
+            if let Some(found) = departure(spec, documented, field, &format!("{at}.{name}")) {
+                return Some(found);
+            }
+        }
+    } else if let (Some(object), Some(values)) =
+        (value.as_object(), schema.get("additionalProperties"))
+        && values.is_object()
+    {
+        for (name, field) in object {
+            if let Some(found) = departure(spec, values, field, &format!("{at}.{name}")) {
+                return Some(found);
+            }
+        }
+    }
+    if let (Some(items), Some(schema)) = (value.as_array(), schema.get("items")) {
+        for (index, item) in items.iter().enumerate() {
+            if let Some(found) = departure(spec, schema, item, &format!("{at}[{index}]")) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+/// Every operation of `docs/openapi.json` called as an operator would, each answer checked
+/// against the fields the document describes for its status.
+#[tokio::test]
+async fn every_answer_has_the_fields_the_openapi_document_describes() {
+    use reqwest::Method;
+    let sim = simulator().await;
+    let gateway = start(&format!(
+        "{}{}",
+        billing(1_000_000),
+        channel("only", &sim, 1)
+    ))
+    .await
+    .expect("starts");
+    let spec: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json"),
+        )
+        .expect("docs/openapi.json exists"),
+    )
+    .expect("the spec is JSON");
+    let answered = gateway.post("/v1/chat/completions", &chat("hi"), &[]).await;
+    assert_eq!(answered.status, 200);
+    let request_id = answered.request_id();
+    let router = harness::test_plugin("tollgate_test_plugin_scripted_router.wasm");
+    let router = std::fs::read(router).expect("built");
+    let mut checked = std::collections::BTreeSet::new();
+    let mut check = |method: Method, path: &str, answer: &Answer| {
+        let operation = &spec["paths"][path][method.as_str().to_lowercase()];
+        assert!(operation.is_object(), "{method} {path} is documented");
+        let status = answer.status.to_string();
+        let schema = &operation["responses"][&status]["content"]["application/json"]["schema"];
+        assert!(
+            schema.is_object(),
+            "{method} {path} documents the fields of its {status}: {}",
+            answer.json
+        );
+        if let Some(found) = departure(&spec, schema, &answer.json, "answer") {
+            panic!("{method} {path} {status}: {found}\n{}", answer.json);
+        }
+        checked.insert(format!("{method} {path}"));
+    };
+    let calls: Vec<(Method, &str, String, Option<Value>)> = vec![
+        (Method::GET, "/admin/tenants", "/tenants".into(), None),
+        (
+            Method::POST,
+            "/admin/tenants",
+            "/tenants".into(),
+            Some(json!({"name": "docs"})),
+        ),
+        (
+            Method::GET,
+            "/admin/tenants/{tenant}",
+            "/tenants/docs".into(),
+            None,
+        ),
+        (
+            Method::POST,
+            "/admin/tenants/{tenant}/disable",
+            "/tenants/docs/disable".into(),
+            None,
+        ),
+        (
+            Method::POST,
+            "/admin/tenants/{tenant}/enable",
+            "/tenants/docs/enable".into(),
+            None,
+        ),
+        (
+            Method::POST,
+            "/admin/tenants/{tenant}/keys",
+            "/tenants/docs/keys".into(),
+            Some(json!({"rpm": 60})),
+        ),
+        (
+            Method::GET,
+            "/admin/tenants/{tenant}/keys",
+            "/tenants/docs/keys".into(),
+            None,
+        ),
+        (
+            Method::GET,
+            "/admin/tenants/{tenant}/balance",
+            "/tenants/acme/balance".into(),
+            None,
+        ),
+        (
+            Method::POST,
+            "/admin/tenants/{tenant}/top-ups",
+            "/tenants/acme/top-ups".into(),
+            Some(json!({"amount_micros": 1000, "reason": "the document's test"})),
+        ),
+        (Method::GET, "/admin/usage", "/usage".into(), None),
+        (
+            Method::GET,
+            "/admin/requests/{request_id}",
+            format!("/requests/{request_id}"),
+            None,
+        ),
+        (Method::GET, "/admin/reconcile", "/reconcile".into(), None),
+        (Method::GET, "/admin/channels", "/channels".into(), None),
+        (
+            Method::POST,
+            "/admin/channels",
+            "/channels".into(),
+            Some(
+                json!({"name": "api", "protocol": "openai", "base_url": sim.openai_base_url(),
+                        "models": {"api-model": "sim-api"}}),
+            ),
+        ),
+        (
+            Method::PUT,
+            "/admin/channels/{channel}",
+            "/channels/api".into(),
+            Some(
+                json!({"name": "api", "protocol": "openai", "base_url": sim.openai_base_url(),
+                        "priority": 3, "models": {"api-model": "sim-api"}}),
+            ),
+        ),
+        (
+            Method::DELETE,
+            "/admin/channels/{channel}",
+            "/channels/api".into(),
+            None,
+        ),
+        (
+            Method::POST,
+            "/admin/usage/prune",
+            "/usage/prune".into(),
+            Some(json!({"before_ms": 0})),
+        ),
+    ];
+    for (method, documented, path, body) in calls {
+        let answer = gateway.admin(method.clone(), &path, body).await;
+        assert!(
+            (200..300).contains(&answer.status),
+            "{method} {path}: {}",
+            answer.json
+        );
+        check(method, documented, &answer);
+    }
+    let key = gateway
+        .admin(Method::GET, "/tenants/docs/keys", None)
+        .await
+        .json["data"][0]["id"]
+        .as_str()
+        .expect("a key id")
+        .to_owned();
+    for (method, documented, path, body) in [
+        (
+            Method::PATCH,
+            "/admin/keys/{key_id}",
+            format!("/keys/{key}"),
+            Some(json!({"rpm": null})),
+        ),
+        (
+            Method::POST,
+            "/admin/keys/{key_id}/revoke",
+            format!("/keys/{key}/revoke"),
+            None,
+        ),
+    ] {
+        let answer = gateway.admin(method.clone(), &path, body).await;
+        assert_eq!(answer.status, 200, "{method} {path}: {}", answer.json);
+        check(method, documented, &answer);
+    }
+
+    // Plugins and bindings.
+    let uploaded = gateway.upload_plugin("scripted", router.clone()).await;
+    check(Method::POST, "/admin/plugins", &uploaded);
+    let again = gateway.upload_plugin("scripted", router.clone()).await;
+    check(Method::POST, "/admin/plugins", &again);
+    let sha = uploaded.json["sha256"].as_str().expect("a hash").to_owned();
+    let other = gateway
+        .upload_plugin("spare", harness::plugin_version(&router, "spare"))
+        .await;
+    let spare = other.json["sha256"].as_str().expect("a hash").to_owned();
+    let scope = "?role=router&tenant=acme";
+    let calls: Vec<(Method, &str, String, Option<Value>)> = vec![
+        (Method::GET, "/admin/plugins", "/plugins".into(), None),
+        (
+            Method::GET,
+            "/admin/plugins/{sha256}",
+            format!("/plugins/{sha}"),
+            None,
+        ),
+        (Method::GET, "/admin/bindings", "/bindings".into(), None),
+        (
+            Method::PUT,
+            "/admin/bindings",
+            format!("/bindings{scope}"),
+            Some(json!({"plugin": "failover"})),
+        ),
+        (
+            Method::PUT,
+            "/admin/bindings",
+            format!("/bindings{scope}"),
+            Some(json!({"plugin": sha})),
+        ),
+        (
+            Method::PUT,
+            "/admin/bindings/canary",
+            format!("/bindings/canary{scope}"),
+            Some(json!({"plugin": spare, "percent": 10})),
+        ),
+        (
+            Method::DELETE,
+            "/admin/bindings/canary",
+            format!("/bindings/canary{scope}"),
+            None,
+        ),
+        (
+            Method::PUT,
+            "/admin/bindings/canary",
+            format!("/bindings/canary{scope}"),
+            Some(json!({"plugin": spare, "percent": 10})),
+        ),
+        (
+            Method::POST,
+            "/admin/bindings/canary/promote",
+            format!("/bindings/canary/promote{scope}"),
+            None,
+        ),
+        (
+            Method::POST,
+            "/admin/bindings/rollback",
+            format!("/bindings/rollback{scope}"),
+            None,
+        ),
+        (
+            Method::PUT,
+            "/admin/bindings",
+            format!("/bindings{scope}"),
+            Some(json!({"plugin": "failover"})),
+        ),
+        (
+            Method::DELETE,
+            "/admin/plugins/{sha256}",
+            format!("/plugins/{spare}"),
+            None,
+        ),
+    ];
+    for (method, documented, path, body) in calls {
+        let answer = gateway.admin(method.clone(), &path, body).await;
+        assert!(
+            (200..300).contains(&answer.status),
+            "{method} {path}: {}",
+            answer.json
+        );
+        check(method, documented, &answer);
+    }
+    // The CSV export is text: its columns are its first line.
+    let csv = gateway
+        .http
+        .get(format!("{}/admin/usage.csv", gateway.admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(csv.status(), 200);
+    assert!(
+        spec["paths"]["/admin/usage.csv"]["get"]["responses"]["200"]["content"]["text/csv"]
+            .is_object(),
+        "the export documents its text/csv answer"
+    );
+    checked.insert("GET /admin/usage.csv".to_owned());
+
+    let documented: std::collections::BTreeSet<String> = spec["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(path, operations)| {
+            operations
+                .as_object()
+                .expect("operations")
+                .keys()
+                .map(move |method| format!("{} {path}", method.to_uppercase()))
+        })
+        .collect();
+    assert_eq!(checked, documented, "every documented operation is checked");
 }
