@@ -736,6 +736,47 @@ fn departure(spec: &Value, schema: &Value, value: &Value, at: &str) -> Option<St
     None
 }
 
+/// Calls documented operations and checks each answer against the document.
+struct Operator<'a> {
+    gateway: &'a harness::Gateway,
+    spec: &'a Value,
+    /// `METHOD /path` of every operation checked so far.
+    checked: std::collections::BTreeSet<String>,
+}
+
+impl Operator<'_> {
+    /// Checks `answer` of `method path` against the schema documented for its status.
+    fn check(&mut self, method: reqwest::Method, path: &str, answer: &Answer) {
+        let operation = &self.spec["paths"][path][method.as_str().to_lowercase()];
+        assert!(operation.is_object(), "{method} {path} is documented");
+        let status = answer.status.to_string();
+        let schema = &operation["responses"][&status]["content"]["application/json"]["schema"];
+        assert!(
+            schema.is_object(),
+            "{method} {path} documents the fields of its {status}: {}",
+            answer.json
+        );
+        if let Some(found) = departure(self.spec, schema, &answer.json, "answer") {
+            panic!("{method} {path} {status}: {found}\n{}", answer.json);
+        }
+        self.checked.insert(format!("{method} {path}"));
+    }
+
+    /// Makes each call (method, documented path, concrete path, body), expecting a 2xx, and
+    /// checks its answer.
+    async fn call(&mut self, calls: Vec<(reqwest::Method, &str, String, Option<Value>)>) {
+        for (method, documented, path, body) in calls {
+            let answer = self.gateway.admin(method.clone(), &path, body).await;
+            assert!(
+                (200..300).contains(&answer.status),
+                "{method} {path}: {}",
+                answer.json
+            );
+            self.check(method, documented, &answer);
+        }
+    }
+}
+
 /// Every operation of `docs/openapi.json` called as an operator would, each answer checked
 /// against the fields the document describes for its status.
 #[tokio::test]
@@ -761,21 +802,10 @@ async fn every_answer_has_the_fields_the_openapi_document_describes() {
     let request_id = answered.request_id();
     let router = harness::test_plugin("tollgate_test_plugin_scripted_router.wasm");
     let router = std::fs::read(router).expect("built");
-    let mut checked = std::collections::BTreeSet::new();
-    let mut check = |method: Method, path: &str, answer: &Answer| {
-        let operation = &spec["paths"][path][method.as_str().to_lowercase()];
-        assert!(operation.is_object(), "{method} {path} is documented");
-        let status = answer.status.to_string();
-        let schema = &operation["responses"][&status]["content"]["application/json"]["schema"];
-        assert!(
-            schema.is_object(),
-            "{method} {path} documents the fields of its {status}: {}",
-            answer.json
-        );
-        if let Some(found) = departure(&spec, schema, &answer.json, "answer") {
-            panic!("{method} {path} {status}: {found}\n{}", answer.json);
-        }
-        checked.insert(format!("{method} {path}"));
+    let mut operator = Operator {
+        gateway: &gateway,
+        spec: &spec,
+        checked: std::collections::BTreeSet::new(),
     };
     let calls: Vec<(Method, &str, String, Option<Value>)> = vec![
         (Method::GET, "/admin/tenants", "/tenants".into(), None),
@@ -867,15 +897,7 @@ async fn every_answer_has_the_fields_the_openapi_document_describes() {
             Some(json!({"before_ms": 0})),
         ),
     ];
-    for (method, documented, path, body) in calls {
-        let answer = gateway.admin(method.clone(), &path, body).await;
-        assert!(
-            (200..300).contains(&answer.status),
-            "{method} {path}: {}",
-            answer.json
-        );
-        check(method, documented, &answer);
-    }
+    operator.call(calls).await;
     let key = gateway
         .admin(Method::GET, "/tenants/docs/keys", None)
         .await
@@ -883,30 +905,28 @@ async fn every_answer_has_the_fields_the_openapi_document_describes() {
         .as_str()
         .expect("a key id")
         .to_owned();
-    for (method, documented, path, body) in [
-        (
-            Method::PATCH,
-            "/admin/keys/{key_id}",
-            format!("/keys/{key}"),
-            Some(json!({"rpm": null})),
-        ),
-        (
-            Method::POST,
-            "/admin/keys/{key_id}/revoke",
-            format!("/keys/{key}/revoke"),
-            None,
-        ),
-    ] {
-        let answer = gateway.admin(method.clone(), &path, body).await;
-        assert_eq!(answer.status, 200, "{method} {path}: {}", answer.json);
-        check(method, documented, &answer);
-    }
+    operator
+        .call(vec![
+            (
+                Method::PATCH,
+                "/admin/keys/{key_id}",
+                format!("/keys/{key}"),
+                Some(json!({"rpm": null})),
+            ),
+            (
+                Method::POST,
+                "/admin/keys/{key_id}/revoke",
+                format!("/keys/{key}/revoke"),
+                None,
+            ),
+        ])
+        .await;
 
     // Plugins and bindings.
     let uploaded = gateway.upload_plugin("scripted", router.clone()).await;
-    check(Method::POST, "/admin/plugins", &uploaded);
+    operator.check(Method::POST, "/admin/plugins", &uploaded);
     let again = gateway.upload_plugin("scripted", router.clone()).await;
-    check(Method::POST, "/admin/plugins", &again);
+    operator.check(Method::POST, "/admin/plugins", &again);
     let sha = uploaded.json["sha256"].as_str().expect("a hash").to_owned();
     let other = gateway
         .upload_plugin("spare", harness::plugin_version(&router, "spare"))
@@ -977,15 +997,7 @@ async fn every_answer_has_the_fields_the_openapi_document_describes() {
             None,
         ),
     ];
-    for (method, documented, path, body) in calls {
-        let answer = gateway.admin(method.clone(), &path, body).await;
-        assert!(
-            (200..300).contains(&answer.status),
-            "{method} {path}: {}",
-            answer.json
-        );
-        check(method, documented, &answer);
-    }
+    operator.call(calls).await;
     // The CSV export is text: its columns are its first line.
     let csv = gateway
         .http
@@ -1000,7 +1012,7 @@ async fn every_answer_has_the_fields_the_openapi_document_describes() {
             .is_object(),
         "the export documents its text/csv answer"
     );
-    checked.insert("GET /admin/usage.csv".to_owned());
+    operator.checked.insert("GET /admin/usage.csv".to_owned());
 
     let documented: std::collections::BTreeSet<String> = spec["paths"]
         .as_object()
@@ -1014,5 +1026,8 @@ async fn every_answer_has_the_fields_the_openapi_document_describes() {
                 .map(move |method| format!("{} {path}", method.to_uppercase()))
         })
         .collect();
-    assert_eq!(checked, documented, "every documented operation is checked");
+    assert_eq!(
+        operator.checked, documented,
+        "every documented operation is checked"
+    );
 }
