@@ -861,3 +861,46 @@ async fn a_channel_may_name_its_providers_bare_host_and_a_wrong_path_says_so() {
         "the attempt's log line says what the 404 was about"
     );
 }
+
+#[tokio::test]
+async fn a_plugin_is_compiled_once_for_gateways_sharing_a_cache_and_says_how_long_it_took() {
+    let simulator = harness::simulator().await;
+    let config = format!(
+        "{}{}",
+        harness::billing(1_000_000),
+        harness::channel("sim", &simulator, 1)
+    );
+    // Both use the tests' shared plugin cache, as gateways on one machine share theirs.
+    let (first, second) = tokio::join!(harness::start(&config), harness::start(&config));
+    let (first, second) = (first.expect("starts"), second.expect("starts"));
+    // A version no cache holds: its upload compiles it, through the step a first start takes for
+    // each shipped plugin. Both gateways get it at once.
+    let router = std::fs::read(harness::test_plugin(
+        "tollgate_test_plugin_scripted_router.wasm",
+    ))
+    .expect("built");
+    let fresh = harness::plugin_version(&router, &format!("first-hour-{}", std::process::id()));
+    let (one, other) = tokio::join!(
+        first.upload_plugin("fresh", fresh.clone()),
+        second.upload_plugin("fresh", fresh)
+    );
+    assert_eq!(
+        (one.status, other.status),
+        (201, 201),
+        "{} {}",
+        one.json,
+        other.json
+    );
+    let logs = format!("{}{}", first.log(), second.log());
+    let said = |words: &str| logs.lines().filter(|line| line.contains(words)).count();
+    assert_eq!(
+        said("compiling a plugin for this machine"),
+        1,
+        "one compile, said once, for both: {logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|line| line.contains("plugin compiled") && line.contains("compile_ms")),
+        "and how long it took: {logs}"
+    );
+}

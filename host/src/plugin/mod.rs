@@ -505,6 +505,19 @@ impl PluginRuntime {
         if let Some(component) = self.load_artifact(&path) {
             return Ok(component);
         }
+        // Gateways sharing a cache directory (a new process starting beside the old one, several
+        // on one machine) compile each plugin once: the others wait here for its artifact.
+        let lock_path = path.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .and_then(|lock| lock.lock().map(|()| lock))
+            .map_err(|e| PluginError::Engine(format!("locking {}: {e}", lock_path.display())))?;
+        if let Some(component) = self.load_artifact(&path) {
+            return Ok(component);
+        }
         // Seconds per plugin, once per engine build: a first start would otherwise say nothing
         // for that long.
         tracing::info!(%plugin, cache = %self.cache_dir.display(), "compiling a plugin for this machine (once; later starts load it from the cache)");
@@ -523,8 +536,11 @@ impl PluginRuntime {
         std::fs::write(&partial, &artifact)
             .and_then(|()| std::fs::rename(&partial, &path))
             .map_err(|e| PluginError::Engine(format!("writing {}: {e}", path.display())))?;
-        self.load_artifact(&path)
-            .ok_or_else(|| PluginError::Engine(format!("reloading {}", path.display())))
+        let component = self
+            .load_artifact(&path)
+            .ok_or_else(|| PluginError::Engine(format!("reloading {}", path.display())));
+        drop(lock);
+        component
     }
 
     #[expect(
