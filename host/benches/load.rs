@@ -41,6 +41,8 @@ const HELP: &str = "cargo bench -p tollgate --bench load -- [options]
   --unauthenticated N       instead of the matrix: open N connections to each tollgate build that
                             start a request head and never finish it, then close them; prints
                             each gateway's RSS before, while held and 2 s after
+  --channels 1              channels configured in every tollgate build, 20 models each; only the
+                            last serves the measured model (per-request cost against deployment size)
   --streams N               instead of the matrix: hold N streams open through tollgate at once
                             (the upstream sending one chunk per second, for about half a minute)
                             and report the gateway's memory per open stream and any error";
@@ -70,6 +72,8 @@ struct Options {
     ledger_sync_batch: bool,
     streams: Option<usize>,
     unauthenticated: Option<usize>,
+    /// Channels configured in every tollgate build (`--channels`).
+    channels: usize,
 }
 
 fn options(args: &[String]) -> anyhow::Result<Options> {
@@ -84,6 +88,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
         ledger_sync_batch: false,
         streams: None,
         unauthenticated: None,
+        channels: 1,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -108,6 +113,7 @@ fn options(args: &[String]) -> anyhow::Result<Options> {
                     .collect::<anyhow::Result<_>>()?;
             }
             "--streams" => options.streams = Some(value()?.parse()?),
+            "--channels" => options.channels = value()?.parse::<usize>()?.max(1),
             "--unauthenticated" => options.unauthenticated = Some(value()?.parse()?),
             "--ledger-sync-batch" => options.ledger_sync_batch = true,
             "--rounds" => options.rounds = value()?.parse::<usize>()?.max(1),
@@ -596,6 +602,33 @@ async fn drive(
     run_result
 }
 
+/// `count` channel tables of 20 models each on the simulator, as a relay with many upstream
+/// accounts configures them: only the last serves `bench-model`, so a request's route is the same
+/// whatever the count and only the deployment's size varies.
+fn channel_tables(simulator: &Simulator, count: usize) -> String {
+    const MODELS_PER_CHANNEL: usize = 20;
+    (0..count)
+        .map(|channel| {
+            let last = channel + 1 == count;
+            let models: Vec<String> = (0..MODELS_PER_CHANNEL)
+                .map(|model| {
+                    if last && model == 0 {
+                        r#""bench-model" = "sim-model""#.to_owned()
+                    } else {
+                        format!(r#""filler-{channel}-{model}" = "sim-model""#)
+                    }
+                })
+                .collect();
+            format!(
+                "\n[[channels]]\nname = \"sim-{channel}\"\nprotocol = \"openai\"\nbase_url = \"{}\"\n\
+                 priority = 1\nmodels = {{ {} }}\n",
+                simulator.openai_base_url(),
+                models.join(", ")
+            )
+        })
+        .collect()
+}
+
 /// Starts a tollgate binary with its own data directory under `dir`, named `name` in the figures.
 async fn start_tollgate(
     simulator: &Simulator,
@@ -603,6 +636,7 @@ async fn start_tollgate(
     max_instances: usize,
     (name, binary): (&str, &str),
     server_lines: &str,
+    channels: usize,
 ) -> anyhow::Result<(tokio::process::Child, Target)> {
     let dir = dir.join(name);
     std::fs::create_dir_all(&dir)?;
@@ -621,16 +655,9 @@ max_instances = {max_instances}
 [bindings.billing]
 plugin = "price-table"
 config = {{ credit_limit_micros = 1000000000000, models = {{ "bench-model" = {{ input = 150000, output = 600000 }} }} }}
-
-[[channels]]
-name = "sim"
-protocol = "openai"
-base_url = "{base}"
-priority = 1
-models = {{ "bench-model" = "sim-model" }}
-"#,
+{channels}"#,
             data = dir.join("data").display(),
-            base = simulator.openai_base_url()
+            channels = channel_tables(simulator, channels)
         ),
     )?;
     let config_arg = config.to_str().context("utf-8 path")?;
@@ -692,8 +719,15 @@ async fn main() -> anyhow::Result<()> {
     // Each open stream holds a translator instance; other requests need a few more.
     let max_instances = options.streams.map_or(1000, |streams| streams + 1000);
     let this_build = ("tollgate", env!("CARGO_BIN_EXE_tollgate"));
-    let (_gateway, tollgate) =
-        start_tollgate(&simulator, dir.path(), max_instances, this_build, "").await?;
+    let (_gateway, tollgate) = start_tollgate(
+        &simulator,
+        dir.path(),
+        max_instances,
+        this_build,
+        "",
+        options.channels,
+    )
+    .await?;
     // Kept until the end: dropping a child kills it.
     let mut other_gateways = Vec::new();
     let mut other_builds = Vec::new();
@@ -711,6 +745,7 @@ async fn main() -> anyhow::Result<()> {
             max_instances,
             (name, binary),
             server_lines,
+            options.channels,
         )
         .await
         .with_context(|| format!("starting {binary}"))?;
