@@ -725,3 +725,59 @@ async fn on_sigterm_every_worker_stops_taking_connections_and_open_streams_finis
     let status = gateway.exit_status(Duration::from_secs(30)).await;
     assert!(status.success(), "{status:?}: {}", gateway.log());
 }
+
+/// A relay's deployment: 400 channels of 20 models each. A request reaches the channels of its
+/// model, and its router is handed those alone, each with the asked model's entry only.
+#[tokio::test]
+async fn among_400_channels_a_request_routes_by_its_models_channels_alone() {
+    let sim = harness::simulator().await;
+    let mut config = harness::billing(1_000_000);
+    for channel in 0..400 {
+        // `test-model` is served by channels 7 (priority 2) and 399 (priority 1) only.
+        let serves_it = matches!(channel, 7 | 399);
+        let models: Vec<String> = (0..20)
+            .map(|model| {
+                if serves_it && model == 0 {
+                    r#""test-model" = "sim-model""#.to_owned()
+                } else {
+                    format!(r#""filler-{channel}-{model}" = "sim-model""#)
+                }
+            })
+            .collect();
+        config.push_str(&format!(
+            "\n[[channels]]\nname = \"c{channel}\"\nprotocol = \"openai\"\nbase_url = \"{}\"\n\
+             priority = {}\napi_key_env = [\"TEST_UPSTREAM_KEY\"]\nmodels = {{ {} }}\n",
+            sim.openai_base_url(),
+            if channel == 399 { 1 } else { 2 },
+            models.join(", ")
+        ));
+    }
+    let gateway = start(&config).await.expect("the gateway starts");
+    let answer = gateway.post("/v1/chat/completions", &chat("hi"), &[]).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    assert_eq!(
+        gateway.record(&answer.request_id()).await["channel"],
+        "c399"
+    );
+
+    let router = std::fs::read(harness::test_plugin(
+        "tollgate_test_plugin_scripted_router.wasm",
+    ))
+    .expect("built");
+    let uploaded = gateway.upload_plugin("describer", router).await;
+    assert_eq!(uploaded.status, 201, "{}", uploaded.json);
+    let bound = gateway
+        .admin(
+            reqwest::Method::PUT,
+            "/bindings?role=router&tenant=acme",
+            Some(json!({"plugin": "describer", "config": {"describe_input": true}})),
+        )
+        .await;
+    assert_eq!(bound.status, 200, "{}", bound.json);
+    let described = gateway.post("/v1/chat/completions", &chat("hi"), &[]).await;
+    described.assert_error(403, Some("route_refused"));
+    assert_eq!(
+        described.json["error"]["message"], "saw c7(1), c399(1)",
+        "the router gets the model's channels, in order, each with that model alone"
+    );
+}

@@ -502,3 +502,63 @@ mod tests {
         assert!(key.take_if_back("m2", now + Duration::from_secs(2)).is_ok());
     }
 }
+
+/// The gateway's channels, in configuration order, indexed when the set changes so that a request
+/// finds the channels of its model, and a plan's channel by name, without looking at the others:
+/// a relay runs hundreds of channels, and a request's cost must not grow with them.
+#[derive(Default)]
+pub struct ChannelSet {
+    channels: Vec<Arc<Channel>>,
+    /// Public model → positions in `channels` of the channels serving it, in order.
+    by_model: HashMap<String, Vec<usize>>,
+    /// Channel name → its position.
+    by_name: HashMap<String, usize>,
+}
+
+impl ChannelSet {
+    /// Indexes `channels`.
+    pub fn new(channels: Vec<Arc<Channel>>) -> Self {
+        let mut by_model: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut by_name = HashMap::with_capacity(channels.len());
+        for (position, channel) in channels.iter().enumerate() {
+            by_name.insert(channel.config.name.clone(), position);
+            for model in channel.config.models.keys() {
+                by_model.entry(model.clone()).or_default().push(position);
+            }
+        }
+        Self {
+            channels,
+            by_model,
+            by_name,
+        }
+    }
+
+    /// The channels serving the public `model`, in configuration order.
+    pub fn serving<'s>(&'s self, model: &str) -> impl Iterator<Item = &'s Arc<Channel>> {
+        self.by_model
+            .get(model)
+            .into_iter()
+            .flatten()
+            .map(|&position| &self.channels[position])
+    }
+
+    /// The channel named `name`.
+    pub fn named(&self, name: &str) -> Option<&Arc<Channel>> {
+        self.by_name
+            .get(name)
+            .map(|&position| &self.channels[position])
+    }
+
+    /// The public models some channel serves, in no particular order.
+    pub fn models(&self) -> impl Iterator<Item = &str> {
+        self.by_model.keys().map(String::as_str)
+    }
+}
+
+impl std::ops::Deref for ChannelSet {
+    type Target = [Arc<Channel>];
+
+    fn deref(&self) -> &Self::Target {
+        &self.channels
+    }
+}

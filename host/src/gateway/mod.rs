@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::channel::{Channel, ChannelError};
+use crate::channel::{Channel, ChannelError, ChannelSet};
 use crate::config::{BindingConfig, ChannelConfig, Config, ModelLimits, PluginsConfig};
 use crate::health::HealthConfig;
 use crate::metrics::Metrics;
@@ -37,7 +37,7 @@ pub struct Gateway {
     binding_writes: Mutex<()>,
     /// Channels: the configuration file's, in order, then those created through the admin API.
     /// Replaced whole when the API changes one; a request keeps the snapshot it routed with.
-    channels: std::sync::RwLock<Arc<Vec<Arc<Channel>>>>,
+    channels: std::sync::RwLock<Arc<ChannelSet>>,
     /// Request body cap, in bytes.
     pub max_body_bytes: usize,
     /// Cap on upstream answers read whole, in bytes.
@@ -152,7 +152,7 @@ impl Gateway {
         *self
             .channels
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(ChannelSet::new(next));
         Ok(())
     }
 
@@ -162,7 +162,7 @@ impl Gateway {
     }
 
     /// The channels now: a snapshot that stays valid while the set changes.
-    pub fn channels(&self) -> Arc<Vec<Arc<Channel>>> {
+    pub fn channels(&self) -> Arc<ChannelSet> {
         self.channels
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -193,7 +193,7 @@ impl Gateway {
             plugin_settings: config.plugins.clone(),
             bindings: std::sync::RwLock::new(Arc::new(BindingTable::new(defaults, trips))),
             binding_writes: Mutex::new(()),
-            channels: std::sync::RwLock::new(Arc::new(channels)),
+            channels: std::sync::RwLock::new(Arc::new(ChannelSet::new(channels))),
             max_body_bytes: config.server.max_body_bytes,
             max_upstream_body_bytes: config.server.max_upstream_body_bytes,
             failover_budget: Duration::from_millis(config.server.failover_budget_ms),

@@ -6,7 +6,7 @@
 use crate::stages::context::RequestContext;
 use std::sync::Arc;
 
-use crate::channel::Channel as GatewayChannel;
+use crate::channel::{Channel as GatewayChannel, ChannelSet};
 use crate::plugin::PluginError;
 use crate::plugin::router::{self as wit, Channel, ChannelModel, Circuit, RequestFacts};
 
@@ -40,28 +40,33 @@ pub enum RouteError {
     Plugin(#[from] PluginError),
 }
 
-/// The router's view of one active channel: its models with their prices and circuits, and the
-/// channel's health now.
-fn candidate(channel: &GatewayChannel, now: std::time::Instant) -> Channel {
+/// The router's view of one active channel serving `model`: that model's entry (its price and
+/// circuit; the channel's other models are no business of this request) and the channel's health
+/// now.
+fn candidate(channel: &GatewayChannel, model: &str, now: std::time::Instant) -> Channel {
     let health = channel.health.snapshot(now);
-    let models = channel.config.models.iter().map(|(public, upstream)| {
-        let price = channel.config.prices.get(public);
-        let circuit = channel
-            .model_health
-            .get(public)
-            .map_or(Circuit::Closed, |health| health.snapshot(now).circuit);
-        ChannelModel {
-            public_name: public.clone(),
-            upstream_name: upstream.clone(),
-            price_per_million_input_micros: price.map(|price| price.input),
-            price_per_million_output_micros: price.map(|price| price.output),
-            circuit,
-        }
-    });
+    let models = channel
+        .config
+        .models
+        .get_key_value(model)
+        .map(|(public, upstream)| {
+            let price = channel.config.prices.get(public);
+            let circuit = channel
+                .model_health
+                .get(public)
+                .map_or(Circuit::Closed, |health| health.snapshot(now).circuit);
+            ChannelModel {
+                public_name: public.clone(),
+                upstream_name: upstream.clone(),
+                price_per_million_input_micros: price.map(|price| price.input),
+                price_per_million_output_micros: price.map(|price| price.output),
+                circuit,
+            }
+        });
     Channel {
         name: channel.config.name.clone(),
         protocol: channel.config.protocol.clone(),
-        models: models.collect(),
+        models: models.into_iter().collect(),
         priority: channel.config.priority,
         weight: channel.config.weight,
         circuit: health.circuit,
@@ -72,22 +77,21 @@ fn candidate(channel: &GatewayChannel, now: std::time::Instant) -> Channel {
     }
 }
 
-/// What the router sees of the gateway's `channels`: the active ones, with their state now.
-pub fn candidates(channels: &[Arc<GatewayChannel>]) -> Vec<Channel> {
+/// What the router sees for a request of the public `model`: the active channels serving it, found
+/// through the set's index, each with their state now. However many channels and models the
+/// gateway runs, a request pays only for its own model's.
+pub fn candidates(channels: &ChannelSet, model: &str) -> Vec<Channel> {
     let now = std::time::Instant::now();
     channels
-        .iter()
+        .serving(model)
         .filter(|channel| channel.is_active())
-        .map(|channel| candidate(channel, now))
+        .map(|channel| candidate(channel, model, now))
         .collect()
 }
 
 /// Asks the router for the plan over the gateway's `channels` and checks it names only active
 /// ones.
-pub async fn plan(
-    channels: &[Arc<GatewayChannel>],
-    context: &mut RequestContext,
-) -> Result<Plan, RouteError> {
+pub async fn plan(channels: &ChannelSet, context: &mut RequestContext) -> Result<Plan, RouteError> {
     let facts = RequestFacts {
         request_id: context.request_id.clone(),
         tenant: context.caller.tenant.clone(),
@@ -99,7 +103,7 @@ pub async fn plan(
         max_output_tokens: context.request.max_output_tokens,
         tags: context.tags.clone(),
     };
-    let candidates = candidates(channels);
+    let candidates = candidates(channels, &context.request.model);
     let called = context
         .router
         .call(|router| {
@@ -124,8 +128,8 @@ pub async fn plan(
         .into_iter()
         .map(|attempt| {
             let channel = channels
-                .iter()
-                .find(|channel| channel.config.name == attempt.channel && channel.is_active())
+                .named(&attempt.channel)
+                .filter(|channel| channel.is_active())
                 .cloned()
                 .ok_or_else(|| PluginError::Contract {
                     plugin: router.plugin().clone(),

@@ -467,18 +467,14 @@ async fn try_order(gateway: &Gateway, tenant: Option<&str>) -> Result<serde_json
         crate::plugin::Role::Router,
         None,
     )?;
-    let candidates = crate::stages::route::candidates(&gateway.channels());
-    let models: std::collections::BTreeSet<&str> = candidates
-        .iter()
-        .flat_map(|channel| {
-            channel
-                .models
-                .iter()
-                .map(|model| model.public_name.as_str())
-        })
-        .collect();
+    let channels = gateway.channels();
+    let models: std::collections::BTreeSet<&str> = channels.models().collect();
     let mut planned = serde_json::Map::new();
     for model in models {
+        let candidates = crate::stages::route::candidates(&channels, model);
+        if candidates.is_empty() {
+            continue;
+        }
         let facts = RequestFacts {
             request_id: "try-order".to_owned(),
             tenant: tenant.unwrap_or_default().to_owned(),

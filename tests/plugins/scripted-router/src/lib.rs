@@ -23,6 +23,9 @@ struct Script {
     /// Refuse a call that finds an earlier call's mark in this instance's memory: the host must
     /// give every call a fresh instance.
     expect_fresh: bool,
+    /// Refuse every request, naming the channels it was given and how many models each carried
+    /// (`saw a(1), b(1)`): what the host hands a router.
+    describe_input: bool,
 }
 
 /// Calls made by this instance; every call should see 0 here.
@@ -58,6 +61,13 @@ impl Router for Scripted {
         }
         if let Some(message) = script.refuse {
             return Err(RouteError::Refused(message));
+        }
+        if script.describe_input {
+            let seen: Vec<String> = channels
+                .iter()
+                .map(|channel| format!("{}({})", channel.name, channel.models.len()))
+                .collect();
+            return Err(RouteError::Refused(format!("saw {}", seen.join(", "))));
         }
         match script.misbehave {
             Some(Misbehaviour::Trap) => panic!("scripted trap"),
