@@ -198,23 +198,16 @@ impl Translator for OpenAi {
         })
     }
 
-    /// A 404 that is not OpenAI's error object (a server without such a route answers plain text
-    /// or HTML), or its `Invalid URL (…)`, is about the path.
+    /// A 404 about the path rather than the model: not JSON at all (a server without the route
+    /// answers plain text or HTML), FastAPI's `{"detail":"Not Found"}`, or OpenAI's
+    /// `Invalid URL (…)`. Other servers' JSON (vLLM's unknown model, say) is read as before.
     fn read_failure(_context: AttemptContext, response: UpstreamResponse) -> UpstreamFailure {
-        let error = serde_json::from_slice::<OpenAiErrorBody>(&response.body)
-            .ok()
-            .map(|body| body.error);
-        if response.status == 404
-            && error.as_ref().is_none_or(|error| {
-                error
-                    .message
-                    .as_deref()
-                    .is_some_and(|message| message.starts_with("Invalid URL"))
-            })
-        {
+        if response.status == 404 && is_about_the_path(&response.body) {
             return unknown_path(&response.body);
         }
-        let error = error.unwrap_or_default();
+        let error = serde_json::from_slice::<OpenAiErrorBody>(&response.body)
+            .map(|body| body.error)
+            .unwrap_or_default();
         let retry_after_ms =
             response
                 .headers
@@ -229,6 +222,17 @@ impl Translator for OpenAi {
 }
 
 export_translator!(OpenAi);
+
+/// Whether a 404's body says the path, not the model, is unknown (see `read_failure`).
+fn is_about_the_path(body: &[u8]) -> bool {
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return true;
+    };
+    body["detail"] == "Not Found"
+        || body["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("Invalid URL"))
+}
 
 /// A 2xx answer passes through verbatim; only its usage and model are read.
 fn read_answer(
@@ -497,6 +501,19 @@ mod tests {
             ),
         );
         assert_eq!(missing.class, FailureClass::ModelNotFound);
+        for path in [
+            "404 page not found",
+            r#"{"detail":"Not Found"}"#,
+            r#"{"error":{"message":"Invalid URL (POST /v1/chat/completion)","type":"invalid_request_error"}}"#,
+        ] {
+            let lost = OpenAi::read_failure(context(false, false), response(404, path, vec![]));
+            assert_eq!(lost.class, FailureClass::Server, "{path}");
+            assert!(lost.message.contains("no such path"), "{}", lost.message);
+        }
+        // vLLM's unknown model: JSON of its own shape, read as before (the client's 404).
+        let vllm = r#"{"object":"error","message":"The model `x` does not exist.","type":"NotFoundError","code":404}"#;
+        let unknown = OpenAi::read_failure(context(false, false), response(404, vllm, vec![]));
+        assert_eq!(unknown.class, FailureClass::InvalidRequest);
         let broken = OpenAi::read_failure(context(false, false), response(502, "<html>", vec![]));
         assert_eq!(broken.class, FailureClass::Server);
         assert_eq!(broken.message, "upstream answered HTTP 502");
