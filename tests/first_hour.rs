@@ -182,6 +182,26 @@ fn cli_as(token: &str, args: &[&str]) -> std::process::Output {
         .expect("the CLI runs")
 }
 
+/// Runs an admin command of the CLI against `gateway` with its admin token; asserts it succeeds
+/// and returns what it printed.
+fn admin_cli(gateway: &harness::Gateway, args: &[&str]) -> String {
+    let mut args = args.to_vec();
+    args.extend(["--admin-url", gateway.admin_url.as_str()]);
+    let output = cli_as(harness::ADMIN_TOKEN, &args);
+    let said = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(0), "{args:?}: {said}");
+    String::from_utf8(output.stdout).expect("UTF-8")
+}
+
+/// A configuration of the test billing and one simulated channel, `name`.
+fn one_channel(name: &str, simulator: &tollgate_simulator::Simulator) -> String {
+    format!(
+        "{}{}",
+        harness::billing(1_000_000),
+        harness::channel(name, simulator, 1)
+    )
+}
+
 #[tokio::test]
 async fn a_failed_cli_command_says_why_in_one_line_and_its_exit_status_says_its_kind() {
     let gateway = harness::start(&harness::billing(1_000_000))
@@ -266,21 +286,9 @@ async fn the_cli_shows_amounts_in_currency_units_beside_the_picos() {
 #[tokio::test]
 async fn key_terms_change_for_the_next_request_and_a_disabled_tenant_comes_back() {
     let sim = harness::simulator().await;
-    let config = format!(
-        "{}{}",
-        harness::billing(1_000_000),
-        harness::channel("only", &sim, 1)
-    );
+    let config = one_channel("only", &sim);
     let gateway = harness::start(&config).await.expect("the gateway starts");
-    let admin_url = gateway.admin_url.as_str();
-    let admin = |args: &[&str]| {
-        let mut args = args.to_vec();
-        args.extend(["--admin-url", admin_url]);
-        let output = cli_as(harness::ADMIN_TOKEN, &args);
-        let said = String::from_utf8_lossy(&output.stderr).into_owned();
-        assert_eq!(output.status.code(), Some(0), "{args:?}: {said}");
-        String::from_utf8(output.stdout).expect("UTF-8")
-    };
+    let admin = |args: &[&str]| admin_cli(&gateway, args);
     let created = admin(&["key", "create", "--tenant", "acme", "--rpm", "1"]);
     let secret = created.lines().last().expect("the secret, last");
     let id = created
@@ -320,7 +328,7 @@ async fn key_terms_change_for_the_next_request_and_a_disabled_tenant_comes_back(
 
     let patch = |path: String, body: serde_json::Value| {
         reqwest::Client::new()
-            .patch(format!("{admin_url}/admin{path}"))
+            .patch(format!("{}/admin{path}", gateway.admin_url))
             .bearer_auth(harness::ADMIN_TOKEN)
             .json(&body)
             .send()
@@ -746,14 +754,7 @@ async fn channel_list_shows_the_order_a_request_would_try() {
     );
     let gateway = harness::start(&config).await.expect("the gateway starts");
     let admin = |args: &[&str]| {
-        let output = std::process::Command::new(harness::binary())
-            .args(args)
-            .args(["--admin-url", &gateway.url])
-            .env("TOLLGATE_ADMIN_TOKEN", harness::ADMIN_TOKEN)
-            .output()
-            .expect("the CLI runs");
-        assert!(output.status.success(), "{output:?}");
-        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("JSON")
+        serde_json::from_str::<serde_json::Value>(&admin_cli(&gateway, args)).expect("JSON")
     };
     let global = admin(&["channel", "list"]);
     let order = &global["try_order"];
@@ -799,6 +800,18 @@ async fn channel_list_shows_the_order_a_request_would_try() {
         .admin(reqwest::Method::GET, "/channels?tenant=nobody", None)
         .await;
     unknown.assert_error(404, Some("tenant_not_found"));
+    let misspelt = gateway
+        .admin(reqwest::Method::GET, "/channels?tennant=acme", None)
+        .await;
+    misspelt.assert_error(400, None);
+    assert_eq!(misspelt.json["error"]["type"], "invalid_request_error");
+    assert!(
+        misspelt.json["error"]["message"]
+            .as_str()
+            .is_some_and(|message| message.contains("tennant")),
+        "the 400 names what it could not read: {}",
+        misspelt.json
+    );
 }
 
 #[tokio::test]
@@ -865,11 +878,7 @@ async fn a_channel_may_name_its_providers_bare_host_and_a_wrong_path_says_so() {
 #[tokio::test]
 async fn a_plugin_is_compiled_once_for_gateways_sharing_a_cache_and_says_how_long_it_took() {
     let simulator = harness::simulator().await;
-    let config = format!(
-        "{}{}",
-        harness::billing(1_000_000),
-        harness::channel("sim", &simulator, 1)
-    );
+    let config = one_channel("sim", &simulator);
     // Both use the tests' shared plugin cache, as gateways on one machine share theirs.
     let (first, second) = tokio::join!(harness::start(&config), harness::start(&config));
     let (first, second) = (first.expect("starts"), second.expect("starts"));

@@ -434,6 +434,15 @@ async fn the_cli_drives_the_admin_api() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
 }
 
+/// `docs/openapi.json`, parsed.
+fn openapi_document() -> Value {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json"),
+    )
+    .expect("docs/openapi.json exists");
+    serde_json::from_str(&text).expect("the spec is JSON")
+}
+
 /// Every operation of `docs/openapi.json` exists on the server: called with the admin token it is
 /// routed (no `unknown_url`, no 405), and called without it, it is refused as the spec says.
 #[tokio::test]
@@ -447,13 +456,7 @@ async fn the_openapi_document_matches_the_server() {
     )
     .await
     .expect("starts");
-    let spec: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json"),
-        )
-        .expect("docs/openapi.json exists"),
-    )
-    .expect("the spec is JSON");
+    let spec = openapi_document();
     let paths = spec["paths"].as_object().expect("paths");
     assert!(paths.len() >= 20, "{} paths", paths.len());
     for (path, operations) in paths {
@@ -790,13 +793,7 @@ async fn every_answer_has_the_fields_the_openapi_document_describes() {
     ))
     .await
     .expect("starts");
-    let spec: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json"),
-        )
-        .expect("docs/openapi.json exists"),
-    )
-    .expect("the spec is JSON");
+    let spec = openapi_document();
     let answered = gateway.post("/v1/chat/completions", &chat("hi"), &[]).await;
     assert_eq!(answered.status, 200);
     let request_id = answered.request_id();
